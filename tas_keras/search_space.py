@@ -23,11 +23,20 @@ _MODEL_NAME = re.compile(r"^resnet(\d+)(_bottleneck)?$")
 _RELEASED_MODULES = {"ResNetBasicblock": "basic", "ResNetBottleneck": "bottleneck"}
 
 
-def candidate_widths(full_width, ratios=WIDTH_RATIOS):
-    """Sorted distinct widths int(full_width * r), as the reference code forms them."""
+def candidate_widths(full_width, multiple_of=1, ratios=WIDTH_RATIOS):
+    """Sorted distinct widths int(full_width * r), as the reference code forms them.
+
+    `multiple_of` > 1 rounds every candidate to the nearest multiple (at least one multiple, at most
+    the full width), the hardware-aligned space: mobile kernels tile output channels by 8 or 16.
+    """
     if full_width < 1:
         raise ValueError(f"full_width must be >= 1, got {full_width!r}")
-    return tuple(sorted({max(1, int(full_width * r)) for r in ratios}))
+    if multiple_of < 1:
+        raise ValueError(f"multiple_of must be >= 1, got {multiple_of!r}")
+    widths = {max(1, int(full_width * r)) for r in ratios}
+    if multiple_of > 1:
+        widths = {min(full_width, max(multiple_of, multiple_of * round(w / multiple_of))) for w in widths}
+    return tuple(sorted(widths))
 
 
 def depth_choices(num_blocks):

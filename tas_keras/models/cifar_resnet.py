@@ -96,6 +96,10 @@ def network_plan(arch):
     return NetworkPlan(arch, stem, tuple(blocks))
 
 
+def he_normal_fan_out():
+    return keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
+
+
 def _regularizer(weight_decay):
     # PyTorch's coupled weight decay adds wd * w to the gradient; L2(l) adds 2 * l * w.
     return keras.regularizers.L2(weight_decay / 2) if weight_decay else None
@@ -107,7 +111,7 @@ def _conv_bn(x, conv, weight_decay, relu):
         x = keras.layers.AveragePooling2D(2, padding="same", name=conv.name.replace("conv", "pool"))(x)
     x = keras.layers.Conv2D(
         conv.out_channels, conv.kernel, strides=conv.stride, padding="same", use_bias=False,
-        kernel_initializer=keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal"),
+        kernel_initializer=he_normal_fan_out(),
         kernel_regularizer=reg, name=conv.name)(x)
     if conv.batch_norm:
         x = keras.layers.BatchNormalization(

@@ -1,0 +1,62 @@
+"""Pictures of a search: the searched width of every layer against the original, and how it moved."""
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
+import numpy as np  # noqa: E402
+
+from tas_keras.cost import count_arch  # noqa: E402
+
+
+def _kept(full_arch, stage_blocks):
+    """Per conv slot: whether its block survives the stage depths."""
+    return np.array([slot.stage == 0 or slot.block <= stage_blocks[slot.stage - 1] for slot in full_arch.slots])
+
+
+def plot_search(history, full_arch, path):
+    """Writes a PNG: final widths vs full (dropped blocks hatched), width ratio per layer per epoch,
+    and the argmax FLOPs ratio and tau per epoch. Written atomically."""
+    slots = full_arch.slots
+    full = np.array([s.full_width for s in slots], float)
+    last = history[-1]
+    kept = _kept(full_arch, last["stage_blocks"])
+    ratios = np.array([np.array(e["widths"]) / full * _kept(full_arch, e["stage_blocks"]) for e in history])
+    epochs = [e["epoch"] + 1 for e in history]
+
+    fig, axes = plt.subplots(3, 1, figsize=(max(8, 0.28 * len(slots)), 11),
+                             gridspec_kw={"height_ratios": [3, 3, 2]})
+    x = np.arange(len(slots))
+    axes[0].bar(x, full, color="#d9d9d9", label="original")
+    axes[0].bar(x[kept], np.array(last["widths"])[kept], color="#1f77b4", label="searched")
+    axes[0].bar(x[~kept], np.array(last["widths"])[~kept], color="white", edgecolor="#1f77b4",
+                hatch="//", label="block dropped")
+    axes[0].set_xticks(x, [s.name.replace("_conv", "") for s in slots], rotation=90, fontsize=7)
+    axes[0].set_ylabel("channels")
+    axes[0].set_title(f"{full_arch.name}: searched shape after epoch {epochs[-1]}, blocks per stage "
+                      f"{last['stage_blocks']}, {last['flops'] / 1e6:.2f} MFLOPs")
+    axes[0].legend(fontsize=8)
+
+    image = axes[1].imshow(ratios.T, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest",
+                           extent=(0.5, len(epochs) + 0.5, len(slots) - 0.5, -0.5))
+    axes[1].set_yticks(x, [s.name.replace("_conv", "") for s in slots], fontsize=6)
+    axes[1].xaxis.get_major_locator().set_params(integer=True)
+    axes[1].set_xlabel("epoch")
+    axes[1].set_title("width / original per epoch (0: block dropped)")
+    fig.colorbar(image, ax=axes[1], fraction=0.03)
+
+    full_flops = count_arch(full_arch).flops
+    axes[2].plot(epochs, [e["flops"] / full_flops for e in history], marker="o", label="argmax FLOPs / full")
+    axes[2].plot(epochs, [e["tau"] for e in history], marker=".", label="tau", color="#ff7f0e")
+    axes[2].set_xlabel("epoch")
+    axes[2].xaxis.get_major_locator().set_params(integer=True)
+    axes[2].set_yscale("log")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+

@@ -1,0 +1,275 @@
+"""TAS search (DESIGN.md sections 6-7): alternating weight and architecture updates under a cost target."""
+
+import logging
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tas_keras import data, plots
+from tas_keras.cost import count_arch
+from tas_keras.models.cifar_resnet_supernet import COST_METRICS, CifarResNetSupernet
+from tas_keras.search_space import ArchConfig
+from tas_keras.training import prepare_run_dir, read_json, sgd, write_json
+
+ARCH_FILE = "arch.json"
+HISTORY_FILE = "history.json"
+PLOT_FILE = "search.png"
+COST_BANDS = ("code", "paper")
+TAU_SCHEDULES = ("cosine", "linear")
+
+
+def cost_band(target_ratio, tolerance, band):
+    """The accepted (low, high) fraction of the base cost.
+
+    "code" is the reference code's [R - t, R]; "paper" is the paper's [(1 - t) R, (1 + t) R].
+    """
+    if band == "code":
+        return target_ratio - tolerance, target_ratio
+    if band == "paper":
+        return (1 - tolerance) * target_ratio, (1 + tolerance) * target_ratio
+    raise ValueError(f"band must be one of {COST_BANDS}, got {band!r}")
+
+
+def tau_at(epoch, epochs, schedule="cosine", tau_max=5.0, tau_min=0.1):
+    """Gumbel temperature of `epoch` (0-based): tau_max at the first epoch, tau_min at the last."""
+    progress = epoch / max(1, epochs - 1)
+    if schedule == "cosine":
+        return tau_min + (tau_max - tau_min) * (1 + math.cos(math.pi * progress)) / 2
+    if schedule == "linear":
+        return tau_max - (tau_max - tau_min) * progress
+    raise ValueError(f"tau schedule must be one of {TAU_SCHEDULES}, got {schedule!r}")
+
+
+@keras.saving.register_keras_serializable(package="tas_keras")
+class TASSearchModel(keras.Model):
+    """Trains a supernet's weights and architecture alternately, one batch pair per step.
+
+    Each step: a weight update on a search-train batch (CE + coupled weight decay, the compiled SGD),
+    then an architecture update on a search-valid batch (CE + cost_weight * L_cost + coupled decay
+    of alpha/beta, `arch_optimizer`), each with its own architecture sample. L_cost is +log E(A) when
+    the argmax network costs more than the band, -log E(A) when less, 0 inside.
+
+    Args:
+        supernet: a CifarResNetSupernet.
+        target_ratio: R, the fraction of the full network's cost to keep.
+        cost_metric: "flops" or "params".
+        cost_weight: lambda.
+        tolerance: t, the band width (see `cost_band`).
+        band: "code" or "paper".
+        arch_weight_decay: coupled L2 on alpha/beta.
+        seed: base seed of the architecture samples.
+    """
+
+    def __init__(self, supernet, target_ratio, cost_metric="flops", cost_weight=2.0, tolerance=0.05,
+                 band="code", arch_weight_decay=1e-3, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 < target_ratio < 1:
+            raise ValueError(f"target_ratio must be in (0, 1), got {target_ratio!r}")
+        if cost_metric not in COST_METRICS:
+            raise ValueError(f"cost_metric must be one of {COST_METRICS}, got {cost_metric!r}")
+        if not 0 <= tolerance < target_ratio:
+            raise ValueError(f"tolerance must be in [0, target_ratio), got {tolerance!r}")
+        self.supernet = supernet
+        self.target_ratio, self.cost_metric, self.cost_weight = target_ratio, cost_metric, cost_weight
+        self.tolerance, self.band, self.arch_weight_decay, self.seed = tolerance, band, arch_weight_decay, seed
+        full_cost = count_arch(supernet.arch)
+        self.base_cost = full_cost.flops if cost_metric == "flops" else full_cost.params
+        low, high = cost_band(target_ratio, tolerance, band)
+        self.cost_low, self.cost_high = low * self.base_cost, high * self.base_cost
+        self.tau = keras.Variable(5.0, trainable=False, name="tau")
+        self.arch_optimizer = None
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in (
+            "loss", "valid_loss", "arch_loss", "cost_loss", "expected_cost_ratio", "argmax_cost_ratio")}
+        self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        self.valid_accuracy = keras.metrics.SparseCategoricalAccuracy(name="valid_accuracy")
+        self.cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        self(tf.zeros((1, *supernet.arch.input_shape)))
+
+    def compile(self, optimizer, arch_optimizer, **kwargs):
+        """`arch_optimizer` is built here, so it exists in the distribution scope before fit."""
+        super().compile(optimizer=optimizer, loss=self.cross_entropy, **kwargs)
+        self.arch_optimizer = arch_optimizer
+        self.arch_optimizer.build(self.supernet.arch_variables)
+
+    @property
+    def metrics(self):
+        return [*self.trackers.values(), self.accuracy, self.valid_accuracy]
+
+    def argmax_sample(self):
+        """The argmax shape as a sample: one width per conv (weight 1), one-hot depths."""
+        widths = {conv.name: (tf.fill([2], conv.argmax_index()), tf.constant([1.0, 0.0]))
+                  for conv in self.supernet.width_choices}
+        depths = [tf.one_hot(tf.argmax(mixer.beta), len(mixer.depth_choices))
+                  for _, mixer in self.supernet.stages]
+        return widths, depths
+
+    def call(self, images, training=False):
+        return self.supernet(images, self.argmax_sample())
+
+    def _step_seed(self, phase):
+        replica = tf.distribute.get_replica_context()
+        replica_id = replica.replica_id_in_sync_group if replica is not None else 0
+        seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)])
+        seed = tf.random.experimental.stateless_fold_in(seed, replica_id)
+        return tf.random.experimental.stateless_fold_in(seed, phase)
+
+    def cost_loss(self):
+        """(L_cost, E(A), F(A)): the cost term's sign comes from the exact argmax cost."""
+        expected = self.supernet.expected_cost(self.cost_metric)
+        argmax = tf.cast(self.supernet.argmax_cost(self.cost_metric), tf.float32)
+        sign = tf.where(argmax > self.cost_high, 1.0, tf.where(argmax < self.cost_low, -1.0, 0.0))
+        return sign * tf.math.log(expected), expected, argmax
+
+    def train_step(self, batches):
+        (images, labels), (valid_images, labels_valid) = batches
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        weights, arch_variables = self.supernet.weight_variables, self.supernet.arch_variables
+
+        with tf.GradientTape() as tape:
+            logits = self.supernet(images, self.supernet.sample(self.tau, self._step_seed(0)))
+            loss = self.compute_loss(x=images, y=labels, y_pred=logits)
+        self.optimizer.apply(tape.gradient(self.optimizer.scale_loss(loss), weights), weights)
+
+        with tf.GradientTape() as tape:
+            valid_logits = self.supernet(valid_images, self.supernet.sample(self.tau, self._step_seed(1)))
+            valid_loss = self.cross_entropy(labels_valid, valid_logits)
+            cost_loss, expected, argmax = self.cost_loss()
+            decay = 0.5 * self.arch_weight_decay * tf.add_n([tf.reduce_sum(v * v) for v in arch_variables])
+            # The Keras loss is already divided by the replica count; the hand-added terms must be too,
+            # since gradients are summed over replicas.
+            arch_loss = valid_loss + (self.cost_weight * cost_loss + decay) / replicas
+        self.arch_optimizer.apply(tape.gradient(arch_loss, arch_variables), arch_variables)
+
+        # Losses are per-replica values scaled by 1/replicas: report them unscaled.
+        for name, value in (("loss", loss * replicas), ("valid_loss", valid_loss * replicas),
+                            ("arch_loss", arch_loss * replicas), ("cost_loss", cost_loss),
+                            ("expected_cost_ratio", expected / self.base_cost),
+                            ("argmax_cost_ratio", argmax / self.base_cost)):
+            self.trackers[name].update_state(value)
+        self.accuracy.update_state(labels, logits)
+        self.valid_accuracy.update_state(labels_valid, valid_logits)
+        return {**{m.name: m.result() for m in self.metrics}, "tau": self.tau.value}
+
+    def get_config(self):
+        return {"name": self.name, "supernet": keras.saving.serialize_keras_object(self.supernet),
+                "target_ratio": self.target_ratio, "cost_metric": self.cost_metric,
+                "cost_weight": self.cost_weight, "tolerance": self.tolerance, "band": self.band,
+                "arch_weight_decay": self.arch_weight_decay, "seed": self.seed}
+
+
+class TauSchedule(keras.callbacks.Callback):
+    """Sets the model's tau variable at every epoch start (a Python float would be frozen in the trace)."""
+
+    def __init__(self, epochs, schedule="cosine", tau_max=5.0, tau_min=0.1):
+        super().__init__()
+        tau_at(0, epochs, schedule, tau_max, tau_min)  # validates the schedule name
+        self.epochs, self.schedule, self.tau_max, self.tau_min = epochs, schedule, tau_max, tau_min
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.tau.assign(tau_at(epoch, self.epochs, self.schedule, self.tau_max, self.tau_min))
+
+
+class ArchHistory(keras.callbacks.Callback):
+    """Records the argmax shape and the epoch's logs after every epoch into `history.json`.
+
+    Entries are keyed by epoch, so an epoch re-run after a resume replaces its entry.
+    """
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+        self.entries = {e["epoch"]: e for e in read_json(path)} if os.path.exists(path) else {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        arch = self.model.supernet.derive()
+        cost = count_arch(arch)
+        self.entries[epoch] = {"epoch": epoch, "widths": list(arch.widths),
+                               "stage_blocks": list(arch.stage_blocks), "flops": cost.flops,
+                               "params": cost.params, "tau": float(self.model.tau.numpy()),
+                               "logs": {k: float(v) for k, v in (logs or {}).items()}}
+        write_json(self.path, self.history)
+
+    @property
+    def history(self):
+        return [self.entries[e] for e in sorted(self.entries)]
+
+
+def search_datasets(dataset, batch_size, seed):
+    """(search-train, search-valid) batch pairs from the per-class 50/50 split of the training set."""
+    train_index, valid_index = data.search_split(dataset.train_labels, seed=seed)
+    halves = [data.train_pipeline(dataset.train_images[i], dataset.train_labels[i], batch_size,
+                                  dataset.mean, dataset.std, seed=seed + offset)
+              for offset, i in enumerate((train_index, valid_index))]
+    steps = min(len(train_index), len(valid_index)) // batch_size
+    return tf.data.Dataset.zip(tuple(halves)), steps
+
+
+def init_from_base(supernet, base_model):
+    """Copies a trained full network into the supernet: conv kernels, every candidate's BN affine
+    from the base BN, and the classifier, matched by layer name."""
+    for conv in [supernet.stem] + [c for _, convs, shortcut in supernet.blocks for c in (*convs, shortcut)
+                                   if c is not None]:
+        source = base_model.get_layer(conv.name)
+        conv.kernel.assign(source.kernel)
+        if conv.batch_norm:
+            bn = base_model.get_layer(conv.name.replace("conv", "bn"))
+            conv.gammas.assign(tf.tile(bn.gamma[None], [len(conv.candidates), 1]))
+            conv.betas.assign(tf.tile(bn.beta[None], [len(conv.candidates), 1]))
+    supernet.head.set_weights(base_model.get_layer("head_fc").get_weights())
+
+
+def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, data_dir=None, epochs=10,
+               batch_size=256, target_ratio=0.5, cost_metric="flops", cost_weight=2.0, tolerance=0.05,
+               band="code", tau_schedule="cosine", tau_max=5.0, tau_min=0.1, width_multiple=1,
+               learning_rate=0.1, arch_learning_rate=1e-3, init_from=None, seed=0,
+               max_train_examples=None, overwrite=False):
+    """Searches a shape of `model_name` keeping `target_ratio` of its cost; writes arch.json,
+    history.json, search.png and TensorBoard logs to `out`, resuming an interrupted run."""
+    settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite")}
+    settings["stage"] = "search"
+    ArchConfig.full(model_name)
+    cost_band(target_ratio, tolerance, band)
+    tau_at(0, epochs, tau_schedule)
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    if init_from and not os.path.exists(init_from):
+        raise ValueError(f"--init_from: no such file {init_from!r}")
+    dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
+                                seed=seed)
+    if batch_size > len(dataset.train_labels) // 2:
+        raise ValueError(f"batch_size {batch_size} is larger than a search half ({len(dataset.train_labels) // 2} "
+                         "images)")
+    if prepare_run_dir(out, settings, overwrite):
+        logging.info("%s already holds this finished search; nothing to do", out)
+        return read_json(os.path.join(out, ARCH_FILE))
+
+    keras.utils.set_random_seed(seed)
+    full = ArchConfig.full(model_name, num_classes=dataset.num_classes, input_shape=dataset.image_shape)
+    supernet = CifarResNetSupernet(full, width_multiple=width_multiple)
+    if init_from:
+        init_from_base(supernet, keras.saving.load_model(init_from))
+    model = TASSearchModel(supernet, target_ratio, cost_metric, cost_weight, tolerance, band, seed=seed)
+    batches, steps = search_datasets(dataset, batch_size, seed)
+    model.compile(optimizer=sgd(learning_rate, steps * epochs),
+                  arch_optimizer=keras.optimizers.Adam(arch_learning_rate, beta_1=0.5, beta_2=0.999))
+    history = ArchHistory(os.path.join(out, HISTORY_FILE))
+    start = time.perf_counter()
+    model.fit(batches, epochs=epochs, shuffle=False, verbose=2 if os.environ.get("CI") else 1,
+              callbacks=[keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
+                         TauSchedule(epochs, tau_schedule, tau_max, tau_min), history,
+                         keras.callbacks.TensorBoard(os.path.join(out, "tensorboard"))])
+    wall = time.perf_counter() - start
+
+    last = history.history[-1]
+    arch = model.supernet.derive(provenance={
+        "target_ratio": target_ratio, "cost_metric": cost_metric, "band": band,
+        "flops": last["flops"], "params": last["params"], "flops_ratio": last["flops"] / count_arch(full).flops,
+        "epochs": epochs, "seed": seed, "model": model_name, "dataset": dataset.name,
+        "search_wall_time_s": round(wall, 2)})
+    plots.plot_search(history.history, full, os.path.join(out, PLOT_FILE))
+    arch.save(os.path.join(out, ARCH_FILE))
+    return arch.to_dict()

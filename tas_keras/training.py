@@ -1,0 +1,174 @@
+"""What every training stage shares: the run directory, the reference SGD recipe, a resumable fit."""
+
+import json
+import logging
+import os
+import shutil
+import time
+
+import keras
+import numpy as np
+
+from tas_keras import data
+from tas_keras.cost import count_arch
+from tas_keras.models.cifar_resnet import CifarResNet
+from tas_keras.search_space import ArchConfig
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.json"
+MODEL_FILE = "model.keras"
+
+
+def write_json(path, payload):
+    """Atomic: a killed process leaves the old file or none, never half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_model(model, path):
+    tmp = path.removesuffix(".keras") + ".tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+class RunMismatchError(ValueError):
+    pass
+
+
+def prepare_run_dir(out, settings, overwrite=False):
+    """Claims `out` for a run with `settings`; returns True if that run already finished.
+
+    A directory holding a different run (other settings) is refused unless `overwrite`, so a finished
+    result is never replaced by accident and a resumed run never mixes two configurations.
+    """
+    run_file = os.path.join(out, RUN_FILE)
+    if overwrite and os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    if os.path.exists(run_file):
+        previous = read_json(run_file)
+        changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
+        if changed:
+            details = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+            raise RunMismatchError(f"{out} holds a different run ({details}); use another --out or "
+                                   "pass --overwrite")
+        return os.path.exists(os.path.join(out, METRICS_FILE))
+    if os.listdir(out):
+        raise RunMismatchError(f"{out} is not empty and holds no run of this tool; use another --out "
+                               "or pass --overwrite")
+    write_json(run_file, settings)
+    return False
+
+
+def sgd(learning_rate, total_steps, momentum=0.9):
+    """The reference recipe: SGD with Nesterov momentum, cosine decay to 0 over all steps."""
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, total_steps))
+    return keras.optimizers.SGD(schedule, momentum=momentum, nesterov=True)
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Wall time of every epoch's training part (validation excluded), for throughput."""
+
+    def __init__(self):
+        super().__init__()
+        self.durations = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_test_begin(self, logs=None):
+        if hasattr(self, "_start"):
+            self.durations.append(time.perf_counter() - self._start)
+            del self._start
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.on_test_begin()
+
+
+def throughput(timer, images_per_epoch):
+    """Images/s of the steady epochs (the first includes tracing when there are more)."""
+    steady = timer.durations[1:] or timer.durations
+    return images_per_epoch / float(np.median(steady)) if steady else None
+
+
+def resolve_arch(model_name, arch_path, dataset):
+    """The shape to build: `--arch` if given, else the full `--model`, checked against the data."""
+    if arch_path:
+        arch = ArchConfig.load(arch_path)
+    else:
+        arch = ArchConfig.full(model_name, num_classes=dataset.num_classes, input_shape=dataset.image_shape)
+    if arch.num_classes != dataset.num_classes:
+        raise ValueError(f"the shape has {arch.num_classes} classes but {dataset.name} has "
+                         f"{dataset.num_classes}")
+    if arch.input_shape != tuple(dataset.image_shape):
+        raise ValueError(f"the shape takes {arch.input_shape} inputs but {dataset.name} images are "
+                         f"{tuple(dataset.image_shape)}")
+    return arch
+
+
+def fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed, extra_callbacks=()):
+    """Compiles `model` with the reference recipe and trains it, resuming from `out/backup`."""
+    train = data.train_pipeline(dataset.train_images, dataset.train_labels, batch_size,
+                                dataset.mean, dataset.std, seed=seed)
+    test = data.eval_pipeline(dataset.test_images, dataset.test_labels, batch_size, dataset.mean,
+                              dataset.std)
+    steps = len(dataset.train_labels) // batch_size
+    model.compile(optimizer=sgd(learning_rate, steps * epochs),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    timer = EpochTimer()
+    callbacks = [keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
+                 keras.callbacks.TensorBoard(os.path.join(out, "tensorboard")),
+                 timer, *extra_callbacks]
+    start = time.perf_counter()
+    history = model.fit(train, validation_data=test, epochs=epochs, callbacks=callbacks, shuffle=False,
+                        verbose=2 if os.environ.get("CI") else 1)
+    wall = time.perf_counter() - start
+    evaluation = model.evaluate(test, return_dict=True, verbose=0)
+    return {
+        "test_accuracy": float(evaluation["accuracy"]),
+        "test_loss": float(evaluation["loss"]),
+        "epochs": epochs,
+        "fit_wall_time_s": round(wall, 2),
+        "train_images_per_second": throughput(timer, steps * batch_size),
+        "history": {k: [float(v) for v in values] for k, values in history.history.items()},
+    }
+
+
+def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUNDLED_DATASET,
+               data_dir=None, epochs=10, batch_size=256, learning_rate=0.1, seed=0,
+               max_train_examples=None, overwrite=False):
+    """Trains the full network (or the shape at `arch_path`); writes model.keras and metrics.json."""
+    settings = {"stage": "base", "model": model_name, "arch": arch_path, "dataset": dataset_name,
+                "data_dir": data_dir, "epochs": epochs, "batch_size": batch_size,
+                "learning_rate": learning_rate, "seed": seed, "max_train_examples": max_train_examples}
+    if epochs < 1 or batch_size < 1 or learning_rate <= 0:
+        raise ValueError(f"epochs, batch_size and learning_rate must be positive, got {epochs}, "
+                         f"{batch_size}, {learning_rate}")
+    if not arch_path:
+        ArchConfig.full(model_name)  # fails on a bad name before any data is read
+    dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
+                                seed=seed)
+    arch = resolve_arch(model_name, arch_path, dataset)
+    if prepare_run_dir(out, settings, overwrite):
+        logging.info("%s already holds this finished run; nothing to do", out)
+        return read_json(os.path.join(out, METRICS_FILE))
+
+    keras.utils.set_random_seed(seed)
+    model = CifarResNet(arch)
+    start = time.perf_counter()
+    metrics = fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed)
+    cost = count_arch(arch)
+    metrics.update(model=arch.name, dataset=dataset.name, train_examples=len(dataset.train_labels),
+                   flops=cost.flops, params=cost.params, wall_time_s=round(time.perf_counter() - start, 2))
+    save_model(model, os.path.join(out, MODEL_FILE))
+    write_json(os.path.join(out, METRICS_FILE), metrics)
+    return metrics

@@ -1,0 +1,264 @@
+import socket
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tas_keras import data
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """This module's decode cache. Module-scoped fixtures (`mini`) load before any function-scoped
+    environment patch applies, so they need the variable set at module scope too."""
+    path = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TAS_KERAS_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(autouse=True)
+def _use_cache_dir(cache_dir, monkeypatch):
+    monkeypatch.setenv("TAS_KERAS_CACHE", str(cache_dir))
+
+
+@pytest.fixture(scope="module")
+def mini(cache_dir):
+    return data.load_dataset(data.BUNDLED_DATASET)
+
+
+def _png(value, size=(8, 8)):
+    return tf.io.encode_png(np.full((*size, 3), value, np.uint8)).numpy()
+
+
+# Pixel value per class, so a label can be checked against the image it came with.
+_CLASS_VALUES = {"cat": 10, "dog": 200}
+
+
+def _write_tree(root, counts, size=(8, 8)):
+    """Writes <root>/<folder>/<i>.png for {folder: count}; the last folder name is the class."""
+    for folder, count in counts.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            (root / folder / f"{i}.png").write_bytes(_png(_CLASS_VALUES[folder.split("/")[-1]], size))
+
+
+def _assert_pets(dataset, num_train, num_test):
+    assert dataset.class_names == ("cat", "dog")
+    assert len(dataset.train_labels) == num_train and len(dataset.test_labels) == num_test
+    for images, labels in ((dataset.train_images, dataset.train_labels),
+                           (dataset.test_images, dataset.test_labels)):
+        assert images.dtype == np.uint8 and labels.dtype == np.int32
+        expected = np.array([_CLASS_VALUES[dataset.class_names[label]] for label in labels])
+        np.testing.assert_array_equal(images.reshape(len(images), -1).min(1), expected)
+        np.testing.assert_array_equal(images.reshape(len(images), -1).max(1), expected)
+
+
+def test_bundled_set(mini):
+    assert mini.num_classes == 10 and mini.class_names[0] == "airplane"
+    assert mini.image_shape == (32, 32, 3)
+    assert mini.train_images.shape == (5000, 32, 32, 3) and mini.train_images.dtype == np.uint8
+    assert mini.test_images.shape == (1000, 32, 32, 3)
+    np.testing.assert_array_equal(np.bincount(mini.train_labels), [500] * 10)
+    np.testing.assert_array_equal(np.bincount(mini.test_labels), [100] * 10)
+    np.testing.assert_allclose(mini.mean, np.array([125.3, 123.0, 113.9]) / 255)
+    np.testing.assert_allclose(mini.std, np.array([63.0, 62.1, 66.7]) / 255)
+    # Real photos, not blank or noise: CIFAR-10's channel means are near 0.47.
+    assert 0.4 < mini.train_images.mean() / 255 < 0.55
+
+
+def test_second_load_is_served_from_cache(mini, cache_dir, monkeypatch):
+    assert [f.name.split("-")[0] for f in cache_dir.glob("*.npz")].count("cifar10_mini") == 1
+    assert not list(cache_dir.glob("*.tmp"))
+
+    def no_decoding(*args):
+        raise AssertionError("decoded again despite the cache")
+
+    monkeypatch.setattr(data, "_decode_images", no_decoding)
+    again = data.load_dataset(data.BUNDLED_DATASET)
+    np.testing.assert_array_equal(again.train_images, mini.train_images)
+    np.testing.assert_array_equal(again.test_labels, mini.test_labels)
+    assert again.class_names == mini.class_names
+
+
+def test_max_train_examples_is_stratified_and_seeded(mini):
+    subset = data.load_dataset(data.BUNDLED_DATASET, max_train_examples=1000, seed=3)
+    np.testing.assert_array_equal(np.bincount(subset.train_labels), [100] * 10)
+    originals = {image.tobytes() for image in mini.train_images}
+    assert all(image.tobytes() in originals for image in subset.train_images)
+    assert len(subset.test_labels) == 1000
+    again = data.load_dataset(data.BUNDLED_DATASET, max_train_examples=1000, seed=3)
+    np.testing.assert_array_equal(again.train_images, subset.train_images)
+    other = data.load_dataset(data.BUNDLED_DATASET, max_train_examples=1000, seed=4)
+    assert not np.array_equal(other.train_images, subset.train_images)
+    with pytest.raises(data.DatasetError, match="max_train_examples.*-5"):
+        data.load_dataset(data.BUNDLED_DATASET, max_train_examples=-5)
+
+
+def test_search_split_is_per_class_half_disjoint_and_seeded():
+    labels = np.random.default_rng(0).permutation(np.repeat([0, 1, 2], [4, 5, 7]))
+    train, valid = data.search_split(labels, seed=1)
+    assert np.all(np.diff(train) > 0) and np.all(np.diff(valid) > 0)
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, valid])), np.arange(len(labels)))
+    np.testing.assert_array_equal(np.bincount(labels[train]), [2, 3, 4])
+    np.testing.assert_array_equal(np.bincount(labels[valid]), [2, 2, 3])
+    again = data.search_split(labels, seed=1)
+    np.testing.assert_array_equal(again[0], train)
+    assert not np.array_equal(data.search_split(labels, seed=2)[0], train)
+
+
+def _denormalised(x, mean, std):
+    return np.rint((x * np.array(std) + np.array(mean)) * 255).astype(np.int64)
+
+
+def _window(image, dy, dx, flip):
+    window = image[dy:dy + 32, dx:dx + 32]
+    return window[:, ::-1] if flip else window
+
+
+def test_train_pipeline_augments_each_image_with_its_own_crop_and_flip():
+    images = np.random.default_rng(0).integers(1, 256, (20, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(20)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    batches = list(data.train_pipeline(images, labels, 8, mean, std, seed=0).as_numpy_iterator())
+    assert [len(y) for _, y in batches] == [8, 8]  # remainder dropped, no repeat
+    assert batches[0][0].dtype == np.float32 and batches[0][1].dtype == np.int32
+    padded = np.pad(images, [(0, 0), (4, 4), (4, 4), (0, 0)]).astype(np.int64)
+    transforms = set()
+    for x, y in batches:
+        for image, label in zip(_denormalised(x, mean, std), y):
+            matches = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)
+                       if np.array_equal(image, _window(padded[label], dy, dx, flip))]
+            assert len(matches) == 1, f"image {label} is not one crop of its padded original"
+            transforms.add(matches[0])
+    assert len(transforms) > 8 and {flip for _, _, flip in transforms} == {False, True}
+
+    # The same seed repeats an epoch exactly; the next epoch is reshuffled.
+    pipeline = data.train_pipeline(images, labels, 8, mean, std, seed=0)
+    first, second = ([y for _, y in pipeline.as_numpy_iterator()] for _ in range(2))
+    np.testing.assert_array_equal(first, [y for _, y in batches])
+    assert not np.array_equal(first, second)
+
+
+def test_augmentation_is_seeded_and_redrawn_every_epoch():
+    # Identical images: only the augmentation, not the shuffle, can change a batch.
+    images = np.repeat(np.random.default_rng(3).integers(0, 256, (1, 32, 32, 3), np.uint8), 16, axis=0)
+    pipeline = data.train_pipeline(images, np.zeros(16), 16, (0.5,) * 3, (0.25,) * 3, seed=5)
+    first, second = (next(pipeline.as_numpy_iterator())[0] for _ in range(2))
+    again = next(data.train_pipeline(images, np.zeros(16), 16, (0.5,) * 3, (0.25,) * 3, seed=5)
+                 .as_numpy_iterator())[0]
+    np.testing.assert_array_equal(again, first)
+    assert not np.array_equal(first, second)
+
+
+def test_train_pipeline_without_augmentation_keeps_images_intact():
+    images = np.random.default_rng(1).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    for x, y in data.train_pipeline(images, np.arange(12), 4, mean, std, augment=False).as_numpy_iterator():
+        np.testing.assert_array_equal(_denormalised(x, mean, std), images[y])
+
+
+def test_train_pipeline_rejects_bad_batch_sizes():
+    images, labels = np.zeros((10, 32, 32, 3), np.uint8), np.zeros(10)
+    for batch_size in (0, 11):
+        with pytest.raises(data.DatasetError, match=f"10.*got {batch_size}"):
+            data.train_pipeline(images, labels, batch_size, (0.5,) * 3, (0.2,) * 3)
+
+
+def test_eval_pipeline_keeps_order_and_remainder_without_augmentation():
+    images = np.random.default_rng(2).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.2, 0.2)
+    batches = list(data.eval_pipeline(images, np.arange(10), 4, mean, std).as_numpy_iterator())
+    assert [len(y) for _, y in batches] == [4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), np.arange(10))
+    x = np.concatenate([x for x, _ in batches])
+    np.testing.assert_array_equal(_denormalised(x, mean, std), images)
+
+
+def test_normalisation_of_a_known_pixel():
+    images = np.full((1, 32, 32, 3), 51, np.uint8)  # 51 / 255 = 0.2
+    x, _ = next(data.eval_pipeline(images, [0], 1, (0.1, 0.2, 0.3), (0.5, 0.25, 0.2)).as_numpy_iterator())
+    np.testing.assert_allclose(x[0, 5, 7], [0.2, 0.0, -0.5], atol=1e-6)
+
+
+def test_folder_with_train_and_test(tmp_path):
+    _write_tree(tmp_path, {"train/cat": 3, "train/dog": 4, "test/cat": 2, "test/dog": 1})
+    (tmp_path / "train" / "notes.txt").write_text("not an image")
+    dataset = data.load_dataset(str(tmp_path))
+    _assert_pets(dataset, 7, 3)
+    assert dataset.image_shape == (8, 8, 3)
+    np.testing.assert_allclose(dataset.mean, [(3 * 10 + 4 * 200) / 7 / 255] * 3)
+    # A changed folder is a cache miss, not stale data.
+    (tmp_path / "train" / "dog" / "extra.png").write_bytes(_png(200))
+    _assert_pets(data.load_dataset(str(tmp_path)), 8, 3)
+
+
+def test_zip_under_a_top_level_folder_with_mixed_sizes(tmp_path):
+    _write_tree(tmp_path / "tree", {"train/cat": 2, "train/dog": 3, "test/cat": 1, "test/dog": 1})
+    (tmp_path / "tree" / "train" / "cat" / "big.png").write_bytes(_png(10, size=(12, 10)))
+    archive = tmp_path / "pets.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for file in sorted((tmp_path / "tree").rglob("*.png")):
+            zf.write(file, "pets/" + file.relative_to(tmp_path / "tree").as_posix())
+    dataset = data.load_dataset(str(archive))
+    assert dataset.name == "pets"
+    _assert_pets(dataset, 6, 2)
+    assert dataset.image_shape == (8, 8, 3)
+
+
+def test_class_folders_only_hold_out_a_test_split(tmp_path):
+    _write_tree(tmp_path, {"cat": 10, "dog": 20})
+    dataset = data.load_dataset(str(tmp_path), seed=0)
+    _assert_pets(dataset, 27, 3)
+    np.testing.assert_array_equal(np.bincount(dataset.test_labels), [1, 2])
+
+
+def test_test_classes_must_match_train_classes(tmp_path):
+    _write_tree(tmp_path, {"train/cat": 2, "train/dog": 2, "test/cat": 1})
+    with pytest.raises(data.DatasetError, match=r"test classes \['cat'\] differ"):
+        data.load_dataset(str(tmp_path))
+
+
+def _bad_source(tmp, kind):
+    if kind == "empty folder":
+        (tmp / "empty").mkdir()
+        return str(tmp / "empty")
+    if kind == "corrupt zip":
+        (tmp / "bad.zip").write_bytes(b"not a zip")
+        return str(tmp / "bad.zip")
+    return {"missing path": str(tmp / "no" / "such" / "folder"), "unknown name": "imagenet_tiny"}[kind]
+
+
+@pytest.mark.parametrize("kind, pattern", [
+    ("missing path", "does not exist"),
+    ("unknown name", "unknown dataset .*cifar10_mini.*path"),
+    ("empty folder", "no class folders"),
+    ("corrupt zip", "readable zip"),
+])
+def test_bad_sources_raise_quickly_quoting_the_value(tmp_path, kind, pattern):
+    name = _bad_source(tmp_path.resolve(), kind)
+    start = time.monotonic()
+    with pytest.raises(data.DatasetError, match=pattern) as error:
+        data.load_dataset(name)
+    assert time.monotonic() - start < 2
+    assert repr(name) in str(error.value) and "\n" not in str(error.value)
+
+
+def _host_reachable():
+    try:
+        socket.create_connection(("www.cs.toronto.edu", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_offline_cifar10_fails_fast_with_a_way_out(tmp_path):
+    if _host_reachable():
+        pytest.skip("the CIFAR download host is reachable: the offline error cannot be tested")
+    start = time.monotonic()
+    with pytest.raises(data.DatasetError) as error:
+        data.load_dataset("cifar10", data_dir=str(tmp_path))
+    assert time.monotonic() - start < 15
+    assert "--dataset=cifar10_mini" in str(error.value) and "--data_dir" in str(error.value)

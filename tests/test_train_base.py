@@ -1,0 +1,72 @@
+import json
+import subprocess
+import sys
+import time
+
+import keras
+import pytest
+
+from tas_keras.cost import count_arch
+from tas_keras.models.cifar_resnet import CifarResNet
+from tas_keras.search_space import ArchConfig
+from tas_keras.training import RunMismatchError, train_base
+
+from .conftest import REPO
+
+
+def _cli(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "train.base", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model=vgg16"], "error: unknown model 'vgg16'"),
+    (["--model=resnet22"], "error: depth 22 is not valid for basic blocks"),
+    (["--epochs=-1"], "--epochs=-1"),
+    (["--dataset=/no/such/folder"], "/no/such/folder"),
+    (["stray"], "unexpected arguments: stray"),
+])
+def test_bad_flags_fail_fast_with_one_line(tmp_path, args, message):
+    start = time.perf_counter()
+    result = _cli(f"--out={tmp_path / 'run'}", *args)
+    assert time.perf_counter() - start < 10
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_train_base_writes_artifacts_and_does_not_redo(tmp_path):
+    out = str(tmp_path / "base")
+    args = dict(model_name="resnet8", epochs=1, batch_size=64, max_train_examples=256)
+    metrics = train_base(out, **args)
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    arch = ArchConfig.full("resnet8")
+    assert (metrics["flops"], metrics["params"]) == (count_arch(arch).flops, count_arch(arch).params)
+    assert metrics["train_images_per_second"] > 0 and metrics["train_examples"] == 256
+    model = keras.saving.load_model(f"{out}/model.keras")
+    assert isinstance(model, CifarResNet) and model.arch == arch
+    with open(f"{out}/metrics.json") as f:
+        assert json.load(f) == metrics
+
+    start = time.perf_counter()
+    assert train_base(out, **args) == metrics  # finished: nothing is trained again
+    assert time.perf_counter() - start < 5
+    with pytest.raises(RunMismatchError, match=r"epochs: 1 -> 2"):
+        train_base(out, **{**args, "epochs": 2})
+
+
+@pytest.mark.slow
+def test_train_base_trains_an_imported_shape(tmp_path, released_shapes):
+    shape = [p for p in released_shapes if p.name == "NeurIPS-2019__C010-ResNet20.config"][0]
+    metrics = train_base(str(tmp_path / "r"), arch_path=str(shape), epochs=1, batch_size=64,
+                         max_train_examples=128)
+    assert metrics["flops"] == count_arch(ArchConfig.load(shape)).flops
+
+
+def test_shape_must_match_the_data(tmp_path):
+    arch = ArchConfig.full("resnet20", num_classes=100)
+    path = tmp_path / "arch.json"
+    arch.save(path)
+    with pytest.raises(ValueError, match="the shape has 100 classes but cifar10_mini has 10"):
+        train_base(str(tmp_path / "r"), arch_path=str(path))

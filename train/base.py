@@ -1,0 +1,26 @@
+"""Trains the unpruned network (the teacher), or any shape, with the reference recipe.
+
+  python -m train.base --out=runs/base --model=resnet20 --dataset=cifar10_mini --epochs=10
+"""
+
+from absl import flags
+
+from tas_keras.training import train_base
+from train import common_flags
+
+common_flags.define_common_flags(epochs=10, batch_size=256)
+_MODEL = flags.DEFINE_string("model", "resnet20", "resnet20 | resnet32 | resnet56 | resnet110 | resnet164.")
+_ARCH = flags.DEFINE_string("arch", None, "Train this shape (arch.json or released-shape file) instead.")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.1, "Initial SGD learning rate (cosine to 0).")
+FLAGS = flags.FLAGS
+
+
+def main():
+    train_base(out=FLAGS.out, model_name=_MODEL.value, arch_path=_ARCH.value, dataset_name=FLAGS.dataset,
+               data_dir=FLAGS.data_dir, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+               learning_rate=_LEARNING_RATE.value, seed=FLAGS.seed,
+               max_train_examples=FLAGS.max_train_examples, overwrite=FLAGS.overwrite)
+
+
+if __name__ == "__main__":
+    common_flags.run(main)

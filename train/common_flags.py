@@ -1,0 +1,38 @@
+"""Flags every stage CLI shares, and the wrapper that turns bad input into one readable line."""
+
+import logging
+import sys
+
+from absl import app, flags
+
+from tas_keras.data import BUNDLED_DATASET
+
+
+def define_common_flags(epochs, batch_size):
+    flags.DEFINE_string("out", None, "Run directory: every artifact of the stage goes here.", required=True)
+    flags.DEFINE_string("dataset", BUNDLED_DATASET,
+                        f"cifar10 | cifar100 (tensorflow-datasets) | {BUNDLED_DATASET} (bundled, offline) "
+                        "| a folder or .zip of class folders (train/<class>/*, test/<class>/*).")
+    flags.DEFINE_string("data_dir", None, "Where tensorflow-datasets keeps cifar10/cifar100.")
+    flags.DEFINE_integer("epochs", epochs, "Training epochs.", lower_bound=1)
+    flags.DEFINE_integer("batch_size", batch_size, "Global batch size.", lower_bound=1)
+    flags.DEFINE_integer("seed", 0, "Seed of data order, augmentation, init and splits.", lower_bound=0)
+    flags.DEFINE_integer("max_train_examples", None, "Use at most this many training images (quick runs).",
+                         lower_bound=1)
+    flags.DEFINE_bool("overwrite", False, "Replace what --out holds instead of refusing or resuming.")
+
+
+def run(main):
+    """absl's app.run, with ValueError (bad shape, data, flags) printed as one line, exit status 2."""
+
+    def guarded(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        logging.getLogger().setLevel(logging.INFO)
+        try:
+            main()
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(guarded)

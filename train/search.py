@@ -1,0 +1,43 @@
+"""TAS search of the width of every layer and the depth of every stage under a cost target.
+
+  python -m train.search --out=runs/search --model=resnet56 --dataset=cifar10 --target_flops_ratio=0.47
+"""
+
+from absl import flags
+
+from tas_keras.search import COST_BANDS, TAU_SCHEDULES, run_search
+from train import common_flags
+
+common_flags.define_common_flags(epochs=10, batch_size=256)
+_MODEL = flags.DEFINE_string("model", "resnet20", "resnet20 | resnet32 | resnet56 | resnet110 | resnet164.")
+_TARGET = flags.DEFINE_float("target_flops_ratio", 0.5, "R: keep this fraction of the full network's cost.")
+_COST = flags.DEFINE_enum("cost", "flops", ["flops", "params"], "What the target constrains.")
+_LAMBDA = flags.DEFINE_float("cost_weight", 2.0, "lambda, the weight of the cost loss.")
+_TOLERANCE = flags.DEFINE_float("tolerance", 0.05, "t, the width of the accepted band.")
+_BAND = flags.DEFINE_enum("band", "code", list(COST_BANDS),
+                          "code: [R - t, R] (reference code); paper: [(1 - t) R, (1 + t) R].")
+_TAU = flags.DEFINE_enum("tau_schedule", "cosine", list(TAU_SCHEDULES),
+                         "cosine 5 -> 0.1 (reference code) or linear (the paper: --tau_max=10).")
+_TAU_MAX = flags.DEFINE_float("tau_max", 5.0, "Gumbel temperature at the first epoch.")
+_TAU_MIN = flags.DEFINE_float("tau_min", 0.1, "Gumbel temperature at the last epoch.")
+_MULTIPLE = flags.DEFINE_integer("width_multiple", 1, "Candidate widths rounded to multiples of this "
+                                 "(8 or 16: hardware-aligned search space).", lower_bound=1)
+_LR = flags.DEFINE_float("learning_rate", 0.1, "Weights: initial SGD learning rate (cosine to 0).")
+_ARCH_LR = flags.DEFINE_float("arch_learning_rate", 1e-3, "Architecture: Adam learning rate.")
+_INIT = flags.DEFINE_string("init_from", None, "Start the supernet from this trained full network "
+                            "(train.base's model.keras).")
+FLAGS = flags.FLAGS
+
+
+def main():
+    run_search(out=FLAGS.out, model_name=_MODEL.value, dataset_name=FLAGS.dataset, data_dir=FLAGS.data_dir,
+               epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, target_ratio=_TARGET.value,
+               cost_metric=_COST.value, cost_weight=_LAMBDA.value, tolerance=_TOLERANCE.value,
+               band=_BAND.value, tau_schedule=_TAU.value, tau_max=_TAU_MAX.value, tau_min=_TAU_MIN.value,
+               width_multiple=_MULTIPLE.value, learning_rate=_LR.value, arch_learning_rate=_ARCH_LR.value,
+               init_from=_INIT.value, seed=FLAGS.seed, max_train_examples=FLAGS.max_train_examples,
+               overwrite=FLAGS.overwrite)
+
+
+if __name__ == "__main__":
+    common_flags.run(main)
