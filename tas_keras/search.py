@@ -243,7 +243,7 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     if batch_size > len(dataset.train_labels) // 2:
         raise ValueError(f"batch_size {batch_size} is larger than a search half ({len(dataset.train_labels) // 2} "
                          "images)")
-    if prepare_run_dir(out, settings, overwrite):
+    if prepare_run_dir(out, settings, overwrite, done_file=ARCH_FILE):
         logging.info("%s already holds this finished search; nothing to do", out)
         return read_json(os.path.join(out, ARCH_FILE))
 

@@ -43,8 +43,9 @@ class RunMismatchError(ValueError):
     pass
 
 
-def prepare_run_dir(out, settings, overwrite=False):
-    """Claims `out` for a run with `settings`; returns True if that run already finished.
+def prepare_run_dir(out, settings, overwrite=False, done_file=METRICS_FILE):
+    """Claims `out` for a run with `settings`; returns True if that run already finished (wrote
+    `done_file`, its last artifact).
 
     A directory holding a different run (other settings) is refused unless `overwrite`, so a finished
     result is never replaced by accident and a resumed run never mixes two configurations.
@@ -60,7 +61,7 @@ def prepare_run_dir(out, settings, overwrite=False):
             details = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
             raise RunMismatchError(f"{out} holds a different run ({details}); use another --out or "
                                    "pass --overwrite")
-        return os.path.exists(os.path.join(out, METRICS_FILE))
+        return os.path.exists(os.path.join(out, done_file))
     if os.listdir(out):
         raise RunMismatchError(f"{out} is not empty and holds no run of this tool; use another --out "
                                "or pass --overwrite")

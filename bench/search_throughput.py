@@ -1,0 +1,84 @@
+"""Search throughput against plain training of the same ResNet, same batch, same machine, one run.
+
+  python -m bench.search_throughput --model=resnet20 --batch_size=128 --steps=30
+
+Both run on synthetic in-memory CIFAR batches, so only the model's compute is timed. A search step
+consumes a search-train and a search-valid batch; "cost per image" compares seconds per image of the
+search (train + valid images) with seconds per image of plain training: 1.0 means the search costs
+what plain training costs per image. Writes bench/results/search_throughput_<model>.json.
+"""
+
+import json
+import os
+import platform
+import time
+
+from absl import app, flags
+import keras
+import tensorflow as tf
+
+from tas_keras.models.cifar_resnet import CifarResNet
+from tas_keras.models.cifar_resnet_supernet import CifarResNetSupernet
+from tas_keras.search import TASSearchModel
+from tas_keras.search_space import ArchConfig
+from tas_keras.training import sgd, write_json
+
+_MODEL = flags.DEFINE_string("model", "resnet20", "Network to compare.")
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Images per batch (a search step takes two batches).")
+_STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per measurement, after a warm-up epoch.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Interleaved measurements of each (best is kept).")
+_OUT = flags.DEFINE_string("out", None, "JSON path (default bench/results/search_throughput_<model>.json).")
+
+
+def _batches(batch_size, steps, seed):
+    images = tf.random.stateless_normal((batch_size, 32, 32, 3), [seed, 0])
+    labels = tf.random.stateless_uniform((batch_size,), [seed, 1], maxval=10, dtype=tf.int32)
+    return tf.data.Dataset.from_tensors((images, labels)).repeat(steps)
+
+
+def _timed_fit(model, dataset, steps):
+    """Seconds for `steps` steps of model.fit, excluding the first (tracing) epoch."""
+    model.fit(dataset.take(2), epochs=1, verbose=0)
+    start = time.perf_counter()
+    model.fit(dataset.take(steps), epochs=1, verbose=0)
+    return time.perf_counter() - start
+
+
+def main(argv):
+    del argv
+    arch = ArchConfig.full(_MODEL.value)
+    batch, steps = _BATCH.value, _STEPS.value
+    keras.utils.set_random_seed(0)
+
+    plain = CifarResNet(arch)
+    plain.compile(optimizer=sgd(0.1, 10_000), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    plain_data = _batches(batch, steps + 2, 0)
+
+    search = TASSearchModel(CifarResNetSupernet(arch), target_ratio=0.5)
+    search.compile(optimizer=sgd(0.1, 10_000), arch_optimizer=keras.optimizers.Adam(1e-3, 0.5, 0.999))
+    search_data = tf.data.Dataset.zip((_batches(batch, steps + 2, 1), _batches(batch, steps + 2, 2)))
+
+    plain_times, search_times = [], []
+    for _ in range(_REPEATS.value):  # interleaved, so background load hits both alike
+        plain_times.append(_timed_fit(plain, plain_data, steps))
+        search_times.append(_timed_fit(search, search_data, steps))
+    plain_rate = batch * steps / min(plain_times)
+    search_rate = 2 * batch * steps / min(search_times)
+    result = {
+        "model": arch.name, "batch_size": batch, "steps": steps, "repeats": _REPEATS.value,
+        "plain_images_per_second": round(plain_rate, 1),
+        "search_images_per_second": round(search_rate, 1),
+        "search_cost_per_image_vs_plain": round(plain_rate / search_rate, 3),
+        "plain_seconds": [round(t, 2) for t in plain_times],
+        "search_seconds": [round(t, 2) for t in search_times],
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, TF {tf.__version__}, Keras {keras.__version__}",
+    }
+    path = _OUT.value or os.path.join(os.path.dirname(__file__), "results",
+                                      f"search_throughput_{arch.name}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json(path, result)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,208 @@
+import json
+import math
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tas_keras.cost import count_arch, count_model
+from tas_keras.layers import cwi_matrix, sample_two_widths, transition_matrices
+from tas_keras.models.cifar_resnet import CifarResNet
+from tas_keras.models.cifar_resnet_supernet import CifarResNetSupernet
+from tas_keras.search import TASSearchModel, cost_band, init_from_base, run_search, tau_at
+from tas_keras.search_space import ArchConfig, candidate_widths
+
+
+def _search_model(model="resnet20", input_shape=(8, 8, 3), target=0.5, weight_lr=0.1, arch_lr=1e-3, **kwargs):
+    supernet = CifarResNetSupernet(ArchConfig.full(model, input_shape=input_shape), **kwargs)
+    search = TASSearchModel(supernet, target_ratio=target)
+    search.compile(optimizer=keras.optimizers.SGD(weight_lr),
+                   arch_optimizer=keras.optimizers.Adam(arch_lr, beta_1=0.5, beta_2=0.999))
+    return search
+
+
+def _random_batches(input_shape, batch=8, steps=1, seed=0):
+    rng = np.random.default_rng(seed)
+    def half():
+        return (rng.normal(size=(steps * batch, *input_shape)).astype("float32"),
+                rng.integers(0, 10, steps * batch).astype("int32"))
+    (x, y), (xv, yv) = half(), half()
+    return tf.data.Dataset.zip((tf.data.Dataset.from_tensor_slices((x, y)).batch(batch),
+                                tf.data.Dataset.from_tensor_slices((xv, yv)).batch(batch)))
+
+
+def test_hardware_aligned_candidates():
+    assert candidate_widths(16, multiple_of=8) == (8, 16)
+    assert candidate_widths(64, multiple_of=8) == (16, 24, 32, 40, 48, 56, 64)
+    assert candidate_widths(32, multiple_of=16) == (16, 32)
+    assert candidate_widths(16, multiple_of=16) == (16,)
+
+
+@pytest.mark.parametrize("in_width, out_width", [(16, 16), (16, 6), (9, 16), (4, 14), (64, 19), (19, 25)])
+def test_cwi_is_adaptive_average_pooling(in_width, out_width):
+    matrix = cwi_matrix(in_width, out_width)
+    np.testing.assert_allclose(matrix.sum(axis=1), 1.0, rtol=1e-6)
+    x = np.random.default_rng(0).normal(size=in_width)
+    expected = [x[math.floor(j * in_width / out_width):math.ceil((j + 1) * in_width / out_width)].mean()
+                for j in range(out_width)]
+    np.testing.assert_allclose(matrix @ x, expected, rtol=1e-5)
+
+
+def test_transition_matrices_embed_cwi_at_full_width():
+    candidates = candidate_widths(16)
+    matrices = transition_matrices(candidates, 16)
+    assert matrices.shape == (8, 8, 16, 16)
+    np.testing.assert_array_equal(matrices[7, 7], np.eye(16))
+    a, b = candidates.index(6), candidates.index(11)
+    np.testing.assert_array_equal(matrices[a, b][:6, :11], cwi_matrix(6, 11).T)
+    assert not matrices[a, b][6:].any() and not matrices[a, b][:, 11:].any()
+
+
+@tf.function
+def _draw(alpha, tau, seeds):
+    return tf.map_fn(lambda s: sample_two_widths(alpha, tau, s), seeds,
+                     fn_output_signature=(tf.int32, tf.float32))
+
+
+def test_two_distinct_draws_follow_the_distribution():
+    probs = np.array([0.05, 0.1, 0.15, 0.2, 0.5], np.float32)
+    seeds = tf.stack([tf.zeros(4000, tf.int64), tf.range(4000, dtype=tf.int64)], axis=1)
+    # At a small tau, pi is the one-hot of a Gumbel-max draw, so the first pick follows softmax(alpha)
+    # and the second is uniform over the rest.
+    picks, weights = _draw(tf.math.log(probs), tf.constant(1e-3), seeds)
+    picks, weights = picks.numpy(), weights.numpy()
+    assert (picks[:, 0] != picks[:, 1]).all()
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
+    first = np.bincount(picks[:, 0], minlength=5) / len(picks)
+    np.testing.assert_allclose(first, probs, atol=0.025)
+    second = np.bincount(picks[:, 1], minlength=5) / len(picks)
+    expected_second = sum(p * np.where(np.arange(5) == i, 0, 0.25) for i, p in enumerate(probs))
+    np.testing.assert_allclose(second, expected_second, atol=0.025)
+    # A large tau flattens pi: both picks become close to uniform whatever alpha says.
+    flat, _ = _draw(tf.math.log(probs), tf.constant(100.0), seeds)
+    np.testing.assert_allclose(np.bincount(flat.numpy().ravel(), minlength=5) / flat.numpy().size, 0.2,
+                               atol=0.03)
+
+
+def test_expected_cost_at_uniform_alpha_and_beta():
+    supernet = CifarResNetSupernet(ArchConfig.full("resnet20"))
+    for variable in supernet.arch_variables:
+        variable.assign(tf.zeros_like(variable))
+    # E[16] = 10, E[32] = 20.375, E[64] = 41.25; blocks weighted 1, 2/3, 1/3 (DESIGN.md section 6).
+    assert float(supernet.expected_cost()) / 1e6 == pytest.approx(10.83, abs=0.005)
+
+
+@pytest.mark.parametrize("model, multiple", [("resnet20", 1), ("resnet20", 8), ("resnet29_bottleneck", 1)])
+def test_argmax_cost_is_the_exact_cost_of_the_derived_net(model, multiple):
+    supernet = CifarResNetSupernet(ArchConfig.full(model), width_multiple=multiple)
+    for seed in range(4):
+        for i, variable in enumerate(supernet.arch_variables):
+            variable.assign(tf.random.stateless_normal(variable.shape, [seed, i]))
+        derived = supernet.derive()
+        assert int(supernet.argmax_cost("flops")) == count_arch(derived).flops
+        assert int(supernet.argmax_cost("params")) == count_arch(derived).params
+    assert count_model(CifarResNet(derived)).flops == int(supernet.argmax_cost("flops"))
+
+
+def test_architecture_loss_reaches_every_alpha_and_beta():
+    search = _search_model(target=0.1)  # the full-width argmax is far above: the cost term is active
+    (images, labels), _ = next(iter(_random_batches((8, 8, 3))))
+    with tf.GradientTape() as tape:
+        logits = search.supernet(images, search.supernet.sample(search.tau, search._step_seed(1)))
+        cost_loss, _, _ = search.cost_loss()
+        loss = search.cross_entropy(labels, logits) + 2.0 * cost_loss
+    gradients = tape.gradient(loss, search.supernet.arch_variables)
+    assert len(gradients) == 19 + 3
+    for variable, gradient in zip(search.supernet.arch_variables, gradients):
+        assert gradient is not None and float(tf.norm(gradient)) > 0, variable.path
+
+
+@pytest.mark.parametrize("frozen", ["architecture", "weights"])
+def test_each_step_updates_only_its_own_variables(frozen):
+    search = _search_model(weight_lr=0.0 if frozen == "weights" else 0.1,
+                           arch_lr=0.0 if frozen == "architecture" else 0.01, target=0.1)
+    weights = [v.numpy() for v in search.supernet.weight_variables]
+    arch = [v.numpy() for v in search.supernet.arch_variables]
+    search.fit(_random_batches((8, 8, 3)), epochs=1, verbose=0)
+    weights_moved = any(not np.array_equal(a, v.numpy()) for a, v in zip(weights, search.supernet.weight_variables))
+    arch_moved = any(not np.array_equal(a, v.numpy()) for a, v in zip(arch, search.supernet.arch_variables))
+    # With one optimizer at lr 0 the other step alone ran: it must not have touched the frozen set.
+    assert (weights_moved, arch_moved) == ((False, True) if frozen == "weights" else (True, False))
+
+
+def test_short_search_drives_the_argmax_cost_into_the_band():
+    keras.utils.set_random_seed(1)
+    search = _search_model(target=0.3, arch_lr=0.01)
+    search.tau.assign(1.0)
+    rng = np.random.default_rng(1)
+    for variable in search.supernet.arch_variables:  # start from the full network, widest preferred
+        variable.assign(variable + np.linspace(0, 0.3, variable.shape[0]) * rng.uniform(0.5, 1.5))
+    low, high = search.cost_low / search.base_cost, search.cost_high / search.base_cost
+    ratios = [int(search.supernet.argmax_cost()) / search.base_cost]
+    for epoch in range(10):
+        search.fit(_random_batches((8, 8, 3), steps=5, seed=epoch), epochs=1, verbose=0)
+        ratios.append(int(search.supernet.argmax_cost()) / search.base_cost)
+    assert ratios[0] == 1.0
+    assert any(low <= r <= high for r in ratios[-5:]), ratios
+    assert low - 0.025 <= np.mean(ratios[-5:]) <= high + 0.025, ratios
+    assert count_arch(search.supernet.derive()).flops == int(search.supernet.argmax_cost())
+
+
+def test_cost_loss_sign_follows_the_band():
+    search = _search_model(target=0.5)
+    for ratio, sign in ((0.6, 1.0), (0.3, -1.0), (0.47, 0.0)):
+        for variable in search.supernet.arch_variables:
+            variable.assign(tf.zeros_like(variable))
+        argmax = float(search.supernet.argmax_cost())
+        search.cost_low, search.cost_high = argmax / ratio * 0.45, argmax / ratio * 0.5
+        loss, expected, _ = search.cost_loss()
+        assert float(loss) == pytest.approx(sign * math.log(float(expected)))
+
+
+def test_supernet_from_base_at_full_shape_equals_base():
+    arch = ArchConfig.full("resnet20", input_shape=(8, 8, 3))
+    base = CifarResNet(arch)
+    for layer in base.layers:  # non-trivial BN affines, so a wrong copy shows
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.gamma.assign(tf.random.uniform(layer.gamma.shape, 0.5, 1.5))
+            layer.beta.assign(tf.random.normal(layer.beta.shape))
+    supernet = CifarResNetSupernet(arch)
+    init_from_base(supernet, base)
+    full = ({c.name: (tf.fill([2], len(c.candidates) - 1), tf.constant([1.0, 0.0]))
+             for c in supernet.width_choices},
+            [tf.one_hot(len(m.depth_choices) - 1, len(m.depth_choices)) for _, m in supernet.stages])
+    images = tf.random.normal((16, 8, 8, 3))
+    np.testing.assert_allclose(supernet(images, full), base(images, training=True), atol=1e-4)
+
+
+def test_tau_schedules_and_bands():
+    assert tau_at(0, 10) == pytest.approx(5.0) and tau_at(9, 10) == pytest.approx(0.1)
+    assert tau_at(2, 5) == pytest.approx(2.55)
+    assert tau_at(2, 5, "linear", tau_max=10) == pytest.approx(5.05)
+    assert cost_band(0.5, 0.05, "code") == pytest.approx((0.45, 0.5))
+    assert cost_band(0.5, 0.05, "paper") == pytest.approx((0.475, 0.525))
+    with pytest.raises(ValueError, match="band must be one of"):
+        cost_band(0.5, 0.05, "both")
+    with pytest.raises(ValueError, match="target_ratio must be in \\(0, 1\\), got 1.5"):
+        TASSearchModel(CifarResNetSupernet(ArchConfig.full("resnet8", input_shape=(8, 8, 3))), 1.5)
+
+
+@pytest.mark.slow
+def test_run_search_writes_a_shape_that_builds_and_counts(tmp_path):
+    out = str(tmp_path / "search")
+    settings = dict(model_name="resnet20", epochs=2, batch_size=32, max_train_examples=256,
+                    target_ratio=0.5)
+    result = run_search(out, **settings)
+    arch = ArchConfig.load(os.path.join(out, "arch.json"))
+    assert arch.to_dict() == result
+    assert count_arch(arch).flops == arch.provenance["flops"]
+    assert count_model(CifarResNet(arch)).flops == arch.provenance["flops"]
+    with open(os.path.join(out, "history.json")) as f:
+        history = json.load(f)
+    assert [e["epoch"] for e in history] == [0, 1]
+    assert history[-1]["widths"] == list(arch.widths)
+    assert history[0]["tau"] == pytest.approx(5.0) and history[1]["tau"] == pytest.approx(0.1)
+    assert os.path.getsize(os.path.join(out, "search.png")) > 10_000
+    assert run_search(out, **settings) == result  # finished: not searched again
