@@ -44,7 +44,6 @@ def tau_at(epoch, epochs, schedule="cosine", tau_max=5.0, tau_min=0.1):
     raise ValueError(f"tau schedule must be one of {TAU_SCHEDULES}, got {schedule!r}")
 
 
-@keras.saving.register_keras_serializable(package="tas_keras")
 class TASSearchModel(keras.Model):
     """Trains a supernet's weights and architecture alternately, one batch pair per step.
 
@@ -154,12 +153,6 @@ class TASSearchModel(keras.Model):
         self.valid_accuracy.update_state(labels_valid, valid_logits)
         return {**{m.name: m.result() for m in self.metrics}, "tau": self.tau.value}
 
-    def get_config(self):
-        return {"name": self.name, "supernet": keras.saving.serialize_keras_object(self.supernet),
-                "target_ratio": self.target_ratio, "cost_metric": self.cost_metric,
-                "cost_weight": self.cost_weight, "tolerance": self.tolerance, "band": self.band,
-                "arch_weight_decay": self.arch_weight_decay, "seed": self.seed}
-
 
 class TauSchedule(keras.callbacks.Callback):
     """Sets the model's tau variable at every epoch start (a Python float would be frozen in the trace)."""
@@ -232,6 +225,12 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite")}
     settings["stage"] = "search"
     ArchConfig.full(model_name)
+    if not 0 < target_ratio < 1:
+        raise ValueError(f"target ratio must be in (0, 1), got {target_ratio!r}")
+    if not 0 <= tolerance < target_ratio:
+        raise ValueError(f"tolerance must be in [0, target ratio), got {tolerance!r}")
+    if cost_metric not in COST_METRICS:
+        raise ValueError(f"cost must be one of {COST_METRICS}, got {cost_metric!r}")
     cost_band(target_ratio, tolerance, band)
     tau_at(0, epochs, tau_schedule)
     if epochs < 1 or batch_size < 1:

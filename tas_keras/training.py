@@ -100,43 +100,50 @@ def throughput(timer, images_per_epoch):
     return images_per_epoch / float(np.median(steady)) if steady else None
 
 
-def resolve_arch(model_name, arch_path, dataset):
-    """The shape to build: `--arch` if given, else the full `--model`, checked against the data."""
-    if arch_path:
-        arch = ArchConfig.load(arch_path)
-    else:
-        arch = ArchConfig.full(model_name, num_classes=dataset.num_classes, input_shape=dataset.image_shape)
+def check_fits_data(arch, dataset):
     if arch.num_classes != dataset.num_classes:
         raise ValueError(f"the shape has {arch.num_classes} classes but {dataset.name} has "
                          f"{dataset.num_classes}")
     if arch.input_shape != tuple(dataset.image_shape):
         raise ValueError(f"the shape takes {arch.input_shape} inputs but {dataset.name} images are "
                          f"{tuple(dataset.image_shape)}")
-    return arch
 
 
-def fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed, extra_callbacks=()):
-    """Compiles `model` with the reference recipe and trains it, resuming from `out/backup`."""
+def _cross_entropy():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _accuracy():
+    return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+
+
+def evaluate_classifier(model, dataset, batch_size, prefix=""):
+    """Test-split accuracy and loss (CE + the model's weight decay) of a trained model."""
+    model.compile(loss=_cross_entropy(), metrics=[_accuracy()])
+    result = model.evaluate(data.eval_pipeline(dataset.test_images, dataset.test_labels, batch_size,
+                                               dataset.mean, dataset.std), return_dict=True, verbose=0)
+    return {f"{prefix}test_accuracy": float(result["accuracy"]), f"{prefix}test_loss": float(result["loss"])}
+
+
+def fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed):
+    """Compiles `model` with the reference recipe and trains it, resuming from `out/backup`.
+
+    Returns the per-epoch history, the epochs, the fit wall time and the training throughput."""
     train = data.train_pipeline(dataset.train_images, dataset.train_labels, batch_size,
                                 dataset.mean, dataset.std, seed=seed)
     test = data.eval_pipeline(dataset.test_images, dataset.test_labels, batch_size, dataset.mean,
                               dataset.std)
     steps = len(dataset.train_labels) // batch_size
-    model.compile(optimizer=sgd(learning_rate, steps * epochs),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    model.compile(optimizer=sgd(learning_rate, steps * epochs), loss=_cross_entropy(), metrics=[_accuracy()])
     timer = EpochTimer()
     callbacks = [keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
                  keras.callbacks.TensorBoard(os.path.join(out, "tensorboard")),
-                 timer, *extra_callbacks]
+                 timer]
     start = time.perf_counter()
     history = model.fit(train, validation_data=test, epochs=epochs, callbacks=callbacks, shuffle=False,
                         verbose=2 if os.environ.get("CI") else 1)
     wall = time.perf_counter() - start
-    evaluation = model.evaluate(test, return_dict=True, verbose=0)
     return {
-        "test_accuracy": float(evaluation["accuracy"]),
-        "test_loss": float(evaluation["loss"]),
         "epochs": epochs,
         "fit_wall_time_s": round(wall, 2),
         "train_images_per_second": throughput(timer, steps * batch_size),
@@ -158,7 +165,11 @@ def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUN
         ArchConfig.full(model_name)  # fails on a bad name before any data is read
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
                                 seed=seed)
-    arch = resolve_arch(model_name, arch_path, dataset)
+    if arch_path:
+        arch = ArchConfig.load(arch_path)
+    else:
+        arch = ArchConfig.full(model_name, num_classes=dataset.num_classes, input_shape=dataset.image_shape)
+    check_fits_data(arch, dataset)
     if prepare_run_dir(out, settings, overwrite):
         logging.info("%s already holds this finished run; nothing to do", out)
         return read_json(os.path.join(out, METRICS_FILE))
@@ -167,6 +178,7 @@ def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUN
     model = CifarResNet(arch)
     start = time.perf_counter()
     metrics = fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed)
+    metrics.update(evaluate_classifier(model, dataset, batch_size))
     cost = count_arch(arch)
     metrics.update(model=arch.name, dataset=dataset.name, train_examples=len(dataset.train_labels),
                    flops=cost.flops, params=cost.params, wall_time_s=round(time.perf_counter() - start, 2))

@@ -1,6 +1,8 @@
 import json
 import math
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -13,6 +15,8 @@ from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.cifar_resnet_supernet import CifarResNetSupernet
 from tas_keras.search import TASSearchModel, cost_band, init_from_base, run_search, tau_at
 from tas_keras.search_space import ArchConfig, candidate_widths
+
+from .conftest import REPO
 
 
 def _search_model(model="resnet20", input_shape=(8, 8, 3), target=0.5, weight_lr=0.1, arch_lr=1e-3, **kwargs):
@@ -177,6 +181,13 @@ def test_supernet_from_base_at_full_shape_equals_base():
     np.testing.assert_allclose(supernet(images, full), base(images, training=True), atol=1e-4)
 
 
+def test_supernet_config_round_trip():
+    supernet = CifarResNetSupernet(ArchConfig.full("resnet20", input_shape=(8, 8, 3)), width_multiple=8)
+    clone = CifarResNetSupernet.from_config(supernet.get_config())
+    assert clone.arch == supernet.arch and clone.candidates == supernet.candidates
+    assert [v.path for v in clone.arch_variables] == [v.path for v in supernet.arch_variables]
+
+
 def test_tau_schedules_and_bands():
     assert tau_at(0, 10) == pytest.approx(5.0) and tau_at(9, 10) == pytest.approx(0.1)
     assert tau_at(2, 5) == pytest.approx(2.55)
@@ -206,3 +217,17 @@ def test_run_search_writes_a_shape_that_builds_and_counts(tmp_path):
     assert history[0]["tau"] == pytest.approx(5.0) and history[1]["tau"] == pytest.approx(0.1)
     assert os.path.getsize(os.path.join(out, "search.png")) > 10_000
     assert run_search(out, **settings) == result  # finished: not searched again
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target_flops_ratio=1.5"], "error: target ratio must be in (0, 1), got 1.5"),
+    (["--model=resnet23"], "error: depth 23 is not valid"),
+    (["--init_from=/no/base.keras"], "error: --init_from: no such file '/no/base.keras'"),
+    (["--band=wide"], "--band"),
+])
+def test_search_cli_rejects_bad_input_before_any_work(tmp_path, args, message):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "train.search", f"--out={out}", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and message in result.stderr
+    assert not out.exists()

@@ -25,6 +25,7 @@ def _bn_unit(conv, metric):
     return 2 if metric == "params" and conv.batch_norm else 0
 
 
+@keras.saving.register_keras_serializable(package="tas_keras")
 class CifarResNetSupernet(keras.Model):
     """Args:
         arch: the full network to search in (an ArchConfig, e.g. `ArchConfig.full("resnet56")`).

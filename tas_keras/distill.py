@@ -1,0 +1,131 @@
+"""Training the pruned network (DESIGN.md section 8): from scratch, from the teacher's weights, with KD."""
+
+import logging
+import os
+import time
+
+import keras
+import tensorflow as tf
+
+from tas_keras import data
+from tas_keras.cost import count_arch
+from tas_keras.models.cifar_resnet import CifarResNet
+from tas_keras.search_space import ArchConfig
+from tas_keras.training import (MODEL_FILE, METRICS_FILE, check_fits_data, evaluate_classifier,
+                                fit_classifier, prepare_run_dir, read_json, save_model, write_json)
+
+MODES = ("scratch", "init", "kd", "init_kd")
+
+
+class KnowledgeDistiller(keras.distillation.Distiller):
+    """(1 - alpha) * CE + alpha * T^2 * KL(teacher || student), plus the student's weight decay.
+
+    keras.distillation computes this mixture (student_loss_weight = 1 - alpha) with two caveats, both
+    pinned by tests: LogitsDistillation's default loss="kl_divergence" resolves to the KL *function*,
+    which its code does not recognise, so the KL is taken on raw scaled logits without T^2; a
+    KLDivergence *instance* gets the softmax and the T^2. And the Distiller leaves out the student's
+    regularisation losses, which carry the recipe's coupled weight decay.
+    """
+
+    def __init__(self, teacher, student, alpha=0.9, temperature=4.0, **kwargs):
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"KD alpha must be in [0, 1], got {alpha!r}")
+        super().__init__(teacher=teacher, student=student,
+                         distillation_losses=keras.distillation.LogitsDistillation(
+                             temperature=temperature, loss=keras.losses.KLDivergence()),
+                         student_loss_weight=1.0 - alpha, **kwargs)
+        self(keras.ops.zeros((1, *student.input_shape[1:])))  # BackupAndRestore needs a built model
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        loss = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
+        if not self.student.losses:
+            return loss
+        # Like the Keras losses above, per-replica values are divided by the replica count (SUM all-reduce).
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        return loss + keras.ops.sum(self.student.losses) / replicas
+
+
+def _leading(value, shape):
+    return value[tuple(slice(0, n) for n in shape)]
+
+
+def init_from_teacher(student, teacher):
+    """Copies the leading channels (and, for a truncated stage, the first blocks) of every weight of
+    `teacher` into the same-named layer of `student`.
+
+    A projection shortcut that only the pruned network has (an identity block whose widths now differ)
+    keeps its fresh initialisation. Raises ValueError, naming the layer, when the student is wider.
+    """
+    teacher_layers = {layer.name: layer for layer in teacher.layers}
+    fresh = []
+    for layer in student.layers:
+        if not layer.weights:
+            continue
+        if layer.name not in teacher_layers:
+            fresh.append(layer.name)
+            continue
+        values = []
+        for mine, theirs in zip(layer.weights, teacher_layers[layer.name].weights):
+            if any(m > t for m, t in zip(mine.shape, theirs.shape)):
+                raise ValueError(f"cannot init from the teacher: {layer.name} has shape {tuple(mine.shape)}, "
+                                 f"wider than the teacher's {tuple(theirs.shape)}")
+            values.append(_leading(theirs.numpy(), mine.shape))
+        layer.set_weights(values)
+    if fresh:
+        logging.info("layers the teacher does not have, trained from their initialisation: %s", fresh)
+    return fresh
+
+
+def load_teacher(path):
+    if not path or not os.path.exists(path):
+        raise ValueError(f"--teacher: no such model file {path!r}")
+    teacher = keras.saving.load_model(path)
+    teacher.trainable = False
+    return teacher
+
+
+def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUNDLED_DATASET, data_dir=None,
+            epochs=10, batch_size=256, learning_rate=0.1, alpha=0.9, temperature=4.0, seed=0,
+            max_train_examples=None, overwrite=False):
+    """Builds the plain network of `arch_path` and trains it by `mode`; writes model.keras and
+    metrics.json (test accuracy, FLOPs, params, reduction against the teacher, wall time)."""
+    settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite")}
+    settings["stage"] = "distill"
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    if temperature <= 0:
+        raise ValueError(f"KD temperature must be > 0, got {temperature!r}")
+    arch = ArchConfig.load(arch_path)
+    if mode != "scratch" and not teacher_path:
+        raise ValueError(f"mode {mode!r} needs --teacher")
+    teacher = load_teacher(teacher_path) if teacher_path else None
+    dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
+                                seed=seed)
+    check_fits_data(arch, dataset)
+    if prepare_run_dir(out, settings, overwrite):
+        logging.info("%s already holds this finished run; nothing to do", out)
+        return read_json(os.path.join(out, METRICS_FILE))
+
+    keras.utils.set_random_seed(seed)
+    student = CifarResNet(arch)
+    if mode in ("init", "init_kd"):
+        init_from_teacher(student, teacher)
+    trained = KnowledgeDistiller(teacher, student, alpha, temperature) if mode.endswith("kd") else student
+    start = time.perf_counter()
+    metrics = fit_classifier(trained, dataset, out, epochs, batch_size, learning_rate, seed)
+    metrics.update(evaluate_classifier(student, dataset, batch_size))
+    cost = count_arch(arch)
+    metrics.update(mode=mode, model=arch.name, dataset=dataset.name, flops=cost.flops, params=cost.params,
+                   arch_provenance=arch.provenance, wall_time_s=round(time.perf_counter() - start, 2))
+    if teacher is not None:
+        teacher_cost = count_arch(teacher.arch)
+        metrics.update(evaluate_classifier(teacher, dataset, batch_size, prefix="teacher_"))
+        metrics.update(teacher_flops=teacher_cost.flops, teacher_params=teacher_cost.params,
+                       flops_reduction=1 - cost.flops / teacher_cost.flops,
+                       params_reduction=1 - cost.params / teacher_cost.params)
+    save_model(student, os.path.join(out, MODEL_FILE))
+    write_json(os.path.join(out, METRICS_FILE), metrics)
+    return metrics
+

@@ -1,0 +1,157 @@
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tas_keras.baselines import make_baseline, predefined_shape, random_shapes
+from tas_keras.cost import count_arch
+from tas_keras.distill import KnowledgeDistiller, distill, init_from_teacher
+from tas_keras.models.cifar_resnet import CifarResNet
+from tas_keras.search_space import ArchConfig
+
+from .conftest import REPO
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_kd_loss_matches_hand_computation():
+    teacher = CifarResNet(ArchConfig.full("resnet8", input_shape=(8, 8, 3)))
+    student = CifarResNet(predefined_shape(ArchConfig.full("resnet8", input_shape=(8, 8, 3)), 0.5, 0.2))
+    distiller = KnowledgeDistiller(teacher, student, alpha=0.9, temperature=4.0)
+    distiller.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(6, 8, 8, 3)).astype("float32")
+    labels = rng.integers(0, 10, 6)
+    for layer in teacher.layers:  # make the teacher's logits far from uniform
+        if layer.name == "head_fc":
+            layer.kernel.assign(layer.kernel * 300)
+    loss = float(distiller.compute_loss(x=images, y=labels, y_pred=student(images, training=True)))
+
+    t_logits = teacher(images, training=False).numpy()
+    s_logits = student(images, training=True).numpy()
+    ce = -np.log(_softmax(s_logits)[np.arange(6), labels]).mean()
+    p_t, p_s = _softmax(t_logits / 4.0), _softmax(s_logits / 4.0)
+    kl = (p_t * np.log(p_t / p_s)).sum(axis=1).mean()
+    decay = sum(float(v) for v in student.losses)
+    assert kl > 0.01
+    assert loss == pytest.approx(0.1 * ce + 0.9 * 16 * kl + decay, rel=1e-4)
+
+
+def test_keras_logits_distillation_needs_a_kl_instance():
+    """Pins the keras.distillation behaviour KnowledgeDistiller works around (see its docstring)."""
+    rng = np.random.default_rng(2)
+    teacher, student = rng.normal(size=(4, 10)) * 3, rng.normal(size=(4, 10))
+    p_t, p_s = _softmax(teacher / 4.0), _softmax(student / 4.0)
+    expected = 16 * (p_t * np.log(p_t / p_s)).sum(axis=1).mean()
+    by_instance = keras.distillation.LogitsDistillation(4.0, loss=keras.losses.KLDivergence())
+    by_name = keras.distillation.LogitsDistillation(4.0)
+    teacher, student = tf.constant(teacher, tf.float32), tf.constant(student, tf.float32)
+    assert float(by_instance.compute_loss(teacher, student)) == pytest.approx(expected, rel=1e-4)
+    assert float(by_name.compute_loss(teacher, student)) != pytest.approx(expected, rel=0.1)
+
+
+def test_teacher_stays_bit_identical():
+    teacher = CifarResNet(ArchConfig.full("resnet8", input_shape=(8, 8, 3)))
+    teacher.trainable = False
+    student = CifarResNet(ArchConfig.full("resnet8", input_shape=(8, 8, 3)))
+    before = [w.copy() for w in teacher.get_weights()]
+    distiller = KnowledgeDistiller(teacher, student)
+    distiller.compile(optimizer=keras.optimizers.SGD(0.1),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(1)
+    distiller.fit(rng.normal(size=(16, 8, 8, 3)).astype("float32"), rng.integers(0, 10, 16), batch_size=8,
+                  epochs=1, verbose=0)
+    assert all(np.array_equal(a, b) for a, b in zip(before, teacher.get_weights()))  # BN statistics too
+    assert not all(np.array_equal(a, b) for a, b in zip(before, student.get_weights()))
+
+
+def test_init_copies_leading_channels_and_first_blocks():
+    full = ArchConfig.full("resnet20")
+    teacher = CifarResNet(full)
+    for layer in teacher.layers:
+        layer.set_weights([np.random.default_rng(0).normal(size=w.shape).astype("float32")
+                           for w in layer.get_weights()])
+    widths = list(full.widths)
+    widths[full.slots.index(next(s for s in full.slots if s.name == "s1_b2_conv_b"))] = 12
+    shape = full.replace(widths=widths, stage_blocks=(2, 3, 1))
+    student = CifarResNet(shape)
+    fresh = init_from_teacher(student, teacher)
+    assert fresh == ["s1_b2_shortcut_conv", "s1_b2_shortcut_bn"]  # a projection only the pruned net has
+    t, s = teacher.get_layer("s1_b2_conv_b").kernel.numpy(), student.get_layer("s1_b2_conv_b").kernel.numpy()
+    np.testing.assert_array_equal(s, t[:, :, :, :12])
+    bn_t, bn_s = teacher.get_layer("s1_b2_bn_b"), student.get_layer("s1_b2_bn_b")
+    np.testing.assert_array_equal(bn_s.moving_variance.numpy(), bn_t.moving_variance.numpy()[:12])
+    # Stage 2 is fed by block 2 of stage 1 (12 channels): the first 12 input channels of the teacher.
+    np.testing.assert_array_equal(student.get_layer("s2_b1_conv_a").kernel.numpy(),
+                                  teacher.get_layer("s2_b1_conv_a").kernel.numpy()[:, :, :12, :])
+    np.testing.assert_array_equal(student.get_layer("head_fc").kernel.numpy(),
+                                  teacher.get_layer("head_fc").kernel.numpy())
+    narrow = CifarResNet(predefined_shape(full, 0.3))
+    with pytest.raises(ValueError, match="cannot init from the teacher: stem_conv has shape"):
+        init_from_teacher(teacher, narrow)
+
+
+@pytest.mark.parametrize("model, target", [("resnet20", 0.55), ("resnet56", 0.47), ("resnet164", 0.5)])
+def test_predefined_meets_the_flop_target(model, target):
+    full = ArchConfig.full(model)
+    shape = predefined_shape(full, target)
+    assert target - 0.05 <= count_arch(shape).flops / count_arch(full).flops <= target
+    assert shape.stage_blocks == full.stage_blocks
+    ratio = shape.provenance["width_ratio"]
+    assert list(shape.widths) == [max(1, round(s.full_width * ratio)) for s in full.slots]
+
+
+def test_random_shapes_stay_in_band_and_reproduce():
+    full = ArchConfig.full("resnet32")
+    shapes = random_shapes(full, 0.5, 5, seed=3)
+    base = count_arch(full).flops
+    assert all(0.45 <= count_arch(s).flops / base <= 0.5 for s in shapes)
+    assert len({s.widths for s in shapes}) == 5
+    assert [s.widths for s in random_shapes(full, 0.5, 5, seed=3)] == [s.widths for s in shapes]
+    assert [s.widths for s in random_shapes(full, 0.5, 5, seed=4)] != [s.widths for s in shapes]
+
+
+@pytest.mark.slow
+def test_one_epoch_distill_writes_all_artifacts(tmp_path):
+    teacher_path = str(tmp_path / "teacher.keras")
+    CifarResNet(ArchConfig.full("resnet8")).save(teacher_path)
+    teacher_bytes = open(teacher_path, "rb").read()
+    arch = make_baseline(str(tmp_path / "predefined"), "predefined", model_name="resnet8", target_ratio=0.5)
+    out = str(tmp_path / "kd")
+    metrics = distill(out, str(tmp_path / "predefined" / "arch.json"), teacher_path, mode="init_kd",
+                      epochs=1, batch_size=64, max_train_examples=256)
+    assert {"test_accuracy", "teacher_test_accuracy", "flops", "params", "flops_reduction",
+            "params_reduction", "wall_time_s", "history"} <= set(metrics)
+    assert metrics["flops"] == count_arch(arch).flops
+    assert metrics["flops_reduction"] == pytest.approx(1 - metrics["flops"] / metrics["teacher_flops"])
+    loaded = keras.saving.load_model(os.path.join(out, "model.keras"))
+    assert isinstance(loaded, CifarResNet) and loaded.arch.widths == arch.widths
+    assert json.load(open(os.path.join(out, "metrics.json"))) == metrics
+    assert open(teacher_path, "rb").read() == teacher_bytes
+    assert os.listdir(os.path.join(out, "tensorboard"))
+
+
+def _cli(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_distill_cli_errors(tmp_path):
+    shape = tmp_path / "arch.json"
+    ArchConfig.full("resnet8").save(shape)
+    no_teacher = _cli("train.distill", f"--out={tmp_path / 'a'}", f"--arch={shape}", "--mode=kd")
+    assert no_teacher.returncode == 2 and "error: mode 'kd' needs --teacher" in no_teacher.stderr
+    missing = _cli("train.distill", f"--out={tmp_path / 'b'}", "--arch=nope.json", "--mode=scratch")
+    assert missing.returncode == 2 and "cannot read shape file 'nope.json'" in missing.stderr
+    teacher = _cli("train.distill", f"--out={tmp_path / 'c'}", f"--arch={shape}", "--teacher=none.keras")
+    assert teacher.returncode == 2 and "--teacher: no such model file 'none.keras'" in teacher.stderr
+    far = _cli("train.baseline", f"--out={tmp_path / 'd'}", "--target_flops_ratio=0", "--kind=predefined")
+    assert far.returncode == 2 and "target ratio must be in (0, 1), got 0.0" in far.stderr

@@ -1,0 +1,34 @@
+"""The paper's baselines as shapes, for train.distill: uniformly shrunk (predefined) or the best of N
+random shapes in the FLOP band (random), at the same target as a TAS search.
+
+  python -m train.baseline --out=runs/predefined --kind=predefined --model=resnet20 --target_flops_ratio=0.55
+  python -m train.baseline --out=runs/random --kind=random --num_candidates=8 --epochs=2
+"""
+
+from absl import flags
+
+from tas_keras.baselines import KINDS, make_baseline
+from tas_keras.search import COST_BANDS
+from train import common_flags
+
+common_flags.define_common_flags(epochs=1, batch_size=256)
+_KIND = flags.DEFINE_enum("kind", "predefined", list(KINDS), "Which baseline.")
+_MODEL = flags.DEFINE_string("model", "resnet20", "resnet20 | resnet32 | resnet56 | resnet110 | resnet164.")
+_TARGET = flags.DEFINE_float("target_flops_ratio", 0.5, "R: keep this fraction of the full FLOPs.")
+_TOLERANCE = flags.DEFINE_float("tolerance", 0.05, "t, the width of the FLOP band.")
+_BAND = flags.DEFINE_enum("band", "code", list(COST_BANDS), "As train.search's --band.")
+_COUNT = flags.DEFINE_integer("num_candidates", 8, "random: shapes drawn and briefly trained (--epochs "
+                              "each on the search-train half, ranked on the search-valid half).", lower_bound=1)
+FLAGS = flags.FLAGS
+
+
+def main():
+    make_baseline(out=FLAGS.out, kind=_KIND.value, model_name=_MODEL.value, target_ratio=_TARGET.value,
+                  tolerance=_TOLERANCE.value, band=_BAND.value, dataset_name=FLAGS.dataset,
+                  data_dir=FLAGS.data_dir, count=_COUNT.value, epochs=FLAGS.epochs,
+                  batch_size=FLAGS.batch_size, seed=FLAGS.seed, max_train_examples=FLAGS.max_train_examples,
+                  overwrite=FLAGS.overwrite)
+
+
+if __name__ == "__main__":
+    common_flags.run(main)
