@@ -11,6 +11,15 @@ import numpy as np  # noqa: E402
 from tas_keras.cost import count_arch  # noqa: E402
 
 
+def _save(fig, path):
+    """Atomically: a killed run never leaves a half-written picture."""
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def _kept(full_arch, stage_blocks):
     """Per conv slot: whether its block survives the stage depths."""
     return np.array([slot.stage == 0 or slot.block <= stage_blocks[slot.stage - 1] for slot in full_arch.slots])
@@ -54,9 +63,27 @@ def plot_search(history, full_arch, path):
     axes[2].xaxis.get_major_locator().set_params(integer=True)
     axes[2].set_yscale("log")
     axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, path)
 
+
+
+def plot_search_curves(history, path):
+    """Writes a PNG of the search per epoch: supernet accuracy (train and valid batches), expected and
+    argmax cost as a fraction of the full network, and tau. Written atomically."""
+    epochs = [e["epoch"] + 1 for e in history]
+    logs = lambda key: [e["logs"].get(key, np.nan) for e in history]  # noqa: E731
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    axes[0].plot(epochs, logs("accuracy"), marker="o", label="search-train batches")
+    axes[0].plot(epochs, logs("valid_accuracy"), marker="o", label="search-valid batches")
+    axes[0].set_title("supernet accuracy (sampled shapes)")
+    axes[1].plot(epochs, logs("expected_cost_ratio"), marker="o", label="expected E(A)")
+    axes[1].plot(epochs, logs("argmax_cost_ratio"), marker="o", label="argmax F(A)")
+    axes[1].set_title("cost / full network (epoch mean)")
+    axes[2].plot(epochs, [e["tau"] for e in history], marker="o", color="#ff7f0e")
+    axes[2].set_title("Gumbel temperature tau")
+    for axis in axes:
+        axis.set_xlabel("epoch")
+        axis.xaxis.get_major_locator().set_params(integer=True)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
+    _save(fig, path)

@@ -1,24 +1,32 @@
 """Flags every stage CLI shares, and the wrapper that turns bad input into one readable line."""
 
 import logging
+import os
 import sys
 
-from absl import app, flags
+if "--verbose" not in sys.argv:  # before TensorFlow is imported, or its C++ logging is already set up
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tas_keras.data import BUNDLED_DATASET
+from absl import app, flags  # noqa: E402
+
+from tas_keras.data import BUNDLED_DATASET  # noqa: E402
+
+flags.DEFINE_bool("verbose", False, "Show TensorFlow's own log messages (read before flags are parsed).")
 
 
-def define_common_flags(epochs, batch_size):
+def define_common_flags(epochs, batch_size, dataset=BUNDLED_DATASET):
+    """The flags of every stage CLI; `epochs=None` for a CLI that runs several stages (no --epochs)."""
     flags.DEFINE_string("out", None, "Run directory: every artifact of the stage goes here.", required=True)
-    flags.DEFINE_string("dataset", BUNDLED_DATASET,
+    flags.DEFINE_string("dataset", dataset,
                         f"cifar10 | cifar100 (tensorflow-datasets) | {BUNDLED_DATASET} (bundled, offline) "
                         "| a folder or .zip of class folders (train/<class>/*, test/<class>/*).")
     flags.DEFINE_string("data_dir", None, "Where tensorflow-datasets keeps cifar10/cifar100.")
-    flags.DEFINE_integer("epochs", epochs, "Training epochs.", lower_bound=1)
     flags.DEFINE_integer("batch_size", batch_size, "Global batch size.", lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Seed of data order, augmentation, init and splits.", lower_bound=0)
-    flags.DEFINE_integer("max_train_examples", None, "Use at most this many training images (quick runs).",
-                         lower_bound=1)
+    if epochs is not None:
+        flags.DEFINE_integer("epochs", epochs, "Training epochs.", lower_bound=1)
+        flags.DEFINE_integer("max_train_examples", None, "Use at most this many training images (quick "
+                             "runs).", lower_bound=1)
     flags.DEFINE_bool("overwrite", False, "Replace what --out holds instead of refusing or resuming.")
 
 

@@ -1,0 +1,193 @@
+"""One export run: SavedModel + .tflite of a trained model, verified with LiteRT, one report.json.
+
+With `compare_with`, a second model (typically the unpruned base of a pruned `model`) is exported and
+verified the same way and the two are reported side by side, their latency measured interleaved.
+"""
+
+import importlib.metadata
+import os
+import platform
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from export import convert, verify
+from tas_keras import data
+from tas_keras.cost import count_model
+from tas_keras.models import cifar_resnet  # noqa: F401 (registers CifarResNet for load_model)
+from tas_keras.training import write_json
+
+REPORT_FILE = "report.json"
+TFLITE_FILE = "model.tflite"
+SAVED_MODEL_DIR = "saved_model"
+COMPARE_DIR = "compare"
+
+
+def export_and_verify(model_path, out, quantize="none", int8_io=False, representative_size=300,
+                      dataset_name=data.BUNDLED_DATASET, data_dir=None, threads=2, latency_runs=200,
+                      compare_with=None, tolerances=None, seed=0):
+    """Exports `model_path` (a .keras file) into `out` and writes `out`/report.json; returns the report.
+
+    The report's "checks" list every tolerance tested (`tolerances`, {metric: limit}, replaces the
+    default verify.TOLERANCES[quantize]; the SavedModel check always runs) and "passed" is False if any
+    failed: the caller decides what a failure means (the CLI exits non-zero).
+    """
+    if quantize not in convert.QUANTIZATIONS:
+        raise ValueError(f"--quantize must be one of {', '.join(convert.QUANTIZATIONS)}, got {quantize!r}")
+    if int8_io and quantize != "int8":
+        raise ValueError(f"--int8_io needs --quantize=int8, got --quantize={quantize}")
+    for path in filter(None, (model_path, compare_with)):
+        if not os.path.isfile(path):
+            raise ValueError(f"model file {path!r} does not exist")
+    if min(representative_size, threads, latency_runs) < 1:
+        raise ValueError(f"representative_size, threads and latency_runs must be >= 1, got "
+                         f"{representative_size}, {threads}, {latency_runs}")
+    tolerances = {**verify.SAVED_MODEL_TOLERANCE,
+                  **(verify.TOLERANCES[quantize] if tolerances is None else tolerances)}
+
+    os.makedirs(out, exist_ok=True)
+    report_path = os.path.join(out, REPORT_FILE)
+    if os.path.exists(report_path):
+        os.remove(report_path)  # a stale report must not vouch for files this run replaces
+    dataset = data.load_dataset(dataset_name, data_dir=data_dir, seed=seed)
+    test_images = convert.normalised(dataset.test_images, dataset.mean, dataset.std)
+    representative = (convert.representative_images(dataset, representative_size, seed)
+                      if quantize == "int8" else None)
+
+    jobs = [("model", model_path, out)]
+    if compare_with:
+        jobs.append(("compare_with", compare_with, os.path.join(out, COMPARE_DIR)))
+    entries, runtimes, checks = [], [], []
+    for role, path, directory in jobs:
+        entry, runtime = _export_one(path, directory, dataset, test_images, quantize, int8_io,
+                                     representative, threads)
+        entries.append({"role": role, **entry})
+        runtimes.append(runtime)
+        metrics = {**entry["tflite"], "saved_model_max_abs_diff": entry["saved_model"]["max_abs_diff"]}
+        checks += verify.checks(metrics, tolerances, prefix=f"{role}.")
+
+    latencies = verify.interleaved_latency(runtimes, test_images[0], latency_runs)
+    for entry, samples in zip(entries, latencies):
+        entry["latency_ms"] = verify.latency_summary(samples)
+
+    report = {
+        "quantize": quantize,
+        "int8_io": int8_io,
+        "representative_size": len(representative) if representative is not None else None,
+        "dataset": dataset.name,
+        "test_images": len(test_images),
+        "latency": {"batch": 1, "threads": threads, "runs": latency_runs, "interleaved": len(jobs) > 1,
+                    "runtime": "LiteRT, XNNPACK"},
+        "tolerances": tolerances,
+        "models": entries,
+        "checks": checks,
+        "passed": all(check["passed"] for check in checks),
+        "environment": _environment(),
+    }
+    if compare_with:
+        report["comparison"] = _comparison(*entries)
+    write_json(report_path, report)
+    return report
+
+
+def _export_one(model_path, directory, dataset, test_images, quantize, int8_io, representative, threads):
+    model = keras.saving.load_model(model_path)
+    _check_fits(model, dataset, model_path)
+    reference = _keras_outputs(model, test_images)
+
+    saved_model = os.path.join(directory, SAVED_MODEL_DIR)
+    convert.export_saved_model(model, saved_model)
+    served = convert.saved_model_outputs(saved_model, model.inputs[0].name, test_images)
+
+    tflite = os.path.join(directory, TFLITE_FILE)
+    convert.write_bytes(tflite, convert.convert_tflite(saved_model, quantize, representative, int8_io))
+    runtime = verify.LiteRTModel(tflite, threads)
+    outputs = runtime.predict(test_images)
+    cost = count_model(model)
+    input_dtype, output_dtype = runtime.io_dtypes
+    entry = {
+        "model_path": os.path.abspath(model_path),
+        "name": model.name,
+        "flops": cost.flops,
+        "params": cost.params,
+        "saved_model": {"path": os.path.abspath(saved_model),
+                        "max_abs_diff": float(abs(served - reference).max())},
+        "tflite": {"path": os.path.abspath(tflite), "size_bytes": os.path.getsize(tflite),
+                   "input_dtype": input_dtype, "output_dtype": output_dtype,
+                   **verify.parity(reference, outputs, dataset.test_labels)},
+    }
+    return entry, runtime
+
+
+def _keras_outputs(model, images, batch_size=256):
+    # Eager calls: model.predict would trace a new function for every model a process loads.
+    return np.concatenate([keras.ops.convert_to_numpy(model(images[start:start + batch_size], training=False))
+                           for start in range(0, len(images), batch_size)])
+
+
+def _check_fits(model, dataset, path):
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ValueError(f"{path}: only single-input, single-output models are exported")
+    image_shape, classes = tuple(model.input_shape[1:]), model.output_shape[-1]
+    if image_shape != dataset.image_shape or classes != dataset.num_classes:
+        raise ValueError(f"{path} takes {image_shape} images and predicts {classes} classes, but "
+                         f"{dataset.name} has {dataset.image_shape} images of {dataset.num_classes} classes")
+
+
+def _comparison(model, other):
+    """`model` relative to `other`: below 1 is smaller / cheaper, a speed-up above 1 is faster."""
+    flop_reduction = other["flops"] / model["flops"]
+    speedup = other["latency_ms"]["median"] / model["latency_ms"]["median"]
+    return {
+        "flops_ratio": model["flops"] / other["flops"],
+        "params_ratio": model["params"] / other["params"],
+        "size_ratio": model["tflite"]["size_bytes"] / other["tflite"]["size_bytes"],
+        "latency_speedup": speedup,
+        # 1.0: latency fell exactly as much as FLOPs did.
+        "speedup_per_flop_reduction": speedup / flop_reduction,
+        "accuracy_difference": model["tflite"]["accuracy"] - other["tflite"]["accuracy"],
+    }
+
+
+def _environment():
+    return {"tensorflow": tf.__version__, "keras": keras.__version__,
+            "ai_edge_litert": importlib.metadata.version("ai-edge-litert"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
+
+
+def format_report(report):
+    """The report as a table (one column per model), its checks and the comparison, for a terminal."""
+    rows = [
+        ("model file", lambda m: os.path.basename(m["model_path"])),
+        ("network", lambda m: m["name"]),
+        ("MFLOPs", lambda m: f"{m['flops'] / 1e6:.2f}"),
+        ("params", lambda m: f"{m['params']:,}"),
+        (f".tflite ({report['quantize']}) KB", lambda m: f"{m['tflite']['size_bytes'] / 1024:.1f}"),
+        ("input / output", lambda m: f"{m['tflite']['input_dtype']} / {m['tflite']['output_dtype']}"),
+        ("accuracy Keras", lambda m: f"{100 * m['tflite']['keras_accuracy']:.2f}%"),
+        ("accuracy .tflite", lambda m: f"{100 * m['tflite']['accuracy']:.2f}%"),
+        ("top-1 agreement", lambda m: f"{100 * m['tflite']['top1_agreement']:.2f}%"),
+        ("max |diff| .tflite", lambda m: f"{m['tflite']['max_abs_diff']:.3g}"),
+        ("  relative to max |logit|", lambda m: f"{m['tflite']['max_rel_diff']:.3g}"),
+        ("max |diff| SavedModel", lambda m: f"{m['saved_model']['max_abs_diff']:.3g}"),
+        ("latency median ms", lambda m: f"{m['latency_ms']['median']:.3f}"),
+        ("latency p90 ms", lambda m: f"{m['latency_ms']['p90']:.3f}"),
+    ]
+    models = report["models"]
+    lines = [f"{'':<24}" + "".join(f"{m['role']:>18}" for m in models)]
+    lines += [f"{label:<24}" + "".join(f"{cell(m):>18}" for m in models) for label, cell in rows]
+    latency = report["latency"]
+    lines.append(f"{report['dataset']} test split ({report['test_images']} images); latency: batch 1, "
+                 f"{latency['threads']} threads, {latency['runs']} runs"
+                 + (", interleaved" if latency["interleaved"] else ""))
+    if "comparison" in report:
+        c = report["comparison"]
+        lines.append(f"model vs compare_with: FLOPs x{c['flops_ratio']:.3f}, params x{c['params_ratio']:.3f}, "
+                     f".tflite size x{c['size_ratio']:.3f}, latency speed-up {c['latency_speedup']:.2f}x "
+                     f"({c['speedup_per_flop_reduction']:.2f} of the FLOP reduction), accuracy "
+                     f"{100 * c['accuracy_difference']:+.2f} points")
+    lines.append("checks:")
+    lines += [f"  {'PASS' if c['passed'] else 'FAIL'}  {c['name']}: {c['value']:.4g} (must be {c['bound']} "
+              f"{c['limit']:g})" for c in report["checks"]]
+    return "\n".join(lines)

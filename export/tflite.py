@@ -1,0 +1,55 @@
+"""Exports a trained model to SavedModel and TFLite and verifies the .tflite with LiteRT.
+
+  python -m export.tflite --model=runs/base/model.keras --out=runs/base/export --quantize=int8
+  python -m export.tflite --model=runs/pruned/model.keras --compare_with=runs/base/model.keras --out=...
+
+Writes <out>/saved_model/, <out>/model.tflite and <out>/report.json (with --compare_with also
+<out>/compare/), prints the report as a table and exits with status 1 if a check failed.
+"""
+
+import sys
+
+from train import common_flags  # first: it quiets TensorFlow's logging before TensorFlow loads
+
+from absl import flags  # noqa: E402
+
+from export.convert import QUANTIZATIONS  # noqa: E402
+from export.pipeline import export_and_verify, format_report  # noqa: E402
+from tas_keras.data import BUNDLED_DATASET  # noqa: E402
+
+_MODEL = flags.DEFINE_string("model", None, "The trained model (.keras) to export.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Directory for saved_model/, model.tflite and report.json.",
+                           required=True)
+_QUANTIZE = flags.DEFINE_enum("quantize", "none", QUANTIZATIONS,
+                              "none (fp32) | float16 | dynamic (int8 weights) | int8 (full integer).")
+_INT8_IO = flags.DEFINE_bool("int8_io", False, "With --quantize=int8: int8 input and output tensors "
+                             "instead of float32.")
+_REPRESENTATIVE_SIZE = flags.DEFINE_integer("representative_size", 300,
+                                            "Training images that calibrate int8 activations.", lower_bound=1)
+_DATASET = flags.DEFINE_string("dataset", BUNDLED_DATASET,
+                               "Data for calibration and verification: cifar10 | cifar100 | "
+                               f"{BUNDLED_DATASET} | a folder or .zip of class folders.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where tensorflow-datasets keeps cifar10/cifar100.")
+_THREADS = flags.DEFINE_integer("threads", 2, "LiteRT CPU threads.", lower_bound=1)
+_LATENCY_RUNS = flags.DEFINE_integer("latency_runs", 200, "Timed batch-1 invokes (after warm-up).",
+                                     lower_bound=1)
+_COMPARE_WITH = flags.DEFINE_string("compare_with", None, "Another model (.keras), e.g. the unpruned "
+                                    "base, exported and measured side by side.")
+
+
+def main(tolerances=None):
+    report = export_and_verify(
+        _MODEL.value, _OUT.value, quantize=_QUANTIZE.value, int8_io=_INT8_IO.value,
+        representative_size=_REPRESENTATIVE_SIZE.value, dataset_name=_DATASET.value,
+        data_dir=_DATA_DIR.value, threads=_THREADS.value, latency_runs=_LATENCY_RUNS.value,
+        compare_with=_COMPARE_WITH.value, tolerances=tolerances)
+    print(format_report(report))
+    failed = [check["name"] for check in report["checks"] if not check["passed"]]
+    if failed:
+        print(f"error: {len(failed)} check(s) failed: {', '.join(failed)} (see {_OUT.value}/report.json)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    common_flags.run(main)

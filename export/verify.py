@@ -1,0 +1,115 @@
+"""Runs .tflite files with LiteRT and checks them against the Keras model they came from.
+
+LiteRT (`ai_edge_litert`) is the runtime phones use; tf.lite.Interpreter is deprecated. Its CPU path
+applies the XNNPACK delegate by default, so the latency measured here is the XNNPACK one.
+"""
+
+import time
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+# What each conversion must keep, on the test split. fp32 and fp16 bound the logits themselves, relative
+# to the largest Keras logit, since fp16 rounding errors grow with the activations' scale: measured
+# max_rel_diff 2.9e-7 (fp32) and 4.3e-4 (fp16, 0.007 absolute) on a trained ResNet-20 whose logits reach
+# 16.6, and 1.1e-3 (fp16) on a ResNet-8 trained one epoch. int8 changes the logits by design (by up to 2
+# there), so only its decisions are checked: top-1 agreement with Keras (measured 0.96 to 0.995) and the
+# test accuracy lost (measured -0.4 to +0.3 points).
+TOLERANCES = {
+    "none": {"max_rel_diff": 1e-5},
+    "float16": {"max_rel_diff": 5e-3},
+    "dynamic": {"top1_agreement": 0.9, "accuracy_drop": 0.02},
+    "int8": {"top1_agreement": 0.9, "accuracy_drop": 0.02},
+}
+SAVED_MODEL_TOLERANCE = {"saved_model_max_abs_diff": 1e-5}
+_AT_LEAST = {"top1_agreement"}  # every other checked metric is an upper bound
+
+
+class LiteRTModel:
+    """One .tflite model at batch 1, taking and returning float32 whatever its I/O types.
+
+    An integer input is quantised with the input tensor's scale and zero point, an integer output
+    dequantised with the output's, as an app would.
+    """
+
+    def __init__(self, path, threads):
+        self.interpreter = Interpreter(model_path=path, num_threads=threads)
+        self.interpreter.allocate_tensors()
+        (self._input,) = self.interpreter.get_input_details()
+        (self._output,) = self.interpreter.get_output_details()
+
+    @property
+    def io_dtypes(self):
+        return np.dtype(self._input["dtype"]).name, np.dtype(self._output["dtype"]).name
+
+    def set_input(self, image):
+        x = image[None]
+        dtype = self._input["dtype"]
+        if np.issubdtype(dtype, np.integer):
+            scale, zero_point = self._input["quantization"]
+            x = np.clip(np.round(x / scale + zero_point), np.iinfo(dtype).min, np.iinfo(dtype).max)
+        self.interpreter.set_tensor(self._input["index"], x.astype(dtype))
+
+    def output(self):
+        y = self.interpreter.get_tensor(self._output["index"])[0]
+        if np.issubdtype(y.dtype, np.integer):
+            scale, zero_point = self._output["quantization"]
+            y = (y.astype(np.float32) - zero_point) * scale
+        return y
+
+    def predict(self, images):
+        outputs = []
+        for image in images:
+            self.set_input(image)
+            self.interpreter.invoke()
+            outputs.append(self.output())
+        return np.stack(outputs)
+
+
+def parity(reference, outputs, labels):
+    """How `outputs` (of an export) compare with the Keras model's `reference` logits on labelled images."""
+    reference_top1, top1 = reference.argmax(-1), outputs.argmax(-1)
+    keras_accuracy, accuracy = float(np.mean(reference_top1 == labels)), float(np.mean(top1 == labels))
+    max_abs_diff = float(np.max(np.abs(outputs - reference)))
+    return {
+        "max_abs_diff": max_abs_diff,
+        "max_rel_diff": max_abs_diff / float(np.max(np.abs(reference))),
+        "top1_agreement": float(np.mean(top1 == reference_top1)),
+        "accuracy": accuracy,
+        "keras_accuracy": keras_accuracy,
+        "accuracy_drop": keras_accuracy - accuracy,
+    }
+
+
+def interleaved_latency(models, image, runs, warmup=20):
+    """Batch-1 invoke times in ms, one list per model, measured A B A B ... so that load from other
+    processes on the machine hits every model alike."""
+    for model in models:
+        model.set_input(image)
+        for _ in range(warmup):
+            model.interpreter.invoke()
+    times = [[] for _ in models]
+    for _ in range(runs):
+        for model, samples in zip(models, times):
+            start = time.perf_counter()
+            model.interpreter.invoke()
+            samples.append(1e3 * (time.perf_counter() - start))
+    return times
+
+
+def latency_summary(samples):
+    return {"median": float(np.median(samples)), "p90": float(np.percentile(samples, 90)),
+            "runs": len(samples)}
+
+
+def checks(metrics, tolerances, prefix=""):
+    """Pass/fail of every metric named in `tolerances`: {metric: limit}, an upper bound unless the
+    metric is one where more is better."""
+    results = []
+    for metric, limit in tolerances.items():
+        at_least = metric in _AT_LEAST
+        value = metrics[metric]
+        results.append({"name": f"{prefix}{metric}", "value": value, "limit": limit,
+                        "bound": ">=" if at_least else "<=",
+                        "passed": bool(value >= limit if at_least else value <= limit)})
+    return results

@@ -1,0 +1,99 @@
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tas_keras.models.cifar_resnet import CifarResNet
+from tas_keras.search_space import ArchConfig
+from train.pipeline import run_prune, smallest_ratio
+
+from .conftest import REPO
+
+SHORT = dict(base_epochs=1, search_epochs=2, distill_epochs=1)
+
+
+def _cli(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "train.prune", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("prune") / "run")
+    return out, run_prune(out, target_ratio=0.5, **SHORT)
+
+
+@pytest.mark.slow
+def test_quick_pipeline_end_to_end(finished_run):
+    out, report = finished_run
+    for path in ("base/model.keras", "search/arch.json", "search/search.png", "search/curves.png",
+                 "distill/model.keras", "export/none/model.tflite", "export/int8/model.tflite",
+                 "report.md", "report.json"):
+        assert os.path.exists(os.path.join(out, path)), path
+    assert report["checks_passed"]
+    assert report["pruned"]["flops"] < report["base"]["flops"]
+    assert report["pruned"]["flops"] == report["searched_shape"]["provenance"]["flops"]
+    int8 = report["exports"]["int8"]
+    assert int8["model"]["size_bytes"] < report["exports"]["none"]["model"]["size_bytes"]
+    markdown = open(os.path.join(out, "report.md")).read()
+    assert "| MFLOPs | 40.81 |" in markdown and "search/search.png" in markdown
+    assert json.load(open(os.path.join(out, "report.json"))) == report
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_pipeline_trains_nothing(finished_run):
+    out, report = finished_run
+    stamps = {p: os.path.getmtime(os.path.join(out, p)) for p in ("base/model.keras", "distill/model.keras",
+                                                                   "export/int8/model.tflite")}
+    start = time.perf_counter()
+    assert run_prune(out, target_ratio=0.5, **SHORT) == report
+    assert time.perf_counter() - start < 60
+    assert stamps == {p: os.path.getmtime(os.path.join(out, p)) for p in stamps}
+
+
+@pytest.mark.slow
+def test_changed_flag_names_the_stage_it_invalidates(finished_run):
+    out, _ = finished_run
+    with pytest.raises(ValueError, match=r"distill holds a different run \(epochs: 1 -> 2\)"):
+        run_prune(out, target_ratio=0.5, **{**SHORT, "distill_epochs": 2})
+
+
+def test_smallest_expressible_network():
+    # Widths 4/9/19, one block per stage: stem + s1_b1 + s2_b1 (with shortcut) + s3_b1 + classifier.
+    flops = (27 * 4 * 1024 + 2 * 9 * 4 * 4 * 1024 + (9 * 4 * 9 + 9 * 9 * 9 + 4 * 9) * 256
+             + (9 * 9 * 19 + 9 * 19 * 19 + 9 * 19) * 64 + 19 * 10 + 10)
+    assert smallest_ratio(ArchConfig.full("resnet20")) == pytest.approx(flops / 40_813_194)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model=resnet19"], "error: depth 19 is not valid for basic blocks"),
+    (["--target_flops_ratio=0"], "error: target ratio must be in (0, 1), got 0.0"),
+    (["--target_flops_ratio=1"], "error: target ratio must be in (0, 1), got 1.0"),
+    (["--target_flops_ratio=0.02"], "is below the smallest resnet20 the search space can express"),
+    (["--dataset=/no/such/data.zip"], "/no/such/data.zip"),
+    (["--teacher=/no/teacher.keras"], "--teacher: no such model file '/no/teacher.keras'"),
+    (["--preset=huge"], "--preset"),
+])
+def test_bad_input_fails_fast_with_one_line(tmp_path, args, message):
+    start = time.perf_counter()
+    result = _cli(f"--out={tmp_path / 'run'}", *args)
+    assert time.perf_counter() - start < 20
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_teacher_of_another_network_and_foreign_out_dir(tmp_path):
+    teacher = tmp_path / "teacher.keras"
+    CifarResNet(ArchConfig.full("resnet8")).save(teacher)
+    wrong = _cli(f"--out={tmp_path / 'run'}", f"--teacher={teacher}")
+    assert wrong.returncode == 2 and "is not the full resnet20 for this data (it is resnet8" in wrong.stderr
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    refused = _cli(f"--out={foreign}")
+    assert refused.returncode == 2 and "holds no train.prune run" in refused.stderr
+    assert (foreign / "notes.txt").read_text() == "mine"
