@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from tas_keras import data
+from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_arch
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search import cost_band
@@ -105,6 +106,7 @@ def random_search(out, full, dataset, target_ratio, count, epochs, batch_size, l
                                     "candidates": count, "epochs_per_candidate": epochs})
 
 
+@in_strategy_scope
 def make_baseline(out, kind, model_name="resnet20", target_ratio=0.5, tolerance=0.05, band="code",
                   dataset_name=data.BUNDLED_DATASET, data_dir=None, count=8, epochs=1, batch_size=256,
                   seed=0, max_train_examples=None, overwrite=False):

@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 
 from tas_keras import data
+from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_arch
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search_space import ArchConfig
@@ -84,6 +85,7 @@ def load_teacher(path):
     return teacher
 
 
+@in_strategy_scope
 def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUNDLED_DATASET, data_dir=None,
             epochs=10, batch_size=256, learning_rate=0.1, alpha=0.9, temperature=4.0, seed=0,
             max_train_examples=None, overwrite=False):

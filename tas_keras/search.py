@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from tas_keras import data, plots
+from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_arch
 from tas_keras.models.cifar_resnet_supernet import COST_METRICS, CifarResNetSupernet
 from tas_keras.search_space import ArchConfig
@@ -61,10 +62,12 @@ class TASSearchModel(keras.Model):
         band: "code" or "paper".
         arch_weight_decay: coupled L2 on alpha/beta.
         seed: base seed of the architecture samples.
+        sample_per_replica: under tf.distribute, every replica draws its own architecture sample (as
+            the reference's multi-GPU runs did); False shares one sample, as a single device would draw.
     """
 
     def __init__(self, supernet, target_ratio, cost_metric="flops", cost_weight=2.0, tolerance=0.05,
-                 band="code", arch_weight_decay=1e-3, seed=0, **kwargs):
+                 band="code", arch_weight_decay=1e-3, seed=0, sample_per_replica=True, **kwargs):
         super().__init__(**kwargs)
         if not 0 < target_ratio < 1:
             raise ValueError(f"target_ratio must be in (0, 1), got {target_ratio!r}")
@@ -75,6 +78,7 @@ class TASSearchModel(keras.Model):
         self.supernet = supernet
         self.target_ratio, self.cost_metric, self.cost_weight = target_ratio, cost_metric, cost_weight
         self.tolerance, self.band, self.arch_weight_decay, self.seed = tolerance, band, arch_weight_decay, seed
+        self.sample_per_replica = sample_per_replica
         full_cost = count_arch(supernet.arch)
         self.base_cost = full_cost.flops if cost_metric == "flops" else full_cost.params
         low, high = cost_band(target_ratio, tolerance, band)
@@ -89,8 +93,11 @@ class TASSearchModel(keras.Model):
         self(tf.zeros((1, *supernet.arch.input_shape)))
 
     def compile(self, optimizer, arch_optimizer, **kwargs):
-        """`arch_optimizer` is built here, so it exists in the distribution scope before fit."""
-        super().compile(optimizer=optimizer, loss=self.cross_entropy, **kwargs)
+        """`arch_optimizer` is built here, so it exists in the distribution scope before fit.
+
+        No compiled loss: Keras would build it by calling the model on a (train, valid) batch pair.
+        """
+        super().compile(optimizer=optimizer, **kwargs)
         self.arch_optimizer = arch_optimizer
         self.arch_optimizer.build(self.supernet.arch_variables)
 
@@ -110,10 +117,11 @@ class TASSearchModel(keras.Model):
         return self.supernet(images, self.argmax_sample())
 
     def _step_seed(self, phase):
-        replica = tf.distribute.get_replica_context()
-        replica_id = replica.replica_id_in_sync_group if replica is not None else 0
+        """A stateless seed per (step, phase[, replica]): samples survive a resume unchanged."""
         seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)])
-        seed = tf.random.experimental.stateless_fold_in(seed, replica_id)
+        replica = tf.distribute.get_replica_context()
+        if self.sample_per_replica and replica is not None:
+            seed = tf.random.experimental.stateless_fold_in(seed, replica.replica_id_in_sync_group)
         return tf.random.experimental.stateless_fold_in(seed, phase)
 
     def cost_loss(self):
@@ -130,7 +138,9 @@ class TASSearchModel(keras.Model):
 
         with tf.GradientTape() as tape:
             logits = self.supernet(images, self.supernet.sample(self.tau, self._step_seed(0)))
-            loss = self.compute_loss(x=images, y=labels, y_pred=logits)
+            # Keras losses come divided by the replica count (gradients are summed over replicas);
+            # the weight decay and the cost term added by hand below must be divided too.
+            loss = self.cross_entropy(labels, logits) + keras.ops.sum(self.supernet.losses) / replicas
         self.optimizer.apply(tape.gradient(self.optimizer.scale_loss(loss), weights), weights)
 
         with tf.GradientTape() as tape:
@@ -138,8 +148,6 @@ class TASSearchModel(keras.Model):
             valid_loss = self.cross_entropy(labels_valid, valid_logits)
             cost_loss, expected, argmax = self.cost_loss()
             decay = 0.5 * self.arch_weight_decay * tf.add_n([tf.reduce_sum(v * v) for v in arch_variables])
-            # The Keras loss is already divided by the replica count; the hand-added terms must be too,
-            # since gradients are summed over replicas.
             arch_loss = valid_loss + (self.cost_weight * cost_loss + decay) / replicas
         self.arch_optimizer.apply(tape.gradient(arch_loss, arch_variables), arch_variables)
 
@@ -215,6 +223,7 @@ def init_from_base(supernet, base_model):
     supernet.head.set_weights(base_model.get_layer("head_fc").get_weights())
 
 
+@in_strategy_scope
 def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, data_dir=None, epochs=10,
                batch_size=256, target_ratio=0.5, cost_metric="flops", cost_weight=2.0, tolerance=0.05,
                band="code", tau_schedule="cosine", tau_max=5.0, tau_min=0.1, width_multiple=1,

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 
 from tas_keras import data
+from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_arch
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search_space import ArchConfig
@@ -151,6 +152,7 @@ def fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed)
     }
 
 
+@in_strategy_scope
 def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUNDLED_DATASET,
                data_dir=None, epochs=10, batch_size=256, learning_rate=0.1, seed=0,
                max_train_examples=None, overwrite=False):

@@ -10,8 +10,12 @@ if "--verbose" not in sys.argv:  # before TensorFlow is imported, or its C++ log
 from absl import app, flags  # noqa: E402
 
 from tas_keras.data import BUNDLED_DATASET  # noqa: E402
+from tas_keras.distribute import STRATEGIES  # noqa: E402
 
 flags.DEFINE_bool("verbose", False, "Show TensorFlow's own log messages (read before flags are parsed).")
+flags.DEFINE_enum("strategy", "auto", list(STRATEGIES),
+                  "auto: all visible GPUs if several, else one device; mirrored: MirroredStrategy; "
+                  "multi_worker: MultiWorkerMirroredStrategy from TF_CONFIG. --batch_size is global.")
 
 
 def define_common_flags(epochs, batch_size, dataset=BUNDLED_DATASET):
@@ -31,7 +35,8 @@ def define_common_flags(epochs, batch_size, dataset=BUNDLED_DATASET):
 
 
 def run(main):
-    """absl's app.run, with ValueError (bad shape, data, flags) printed as one line, exit status 2."""
+    """absl's app.run, with ValueError (bad shape, data, flags) printed as one line, exit status 2
+    (the traceback with --verbose)."""
 
     def guarded(argv):
         if len(argv) > 1:
@@ -40,6 +45,8 @@ def run(main):
         try:
             main()
         except ValueError as error:
+            if flags.FLAGS.verbose:
+                raise
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
 

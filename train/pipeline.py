@@ -13,6 +13,7 @@ import time
 
 from export.pipeline import REPORT_FILE, TFLITE_FILE, export_and_verify
 from tas_keras import data, plots
+from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_arch
 from tas_keras.distill import distill, load_teacher
 from tas_keras.search import ARCH_FILE, HISTORY_FILE, PLOT_FILE, run_search
@@ -79,6 +80,7 @@ class _Progress:
         self.rate = images_per_second
 
 
+@in_strategy_scope
 def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", dataset_name=None, data_dir=None,
               teacher_path=None, base_epochs=None, search_epochs=None, distill_epochs=None, batch_size=None,
               width_multiple=1, seed=0, overwrite=False):

@@ -34,7 +34,7 @@ def main():
               dataset_name=FLAGS.dataset, data_dir=FLAGS.data_dir, teacher_path=_TEACHER.value,
               base_epochs=_BASE_EPOCHS.value, search_epochs=_SEARCH_EPOCHS.value,
               distill_epochs=_DISTILL_EPOCHS.value, batch_size=FLAGS.batch_size,
-              width_multiple=_MULTIPLE.value, seed=FLAGS.seed, overwrite=FLAGS.overwrite)
+              width_multiple=_MULTIPLE.value, seed=FLAGS.seed, overwrite=FLAGS.overwrite, strategy=FLAGS.strategy)
 
 
 if __name__ == "__main__":
