@@ -199,6 +199,16 @@ class ArchHistory(keras.callbacks.Callback):
         return [self.entries[e] for e in sorted(self.entries)]
 
 
+def select_epoch(history, model, cost_metric):
+    """The argmax shape of the last epoch whose cost is inside the band, else of the last epoch.
+
+    The reference keeps the last epoch's argmax even when it has just left the band; a shape that
+    meets the budget is what the user asked for.
+    """
+    in_band = [e for e in history if model.cost_low <= e[cost_metric] <= model.cost_high]
+    return (in_band or history)[-1]
+
+
 def search_datasets(dataset, batch_size, seed):
     """(search-train, search-valid) batch pairs from the per-class 50/50 split of the training set."""
     train_index, valid_index = data.search_split(dataset.train_labels, seed=seed)
@@ -272,11 +282,12 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
                          keras.callbacks.TensorBoard(os.path.join(out, "tensorboard"))])
     wall = time.perf_counter() - start
 
-    last = history.history[-1]
-    arch = model.supernet.derive(provenance={
-        "target_ratio": target_ratio, "cost_metric": cost_metric, "band": band,
-        "flops": last["flops"], "params": last["params"], "flops_ratio": last["flops"] / count_arch(full).flops,
-        "epochs": epochs, "seed": seed, "model": model_name, "dataset": dataset.name,
+    chosen = select_epoch(history.history, model, cost_metric)
+    arch = full.replace(widths=chosen["widths"], stage_blocks=chosen["stage_blocks"], provenance={
+        "source": "tas_search", "target_ratio": target_ratio, "cost_metric": cost_metric, "band": band,
+        "epoch": chosen["epoch"], "flops": chosen["flops"], "params": chosen["params"],
+        "flops_ratio": chosen["flops"] / count_arch(full).flops, "epochs": epochs, "seed": seed,
+        "model": model_name, "dataset": dataset.name, "width_multiple": width_multiple,
         "search_wall_time_s": round(wall, 2)})
     plots.plot_search(history.history, full, os.path.join(out, PLOT_FILE))
     arch.save(os.path.join(out, ARCH_FILE))

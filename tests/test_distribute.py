@@ -61,4 +61,4 @@ def test_killed_search_resumes_to_the_same_epoch_count(tmp_path):
     assert [e["epoch"] for e in entries] == [0, 1, 2]  # no duplicate, none missing
     assert entries[0]["tau"] == pytest.approx(5.0) and entries[2]["tau"] == pytest.approx(0.1)
     arch = json.loads((out / "arch.json").read_text())
-    assert arch["widths"] == entries[-1]["widths"] and arch["provenance"]["epochs"] == 3
+    assert arch["widths"] == entries[arch["provenance"]["epoch"]]["widths"] and arch["provenance"]["epochs"] == 3

@@ -213,7 +213,10 @@ def test_run_search_writes_a_shape_that_builds_and_counts(tmp_path):
     with open(os.path.join(out, "history.json")) as f:
         history = json.load(f)
     assert [e["epoch"] for e in history] == [0, 1]
-    assert history[-1]["widths"] == list(arch.widths)
+    chosen = history[arch.provenance["epoch"]]
+    assert chosen["widths"] == list(arch.widths) and chosen["stage_blocks"] == list(arch.stage_blocks)
+    band = [e for e in history if 0.45 * 40_813_194 <= e["flops"] <= 0.5 * 40_813_194]
+    assert chosen == (band or history)[-1]  # the last epoch inside the band, else the last
     assert history[0]["tau"] == pytest.approx(5.0) and history[1]["tau"] == pytest.approx(0.1)
     assert os.path.getsize(os.path.join(out, "search.png")) > 10_000
     assert run_search(out, **settings) == result  # finished: not searched again
