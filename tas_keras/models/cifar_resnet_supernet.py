@@ -172,13 +172,13 @@ class CifarResNetSupernet(keras.Model):
             width = tf.gather(tf.stack(block_outputs), depth - 1)  # the next stage reads the last kept block
         return total + (width + 1) * self.arch.num_classes
 
-    def derive(self, provenance=None):
+    def derive(self):
         """The argmax shape as an ArchConfig."""
         widths = self.argmax_widths()
         return self.arch.replace(
             widths=[int(widths[slot.name]) for slot in self.arch.slots],
             stage_blocks=[int(mixer.argmax_depth()) for _, mixer in self.stages],
-            provenance=dict(provenance or {}, source="tas_search", width_multiple=self.width_multiple))
+            provenance={"source": "tas_search", "width_multiple": self.width_multiple})
 
     def get_config(self):
         return {"name": self.name, "arch": self.arch.to_dict(), "width_multiple": self.width_multiple,
