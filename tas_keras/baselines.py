@@ -9,13 +9,13 @@ import os
 import numpy as np
 
 from tas_keras import data
-from tas_keras.distribute import in_strategy_scope
+from tas_keras.distribute import in_strategy_scope, run_dir
 from tas_keras.cost import count_arch
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search import cost_band
 from tas_keras.search_space import ArchConfig, candidate_widths, depth_choices
-from tas_keras.training import (check_fits_data, evaluate_classifier, fit_classifier, prepare_run_dir,
-                                read_json, write_json)
+from tas_keras.training import (CHECKPOINT_STEPS, check_fits_data, evaluate_classifier, fit_classifier,
+                                prepare_run_dir, read_json, write_json)
 
 CANDIDATES_FILE = "candidates.json"
 ARCH_FILE = "arch.json"
@@ -78,7 +78,7 @@ def random_shapes(full, target_ratio, count, seed=0, tolerance=0.05, band="code"
 
 
 def random_search(out, full, dataset, target_ratio, count, epochs, batch_size, learning_rate=0.1, seed=0,
-                  tolerance=0.05, band="code"):
+                  tolerance=0.05, band="code", checkpoint_steps=CHECKPOINT_STEPS):
     """Trains each random shape briefly on the search-train half and keeps the best on the search-valid
     half. Every candidate has its own resumable run directory; `out/candidates.json` lists them all."""
     train_index, valid_index = data.search_split(dataset.train_labels, seed=seed)
@@ -88,18 +88,19 @@ def random_search(out, full, dataset, target_ratio, count, epochs, batch_size, l
                                 test_labels=dataset.train_labels[valid_index])
     results = []
     for index, shape in enumerate(random_shapes(full, target_ratio, count, seed, tolerance, band)):
-        run = os.path.join(out, f"candidate_{index}")
-        done = os.path.join(run, "result.json")
+        candidate = os.path.join(out, f"candidate_{index}")
+        done = os.path.join(run_dir(candidate), "result.json")
         if not os.path.exists(done):
-            os.makedirs(run, exist_ok=True)
+            os.makedirs(run_dir(candidate), exist_ok=True)
             model = CifarResNet(shape)
-            fit_classifier(model, split, run, epochs, batch_size, learning_rate, seed)
+            fit_classifier(model, split, candidate, epochs, batch_size, learning_rate, seed,
+                           checkpoint_steps)
             write_json(done, {"valid_accuracy": evaluate_classifier(model, split, batch_size)["test_accuracy"],
                               "arch": shape.to_dict()})
         results.append(read_json(done))
         logging.info("random shape %d: %.2f MFLOPs, valid accuracy %.4f", index,
                      shape.provenance["flops"] / 1e6, results[-1]["valid_accuracy"])
-    write_json(os.path.join(out, CANDIDATES_FILE), results)
+    write_json(os.path.join(run_dir(out), CANDIDATES_FILE), results)
     best = max(results, key=lambda r: r["valid_accuracy"])
     arch = ArchConfig.from_dict(best["arch"])
     return arch.replace(provenance={**arch.provenance, "valid_accuracy": best["valid_accuracy"],
@@ -109,9 +110,9 @@ def random_search(out, full, dataset, target_ratio, count, epochs, batch_size, l
 @in_strategy_scope
 def make_baseline(out, kind, model_name="resnet20", target_ratio=0.5, tolerance=0.05, band="code",
                   dataset_name=data.BUNDLED_DATASET, data_dir=None, count=8, epochs=1, batch_size=256,
-                  seed=0, max_train_examples=None, overwrite=False):
+                  seed=0, max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS):
     """Writes `out/arch.json`: the pre-defined shape, or the best of `count` random shapes."""
-    settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite")}
+    settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps")}
     settings["stage"] = "baseline"
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -125,12 +126,13 @@ def make_baseline(out, kind, model_name="resnet20", target_ratio=0.5, tolerance=
                                     seed=seed)
         full = ArchConfig.full(model_name, num_classes=dataset.num_classes, input_shape=dataset.image_shape)
         check_fits_data(full, dataset)
-    if prepare_run_dir(out, settings, overwrite, done_file=ARCH_FILE):
+    run, finished = prepare_run_dir(out, settings, overwrite, done_file=ARCH_FILE)
+    if finished:
         return ArchConfig.load(os.path.join(out, ARCH_FILE))
     if kind == "predefined":
         arch = predefined_shape(full, target_ratio, tolerance, band)
     else:
         arch = random_search(out, full, dataset, target_ratio, count, epochs, batch_size, seed=seed,
-                             tolerance=tolerance, band=band)
-    arch.save(os.path.join(out, ARCH_FILE))
+                             tolerance=tolerance, band=band, checkpoint_steps=checkpoint_steps)
+    arch.save(os.path.join(run, ARCH_FILE))
     return arch

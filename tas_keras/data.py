@@ -99,25 +99,39 @@ def search_split(labels, seed=0):
     return np.flatnonzero(in_train), np.flatnonzero(~in_train)
 
 
-def train_pipeline(images, labels, batch_size, mean, std, seed=0, augment=True):
-    """One epoch of shuffled full batches of (normalised float32 images, int32 labels).
+def train_pipeline(images, labels, batch_size, mean, std, seed=0, augment=True, epochs=1, start_step=0,
+                   steps_per_epoch=None):
+    """Shuffled full batches of (normalised float32 images, int32 labels) for `epochs` epochs, from
+    global step `start_step` on.
 
-    Not repeated: every iteration is one epoch, reshuffled and re-augmented, so Keras counts the steps
-    itself. Augmentation (pad 4 + random crop back to size + random horizontal flip) runs on whole
-    batches with per-image offsets and flips, as one map.
+    Batch `i` of epoch `e` is a function of (seed, e, i) alone: every epoch has its own order and
+    augmentation, and a run resumed at any step sees exactly the batches an uninterrupted run would.
+    An epoch is `steps_per_epoch` batches (default: all full batches). Augmentation (pad 4 + random
+    crop back to size + random horizontal flip) runs on whole batches with per-image offsets and flips.
     """
     images, labels = _check_arrays(images, labels)
     if not 0 < batch_size <= len(images):
         raise DatasetError(
             f"batch_size must be in [1, {len(images)}] (the number of training images), got {batch_size!r}")
-    indices = tf.data.Dataset.range(len(images)).shuffle(
-        len(images), seed=seed, reshuffle_each_iteration=True).batch(batch_size, drop_remainder=True)
-    batch = _batch_fn(images, labels, mean, std)
-    if augment:
-        # Stateless ops fed with per-batch seeds keep the augmentation reproducible under a parallel map.
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        return tf.data.Dataset.zip(indices, seeds).map(batch, tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-    return indices.map(batch, tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    full_batches = len(images) // batch_size
+    steps_per_epoch = steps_per_epoch or full_batches
+    if not 0 < steps_per_epoch <= full_batches:
+        raise DatasetError(f"steps_per_epoch must be in [1, {full_batches}], got {steps_per_epoch!r}")
+    if not 0 <= start_step <= epochs * steps_per_epoch:
+        raise DatasetError(f"start_step must be in [0, {epochs * steps_per_epoch}], got {start_step!r}")
+    fetch = _batch_fn(images, labels, mean, std)
+
+    def batch(step):
+        epoch, position = step // steps_per_epoch, step % steps_per_epoch
+        # A pseudo-random permutation of the images per epoch, evaluated only at this batch's slots.
+        slots = position * batch_size + tf.range(batch_size, dtype=tf.int64)
+        indices = tf.random.experimental.index_shuffle(slots, tf.stack([tf.constant(seed, tf.int64), epoch]),
+                                                       max_index=len(images) - 1)
+        augment_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, 1], tf.int64), step)
+        return fetch(indices, augment_seed if augment else None)
+
+    steps = tf.data.Dataset.range(start_step, epochs * steps_per_epoch)
+    return steps.map(batch, tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def eval_pipeline(images, labels, batch_size, mean, std):

@@ -12,8 +12,9 @@ from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_arch
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search_space import ArchConfig
-from tas_keras.training import (MODEL_FILE, METRICS_FILE, check_fits_data, evaluate_classifier,
-                                fit_classifier, prepare_run_dir, read_json, save_model, write_json)
+from tas_keras.training import (CHECKPOINT_STEPS, MODEL_FILE, METRICS_FILE, check_fits_data,
+                                evaluate_classifier, fit_classifier, prepare_run_dir, read_json, save_model,
+                                write_json)
 
 MODES = ("scratch", "init", "kd", "init_kd")
 
@@ -88,10 +89,10 @@ def load_teacher(path):
 @in_strategy_scope
 def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUNDLED_DATASET, data_dir=None,
             epochs=10, batch_size=256, learning_rate=0.1, alpha=0.9, temperature=4.0, seed=0,
-            max_train_examples=None, overwrite=False):
+            max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS):
     """Builds the plain network of `arch_path` and trains it by `mode`; writes model.keras and
     metrics.json (test accuracy, FLOPs, params, reduction against the teacher, wall time)."""
-    settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite")}
+    settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps")}
     settings["stage"] = "distill"
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -106,7 +107,8 @@ def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUND
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
                                 seed=seed)
     check_fits_data(arch, dataset)
-    if prepare_run_dir(out, settings, overwrite):
+    run, finished = prepare_run_dir(out, settings, overwrite)
+    if finished:
         logging.info("%s already holds this finished run; nothing to do", out)
         return read_json(os.path.join(out, METRICS_FILE))
 
@@ -116,7 +118,8 @@ def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUND
         init_from_teacher(student, teacher)
     trained = KnowledgeDistiller(teacher, student, alpha, temperature) if mode.endswith("kd") else student
     start = time.perf_counter()
-    metrics = fit_classifier(trained, dataset, out, epochs, batch_size, learning_rate, seed)
+    metrics = fit_classifier(trained, dataset, out, epochs, batch_size, learning_rate, seed,
+                             checkpoint_steps)
     metrics.update(evaluate_classifier(student, dataset, batch_size))
     cost = count_arch(arch)
     metrics.update(mode=mode, model=arch.name, dataset=dataset.name, flops=cost.flops, params=cost.params,
@@ -127,7 +130,7 @@ def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUND
         metrics.update(teacher_flops=teacher_cost.flops, teacher_params=teacher_cost.params,
                        flops_reduction=1 - cost.flops / teacher_cost.flops,
                        params_reduction=1 - cost.params / teacher_cost.params)
-    save_model(student, os.path.join(out, MODEL_FILE))
-    write_json(os.path.join(out, METRICS_FILE), metrics)
+    save_model(student, os.path.join(run, MODEL_FILE))
+    write_json(os.path.join(run, METRICS_FILE), metrics)
     return metrics
 

@@ -14,7 +14,7 @@ from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_arch
 from tas_keras.models.cifar_resnet_supernet import COST_METRICS, CifarResNetSupernet
 from tas_keras.search_space import ArchConfig
-from tas_keras.training import prepare_run_dir, read_json, sgd, write_json
+from tas_keras.training import CHECKPOINT_STEPS, fit_resumable, prepare_run_dir, read_json, sgd, write_json
 
 ARCH_FILE = "arch.json"
 HISTORY_FILE = "history.json"
@@ -99,6 +99,8 @@ class TASSearchModel(keras.Model):
         """
         super().compile(optimizer=optimizer, **kwargs)
         self.arch_optimizer = arch_optimizer
+        # Built on the variables each one updates, so a backup restores into the same layout.
+        self.optimizer.build(self.supernet.weight_variables)
         self.arch_optimizer.build(self.supernet.arch_variables)
 
     @property
@@ -209,14 +211,20 @@ def select_epoch(history, model, cost_metric):
     return (in_band or history)[-1]
 
 
-def search_datasets(dataset, batch_size, seed):
-    """(search-train, search-valid) batch pairs from the per-class 50/50 split of the training set."""
-    train_index, valid_index = data.search_split(dataset.train_labels, seed=seed)
-    halves = [data.train_pipeline(dataset.train_images[i], dataset.train_labels[i], batch_size,
-                                  dataset.mean, dataset.std, seed=seed + offset)
-              for offset, i in enumerate((train_index, valid_index))]
-    steps = min(len(train_index), len(valid_index)) // batch_size
-    return tf.data.Dataset.zip(tuple(halves)), steps
+def search_batches(dataset, batch_size, epochs, seed):
+    """(`batches(start_step)`, steps per epoch): (search-train, search-valid) batch pairs of all
+    epochs from a global step on, from the per-class 50/50 split of the training set."""
+    halves = data.search_split(dataset.train_labels, seed=seed)
+    steps = min(len(i) for i in halves) // batch_size
+
+    def batches(start_step):
+        return tf.data.Dataset.zip(tuple(
+            data.train_pipeline(dataset.train_images[i], dataset.train_labels[i], batch_size, dataset.mean,
+                                dataset.std, seed=seed + offset, epochs=epochs, start_step=start_step,
+                                steps_per_epoch=steps)
+            for offset, i in enumerate(halves)))
+
+    return batches, steps
 
 
 def init_from_base(supernet, base_model):
@@ -238,10 +246,11 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
                batch_size=256, target_ratio=0.5, cost_metric="flops", cost_weight=2.0, tolerance=0.05,
                band="code", tau_schedule="cosine", tau_max=5.0, tau_min=0.1, width_multiple=1,
                learning_rate=0.1, arch_learning_rate=1e-3, init_from=None, seed=0,
-               max_train_examples=None, overwrite=False):
+               max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS):
     """Searches a shape of `model_name` keeping `target_ratio` of its cost; writes arch.json,
-    history.json, search.png and TensorBoard logs to `out`, resuming an interrupted run."""
-    settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite")}
+    history.json, search.png and TensorBoard logs to `out`, resuming an interrupted run from its
+    backup (every `checkpoint_steps` steps and every epoch)."""
+    settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps")}
     settings["stage"] = "search"
     ArchConfig.full(model_name)
     if not 0 < target_ratio < 1:
@@ -261,7 +270,8 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     if batch_size > len(dataset.train_labels) // 2:
         raise ValueError(f"batch_size {batch_size} is larger than a search half ({len(dataset.train_labels) // 2} "
                          "images)")
-    if prepare_run_dir(out, settings, overwrite, done_file=ARCH_FILE):
+    run, finished = prepare_run_dir(out, settings, overwrite, done_file=ARCH_FILE)
+    if finished:
         logging.info("%s already holds this finished search; nothing to do", out)
         return read_json(os.path.join(out, ARCH_FILE))
 
@@ -271,15 +281,14 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     if init_from:
         init_from_base(supernet, keras.saving.load_model(init_from))
     model = TASSearchModel(supernet, target_ratio, cost_metric, cost_weight, tolerance, band, seed=seed)
-    batches, steps = search_datasets(dataset, batch_size, seed)
+    batches, steps = search_batches(dataset, batch_size, epochs, seed)
     model.compile(optimizer=sgd(learning_rate, steps * epochs),
                   arch_optimizer=keras.optimizers.Adam(arch_learning_rate, beta_1=0.5, beta_2=0.999))
-    history = ArchHistory(os.path.join(out, HISTORY_FILE))
+    history = ArchHistory(os.path.join(run, HISTORY_FILE))
     start = time.perf_counter()
-    model.fit(batches, epochs=epochs, shuffle=False, verbose=2 if os.environ.get("CI") else 1,
-              callbacks=[keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
-                         TauSchedule(epochs, tau_schedule, tau_max, tau_min), history,
-                         keras.callbacks.TensorBoard(os.path.join(out, "tensorboard"))])
+    fit_resumable(model, batches, steps, epochs, out, [
+        TauSchedule(epochs, tau_schedule, tau_max, tau_min), history,
+        keras.callbacks.TensorBoard(os.path.join(run, "tensorboard"))], checkpoint_steps)
     wall = time.perf_counter() - start
 
     chosen = select_epoch(history.history, model, cost_metric)
@@ -289,6 +298,6 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
         "flops_ratio": chosen["flops"] / count_arch(full).flops, "epochs": epochs, "seed": seed,
         "model": model_name, "dataset": dataset.name, "width_multiple": width_multiple,
         "search_wall_time_s": round(wall, 2)})
-    plots.plot_search(history.history, full, os.path.join(out, PLOT_FILE))
-    arch.save(os.path.join(out, ARCH_FILE))
+    plots.plot_search(history.history, full, os.path.join(run, PLOT_FILE))
+    arch.save(os.path.join(run, ARCH_FILE))
     return arch.to_dict()

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 
 from tas_keras import data
-from tas_keras.distribute import in_strategy_scope
+from tas_keras.distribute import WORKERS_DIR, in_strategy_scope, is_chief, run_dir
 from tas_keras.cost import count_arch
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search_space import ArchConfig
@@ -18,6 +18,9 @@ from tas_keras.search_space import ArchConfig
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.keras"
+BACKUP_DIR = "backup"
+CHECKPOINT_FILE = "latest.weights.h5"
+CHECKPOINT_STEPS = 200
 
 
 def write_json(path, payload):
@@ -45,16 +48,21 @@ class RunMismatchError(ValueError):
 
 
 def prepare_run_dir(out, settings, overwrite=False, done_file=METRICS_FILE):
-    """Claims `out` for a run with `settings`; returns True if that run already finished (wrote
-    `done_file`, its last artifact).
+    """Claims `out` for a run with `settings`; returns (the directory this process writes, whether
+    the run already finished: `out` holds `done_file`, its last artifact).
 
     A directory holding a different run (other settings) is refused unless `overwrite`, so a finished
-    result is never replaced by accident and a resumed run never mixes two configurations.
+    result is never replaced by accident and a resumed run never mixes two configurations. The
+    directory written is `out` itself except on the non-chief workers of a cluster (`run_dir`).
     """
-    run_file = os.path.join(out, RUN_FILE)
-    if overwrite and os.path.isdir(out):
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
+    run = run_dir(out)
+    run_file = os.path.join(run, RUN_FILE)
+    if overwrite and os.path.isdir(run):
+        for entry in os.listdir(run):
+            if not (entry == WORKERS_DIR and is_chief()):  # the other workers' own directories
+                path = os.path.join(run, entry)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    os.makedirs(run, exist_ok=True)
     if os.path.exists(run_file):
         previous = read_json(run_file)
         changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
@@ -62,12 +70,12 @@ def prepare_run_dir(out, settings, overwrite=False, done_file=METRICS_FILE):
             details = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
             raise RunMismatchError(f"{out} holds a different run ({details}); use another --out or "
                                    "pass --overwrite")
-        return os.path.exists(os.path.join(out, done_file))
-    if os.listdir(out):
+        return run, os.path.exists(os.path.join(out, done_file))
+    if set(os.listdir(run)) - {WORKERS_DIR}:
         raise RunMismatchError(f"{out} is not empty and holds no run of this tool; use another --out "
                                "or pass --overwrite")
     write_json(run_file, settings)
-    return False
+    return run, False
 
 
 def sgd(learning_rate, total_steps, momentum=0.9):
@@ -126,37 +134,115 @@ def evaluate_classifier(model, dataset, batch_size, prefix=""):
     return {f"{prefix}test_accuracy": float(result["accuracy"]), f"{prefix}test_loss": float(result["loss"])}
 
 
-def fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed):
+class TrainingCheckpoint(keras.callbacks.Callback):
+    """Backs up the whole training state every `every_steps` steps and at every epoch end: the
+    model's weights, its optimizers' states and its other variables (the search's tau), as one Keras
+    weights file replaced atomically.
+
+    The step is the optimizer's iteration count, so the epoch and the position in it follow from
+    the file alone. The last step of an epoch is only backed up at the epoch end: a backup at an
+    epoch boundary then means that every callback placed before this one has finished the epoch.
+    """
+
+    def __init__(self, directory, steps_per_epoch, every_steps=CHECKPOINT_STEPS):
+        super().__init__()
+        if every_steps < 1:
+            raise ValueError(f"checkpoint interval must be >= 1 step, got {every_steps!r}")
+        self.path = os.path.join(directory, CHECKPOINT_FILE)
+        self.steps_per_epoch, self.every_steps = steps_per_epoch, every_steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step % self.every_steps == 0 and step % self.steps_per_epoch:
+            self.save()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.save()
+
+    def save(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = self.path.removesuffix(".weights.h5") + ".tmp.weights.h5"
+        self.model.save_weights(tmp)
+        os.replace(tmp, self.path)
+
+
+def restore_checkpoint(model, directory):
+    """Loads the training state backed up in `directory`, if any; returns the global step reached."""
+    path = os.path.join(directory, CHECKPOINT_FILE)
+    if not os.path.exists(path):
+        return 0
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    model.load_weights(path)
+    return int(model.optimizer.iterations.numpy())
+
+
+def fit_resumable(model, batches, steps_per_epoch, epochs, out, callbacks, checkpoint_steps=CHECKPOINT_STEPS,
+                  **fit_kwargs):
+    """`model.fit` for `epochs` epochs that continues a killed run at the step where its last backup
+    (in `out/backup`) left it: weights, optimizer states, epoch and position in the epoch.
+
+    `batches(start_step)` must give the batches from global step `start_step` to the end of the run,
+    each a function of its step alone (`data.train_pipeline`). An interrupted epoch is finished on its
+    remaining batches first, so its logged metrics cover those batches only. Every worker of a
+    cluster restores the chief's backup (the BackupAndRestore contract: `out` is on a shared
+    filesystem) and writes its own. Returns the per-epoch history of the epochs run here.
+    """
+    step = restore_checkpoint(model, os.path.join(out, BACKUP_DIR))
+    if step:
+        logging.info("resuming %s at epoch %d, step %d of %d", out, step // steps_per_epoch + 1,
+                     step % steps_per_epoch, steps_per_epoch)
+    callbacks = [*callbacks, TrainingCheckpoint(os.path.join(run_dir(out), BACKUP_DIR), steps_per_epoch,
+                                                checkpoint_steps)]
+    history = {}
+    while step < epochs * steps_per_epoch:
+        epoch, position = divmod(step, steps_per_epoch)
+        # The rest of an interrupted epoch is a run of its own, then whole epochs to the end.
+        last_epoch = epoch + 1 if position else epochs
+        run_steps = steps_per_epoch - position if position else steps_per_epoch
+        result = model.fit(batches(step), initial_epoch=epoch, epochs=last_epoch, steps_per_epoch=run_steps,
+                           callbacks=callbacks, shuffle=False, verbose=2 if os.environ.get("CI") else 1,
+                           **fit_kwargs)
+        for name, values in result.history.items():
+            history.setdefault(name, []).extend(float(v) for v in values)
+        step = last_epoch * steps_per_epoch
+    return history
+
+
+def fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed,
+                   checkpoint_steps=CHECKPOINT_STEPS):
     """Compiles `model` with the reference recipe and trains it, resuming from `out/backup`.
 
     Returns the per-epoch history, the epochs, the fit wall time and the training throughput."""
-    train = data.train_pipeline(dataset.train_images, dataset.train_labels, batch_size,
-                                dataset.mean, dataset.std, seed=seed)
+    steps = len(dataset.train_labels) // batch_size
+
+    def batches(start_step):
+        return data.train_pipeline(dataset.train_images, dataset.train_labels, batch_size, dataset.mean,
+                                   dataset.std, seed=seed, epochs=epochs, start_step=start_step)
+
     test = data.eval_pipeline(dataset.test_images, dataset.test_labels, batch_size, dataset.mean,
                               dataset.std)
-    steps = len(dataset.train_labels) // batch_size
     model.compile(optimizer=sgd(learning_rate, steps * epochs), loss=_cross_entropy(), metrics=[_accuracy()])
     timer = EpochTimer()
-    callbacks = [keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
-                 keras.callbacks.TensorBoard(os.path.join(out, "tensorboard")),
-                 timer]
+    callbacks = [keras.callbacks.TensorBoard(os.path.join(run_dir(out), "tensorboard")), timer]
     start = time.perf_counter()
-    history = model.fit(train, validation_data=test, epochs=epochs, callbacks=callbacks, shuffle=False,
-                        verbose=2 if os.environ.get("CI") else 1)
+    history = fit_resumable(model, batches, steps, epochs, out, callbacks, checkpoint_steps,
+                            validation_data=test)
     wall = time.perf_counter() - start
     return {
         "epochs": epochs,
         "fit_wall_time_s": round(wall, 2),
         "train_images_per_second": throughput(timer, steps * batch_size),
-        "history": {k: [float(v) for v in values] for k, values in history.history.items()},
+        "history": history,
     }
 
 
 @in_strategy_scope
 def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUNDLED_DATASET,
                data_dir=None, epochs=10, batch_size=256, learning_rate=0.1, seed=0,
-               max_train_examples=None, overwrite=False):
-    """Trains the full network (or the shape at `arch_path`); writes model.keras and metrics.json."""
+               max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS):
+    """Trains the full network (or the shape at `arch_path`); writes model.keras and metrics.json,
+    backing the training state up every `checkpoint_steps` steps and every epoch."""
     settings = {"stage": "base", "model": model_name, "arch": arch_path, "dataset": dataset_name,
                 "data_dir": data_dir, "epochs": epochs, "batch_size": batch_size,
                 "learning_rate": learning_rate, "seed": seed, "max_train_examples": max_train_examples}
@@ -172,18 +258,19 @@ def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUN
     else:
         arch = ArchConfig.full(model_name, num_classes=dataset.num_classes, input_shape=dataset.image_shape)
     check_fits_data(arch, dataset)
-    if prepare_run_dir(out, settings, overwrite):
+    run, finished = prepare_run_dir(out, settings, overwrite)
+    if finished:
         logging.info("%s already holds this finished run; nothing to do", out)
         return read_json(os.path.join(out, METRICS_FILE))
 
     keras.utils.set_random_seed(seed)
     model = CifarResNet(arch)
     start = time.perf_counter()
-    metrics = fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed)
+    metrics = fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed, checkpoint_steps)
     metrics.update(evaluate_classifier(model, dataset, batch_size))
     cost = count_arch(arch)
     metrics.update(model=arch.name, dataset=dataset.name, train_examples=len(dataset.train_labels),
                    flops=cost.flops, params=cost.params, wall_time_s=round(time.perf_counter() - start, 2))
-    save_model(model, os.path.join(out, MODEL_FILE))
-    write_json(os.path.join(out, METRICS_FILE), metrics)
+    save_model(model, os.path.join(run, MODEL_FILE))
+    write_json(os.path.join(run, METRICS_FILE), metrics)
     return metrics

@@ -135,18 +135,38 @@ def test_train_pipeline_augments_each_image_with_its_own_crop_and_flip():
             transforms.add(matches[0])
     assert len(transforms) > 8 and {flip for _, _, flip in transforms} == {False, True}
 
-    # The same seed repeats an epoch exactly; the next epoch is reshuffled.
-    pipeline = data.train_pipeline(images, labels, 8, mean, std, seed=0)
-    first, second = ([y for _, y in pipeline.as_numpy_iterator()] for _ in range(2))
-    np.testing.assert_array_equal(first, [y for _, y in batches])
-    assert not np.array_equal(first, second)
+    # Every epoch is a new permutation of the images (the remainder differs), and the same seed
+    # gives the same batches.
+    two_epochs = [y for _, y in data.train_pipeline(images, labels, 8, mean, std, seed=0,
+                                                    epochs=2).as_numpy_iterator()]
+    assert len(two_epochs) == 4 and all(len(set(y)) == 8 for y in two_epochs)
+    np.testing.assert_array_equal(two_epochs[:2], [y for _, y in batches])
+    assert not np.array_equal(two_epochs[:2], two_epochs[2:])
+
+
+def test_a_pipeline_started_mid_run_yields_the_remaining_batches_unchanged():
+    images = np.random.default_rng(4).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    labels, mean, std = np.arange(24), (0.5,) * 3, (0.25,) * 3
+    whole = list(data.train_pipeline(images, labels, 4, mean, std, seed=7, epochs=3,
+                                     steps_per_epoch=5).as_numpy_iterator())
+    assert len(whole) == 15
+    resumed = list(data.train_pipeline(images, labels, 4, mean, std, seed=7, epochs=3, steps_per_epoch=5,
+                                       start_step=7).as_numpy_iterator())
+    assert len(resumed) == 8
+    for (x, y), (x_again, y_again) in zip(whole[7:], resumed):
+        np.testing.assert_array_equal(y, y_again)
+        np.testing.assert_array_equal(x, x_again)
+    with pytest.raises(data.DatasetError, match="start_step must be in \\[0, 15\\], got 16"):
+        data.train_pipeline(images, labels, 4, mean, std, epochs=3, steps_per_epoch=5, start_step=16)
+    with pytest.raises(data.DatasetError, match="steps_per_epoch must be in \\[1, 6\\], got 7"):
+        data.train_pipeline(images, labels, 4, mean, std, steps_per_epoch=7)
 
 
 def test_augmentation_is_seeded_and_redrawn_every_epoch():
     # Identical images: only the augmentation, not the shuffle, can change a batch.
     images = np.repeat(np.random.default_rng(3).integers(0, 256, (1, 32, 32, 3), np.uint8), 16, axis=0)
-    pipeline = data.train_pipeline(images, np.zeros(16), 16, (0.5,) * 3, (0.25,) * 3, seed=5)
-    first, second = (next(pipeline.as_numpy_iterator())[0] for _ in range(2))
+    first, second = (x for x, _ in data.train_pipeline(images, np.zeros(16), 16, (0.5,) * 3, (0.25,) * 3,
+                                                       seed=5, epochs=2).as_numpy_iterator())
     again = next(data.train_pipeline(images, np.zeros(16), 16, (0.5,) * 3, (0.25,) * 3, seed=5)
                  .as_numpy_iterator())[0]
     np.testing.assert_array_equal(again, first)

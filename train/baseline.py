@@ -27,7 +27,8 @@ def main():
                   tolerance=_TOLERANCE.value, band=_BAND.value, dataset_name=FLAGS.dataset,
                   data_dir=FLAGS.data_dir, count=_COUNT.value, epochs=FLAGS.epochs,
                   batch_size=FLAGS.batch_size, seed=FLAGS.seed, max_train_examples=FLAGS.max_train_examples,
-                  overwrite=FLAGS.overwrite, strategy=FLAGS.strategy)
+                  overwrite=FLAGS.overwrite,
+                  checkpoint_steps=FLAGS.checkpoint_steps, strategy=FLAGS.strategy)
 
 
 if __name__ == "__main__":

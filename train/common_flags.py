@@ -11,6 +11,7 @@ from absl import app, flags  # noqa: E402
 
 from tas_keras.data import BUNDLED_DATASET  # noqa: E402
 from tas_keras.distribute import STRATEGIES  # noqa: E402
+from tas_keras.training import CHECKPOINT_STEPS  # noqa: E402
 
 flags.DEFINE_bool("verbose", False, "Show TensorFlow's own log messages (read before flags are parsed).")
 flags.DEFINE_enum("strategy", "auto", list(STRATEGIES),
@@ -31,6 +32,8 @@ def define_common_flags(epochs, batch_size, dataset=BUNDLED_DATASET):
         flags.DEFINE_integer("epochs", epochs, "Training epochs.", lower_bound=1)
         flags.DEFINE_integer("max_train_examples", None, "Use at most this many training images (quick "
                              "runs).", lower_bound=1)
+        flags.DEFINE_integer("checkpoint_steps", CHECKPOINT_STEPS, "Back the training state up every this "
+                             "many steps (and every epoch): a killed run resumes from there.", lower_bound=1)
     flags.DEFINE_bool("overwrite", False, "Replace what --out holds instead of refusing or resuming.")
 
 

@@ -25,7 +25,8 @@ def main():
             dataset_name=FLAGS.dataset, data_dir=FLAGS.data_dir, epochs=FLAGS.epochs,
             batch_size=FLAGS.batch_size, learning_rate=_LR.value, alpha=_ALPHA.value,
             temperature=_TEMPERATURE.value, seed=FLAGS.seed, max_train_examples=FLAGS.max_train_examples,
-            overwrite=FLAGS.overwrite, strategy=FLAGS.strategy)
+            overwrite=FLAGS.overwrite,
+            checkpoint_steps=FLAGS.checkpoint_steps, strategy=FLAGS.strategy)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import time
 
 from export.pipeline import REPORT_FILE, TFLITE_FILE, export_and_verify
 from tas_keras import data, plots
-from tas_keras.distribute import in_strategy_scope
+from tas_keras.distribute import in_strategy_scope, run_dir
 from tas_keras.cost import count_arch
 from tas_keras.distill import distill, load_teacher
 from tas_keras.search import ARCH_FILE, HISTORY_FILE, PLOT_FILE, run_search
@@ -110,7 +110,10 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     os.makedirs(out, exist_ok=True)
     if os.listdir(out) and not os.path.exists(os.path.join(out, PIPELINE_FILE)):
         raise ValueError(f"{out} is not empty and holds no train.prune run; use another --out or --overwrite")
-    write_json(os.path.join(out, PIPELINE_FILE), {"model": model_name, "target_ratio": target_ratio,
+    # The stages write into their own directories; on a cluster's other workers, into their own copies.
+    written = run_dir(out)
+    os.makedirs(written, exist_ok=True)
+    write_json(os.path.join(written, PIPELINE_FILE), {"model": model_name, "target_ratio": target_ratio,
                                                   "preset": preset, "dataset": dataset_name, "seed": seed})
 
     images = len(dataset.train_labels)
@@ -122,15 +125,15 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     if not teacher_path:
         base = train_base(os.path.join(out, "base"), model_name=model_name, epochs=base_epochs,
                           batch_size=batch_size, **common)
-        teacher_path = os.path.join(out, "base", MODEL_FILE)
+        teacher_path = os.path.join(run_dir(os.path.join(out, "base")), MODEL_FILE)
         progress.measured(base["train_images_per_second"])
     else:
         progress.measured(300.0)  # a first guess, until a stage is timed
 
     progress.banner(1, f"TAS search of {model_name} at {target_ratio:.0%} of the FLOPs")
-    search_dir = os.path.join(out, "search")
-    run_search(search_dir, model_name=model_name, epochs=search_epochs, batch_size=search_batch_size,
+    run_search(os.path.join(out, "search"), model_name=model_name, epochs=search_epochs, batch_size=search_batch_size,
                target_ratio=target_ratio, width_multiple=width_multiple, **common)
+    search_dir = run_dir(os.path.join(out, "search"))
     history = read_json(os.path.join(search_dir, HISTORY_FILE))
     plots.plot_search_curves(history, os.path.join(search_dir, "curves.png"))
 
@@ -143,18 +146,19 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     exports = {}
     for quantize in ("none", "int8"):
         export_dir = os.path.join(out, "export", quantize)
-        settings = {"model": os.path.abspath(os.path.join(out, "distill", MODEL_FILE)),
+        settings = {"model": os.path.abspath(os.path.join(run_dir(os.path.join(out, "distill")), MODEL_FILE)),
                     "compare_with": os.path.abspath(teacher_path), "quantize": quantize, **common}
-        if prepare_run_dir(export_dir, settings, done_file=REPORT_FILE):
+        written_export, finished = prepare_run_dir(export_dir, settings, done_file=REPORT_FILE)
+        if finished:
             exports[quantize] = read_json(os.path.join(export_dir, REPORT_FILE))
         else:
-            exports[quantize] = export_and_verify(settings["model"], export_dir, quantize=quantize,
+            exports[quantize] = export_and_verify(settings["model"], written_export, quantize=quantize,
                                                   compare_with=teacher_path, latency_runs=chosen.latency_runs,
                                                   **common)
 
     progress.banner(4, "report")
-    report = build_report(out, model_name, target_ratio, distilled, exports, search_dir)
-    logging.info("report: %s", os.path.join(out, "report.md"))
+    report = build_report(written, model_name, target_ratio, distilled, exports, search_dir)
+    logging.info("report: %s", os.path.join(written, "report.md"))
     return report
 
 

@@ -36,7 +36,8 @@ def main():
                band=_BAND.value, tau_schedule=_TAU.value, tau_max=_TAU_MAX.value, tau_min=_TAU_MIN.value,
                width_multiple=_MULTIPLE.value, learning_rate=_LR.value, arch_learning_rate=_ARCH_LR.value,
                init_from=_INIT.value, seed=FLAGS.seed, max_train_examples=FLAGS.max_train_examples,
-               overwrite=FLAGS.overwrite, strategy=FLAGS.strategy)
+               overwrite=FLAGS.overwrite,
+               checkpoint_steps=FLAGS.checkpoint_steps, strategy=FLAGS.strategy)
 
 
 if __name__ == "__main__":
