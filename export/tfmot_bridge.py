@@ -98,9 +98,10 @@ def quantization_aware_int8(model, dataset, epochs=1, max_steps=None, batch_size
     qat = tfmot.quantization.keras.quantize_model(plain)
     qat.compile(optimizer=tf_keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True),
                 loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    steps = min(max_steps or len(dataset.train_labels), len(dataset.train_labels) // batch_size)
     train = data.train_pipeline(dataset.train_images, dataset.train_labels, batch_size, dataset.mean,
-                                dataset.std, seed=seed)
-    qat.fit(train.take(max_steps) if max_steps else train, epochs=epochs, verbose=0)
+                                dataset.std, seed=seed, epochs=epochs, steps_per_epoch=steps)
+    qat.fit(train, epochs=epochs, steps_per_epoch=steps, verbose=0)
     converter = tf.lite.TFLiteConverter.from_keras_model(qat)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if int8_io:

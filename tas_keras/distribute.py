@@ -56,6 +56,27 @@ def in_strategy_scope(stage):
     return run
 
 
+def is_multi_worker():
+    return isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def check_overwrite(overwrite):
+    """Workers start at different moments: one clearing a shared run directory would delete what
+    another has begun to write."""
+    if overwrite and is_multi_worker():
+        raise ValueError("--overwrite is not supported with --strategy=multi_worker: delete the run "
+                         "directory before starting the workers")
+
+
+def holds_own_files(directory):
+    """Whether `directory` holds any file outside the other workers' directories."""
+    for _, subdirectories, files in os.walk(directory):
+        if files:
+            return True
+        subdirectories[:] = [d for d in subdirectories if d != WORKERS_DIR]
+    return False
+
+
 def is_chief():
     """True unless this process is a non-chief worker of a multi-worker cluster."""
     return tf.distribute.get_strategy().extended.should_checkpoint

@@ -6,7 +6,6 @@ import os
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tas_keras import data, plots
@@ -14,7 +13,7 @@ from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_arch
 from tas_keras.models.cifar_resnet_supernet import COST_METRICS, CifarResNetSupernet
 from tas_keras.search_space import ArchConfig
-from tas_keras.training import CHECKPOINT_STEPS, fit_resumable, prepare_run_dir, read_json, sgd, write_json
+from tas_keras.training import CHECKPOINT_STEPS, EpochLog, fit_resumable, prepare_run_dir, read_json, sgd
 
 ARCH_FILE = "arch.json"
 HISTORY_FILE = "history.json"
@@ -176,29 +175,15 @@ class TauSchedule(keras.callbacks.Callback):
         self.model.tau.assign(tau_at(epoch, self.epochs, self.schedule, self.tau_max, self.tau_min))
 
 
-class ArchHistory(keras.callbacks.Callback):
-    """Records the argmax shape and the epoch's logs after every epoch into `history.json`.
+class ArchHistory(EpochLog):
+    """Records the argmax shape and the epoch's logs after every epoch into `history.json`."""
 
-    Entries are keyed by epoch, so an epoch re-run after a resume replaces its entry.
-    """
-
-    def __init__(self, path):
-        super().__init__()
-        self.path = path
-        self.entries = {e["epoch"]: e for e in read_json(path)} if os.path.exists(path) else {}
-
-    def on_epoch_end(self, epoch, logs=None):
+    def entry(self, epoch, logs):
         arch = self.model.supernet.derive()
         cost = count_arch(arch)
-        self.entries[epoch] = {"epoch": epoch, "widths": list(arch.widths),
-                               "stage_blocks": list(arch.stage_blocks), "flops": cost.flops,
-                               "params": cost.params, "tau": float(self.model.tau.numpy()),
-                               "logs": {k: float(v) for k, v in (logs or {}).items()}}
-        write_json(self.path, self.history)
-
-    @property
-    def history(self):
-        return [self.entries[e] for e in sorted(self.entries)]
+        return {"epoch": epoch, "widths": list(arch.widths), "stage_blocks": list(arch.stage_blocks),
+                "flops": cost.flops, "params": cost.params, "tau": float(self.model.tau.numpy()),
+                **super().entry(epoch, logs)}
 
 
 def select_epoch(history, model, cost_metric):

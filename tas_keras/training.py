@@ -10,7 +10,7 @@ import keras
 import numpy as np
 
 from tas_keras import data
-from tas_keras.distribute import WORKERS_DIR, in_strategy_scope, is_chief, run_dir
+from tas_keras.distribute import check_overwrite, holds_own_files, in_strategy_scope, run_dir
 from tas_keras.cost import count_arch
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search_space import ArchConfig
@@ -18,6 +18,7 @@ from tas_keras.search_space import ArchConfig
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.keras"
+EPOCHS_FILE = "epochs.json"
 BACKUP_DIR = "backup"
 CHECKPOINT_FILE = "latest.weights.h5"
 CHECKPOINT_STEPS = 200
@@ -55,13 +56,11 @@ def prepare_run_dir(out, settings, overwrite=False, done_file=METRICS_FILE):
     result is never replaced by accident and a resumed run never mixes two configurations. The
     directory written is `out` itself except on the non-chief workers of a cluster (`run_dir`).
     """
+    check_overwrite(overwrite)
     run = run_dir(out)
     run_file = os.path.join(run, RUN_FILE)
     if overwrite and os.path.isdir(run):
-        for entry in os.listdir(run):
-            if not (entry == WORKERS_DIR and is_chief()):  # the other workers' own directories
-                path = os.path.join(run, entry)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        shutil.rmtree(run)
     os.makedirs(run, exist_ok=True)
     if os.path.exists(run_file):
         previous = read_json(run_file)
@@ -71,7 +70,7 @@ def prepare_run_dir(out, settings, overwrite=False, done_file=METRICS_FILE):
             raise RunMismatchError(f"{out} holds a different run ({details}); use another --out or "
                                    "pass --overwrite")
         return run, os.path.exists(os.path.join(out, done_file))
-    if set(os.listdir(run)) - {WORKERS_DIR}:
+    if holds_own_files(run):
         raise RunMismatchError(f"{out} is not empty and holds no run of this tool; use another --out "
                                "or pass --overwrite")
     write_json(run_file, settings)
@@ -134,6 +133,29 @@ def evaluate_classifier(model, dataset, batch_size, prefix=""):
     return {f"{prefix}test_accuracy": float(result["accuracy"]), f"{prefix}test_loss": float(result["loss"])}
 
 
+class EpochLog(keras.callbacks.Callback):
+    """Every epoch's logs, in a JSON list kept across resumed runs (`history`).
+
+    Entries are keyed by epoch, so an epoch re-run after a resume replaces its entry.
+    """
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+        self.entries = {e["epoch"]: e for e in read_json(path)} if os.path.exists(path) else {}
+
+    def entry(self, epoch, logs):
+        return {"epoch": epoch, "logs": {k: float(v) for k, v in (logs or {}).items()}}
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.entries[epoch] = self.entry(epoch, logs)
+        write_json(self.path, self.history)
+
+    @property
+    def history(self):
+        return [self.entries[e] for e in sorted(self.entries)]
+
+
 class TrainingCheckpoint(keras.callbacks.Callback):
     """Backs up the whole training state every `every_steps` steps and at every epoch end: the
     model's weights, its optimizers' states and its other variables (the search's tau), as one Keras
@@ -186,7 +208,7 @@ def fit_resumable(model, batches, steps_per_epoch, epochs, out, callbacks, check
     each a function of its step alone (`data.train_pipeline`). An interrupted epoch is finished on its
     remaining batches first, so its logged metrics cover those batches only. Every worker of a
     cluster restores the chief's backup (the BackupAndRestore contract: `out` is on a shared
-    filesystem) and writes its own. Returns the per-epoch history of the epochs run here.
+    filesystem) and writes its own.
     """
     step = restore_checkpoint(model, os.path.join(out, BACKUP_DIR))
     if step:
@@ -194,26 +216,22 @@ def fit_resumable(model, batches, steps_per_epoch, epochs, out, callbacks, check
                      step % steps_per_epoch, steps_per_epoch)
     callbacks = [*callbacks, TrainingCheckpoint(os.path.join(run_dir(out), BACKUP_DIR), steps_per_epoch,
                                                 checkpoint_steps)]
-    history = {}
     while step < epochs * steps_per_epoch:
         epoch, position = divmod(step, steps_per_epoch)
         # The rest of an interrupted epoch is a run of its own, then whole epochs to the end.
         last_epoch = epoch + 1 if position else epochs
         run_steps = steps_per_epoch - position if position else steps_per_epoch
-        result = model.fit(batches(step), initial_epoch=epoch, epochs=last_epoch, steps_per_epoch=run_steps,
-                           callbacks=callbacks, shuffle=False, verbose=2 if os.environ.get("CI") else 1,
-                           **fit_kwargs)
-        for name, values in result.history.items():
-            history.setdefault(name, []).extend(float(v) for v in values)
+        model.fit(batches(step), initial_epoch=epoch, epochs=last_epoch, steps_per_epoch=run_steps,
+                  callbacks=callbacks, shuffle=False, verbose=2 if os.environ.get("CI") else 1, **fit_kwargs)
         step = last_epoch * steps_per_epoch
-    return history
 
 
 def fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed,
                    checkpoint_steps=CHECKPOINT_STEPS):
     """Compiles `model` with the reference recipe and trains it, resuming from `out/backup`.
 
-    Returns the per-epoch history, the epochs, the fit wall time and the training throughput."""
+    Returns the per-epoch history (of every epoch, resumed runs included: `out/epochs.json`), the
+    epochs, the fit wall time and the training throughput of the epochs run here."""
     steps = len(dataset.train_labels) // batch_size
 
     def batches(start_step):
@@ -223,17 +241,16 @@ def fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed,
     test = data.eval_pipeline(dataset.test_images, dataset.test_labels, batch_size, dataset.mean,
                               dataset.std)
     model.compile(optimizer=sgd(learning_rate, steps * epochs), loss=_cross_entropy(), metrics=[_accuracy()])
-    timer = EpochTimer()
-    callbacks = [keras.callbacks.TensorBoard(os.path.join(run_dir(out), "tensorboard")), timer]
+    timer, log = EpochTimer(), EpochLog(os.path.join(run_dir(out), EPOCHS_FILE))
+    callbacks = [keras.callbacks.TensorBoard(os.path.join(run_dir(out), "tensorboard")), timer, log]
     start = time.perf_counter()
-    history = fit_resumable(model, batches, steps, epochs, out, callbacks, checkpoint_steps,
-                            validation_data=test)
+    fit_resumable(model, batches, steps, epochs, out, callbacks, checkpoint_steps, validation_data=test)
     wall = time.perf_counter() - start
     return {
         "epochs": epochs,
         "fit_wall_time_s": round(wall, 2),
         "train_images_per_second": throughput(timer, steps * batch_size),
-        "history": history,
+        "history": {name: [e["logs"][name] for e in log.history] for name in log.history[-1]["logs"]},
     }
 
 

@@ -10,7 +10,7 @@ import h5py
 import pytest
 
 from tas_keras import data
-from tas_keras.distribute import make_strategy
+from tas_keras.distribute import holds_own_files, make_strategy
 from tas_keras.search import search_batches
 
 from .conftest import REPO
@@ -54,12 +54,35 @@ def _backup_step(out):
         return None
 
 
+def _run_killed_mid_epoch(command, out, steps_per_epoch):
+    """Starts `command`, SIGKILLs it once its backup is inside the second epoch, returns that step."""
+    run = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and run.poll() is None:
+        step = _backup_step(out)
+        if step and step > steps_per_epoch and step % steps_per_epoch:
+            break
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    killed_at = _backup_step(out)
+    assert killed_at % steps_per_epoch and killed_at < 3 * steps_per_epoch, killed_at
+    return killed_at
+
+
+KILLED_RUNS = {
+    "search": ["train.search", "--target_flops_ratio=0.5", "--batch_size=16"],
+    "base": ["train.base", "--batch_size=32", "--learning_rate=0.05"],
+}
+
+
 @pytest.mark.slow
-def test_search_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
+@pytest.mark.parametrize("stage", sorted(KILLED_RUNS))
+def test_a_stage_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, stage):
+    module, *flags = KILLED_RUNS[stage]
+
     def command(out):
-        return [sys.executable, "-m", "train.search", f"--out={out}", "--epochs=3", "--model=resnet8",
-                "--max_train_examples=512", "--batch_size=16", "--target_flops_ratio=0.5", "--seed=3",
-                "--checkpoint_steps=4"]
+        return [sys.executable, "-m", module, f"--out={out}", "--epochs=3", "--model=resnet8",
+                "--max_train_examples=512", "--seed=3", "--checkpoint_steps=4", *flags]
 
     uninterrupted = subprocess.run(command(tmp_path / "whole"), cwd=REPO, env=_env(), capture_output=True,
                                    text=True, timeout=600)
@@ -67,33 +90,31 @@ def test_search_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
     steps_per_epoch = _backup_step(tmp_path / "whole") // 3
 
     out = tmp_path / "killed"
-    run = subprocess.Popen(command(out), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and run.poll() is None:
-        step = _backup_step(out)
-        if step and step > steps_per_epoch and step % steps_per_epoch:  # in the second epoch
-            break
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    killed_at = _backup_step(out)
-    assert killed_at % steps_per_epoch and killed_at < 3 * steps_per_epoch, killed_at
-    assert not (out / "arch.json").exists()  # an interrupted search never looks finished
+    killed_at = _run_killed_mid_epoch(command(out), out, steps_per_epoch)
+    done_file = "arch.json" if stage == "search" else "metrics.json"
+    assert not (out / done_file).exists()  # an interrupted run never looks finished
 
     resumed = subprocess.run(command(out), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"step {killed_at % steps_per_epoch} of {steps_per_epoch}" in resumed.stderr
-    expected, got = (json.loads((tmp_path / name / "history.json").read_text()) for name in ("whole", "killed"))
+    log = "history.json" if stage == "search" else "epochs.json"
+    expected, got = (json.loads((tmp_path / name / log).read_text()) for name in ("whole", "killed"))
     assert [e["epoch"] for e in got] == [0, 1, 2]  # no duplicate, none missing
-    # Weights, both optimizers, tau and the data position were restored: the same shapes, epoch by epoch.
-    for key in ("widths", "stage_blocks", "flops", "tau"):
-        assert [e[key] for e in got] == [e[key] for e in expected], key
-    assert got[2]["logs"] == pytest.approx(expected[2]["logs"], rel=1e-6)  # the epoch run whole after resuming
-    # The same --seed gives the same arch.json (a run's wall time aside), resumed or not.
-    archs = [json.loads((tmp_path / name / "arch.json").read_text()) for name in ("whole", "killed")]
-    for arch in archs:
-        del arch["provenance"]["search_wall_time_s"]
-    assert archs[0] == archs[1]
+    # Weights, optimizer states, tau and the data position were restored: the resumed run computes what
+    # the uninterrupted one did. Only the interrupted epoch's training metrics cover fewer batches.
+    assert got[2]["logs"] == pytest.approx(expected[2]["logs"], rel=1e-6)
+    if stage == "search":
+        for key in ("widths", "stage_blocks", "flops", "tau"):
+            assert [e[key] for e in got] == [e[key] for e in expected], key
+        # The same --seed gives the same arch.json (a run's wall time aside), resumed or not.
+        archs = [json.loads((tmp_path / name / "arch.json").read_text()) for name in ("whole", "killed")]
+        for arch in archs:
+            del arch["provenance"]["search_wall_time_s"]
+        assert archs[0] == archs[1]
+    else:
+        metrics = [json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("whole", "killed")]
+        assert metrics[1]["test_accuracy"] == metrics[0]["test_accuracy"]
+        assert metrics[1]["history"]["val_loss"] == pytest.approx(metrics[0]["history"]["val_loss"], rel=1e-6)
 
 
 def _free_ports(count):
@@ -134,3 +155,11 @@ def test_two_workers_on_localhost_search_together_and_agree_on_the_shape(tmp_pat
     dataset = data.load_dataset(data.BUNDLED_DATASET, max_train_examples=256)
     _, steps_per_epoch = search_batches(dataset, batch_size=32, epochs=epochs, seed=0)
     assert _backup_step(out) == epochs * steps_per_epoch
+
+
+def test_other_workers_directories_do_not_make_a_run_directory_look_used(tmp_path):
+    (tmp_path / "base" / "workers" / "worker_1").mkdir(parents=True)
+    (tmp_path / "base" / "workers" / "worker_1" / "run.json").write_text("{}")
+    assert not holds_own_files(tmp_path)
+    (tmp_path / "base" / "notes.txt").write_text("mine")
+    assert holds_own_files(tmp_path)

@@ -13,7 +13,7 @@ import time
 
 from export.pipeline import REPORT_FILE, TFLITE_FILE, export_and_verify
 from tas_keras import data, plots
-from tas_keras.distribute import in_strategy_scope, run_dir
+from tas_keras.distribute import check_overwrite, holds_own_files, make_strategy, run_dir
 from tas_keras.cost import count_arch
 from tas_keras.distill import distill, load_teacher
 from tas_keras.search import ARCH_FILE, HISTORY_FILE, PLOT_FILE, run_search
@@ -80,11 +80,14 @@ class _Progress:
         self.rate = images_per_second
 
 
-@in_strategy_scope
 def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", dataset_name=None, data_dir=None,
               teacher_path=None, base_epochs=None, search_epochs=None, distill_epochs=None, batch_size=None,
-              width_multiple=1, seed=0, overwrite=False):
-    """Runs every stage into `out` and returns the report (also `out/report.json` and `report.md`)."""
+              width_multiple=1, seed=0, overwrite=False, strategy="auto"):
+    """Runs every stage into `out` and returns the report (also `out/report.json` and `report.md`).
+
+    The training stages run under `strategy`; export and report need one device and run outside it,
+    on the chief only (the other workers of a cluster return None once training is done).
+    """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     chosen = PRESETS[preset]
@@ -101,64 +104,74 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     if target_ratio < floor:
         raise ValueError(f"target ratio {target_ratio} is below the smallest {model_name} the search space "
                          f"can express ({floor:.3f} of the FLOPs)")
+    distribution = make_strategy(strategy)  # a multi-worker strategy must precede other TensorFlow work
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, seed=seed)
     full = ArchConfig.full(model_name, num_classes=dataset.num_classes, input_shape=dataset.image_shape)
     if teacher_path:
         _check_teacher(teacher_path, full)
-    if overwrite and os.path.isdir(out):
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
-    if os.listdir(out) and not os.path.exists(os.path.join(out, PIPELINE_FILE)):
-        raise ValueError(f"{out} is not empty and holds no train.prune run; use another --out or --overwrite")
-    # The stages write into their own directories; on a cluster's other workers, into their own copies.
-    written = run_dir(out)
-    os.makedirs(written, exist_ok=True)
-    write_json(os.path.join(written, PIPELINE_FILE), {"model": model_name, "target_ratio": target_ratio,
-                                                  "preset": preset, "dataset": dataset_name, "seed": seed})
-
     images = len(dataset.train_labels)
     progress = _Progress([base_epochs * images * (teacher_path is None), search_epochs * images,
                           distill_epochs * images * 1.3, images, 0])
     common = dict(dataset_name=dataset_name, data_dir=data_dir, seed=seed)
+    trained = dict(common, strategy=strategy)
+    stage_dirs = {stage: os.path.join(out, stage) for stage in ("base", "search", "distill")}
 
-    progress.banner(0, "base network" + (f": given {teacher_path}" if teacher_path else ""))
-    if not teacher_path:
-        base = train_base(os.path.join(out, "base"), model_name=model_name, epochs=base_epochs,
-                          batch_size=batch_size, **common)
-        teacher_path = os.path.join(run_dir(os.path.join(out, "base")), MODEL_FILE)
-        progress.measured(base["train_images_per_second"])
-    else:
-        progress.measured(300.0)  # a first guess, until a stage is timed
+    with distribution.scope():
+        check_overwrite(overwrite)
+        if overwrite and os.path.isdir(out):
+            shutil.rmtree(out)
+        # On a cluster's other workers every stage writes its own copy (run_dir), read back from there.
+        written = run_dir(out)
+        os.makedirs(written, exist_ok=True)
+        if holds_own_files(written) and not os.path.exists(os.path.join(written, PIPELINE_FILE)):
+            raise ValueError(f"{out} is not empty and holds no train.prune run; use another --out or "
+                             "--overwrite")
+        write_json(os.path.join(written, PIPELINE_FILE), {
+            "model": model_name, "target_ratio": target_ratio, "preset": preset, "dataset": dataset_name,
+            "seed": seed})
 
-    progress.banner(1, f"TAS search of {model_name} at {target_ratio:.0%} of the FLOPs")
-    run_search(os.path.join(out, "search"), model_name=model_name, epochs=search_epochs, batch_size=search_batch_size,
-               target_ratio=target_ratio, width_multiple=width_multiple, **common)
-    search_dir = run_dir(os.path.join(out, "search"))
-    history = read_json(os.path.join(search_dir, HISTORY_FILE))
-    plots.plot_search_curves(history, os.path.join(search_dir, "curves.png"))
+        progress.banner(0, "base network" + (f": given {teacher_path}" if teacher_path else ""))
+        if not teacher_path:
+            base = train_base(stage_dirs["base"], model_name=model_name, epochs=base_epochs,
+                              batch_size=batch_size, **trained)
+            teacher_path = os.path.join(run_dir(stage_dirs["base"]), MODEL_FILE)
+            progress.measured(base["train_images_per_second"])
+        else:
+            progress.measured(300.0)  # a first guess, until a stage is timed
 
-    progress.banner(2, "training the searched shape with KD from the base network")
-    distilled = distill(os.path.join(out, "distill"), os.path.join(search_dir, ARCH_FILE), teacher_path,
-                        mode="kd", epochs=distill_epochs, batch_size=batch_size, **common)
-    progress.measured(distilled["train_images_per_second"] / 1.3)
+        progress.banner(1, f"TAS search of {model_name} at {target_ratio:.0%} of the FLOPs")
+        run_search(stage_dirs["search"], model_name=model_name, epochs=search_epochs,
+                   batch_size=search_batch_size, target_ratio=target_ratio, width_multiple=width_multiple,
+                   **trained)
+        search_dir = run_dir(stage_dirs["search"])
+        history = read_json(os.path.join(search_dir, HISTORY_FILE))
+        plots.plot_search_curves(history, os.path.join(search_dir, "curves.png"))
+
+        progress.banner(2, "training the searched shape with KD from the base network")
+        distilled = distill(stage_dirs["distill"], os.path.join(search_dir, ARCH_FILE), teacher_path,
+                            mode="kd", epochs=distill_epochs, batch_size=batch_size, **trained)
+        progress.measured(distilled["train_images_per_second"] / 1.3)
+    if not distribution.extended.should_checkpoint:
+        logging.info("training done; the chief exports and writes the report")
+        return None
 
     progress.banner(3, "export to SavedModel and .tflite (fp32, int8), verified with LiteRT")
     exports = {}
     for quantize in ("none", "int8"):
         export_dir = os.path.join(out, "export", quantize)
-        settings = {"model": os.path.abspath(os.path.join(run_dir(os.path.join(out, "distill")), MODEL_FILE)),
+        settings = {"model": os.path.abspath(os.path.join(stage_dirs["distill"], MODEL_FILE)),
                     "compare_with": os.path.abspath(teacher_path), "quantize": quantize, **common}
-        written_export, finished = prepare_run_dir(export_dir, settings, done_file=REPORT_FILE)
+        _, finished = prepare_run_dir(export_dir, settings, done_file=REPORT_FILE)
         if finished:
             exports[quantize] = read_json(os.path.join(export_dir, REPORT_FILE))
         else:
-            exports[quantize] = export_and_verify(settings["model"], written_export, quantize=quantize,
+            exports[quantize] = export_and_verify(settings["model"], export_dir, quantize=quantize,
                                                   compare_with=teacher_path, latency_runs=chosen.latency_runs,
                                                   **common)
 
     progress.banner(4, "report")
-    report = build_report(written, model_name, target_ratio, distilled, exports, search_dir)
-    logging.info("report: %s", os.path.join(written, "report.md"))
+    report = build_report(out, model_name, target_ratio, distilled, exports, search_dir)
+    logging.info("report: %s", os.path.join(out, "report.md"))
     return report
 
 
