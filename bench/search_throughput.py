@@ -5,12 +5,15 @@
 Both run on synthetic in-memory CIFAR batches, so only the model's compute is timed. A search step
 consumes a search-train and a search-valid batch; "cost per image" compares seconds per image of the
 search (train + valid images) with seconds per image of plain training: 1.0 means the search costs
-what plain training costs per image. Writes bench/results/search_throughput_<model>.json.
+what plain training costs per image. Also times one backup of the whole search state (supernet,
+both optimizers) and its share of the training time at the default interval. Writes
+bench/results/search_throughput_<model>.json.
 """
 
 import json
 import os
 import platform
+import tempfile
 import time
 
 from absl import app, flags
@@ -21,7 +24,7 @@ from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.cifar_resnet_supernet import CifarResNetSupernet
 from tas_keras.search import TASSearchModel
 from tas_keras.search_space import ArchConfig
-from tas_keras.training import sgd, write_json
+from tas_keras.training import CHECKPOINT_STEPS, TrainingCheckpoint, sgd, write_json
 
 _MODEL = flags.DEFINE_string("model", "resnet20", "Network to compare.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per batch (a search step takes two batches).")
@@ -44,6 +47,19 @@ def _timed_fit(model, dataset, steps):
     return time.perf_counter() - start
 
 
+def _backup_seconds(model, repeats=3):
+    """Fastest of `repeats` backups of the model's whole training state."""
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = TrainingCheckpoint(directory, steps_per_epoch=1)
+        checkpoint.set_model(model)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            checkpoint.save()
+            times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def main(argv):
     del argv
     arch = ArchConfig.full(_MODEL.value)
@@ -64,6 +80,7 @@ def main(argv):
         search_times.append(_timed_fit(search, search_data, steps))
     plain_rate = batch * steps / min(plain_times)
     search_rate = 2 * batch * steps / min(search_times)
+    backup = _backup_seconds(search)
     result = {
         "model": arch.name, "batch_size": batch, "steps": steps, "repeats": _REPEATS.value,
         "plain_images_per_second": round(plain_rate, 1),
@@ -71,6 +88,8 @@ def main(argv):
         "search_cost_per_image_vs_plain": round(plain_rate / search_rate, 3),
         "plain_seconds": [round(t, 2) for t in plain_times],
         "search_seconds": [round(t, 2) for t in search_times],
+        "backup_seconds": round(backup, 3),
+        "backup_share_at_default_interval": round(backup / (CHECKPOINT_STEPS * min(search_times) / steps), 4),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, TF {tf.__version__}, Keras {keras.__version__}",
     }
     path = _OUT.value or os.path.join(os.path.dirname(__file__), "results",
