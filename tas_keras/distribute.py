@@ -14,8 +14,6 @@ import functools
 import os
 
 import tensorflow as tf
-from keras.src import tree
-from keras.src.backend.tensorflow import trainer as keras_tf_trainer
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 WORKERS_DIR = "workers"
@@ -97,6 +95,10 @@ def _let_keras_fit_run_multi_worker():
     shapes, and reduces the scalar step logs over axis 0; both fail. This takes the shapes from the
     local replica's batch and averages the logs over replicas, what the trainer does on one machine.
     """
+    # Keras internals, imported only when a multi-worker strategy is made (pinned: Keras 3.15).
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer as keras_tf_trainer
+
     if getattr(keras_tf_trainer, "_multi_worker_fixed", False):
         return
     multi_worker = keras_tf_trainer._collective_all_reduce_multi_worker
