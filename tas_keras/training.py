@@ -173,9 +173,13 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         self.path = os.path.join(directory, CHECKPOINT_FILE)
         self.steps_per_epoch, self.every_steps = steps_per_epoch, every_steps
 
+    def on_train_begin(self, logs=None):
+        # Counted here rather than read from the optimizer every batch, which would wait for the device.
+        self.step = int(self.model.optimizer.iterations.numpy())
+
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        if step % self.every_steps == 0 and step % self.steps_per_epoch:
+        self.step += 1  # one step per batch call: these models train with steps_per_execution=1
+        if self.step % self.every_steps == 0 and self.step % self.steps_per_epoch:
             self.save()
 
     def on_epoch_end(self, epoch, logs=None):
