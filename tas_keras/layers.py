@@ -67,20 +67,22 @@ def _coupled_decay(weight_decay):
 class SearchableConv(keras.Layer):
     """A conv whose output width is searched, with a BN affine per candidate width.
 
+    Every searchable conv normalises with batch statistics (the supernet is only ever trained), the
+    stride-2 shortcut too: the reference's search forward applies its per-candidate BN to every conv,
+    although the derived network's stride-2 shortcut has no BN.
+
     Args:
         filters: the full width C.
         candidates: sorted candidate widths (the last is C).
         kernel_size, strides: of the conv ("same" padding, no bias).
-        batch_norm: normalise with batch statistics (the supernet always trains) and apply the
-            candidates' affines; False for the stride-2 shortcut, which has no BN.
         relu: apply ReLU after the mix.
         own_choice: hold a width distribution (alpha, if there are two candidates or more); False
             for a shortcut conv, which is given the block-output conv's sample.
         pool_first: 2x2 average pooling before the conv (the stride-2 shortcut).
     """
 
-    def __init__(self, filters, candidates, kernel_size=3, strides=1, batch_norm=True, relu=True,
-                 own_choice=True, pool_first=False, weight_decay=0.0, **kwargs):
+    def __init__(self, filters, candidates, kernel_size=3, strides=1, relu=True, own_choice=True,
+                 pool_first=False, weight_decay=0.0, **kwargs):
         super().__init__(**kwargs)
         candidates = tuple(int(c) for c in candidates)
         if list(candidates) != sorted(set(candidates)) or candidates[-1] != filters or candidates[0] < 1:
@@ -88,7 +90,7 @@ class SearchableConv(keras.Layer):
                              f"at {filters}, got {candidates!r}")
         self.filters, self.candidates = filters, candidates
         self.kernel_size, self.strides = kernel_size, strides
-        self.batch_norm, self.relu, self.own_choice, self.pool_first = batch_norm, relu, own_choice, pool_first
+        self.relu, self.own_choice, self.pool_first = relu, own_choice, pool_first
         self.weight_decay = weight_decay
         self.transitions = tf.constant(transition_matrices(candidates, filters))
         self.candidate_widths = tf.constant(candidates, tf.float32)
@@ -99,12 +101,11 @@ class SearchableConv(keras.Layer):
         self.kernel = self.add_weight(
             name="kernel", shape=(self.kernel_size, self.kernel_size, input_shape[-1], self.filters),
             initializer=he_normal_fan_out(), regularizer=decay)
-        if self.batch_norm:
-            m = len(self.candidates)
-            self.gammas = self.add_weight(name="gammas", shape=(m, self.filters), initializer="ones",
-                                          regularizer=decay)
-            self.betas = self.add_weight(name="betas", shape=(m, self.filters), initializer="zeros",
-                                         regularizer=decay)
+        m = len(self.candidates)
+        self.gammas = self.add_weight(name="gammas", shape=(m, self.filters), initializer="ones",
+                                      regularizer=decay)
+        self.betas = self.add_weight(name="betas", shape=(m, self.filters), initializer="zeros",
+                                     regularizer=decay)
         if self.own_choice and len(self.candidates) > 1:
             self.alpha = self.add_weight(name="alpha", shape=(len(self.candidates),),
                                          initializer=keras.initializers.RandomNormal(0.0, 0.01))
@@ -132,24 +133,20 @@ class SearchableConv(keras.Layer):
         y = tf.nn.conv2d(x, self.kernel, self.strides, "SAME")
         wider = tf.reduce_max(picks)
         mix = tf.gather(self.transitions[:, wider], picks)  # [2, C, C]: each pick to the wider width
-        if self.batch_norm:
-            matrix = tf.einsum("k,ki,kij->ij", weights, tf.gather(self.gammas, picks), mix)
-            bias = tf.einsum("k,ki,kij->j", weights, tf.gather(self.betas, picks), mix)
-            mean, variance = tf.nn.moments(y, axes=[0, 1, 2])
-            scale = tf.math.rsqrt(variance + BN_EPSILON)
-            matrix = scale[:, None] * matrix
-            bias = bias - tf.linalg.matvec(matrix, mean, transpose_a=True)
-            y = tf.einsum("bhwc,cd->bhwd", y, matrix) + bias
-        else:
-            y = tf.einsum("bhwc,cd->bhwd", y, tf.einsum("k,kij->ij", weights, mix))
+        matrix = tf.einsum("k,ki,kij->ij", weights, tf.gather(self.gammas, picks), mix)
+        bias = tf.einsum("k,ki,kij->j", weights, tf.gather(self.betas, picks), mix)
+        mean, variance = tf.nn.moments(y, axes=[0, 1, 2])
+        scale = tf.math.rsqrt(variance + BN_EPSILON)
+        matrix = scale[:, None] * matrix
+        bias = bias - tf.linalg.matvec(matrix, mean, transpose_a=True)
+        y = tf.einsum("bhwc,cd->bhwd", y, matrix) + bias
         if self.relu:
             y = tf.nn.relu(y)
         return y, wider
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "candidates": list(self.candidates),
-                "kernel_size": self.kernel_size, "strides": self.strides, "batch_norm": self.batch_norm,
-                "relu": self.relu, "own_choice": self.own_choice, "pool_first": self.pool_first,
+                "kernel_size": self.kernel_size, "strides": self.strides, "relu": self.relu, "own_choice": self.own_choice, "pool_first": self.pool_first,
                 "weight_decay": self.weight_decay}
 
 

@@ -69,18 +69,30 @@ def plot_search(history, full_arch, path):
 
 def plot_search_curves(history, path):
     """Writes a PNG of the search per epoch: supernet accuracy (train and valid batches), expected and
-    argmax cost as a fraction of the full network, and tau. Written atomically."""
+    argmax cost as a fraction of the full network, how decided the architecture is (mean top-1
+    probability of the width and depth distributions, argmax changes since the previous epoch) and
+    tau. Written atomically."""
     epochs = [e["epoch"] + 1 for e in history]
     logs = lambda key: [e["logs"].get(key, np.nan) for e in history]  # noqa: E731
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
     axes[0].plot(epochs, logs("accuracy"), marker="o", label="search-train batches")
     axes[0].plot(epochs, logs("valid_accuracy"), marker="o", label="search-valid batches")
     axes[0].set_title("supernet accuracy (sampled shapes)")
     axes[1].plot(epochs, logs("expected_cost_ratio"), marker="o", label="expected E(A)")
     axes[1].plot(epochs, logs("argmax_cost_ratio"), marker="o", label="argmax F(A)")
     axes[1].set_title("cost / full network (epoch mean)")
-    axes[2].plot(epochs, [e["tau"] for e in history], marker="o", color="#ff7f0e")
-    axes[2].set_title("Gumbel temperature tau")
+    axes[2].plot(epochs, logs("width_top1"), marker="o", label="width: mean top-1 probability")
+    axes[2].plot(epochs, logs("depth_top1"), marker="o", label="depth: mean top-1 probability")
+    axes[2].set_ylim(0, 1.02)
+    changes = axes[2].twinx()
+    changes.bar(epochs, np.nan_to_num(logs("width_changes")) + np.nan_to_num(logs("depth_changes")),
+                color="#bbbbbb", alpha=0.5, width=0.6)
+    changes.set_ylabel("argmax changes (bars)", fontsize=8)
+    axes[2].set_zorder(changes.get_zorder() + 1)
+    axes[2].patch.set_visible(False)
+    axes[2].set_title("how decided the architecture is")
+    axes[3].plot(epochs, [e["tau"] for e in history], marker="o", color="#ff7f0e")
+    axes[3].set_title("Gumbel temperature tau")
     for axis in axes:
         axis.set_xlabel("epoch")
         axis.xaxis.get_major_locator().set_params(integer=True)

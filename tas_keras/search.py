@@ -6,6 +6,7 @@ import os
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tas_keras import data, plots
@@ -18,6 +19,7 @@ from tas_keras.training import CHECKPOINT_STEPS, EpochLog, fit_resumable, prepar
 ARCH_FILE = "arch.json"
 HISTORY_FILE = "history.json"
 PLOT_FILE = "search.png"
+CURVES_FILE = "curves.png"
 COST_BANDS = ("code", "paper")
 TAU_SCHEDULES = ("cosine", "linear")
 
@@ -35,13 +37,80 @@ def cost_band(target_ratio, tolerance, band):
 
 
 def tau_at(epoch, epochs, schedule="cosine", tau_max=5.0, tau_min=0.1):
-    """Gumbel temperature of `epoch` (0-based): tau_max at the first epoch, tau_min at the last."""
-    progress = epoch / max(1, epochs - 1)
+    """Gumbel temperature of `epoch` (0-based), annealed with progress epoch / epochs as the reference
+    code does: tau_max at the first epoch, and the last epoch stays one step above tau_min."""
+    progress = epoch / epochs
     if schedule == "cosine":
         return tau_min + (tau_max - tau_min) * (1 + math.cos(math.pi * progress)) / 2
     if schedule == "linear":
         return tau_max - (tau_max - tau_min) * progress
     raise ValueError(f"tau schedule must be one of {TAU_SCHEDULES}, got {schedule!r}")
+
+
+# The reference's architecture step: Adam at 1e-3, constant, from the first step. Tuned for ~58,800
+# architecture steps (600 CIFAR epochs), it barely moves a logit in the few hundred steps of a short
+# search (bench/results/search_convergence.json).
+REFERENCE_ARCH_LEARNING_RATE = 1e-3
+ARCH_DECAYS = ("cosine", "constant")
+# The defaults that make a search of any length decide (bench/search_convergence.py): the weights
+# train alone for the first ARCH_WARMUP of the steps, then the architecture learning rate lets a
+# logit travel ARCH_TRAVEL over the remaining steps, decayed by cosine.
+ARCH_WARMUP = 0.3
+ARCH_TRAVEL = 10.0
+
+
+def arch_learning_rate_for(steps, warmup_fraction, travel):
+    """The Adam learning rate that lets an architecture logit travel up to `travel` over the steps after
+    the warm-up (Adam moves a parameter by at most ~lr per step), never below the reference's 1e-3."""
+    moving = max(1, round(steps * (1 - warmup_fraction)))
+    return max(REFERENCE_ARCH_LEARNING_RATE, travel / moving)
+
+
+@keras.saving.register_keras_serializable(package="tas_keras")
+class ArchLearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """The architecture optimizer's learning rate: 0 while the weights warm up (the architecture
+    holds still while the supernet learns), then `peak`, constant or decayed by cosine to 0 at the
+    last step so the argmax settles.
+
+    A zero rate rather than a skipped update: no tf.cond around an optimizer step (DESIGN.md
+    section 7), and Adam's moments are already estimated when the architecture starts to move.
+    """
+
+    def __init__(self, peak, total_steps, warmup_steps=0, decay="cosine"):
+        if peak < 0:
+            raise ValueError(f"architecture learning rate must be >= 0, got {peak!r}")
+        if not 0 <= warmup_steps < max(1, total_steps):
+            raise ValueError(f"warm-up must be in [0, {total_steps}) steps, got {warmup_steps!r}")
+        if decay not in ARCH_DECAYS:
+            raise ValueError(f"architecture decay must be one of {ARCH_DECAYS}, got {decay!r}")
+        self.peak, self.total_steps, self.warmup_steps, self.decay = peak, total_steps, warmup_steps, decay
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        progress = tf.clip_by_value((step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps),
+                                    0.0, 1.0)
+        rate = self.peak * (0.5 * (1 + tf.cos(np.pi * progress)) if self.decay == "cosine" else 1.0)
+        return tf.where(step < self.warmup_steps, 0.0, rate)
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "decay": self.decay}
+
+
+def _entropy_and_top1(logit_vectors):
+    probs = [tf.nn.softmax(v).numpy() for v in logit_vectors]
+    entropy = [float(-(p * np.log(np.maximum(p, 1e-12))).sum()) for p in probs]
+    return float(np.mean(entropy)), float(np.mean([p.max() for p in probs]))
+
+
+def convergence(supernet):
+    """How decided the architecture is: the mean entropy (nats) and mean top-1 probability of the
+    width distributions (convs with two or more candidates) and of the stage depth distributions."""
+    width_entropy, width_top1 = _entropy_and_top1(
+        [conv.alpha for conv in supernet.width_choices if conv.alpha is not None])
+    depth_entropy, depth_top1 = _entropy_and_top1([mixer.beta for _, mixer in supernet.stages])
+    return {"width_entropy": width_entropy, "width_top1": width_top1,
+            "depth_entropy": depth_entropy, "depth_top1": depth_top1}
 
 
 class TASSearchModel(keras.Model):
@@ -176,11 +245,22 @@ class TauSchedule(keras.callbacks.Callback):
 
 
 class ArchHistory(EpochLog):
-    """Records the argmax shape and the epoch's logs after every epoch into `history.json`."""
+    """Records the argmax shape and the epoch's logs after every epoch into `history.json`.
+
+    The logs gain how decided the architecture is (`convergence`, and how many widths and depths
+    changed their argmax since the previous epoch), so the callbacks after this one (TensorBoard)
+    record them too."""
 
     def entry(self, epoch, logs):
         arch = self.model.supernet.derive()
         cost = count_arch(arch)
+        previous = self.entries.get(epoch - 1)
+        decided = convergence(self.model.supernet)
+        if previous is not None:
+            decided["width_changes"] = sum(a != b for a, b in zip(arch.widths, previous["widths"]))
+            decided["depth_changes"] = sum(a != b for a, b in zip(arch.stage_blocks, previous["stage_blocks"]))
+        if logs is not None:
+            logs.update(decided)
         return {"epoch": epoch, "widths": list(arch.widths), "stage_blocks": list(arch.stage_blocks),
                 "flops": cost.flops, "params": cost.params, "tau": float(self.model.tau.numpy()),
                 **super().entry(epoch, logs)}
@@ -214,12 +294,13 @@ def search_batches(dataset, batch_size, epochs, seed):
 
 def init_from_base(supernet, base_model):
     """Copies a trained full network into the supernet: conv kernels, every candidate's BN affine
-    from the base BN, and the classifier, matched by layer name."""
+    from the base BN, and the classifier, matched by layer name. The stride-2 shortcut has no BN in
+    the base network: its supernet affines keep their identity start."""
+    base_layers = {layer.name for layer in base_model.layers}
     for conv in [supernet.stem] + [c for _, convs, shortcut in supernet.blocks for c in (*convs, shortcut)
                                    if c is not None]:
-        source = base_model.get_layer(conv.name)
-        conv.kernel.assign(source.kernel)
-        if conv.batch_norm:
+        conv.kernel.assign(base_model.get_layer(conv.name).kernel)
+        if conv.name.replace("conv", "bn") in base_layers:
             bn = base_model.get_layer(conv.name.replace("conv", "bn"))
             conv.gammas.assign(tf.tile(bn.gamma[None], [len(conv.candidates), 1]))
             conv.betas.assign(tf.tile(bn.beta[None], [len(conv.candidates), 1]))
@@ -230,11 +311,17 @@ def init_from_base(supernet, base_model):
 def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, data_dir=None, epochs=10,
                batch_size=256, target_ratio=0.5, cost_metric="flops", cost_weight=2.0, tolerance=0.05,
                band="code", tau_schedule="cosine", tau_max=5.0, tau_min=0.1, width_multiple=1,
-               learning_rate=0.1, arch_learning_rate=1e-3, init_from=None, seed=0,
-               max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS):
+               learning_rate=0.1, arch_learning_rate=None, arch_warmup=ARCH_WARMUP, arch_decay="cosine",
+               init_from=None, seed=0, max_train_examples=None, overwrite=False,
+               checkpoint_steps=CHECKPOINT_STEPS):
     """Searches a shape of `model_name` keeping `target_ratio` of its cost; writes arch.json,
-    history.json, search.png and TensorBoard logs to `out`, resuming an interrupted run from its
-    backup (every `checkpoint_steps` steps and every epoch)."""
+    history.json, search.png, curves.png and TensorBoard logs to `out`, resuming an interrupted run from its
+    backup (every `checkpoint_steps` steps and every epoch).
+
+    The architecture optimizer is Adam with `ArchLearningRate(arch_learning_rate, warm-up of
+    `arch_warmup` of the steps, `arch_decay`)`; `arch_learning_rate=None` scales it to the run's length
+    (`arch_learning_rate_for`). The reference code's step is `arch_learning_rate=1e-3, arch_warmup=0,
+    arch_decay="constant"`."""
     settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps")}
     settings["stage"] = "search"
     ArchConfig.full(model_name)
@@ -246,6 +333,12 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
         raise ValueError(f"cost must be one of {COST_METRICS}, got {cost_metric!r}")
     cost_band(target_ratio, tolerance, band)
     tau_at(0, epochs, tau_schedule)
+    if not 0 <= arch_warmup < 1:
+        raise ValueError(f"architecture warm-up must be a fraction in [0, 1), got {arch_warmup!r}")
+    if arch_decay not in ARCH_DECAYS:
+        raise ValueError(f"architecture decay must be one of {ARCH_DECAYS}, got {arch_decay!r}")
+    if arch_learning_rate is not None and arch_learning_rate < 0:
+        raise ValueError(f"architecture learning rate must be >= 0, got {arch_learning_rate!r}")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     if init_from and not os.path.exists(init_from):
@@ -267,8 +360,12 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
         init_from_base(supernet, keras.saving.load_model(init_from))
     model = TASSearchModel(supernet, target_ratio, cost_metric, cost_weight, tolerance, band, seed=seed)
     batches, steps = search_batches(dataset, batch_size, epochs, seed)
-    model.compile(optimizer=sgd(learning_rate, steps * epochs),
-                  arch_optimizer=keras.optimizers.Adam(arch_learning_rate, beta_1=0.5, beta_2=0.999))
+    total = steps * epochs
+    peak = arch_learning_rate if arch_learning_rate is not None else arch_learning_rate_for(
+        total, arch_warmup, ARCH_TRAVEL)
+    arch_rate = ArchLearningRate(peak, total, round(total * arch_warmup), arch_decay)
+    model.compile(optimizer=sgd(learning_rate, total),
+                  arch_optimizer=keras.optimizers.Adam(arch_rate, beta_1=0.5, beta_2=0.999))
     history = ArchHistory(os.path.join(run, HISTORY_FILE))
     start = time.perf_counter()
     fit_resumable(model, batches, steps, epochs, out, [
@@ -282,7 +379,9 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
         "epoch": chosen["epoch"], "flops": chosen["flops"], "params": chosen["params"],
         "flops_ratio": chosen["flops"] / count_arch(full).flops, "epochs": epochs, "seed": seed,
         "model": model_name, "dataset": dataset.name, "width_multiple": width_multiple,
+        "arch_learning_rate": peak, "arch_warmup": arch_warmup, "arch_decay": arch_decay,
         "search_wall_time_s": round(wall, 2)})
     plots.plot_search(history.history, full, os.path.join(run, PLOT_FILE))
+    plots.plot_search_curves(history.history, os.path.join(run, CURVES_FILE))
     arch.save(os.path.join(run, ARCH_FILE))
     return arch.to_dict()

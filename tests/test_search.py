@@ -10,10 +10,10 @@ import pytest
 import tensorflow as tf
 
 from tas_keras.cost import count_arch, count_model
-from tas_keras.layers import cwi_matrix, sample_two_widths, transition_matrices
+from tas_keras.layers import DepthMixer, SearchableConv, cwi_matrix, sample_two_widths, transition_matrices
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.cifar_resnet_supernet import CifarResNetSupernet
-from tas_keras.search import TASSearchModel, cost_band, init_from_base, run_search, tau_at
+from tas_keras.search import TASSearchModel, convergence, cost_band, init_from_base, run_search, tau_at
 from tas_keras.search_space import ArchConfig, candidate_widths
 
 from .conftest import REPO
@@ -178,7 +178,29 @@ def test_supernet_from_base_at_full_shape_equals_base():
              for c in supernet.width_choices},
             [tf.one_hot(len(m.depth_choices) - 1, len(m.depth_choices)) for _, m in supernet.stages])
     images = tf.random.normal((16, 8, 8, 3))
-    np.testing.assert_allclose(supernet(images, full), base(images, training=True), atol=1e-4)
+    np.testing.assert_allclose(supernet(images, full), _base_with_normalised_shortcuts(base, images), atol=1e-4)
+
+
+def _base_with_normalised_shortcuts(base, images):
+    """The base network run layer by layer in training mode, except that every stride-2 shortcut
+    conv is followed by batch normalisation with identity affine, as the reference's search forward
+    normalises every conv (its derived network has no BN there)."""
+    layer = base.get_layer
+
+    def normalised(x):
+        mean, variance = tf.nn.moments(x, axes=[0, 1, 2])
+        return (x - mean) / tf.sqrt(variance + 1e-5)
+
+    x = tf.nn.relu(layer("stem_bn")(layer("stem_conv")(images), training=True))
+    for stage in (1, 2, 3):
+        for block in (1, 2, 3):
+            name = f"s{stage}_b{block}"
+            y = tf.nn.relu(layer(f"{name}_bn_a")(layer(f"{name}_conv_a")(x), training=True))
+            y = layer(f"{name}_bn_b")(layer(f"{name}_conv_b")(y), training=True)
+            if stage > 1 and block == 1:
+                x = normalised(layer(f"{name}_shortcut_conv")(layer(f"{name}_shortcut_pool")(x)))
+            x = tf.nn.relu(x + y)
+    return layer("head_fc")(tf.reduce_mean(x, axis=[1, 2]))
 
 
 def test_supernet_config_round_trip():
@@ -189,9 +211,11 @@ def test_supernet_config_round_trip():
 
 
 def test_tau_schedules_and_bands():
-    assert tau_at(0, 10) == pytest.approx(5.0) and tau_at(9, 10) == pytest.approx(0.1)
-    assert tau_at(2, 5) == pytest.approx(2.55)
-    assert tau_at(2, 5, "linear", tau_max=10) == pytest.approx(5.05)
+    # The reference anneals with progress epoch / epochs: tau_min would come one epoch after the last.
+    assert tau_at(0, 10) == pytest.approx(5.0)
+    assert tau_at(9, 10) == pytest.approx(0.1 + 4.9 * (1 + math.cos(0.9 * math.pi)) / 2)
+    assert tau_at(2, 4) == pytest.approx(2.55)
+    assert tau_at(2, 5, "linear", tau_max=10) == pytest.approx(10 - 9.9 * 0.4)
     assert cost_band(0.5, 0.05, "code") == pytest.approx((0.45, 0.5))
     assert cost_band(0.5, 0.05, "paper") == pytest.approx((0.475, 0.525))
     with pytest.raises(ValueError, match="band must be one of"):
@@ -217,8 +241,12 @@ def test_run_search_writes_a_shape_that_builds_and_counts(tmp_path):
     assert chosen["widths"] == list(arch.widths) and chosen["stage_blocks"] == list(arch.stage_blocks)
     band = [e for e in history if 0.45 * 40_813_194 <= e["flops"] <= 0.5 * 40_813_194]
     assert chosen == (band or history)[-1]  # the last epoch inside the band, else the last
-    assert history[0]["tau"] == pytest.approx(5.0) and history[1]["tau"] == pytest.approx(0.1)
+    assert history[0]["tau"] == pytest.approx(5.0) and history[1]["tau"] == pytest.approx(2.55)
     assert os.path.getsize(os.path.join(out, "search.png")) > 10_000
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 10_000
+    changed = sum(a != b for a, b in zip(history[0]["widths"], history[1]["widths"]))
+    assert history[1]["logs"]["width_changes"] == changed and "width_changes" not in history[0]["logs"]
+    assert 1 / 8 <= history[1]["logs"]["width_top1"] < 1 and 0 < history[1]["logs"]["width_entropy"] <= math.log(8)
     assert run_search(out, **settings) == result  # finished: not searched again
 
 
@@ -234,3 +262,123 @@ def test_search_cli_rejects_bad_input_before_any_work(tmp_path, args, message):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and message in result.stderr
     assert not out.exists()
+
+
+def _naive_cwi(x, out_width):
+    """Channel-wise interpolation as the paper defines it: adaptive average pooling along channels."""
+    width = x.shape[-1]
+    return np.stack([x[..., math.floor(j * width / out_width):math.ceil((j + 1) * width / out_width)].mean(-1)
+                     for j in range(out_width)], axis=-1)
+
+
+def test_searchable_conv_with_two_different_picks_equals_the_naive_route():
+    candidates = candidate_widths(16)  # 4, 6, 8, 9, 11, 12, 14, 16
+    conv = SearchableConv(16, candidates, kernel_size=3, strides=2)
+    x = tf.random.stateless_normal((4, 7, 7, 5), [0, 0])
+    picks, weights = tf.constant([5, 2]), tf.constant([0.7, 0.3])  # 12 and 8 channels
+    conv(x, picks, weights)
+    conv.gammas.assign(tf.random.stateless_uniform(conv.gammas.shape, [0, 1], 0.5, 1.5))
+    conv.betas.assign(tf.random.stateless_normal(conv.betas.shape, [0, 2]))
+    mixed, wider = conv(x, picks, weights)
+
+    full = tf.nn.conv2d(x, conv.kernel, 2, "SAME").numpy()
+    expected = np.zeros_like(full)
+    for pick, weight in zip(picks.numpy(), weights.numpy()):
+        width = candidates[pick]
+        part = full[..., :width]
+        normalised = (part - part.mean((0, 1, 2))) / np.sqrt(part.var((0, 1, 2)) + 1e-5)
+        affine = normalised * conv.gammas.numpy()[pick, :width] + conv.betas.numpy()[pick, :width]
+        expected[..., :12] += weight * _naive_cwi(affine, 12)
+    assert int(wider) == 5
+    np.testing.assert_allclose(mixed, np.maximum(expected, 0), atol=1e-4)
+    assert np.abs(expected[..., :12]).min() > 0  # both fragments reach the wider width
+
+
+def test_depth_mixer_with_different_block_widths_equals_the_naive_route():
+    candidates = candidate_widths(16)
+    mixer = DepthMixer((1, 2, 3), candidates)
+    mixer.build()
+    widths = [7, 2, 4]  # the block outputs are 16, 8 and 11 channels wide (zero beyond)
+    rng = np.random.default_rng(0)
+    outputs = [np.concatenate([rng.normal(size=(2, 3, 3, candidates[w])),
+                               np.zeros((2, 3, 3, 16 - candidates[w]))], -1).astype("float32") for w in widths]
+    weights = tf.constant([0.2, 0.5, 0.3])
+    mixed, wider = mixer([tf.constant(o) for o in outputs], [tf.constant(w) for w in widths], weights)
+    expected = sum(q * _naive_cwi(o[..., :candidates[w]], 16) for q, o, w in zip(weights.numpy(), outputs, widths))
+    assert int(wider) == 7
+    np.testing.assert_allclose(mixed, expected, atol=1e-5)
+
+
+def test_architecture_step_inside_the_band_follows_the_cross_entropy_alone():
+    supernet = CifarResNetSupernet(ArchConfig.full("resnet20", input_shape=(8, 8, 3)))
+    search = TASSearchModel(supernet, target_ratio=0.5, arch_weight_decay=0.0)
+    search.compile(optimizer=keras.optimizers.SGD(0.0), arch_optimizer=keras.optimizers.SGD(1.0))
+    argmax = float(supernet.argmax_cost())
+    search.cost_low, search.cost_high = 0.99 * argmax, 1.01 * argmax  # the argmax is inside the band
+    assert float(search.cost_loss()[0]) == 0.0
+    before = [v.numpy() for v in supernet.arch_variables]
+    batches = _random_batches((8, 8, 3))
+    search.fit(batches, epochs=1, verbose=0)
+    steps = [b - v.numpy() for b, v in zip(before, supernet.arch_variables)]  # SGD(1): the gradient
+
+    for variable, value in zip(supernet.arch_variables, before):
+        variable.assign(value)
+    _, (valid_images, valid_labels) = next(iter(batches))
+    with tf.GradientTape() as tape:  # the architecture step's sample: step 1 (after the weight step), phase 1
+        logits = supernet(valid_images, supernet.sample(search.tau, search._step_seed(1)))
+        cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(valid_labels, logits)
+    gradients = tape.gradient(cross_entropy, supernet.arch_variables)
+    for step, gradient, variable in zip(steps, gradients, supernet.arch_variables):
+        assert np.abs(gradient).max() > 0, variable.path
+        np.testing.assert_allclose(step, gradient, rtol=1e-4, atol=1e-7)
+
+
+def _uniform_expected_flops(depth, block, classes=10):
+    """E(A) at uniform alpha and beta, derived from DESIGN.md sections 4 and 6 without the supernet:
+    the mean candidate width of every conv chained through the network, each block weighted by the
+    share of its stage's depth choices that keep it."""
+    design = {16: (4, 6, 8, 9, 11, 12, 14, 16), 32: (9, 12, 16, 19, 22, 25, 28, 32),
+              64: (19, 25, 32, 38, 44, 51, 57, 64)}
+    mean = {c: np.mean(design.get(c, sorted({c * r // 10 for r in range(3, 11)}))) for c in (16, 32, 64, 128, 256)}
+    n = (depth - 2) // (6 if block == "basic" else 9)
+    choices = list(range(1, n + 1, 2)) + ([n] if n % 2 == 0 else [])
+    total, width, size, full_in = 9 * 32 * 32 * 3 * mean[16], mean[16], 32, 16
+    for stage, planes in enumerate((16, 32, 64)):
+        for index in range(1, n + 1):
+            stride = 2 if stage and index == 1 else 1
+            out = size // stride
+            layout = ([(9, out, planes), (9, out, planes)] if block == "basic" else
+                      [(1, size, planes), (9, out, planes), (1, out, 4 * planes)])
+            cost, block_in = 0.0, width
+            for kernel, spatial, channels in layout:
+                cost += kernel * spatial * spatial * width * mean[channels]
+                width = mean[channels]
+            if stride == 2 or full_in != layout[-1][2]:  # the full network's projection shortcut
+                cost += out * out * block_in * width
+            total += sum(d >= index for d in choices) / len(choices) * cost
+            size, full_in = out, layout[-1][2]
+    return total + (width + 1) * classes
+
+
+@pytest.mark.parametrize("model, depth, block", [("resnet56", 56, "basic"), ("resnet110", 110, "basic"),
+                                                 ("resnet164", 164, "bottleneck")])
+def test_expected_cost_at_uniform_alpha_and_beta_of_deep_networks(model, depth, block):
+    supernet = CifarResNetSupernet(ArchConfig.full(model))
+    for variable in supernet.arch_variables:
+        variable.assign(tf.zeros_like(variable))
+    assert float(supernet.expected_cost()) == pytest.approx(_uniform_expected_flops(depth, block), rel=1e-5)
+
+
+def test_convergence_measures_entropy_top1_and_changes():
+    supernet = CifarResNetSupernet(ArchConfig.full("resnet8", input_shape=(8, 8, 3)))
+    for variable in supernet.arch_variables:
+        variable.assign(tf.zeros_like(variable))
+    uniform = convergence(supernet)
+    assert uniform["width_top1"] == pytest.approx(1 / 8) and uniform["width_entropy"] == pytest.approx(math.log(8))
+    assert uniform["depth_top1"] == pytest.approx(1.0) and uniform["depth_entropy"] == pytest.approx(0.0)  # n=1
+    supernet.stem.alpha.assign([0.0] * 7 + [math.log(7.0)])  # one conv: top-1 0.5, the rest 1/14 each
+    decided = convergence(supernet)
+    alphas = len([c for c in supernet.width_choices if c.alpha is not None])
+    assert decided["width_top1"] == pytest.approx((0.5 + (alphas - 1) / 8) / alphas)
+    stem_entropy = -(0.5 * math.log(0.5) + 7 / 14 * math.log(1 / 14))
+    assert decided["width_entropy"] == pytest.approx((stem_entropy + (alphas - 1) * math.log(8)) / alphas)

@@ -12,11 +12,11 @@ import shutil
 import time
 
 from export.pipeline import REPORT_FILE, TFLITE_FILE, export_and_verify
-from tas_keras import data, plots
+from tas_keras import data
 from tas_keras.distribute import check_overwrite, holds_own_files, make_strategy, run_dir
 from tas_keras.cost import count_arch
 from tas_keras.distill import distill, load_teacher
-from tas_keras.search import ARCH_FILE, HISTORY_FILE, PLOT_FILE, run_search
+from tas_keras.search import ARCH_FILE, CURVES_FILE, PLOT_FILE, run_search
 from tas_keras.search_space import ArchConfig, candidate_widths, depth_choices
 from tas_keras.training import MODEL_FILE, prepare_run_dir, read_json, train_base, write_json
 
@@ -33,15 +33,19 @@ class Preset:
     batch_size: int
     search_batch_size: int
     latency_runs: int
+    # run_search's architecture-step settings; empty: its defaults, which scale to the run's length.
+    arch_step: dict = dataclasses.field(default_factory=dict)
 
 
 PRESETS = {
     # The README quickstart: the bundled subset, a few minutes on 2 CPU cores.
     "quick": Preset(data.BUNDLED_DATASET, base_epochs=8, search_epochs=10, distill_epochs=8, batch_size=128,
                     search_batch_size=64, latency_runs=100),
-    # The reference schedule (base network trained as long as the final training), for GPUs.
+    # The reference schedule and architecture step (base network trained as long as the final
+    # training), for GPUs.
     "paper": Preset("cifar10", base_epochs=300, search_epochs=600, distill_epochs=300, batch_size=256,
-                    search_batch_size=256, latency_runs=500),
+                    search_batch_size=256, latency_runs=500,
+                    arch_step={"arch_learning_rate": 1e-3, "arch_warmup": 0.0, "arch_decay": "constant"}),
 }
 
 
@@ -142,10 +146,9 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
         progress.banner(1, f"TAS search of {model_name} at {target_ratio:.0%} of the FLOPs")
         run_search(stage_dirs["search"], model_name=model_name, epochs=search_epochs,
                    batch_size=search_batch_size, target_ratio=target_ratio, width_multiple=width_multiple,
+                   **chosen.arch_step,
                    **trained)
         search_dir = run_dir(stage_dirs["search"])
-        history = read_json(os.path.join(search_dir, HISTORY_FILE))
-        plots.plot_search_curves(history, os.path.join(search_dir, "curves.png"))
 
         progress.banner(2, "training the searched shape with KD from the base network")
         distilled = distill(stage_dirs["distill"], os.path.join(search_dir, ARCH_FILE), teacher_path,
@@ -218,7 +221,7 @@ def build_report(out, model_name, target_ratio, distilled, exports, search_dir):
     lines += ["", f"Export checks: {'all passed' if report['checks_passed'] else 'SOME FAILED, see export/*/report.json'}."
               f" Files: `export/none/{TFLITE_FILE}`, `export/int8/{TFLITE_FILE}`.", "",
               f"## Searched shape: blocks per stage {shape['stage_blocks']}", "",
-              f"![searched shape](search/{PLOT_FILE})", "", "## Search", "", "![search curves](search/curves.png)", ""]
+              f"![searched shape](search/{PLOT_FILE})", "", "## Search", "", f"![search curves](search/{CURVES_FILE})", ""]
     tmp = os.path.join(out, "report.md.tmp")
     with open(tmp, "w") as f:
         f.write("\n".join(lines))

@@ -5,7 +5,7 @@
 
 from absl import flags
 
-from tas_keras.search import COST_BANDS, TAU_SCHEDULES, run_search
+from tas_keras.search import ARCH_DECAYS, ARCH_WARMUP, COST_BANDS, TAU_SCHEDULES, run_search
 from train import common_flags
 
 common_flags.define_common_flags(epochs=10, batch_size=256)
@@ -23,7 +23,12 @@ _TAU_MIN = flags.DEFINE_float("tau_min", 0.1, "Gumbel temperature at the last ep
 _MULTIPLE = flags.DEFINE_integer("width_multiple", 1, "Candidate widths rounded to multiples of this "
                                  "(8 or 16: hardware-aligned search space).", lower_bound=1)
 _LR = flags.DEFINE_float("learning_rate", 0.1, "Weights: initial SGD learning rate (cosine to 0).")
-_ARCH_LR = flags.DEFINE_float("arch_learning_rate", 1e-3, "Architecture: Adam learning rate.")
+_ARCH_LR = flags.DEFINE_float("arch_learning_rate", None, "Architecture: Adam's peak learning rate (default: "
+                              "scaled to the run's length). The reference: 0.001.")
+_ARCH_WARMUP = flags.DEFINE_float("arch_warmup", ARCH_WARMUP, "Fraction of the steps during which only the "
+                                  "weights train (the reference: 0).")
+_ARCH_DECAY = flags.DEFINE_enum("arch_decay", "cosine", list(ARCH_DECAYS), "Architecture learning rate after "
+                                "the warm-up: cosine to 0, or constant (the reference).")
 _INIT = flags.DEFINE_string("init_from", None, "Start the supernet from this trained full network "
                             "(train.base's model.keras).")
 FLAGS = flags.FLAGS
@@ -35,6 +40,7 @@ def main():
                cost_metric=_COST.value, cost_weight=_LAMBDA.value, tolerance=_TOLERANCE.value,
                band=_BAND.value, tau_schedule=_TAU.value, tau_max=_TAU_MAX.value, tau_min=_TAU_MIN.value,
                width_multiple=_MULTIPLE.value, learning_rate=_LR.value, arch_learning_rate=_ARCH_LR.value,
+               arch_warmup=_ARCH_WARMUP.value, arch_decay=_ARCH_DECAY.value,
                init_from=_INIT.value, seed=FLAGS.seed, max_train_examples=FLAGS.max_train_examples,
                overwrite=FLAGS.overwrite,
                checkpoint_steps=FLAGS.checkpoint_steps, strategy=FLAGS.strategy)

@@ -47,7 +47,7 @@ class CifarResNetSupernet(keras.Model):
         def searchable(conv, relu, choice_of=None):
             return SearchableConv(
                 conv.out_channels, self.candidates[choice_of or conv.name], conv.kernel, conv.stride,
-                batch_norm=conv.batch_norm, relu=relu, own_choice=choice_of is None,
+                relu=relu, own_choice=choice_of is None,
                 pool_first=conv.pool_first, weight_decay=weight_decay, name=conv.name)
 
         self.stem = searchable(self.plan.stem, relu=True)
