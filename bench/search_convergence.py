@@ -20,9 +20,7 @@ import keras
 import tensorflow as tf
 
 from tas_keras import data
-from tas_keras.cost import count_arch
-from tas_keras.search import ARCH_TRAVEL, ARCH_WARMUP, cost_band, run_search
-from tas_keras.search_space import ArchConfig
+from tas_keras.search import ARCH_TRAVEL, ARCH_WARMUP, decision_summary, run_search
 from tas_keras.training import read_json, write_json
 
 _SUITE = flags.DEFINE_enum("suite", "quick", ["quick", "cifar10"], "quick: the quickstart's search (bundled "
@@ -39,54 +37,30 @@ SUITES = {
               "variants": {
                   "reference": REFERENCE,
                   "lr0.01_constant": {"arch_learning_rate": 1e-2, "arch_warmup": 0.0, "arch_decay": "constant"},
-                  "lr0.03_constant": {"arch_learning_rate": 3e-2, "arch_warmup": 0.0, "arch_decay": "constant"},
-                  "lr0.03_warmup0.3_cosine": {"arch_learning_rate": 3e-2, "arch_warmup": 0.3,
-                                              "arch_decay": "cosine"},
-                  "travel5_warmup0.3_cosine": {"travel": 5.0, "arch_warmup": 0.3, "arch_decay": "cosine"},
+                  "travel10_warmup0.3_cosine": {"travel": 10.0, "arch_warmup": 0.3, "arch_decay": "cosine"},
                   "travel20_warmup0.3_cosine": {"travel": 20.0, "arch_warmup": 0.3, "arch_decay": "cosine"},
-                  "default": {},
+                  # The reference's own travel: 1e-3 x 58,800 architecture steps.
+                  "travel59_warmup0.3_cosine": {"travel": 58.8, "arch_warmup": 0.3, "arch_decay": "cosine"},
+                  "travel20_warmup0.3_cosine_entropy1": {"travel": 20.0, "arch_warmup": 0.3, "arch_decay": "cosine",
+                                                         "entropy_weight": 1.0},
+                  "travel20_warmup0.3_cosine_entropy5": {"travel": 20.0, "arch_warmup": 0.3, "arch_decay": "cosine",
+                                                         "entropy_weight": 5.0},
+                  "travel59_warmup0.3_cosine_entropy5": {"travel": 58.8, "arch_warmup": 0.3, "arch_decay": "cosine",
+                                                         "entropy_weight": 5.0},
+                  "travel59_constant": {"travel": 58.8, "arch_warmup": 0.0, "arch_decay": "constant"},
+                  "lr0.03_constant": {"arch_learning_rate": 3e-2, "arch_warmup": 0.0, "arch_decay": "constant"},
               }},
-    "cifar10": {"search": dict(model_name="resnet20", dataset_name="../shared/data/cifar10-jpeg.zip", epochs=15,
-                               batch_size=256, target_ratio=0.55),
-                "variants": {"default": {}, "reference": REFERENCE}},
 }
-LAST_EPOCHS_STABLE = 3
 
 
 def _settings(variant, steps_total=None):
     """run_search keyword arguments of a variant; `travel` is turned into a learning rate."""
-    settings = dict(variant)
+    settings = {"entropy_weight": 0.0, **variant}  # variants without the entropy term say nothing of it
     travel = settings.pop("travel", None)
     if travel is not None:
         warmup = settings.get("arch_warmup", ARCH_WARMUP)
         settings["arch_learning_rate"] = max(1e-3, travel / max(1, round(steps_total * (1 - warmup))))
     return settings
-
-
-def outcome(history, arch, target_ratio, tolerance=0.05):
-    """The convergence criteria of a finished search, from its history.json and arch.json."""
-    last = history[-1]["logs"]
-    full_flops = count_arch(ArchConfig.full(arch["model"], num_classes=arch["num_classes"],
-                                            input_shape=arch["input_shape"])).flops
-    shapes = [(e["widths"], e["stage_blocks"]) for e in history]
-    changed = [e["epoch"] + 1 for e, before in zip(history[1:], shapes) if (e["widths"], e["stage_blocks"]) != before]
-    low, high = cost_band(target_ratio, tolerance, "code")
-    ratio = arch["provenance"]["flops_ratio"]
-    stable = len(history) >= LAST_EPOCHS_STABLE and len(set(map(str, shapes[-LAST_EPOCHS_STABLE:]))) == 1
-    return {
-        "width_top1": round(last["width_top1"], 4), "width_entropy": round(last["width_entropy"], 4),
-        "depth_top1": round(last["depth_top1"], 4), "depth_entropy": round(last["depth_entropy"], 4),
-        "epochs_with_argmax_change": changed,
-        "argmax_stable_last_3_epochs": stable,
-        "flops_ratio": round(ratio, 4), "in_band": low - 1e-9 <= ratio <= high + 1e-9,
-        "chosen_epoch": arch["provenance"]["epoch"] + 1,
-        "last_epoch_flops_ratio": round(history[-1]["flops"] / full_flops, 4),
-        "stage_blocks": arch["stage_blocks"],
-        "supernet_valid_accuracy": round(last["valid_accuracy"], 4),
-        "arch_learning_rate": arch["provenance"]["arch_learning_rate"],
-        "wall_time_s": arch["provenance"]["search_wall_time_s"],
-        "decides": bool(last["width_top1"] >= 0.5 and stable and low - 1e-9 <= ratio <= high + 1e-9),
-    }
 
 
 def main(argv):
@@ -106,11 +80,13 @@ def main(argv):
     for name, variant in suite["variants"].items():
         if _ONLY.value and name not in _ONLY.value:
             continue
+        if variants.get(name, {}).get("settings") == variant:
+            continue  # finished and recorded
         out = os.path.join(_RUNS.value, _SUITE.value, name)
         settings = _settings(variant, steps)
         arch = run_search(out, **search, **settings)
         history = read_json(os.path.join(out, "history.json"))
-        variants[name] = {"settings": variant, **outcome(history, arch, search["target_ratio"])}
+        variants[name] = {"settings": variant, **decision_summary(history, arch)}
         write_json(path, results)
         print(name, variants[name])
 

@@ -54,9 +54,11 @@ REFERENCE_ARCH_LEARNING_RATE = 1e-3
 ARCH_DECAYS = ("cosine", "constant")
 # The defaults that make a search of any length decide (bench/search_convergence.py): the weights
 # train alone for the first ARCH_WARMUP of the steps, then the architecture learning rate lets a
-# logit travel ARCH_TRAVEL over the remaining steps, decayed by cosine.
+# logit travel ARCH_TRAVEL over the remaining steps, decayed by cosine, while the weight of the
+# distributions' entropy in the architecture loss rises from 0 to ENTROPY_WEIGHT.
 ARCH_WARMUP = 0.3
-ARCH_TRAVEL = 10.0
+ARCH_TRAVEL = 20.0
+ENTROPY_WEIGHT = 5.0
 
 
 def arch_learning_rate_for(steps, warmup_fraction, travel):
@@ -97,10 +99,32 @@ class ArchLearningRate(keras.optimizers.schedules.LearningRateSchedule):
                 "decay": self.decay}
 
 
+@keras.saving.register_keras_serializable(package="tas_keras")
+class LinearRamp(keras.optimizers.schedules.LearningRateSchedule):
+    """0 until `start_step`, then rising linearly to `peak` at `total_steps`: the weight of the
+    entropy term, which makes the architecture decide once the weights have warmed up."""
+
+    def __init__(self, peak, total_steps, start_step=0):
+        if peak < 0:
+            raise ValueError(f"entropy weight must be >= 0, got {peak!r}")
+        self.peak, self.total_steps, self.start_step = peak, total_steps, start_step
+
+    def __call__(self, step):
+        progress = (tf.cast(step, tf.float32) - self.start_step) / max(1, self.total_steps - self.start_step)
+        return self.peak * tf.clip_by_value(progress, 0.0, 1.0)
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total_steps, "start_step": self.start_step}
+
+
+def entropies(logit_vectors):
+    """The entropy (nats) of softmax(v) for every logit vector v."""
+    return tf.stack([-tf.reduce_sum(tf.nn.softmax(v) * tf.nn.log_softmax(v)) for v in logit_vectors])
+
+
 def _entropy_and_top1(logit_vectors):
-    probs = [tf.nn.softmax(v).numpy() for v in logit_vectors]
-    entropy = [float(-(p * np.log(np.maximum(p, 1e-12))).sum()) for p in probs]
-    return float(np.mean(entropy)), float(np.mean([p.max() for p in probs]))
+    top1 = [float(tf.reduce_max(tf.nn.softmax(v))) for v in logit_vectors]
+    return float(tf.reduce_mean(entropies(logit_vectors))), float(np.mean(top1))
 
 
 def convergence(supernet):
@@ -132,10 +156,14 @@ class TASSearchModel(keras.Model):
         seed: base seed of the architecture samples.
         sample_per_replica: under tf.distribute, every replica draws its own architecture sample (as
             the reference's multi-GPU runs did); False shares one sample, as a single device would draw.
+        entropy_weight: None (the reference), or a schedule step -> weight (`LinearRamp`) of the mean
+            entropy of all width and depth distributions, added to the architecture loss: a short
+            search's noisy gradients leave the distributions flat, and this term makes them decide.
     """
 
     def __init__(self, supernet, target_ratio, cost_metric="flops", cost_weight=2.0, tolerance=0.05,
-                 band="code", arch_weight_decay=1e-3, seed=0, sample_per_replica=True, **kwargs):
+                 band="code", arch_weight_decay=1e-3, seed=0, sample_per_replica=True, entropy_weight=None,
+                 **kwargs):
         super().__init__(**kwargs)
         if not 0 < target_ratio < 1:
             raise ValueError(f"target_ratio must be in (0, 1), got {target_ratio!r}")
@@ -146,7 +174,7 @@ class TASSearchModel(keras.Model):
         self.supernet = supernet
         self.target_ratio, self.cost_metric, self.cost_weight = target_ratio, cost_metric, cost_weight
         self.tolerance, self.band, self.arch_weight_decay, self.seed = tolerance, band, arch_weight_decay, seed
-        self.sample_per_replica = sample_per_replica
+        self.sample_per_replica, self.entropy_weight = sample_per_replica, entropy_weight
         full_cost = count_arch(supernet.arch)
         self.base_cost = full_cost.flops if cost_metric == "flops" else full_cost.params
         low, high = cost_band(target_ratio, tolerance, band)
@@ -219,6 +247,9 @@ class TASSearchModel(keras.Model):
             cost_loss, expected, argmax = self.cost_loss()
             decay = 0.5 * self.arch_weight_decay * tf.add_n([tf.reduce_sum(v * v) for v in arch_variables])
             arch_loss = valid_loss + (self.cost_weight * cost_loss + decay) / replicas
+            if self.entropy_weight is not None:
+                entropy = tf.reduce_mean(entropies(arch_variables))
+                arch_loss += self.entropy_weight(self.arch_optimizer.iterations) * entropy / replicas
         self.arch_optimizer.apply(tape.gradient(arch_loss, arch_variables), arch_variables)
 
         # Losses are per-replica values scaled by 1/replicas: report them unscaled.
@@ -276,6 +307,34 @@ def select_epoch(history, model, cost_metric):
     return (in_band or history)[-1]
 
 
+STABLE_EPOCHS = 3
+
+
+def decision_summary(history, arch):
+    """Whether a finished search decided (issue 12's criteria), from its history.json entries and
+    arch.json dict: the final mean top-1 probability and entropy of the width and depth
+    distributions, the epochs after which the argmax changed, whether it held over the last
+    STABLE_EPOCHS epochs, and whether the chosen shape is inside the band."""
+    last = history[-1]["logs"]
+    shapes = [(e["widths"], e["stage_blocks"]) for e in history]
+    provenance = arch["provenance"]
+    low, high = cost_band(provenance["target_ratio"], provenance["tolerance"], provenance["band"])
+    ratio = provenance["flops_ratio"]
+    stable = len(history) >= STABLE_EPOCHS and all(s == shapes[-1] for s in shapes[-STABLE_EPOCHS:])
+    in_band = low - 1e-9 <= ratio <= high + 1e-9
+    return {
+        "width_top1": round(last["width_top1"], 4), "width_entropy": round(last["width_entropy"], 4),
+        "depth_top1": round(last["depth_top1"], 4), "depth_entropy": round(last["depth_entropy"], 4),
+        "epochs_with_argmax_change": [e["epoch"] + 1 for e, before in zip(history[1:], shapes)
+                                      if (e["widths"], e["stage_blocks"]) != before],
+        f"argmax_stable_last_{STABLE_EPOCHS}_epochs": stable,
+        "flops_ratio": round(ratio, 4), "in_band": in_band, "chosen_epoch": provenance["epoch"] + 1,
+        "stage_blocks": arch["stage_blocks"], "supernet_valid_accuracy": round(last["valid_accuracy"], 4),
+        "arch_learning_rate": provenance["arch_learning_rate"], "wall_time_s": provenance["search_wall_time_s"],
+        "decides": bool(last["width_top1"] >= 0.5 and stable and in_band),
+    }
+
+
 def search_batches(dataset, batch_size, epochs, seed):
     """(`batches(start_step)`, steps per epoch): (search-train, search-valid) batch pairs of all
     epochs from a global step on, from the per-class 50/50 split of the training set."""
@@ -312,7 +371,7 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
                batch_size=256, target_ratio=0.5, cost_metric="flops", cost_weight=2.0, tolerance=0.05,
                band="code", tau_schedule="cosine", tau_max=5.0, tau_min=0.1, width_multiple=1,
                learning_rate=0.1, arch_learning_rate=None, arch_warmup=ARCH_WARMUP, arch_decay="cosine",
-               init_from=None, seed=0, max_train_examples=None, overwrite=False,
+               entropy_weight=ENTROPY_WEIGHT, init_from=None, seed=0, max_train_examples=None, overwrite=False,
                checkpoint_steps=CHECKPOINT_STEPS):
     """Searches a shape of `model_name` keeping `target_ratio` of its cost; writes arch.json,
     history.json, search.png, curves.png and TensorBoard logs to `out`, resuming an interrupted run from its
@@ -320,8 +379,10 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
 
     The architecture optimizer is Adam with `ArchLearningRate(arch_learning_rate, warm-up of
     `arch_warmup` of the steps, `arch_decay`)`; `arch_learning_rate=None` scales it to the run's length
-    (`arch_learning_rate_for`). The reference code's step is `arch_learning_rate=1e-3, arch_warmup=0,
-    arch_decay="constant"`."""
+    (`arch_learning_rate_for`). After the warm-up the mean entropy of the architecture distributions
+    enters the architecture loss with a weight rising linearly from 0 to `entropy_weight`. The
+    reference code's step is `arch_learning_rate=1e-3, arch_warmup=0, arch_decay="constant",
+    entropy_weight=0`."""
     settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps")}
     settings["stage"] = "search"
     ArchConfig.full(model_name)
@@ -337,6 +398,8 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
         raise ValueError(f"architecture warm-up must be a fraction in [0, 1), got {arch_warmup!r}")
     if arch_decay not in ARCH_DECAYS:
         raise ValueError(f"architecture decay must be one of {ARCH_DECAYS}, got {arch_decay!r}")
+    if entropy_weight < 0:
+        raise ValueError(f"entropy weight must be >= 0, got {entropy_weight!r}")
     if arch_learning_rate is not None and arch_learning_rate < 0:
         raise ValueError(f"architecture learning rate must be >= 0, got {arch_learning_rate!r}")
     if epochs < 1 or batch_size < 1:
@@ -358,12 +421,14 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     supernet = CifarResNetSupernet(full, width_multiple=width_multiple)
     if init_from:
         init_from_base(supernet, keras.saving.load_model(init_from))
-    model = TASSearchModel(supernet, target_ratio, cost_metric, cost_weight, tolerance, band, seed=seed)
     batches, steps = search_batches(dataset, batch_size, epochs, seed)
     total = steps * epochs
+    warmup_steps = round(total * arch_warmup)
+    model = TASSearchModel(supernet, target_ratio, cost_metric, cost_weight, tolerance, band, seed=seed,
+                           entropy_weight=LinearRamp(entropy_weight, total, warmup_steps) if entropy_weight else None)
     peak = arch_learning_rate if arch_learning_rate is not None else arch_learning_rate_for(
         total, arch_warmup, ARCH_TRAVEL)
-    arch_rate = ArchLearningRate(peak, total, round(total * arch_warmup), arch_decay)
+    arch_rate = ArchLearningRate(peak, total, warmup_steps, arch_decay)
     model.compile(optimizer=sgd(learning_rate, total),
                   arch_optimizer=keras.optimizers.Adam(arch_rate, beta_1=0.5, beta_2=0.999))
     history = ArchHistory(os.path.join(run, HISTORY_FILE))
@@ -376,10 +441,12 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     chosen = select_epoch(history.history, model, cost_metric)
     arch = full.replace(widths=chosen["widths"], stage_blocks=chosen["stage_blocks"], provenance={
         "source": "tas_search", "target_ratio": target_ratio, "cost_metric": cost_metric, "band": band,
+        "tolerance": tolerance,
         "epoch": chosen["epoch"], "flops": chosen["flops"], "params": chosen["params"],
         "flops_ratio": chosen["flops"] / count_arch(full).flops, "epochs": epochs, "seed": seed,
         "model": model_name, "dataset": dataset.name, "width_multiple": width_multiple,
         "arch_learning_rate": peak, "arch_warmup": arch_warmup, "arch_decay": arch_decay,
+        "entropy_weight": entropy_weight,
         "search_wall_time_s": round(wall, 2)})
     plots.plot_search(history.history, full, os.path.join(run, PLOT_FILE))
     plots.plot_search_curves(history.history, os.path.join(run, CURVES_FILE))

@@ -13,7 +13,8 @@ from tas_keras.cost import count_arch, count_model
 from tas_keras.layers import DepthMixer, SearchableConv, cwi_matrix, sample_two_widths, transition_matrices
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.cifar_resnet_supernet import CifarResNetSupernet
-from tas_keras.search import TASSearchModel, convergence, cost_band, init_from_base, run_search, tau_at
+from tas_keras.search import (ArchLearningRate, LinearRamp, arch_learning_rate_for, TASSearchModel, convergence, cost_band, init_from_base, run_search,
+                              tau_at)
 from tas_keras.search_space import ArchConfig, candidate_widths
 
 from .conftest import REPO
@@ -309,9 +310,15 @@ def test_depth_mixer_with_different_block_widths_equals_the_naive_route():
     np.testing.assert_allclose(mixed, expected, atol=1e-5)
 
 
-def test_architecture_step_inside_the_band_follows_the_cross_entropy_alone():
+@pytest.mark.parametrize("entropy_weight", [0.0, 3.0])
+def test_architecture_step_inside_the_band_follows_the_cross_entropy_alone(entropy_weight):
+    """Inside the band the cost term is 0: the step is the cross-entropy's gradient (plus, when the
+    entropy term is on, its weight times the gradient of the distributions' mean entropy)."""
     supernet = CifarResNetSupernet(ArchConfig.full("resnet20", input_shape=(8, 8, 3)))
-    search = TASSearchModel(supernet, target_ratio=0.5, arch_weight_decay=0.0)
+    for i, variable in enumerate(supernet.arch_variables):  # not uniform, where the entropy's gradient is 0
+        variable.assign(tf.random.stateless_normal(variable.shape, [7, i]))
+    search = TASSearchModel(supernet, target_ratio=0.5, arch_weight_decay=0.0,
+                            entropy_weight=(lambda step: entropy_weight) if entropy_weight else None)
     search.compile(optimizer=keras.optimizers.SGD(0.0), arch_optimizer=keras.optimizers.SGD(1.0))
     argmax = float(supernet.argmax_cost())
     search.cost_low, search.cost_high = 0.99 * argmax, 1.01 * argmax  # the argmax is inside the band
@@ -326,8 +333,11 @@ def test_architecture_step_inside_the_band_follows_the_cross_entropy_alone():
     _, (valid_images, valid_labels) = next(iter(batches))
     with tf.GradientTape() as tape:  # the architecture step's sample: step 1 (after the weight step), phase 1
         logits = supernet(valid_images, supernet.sample(search.tau, search._step_seed(1)))
-        cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(valid_labels, logits)
-    gradients = tape.gradient(cross_entropy, supernet.arch_variables)
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(valid_labels, logits)
+        distributions = [tf.nn.softmax(v) for v in supernet.arch_variables]
+        mean_entropy = tf.add_n([-tf.reduce_sum(p * tf.math.log(p)) for p in distributions]) / len(distributions)
+        loss += entropy_weight * mean_entropy
+    gradients = tape.gradient(loss, supernet.arch_variables)
     for step, gradient, variable in zip(steps, gradients, supernet.arch_variables):
         assert np.abs(gradient).max() > 0, variable.path
         np.testing.assert_allclose(step, gradient, rtol=1e-4, atol=1e-7)
@@ -367,6 +377,19 @@ def test_expected_cost_at_uniform_alpha_and_beta_of_deep_networks(model, depth, 
     for variable in supernet.arch_variables:
         variable.assign(tf.zeros_like(variable))
     assert float(supernet.expected_cost()) == pytest.approx(_uniform_expected_flops(depth, block), rel=1e-5)
+
+
+def test_architecture_schedules():
+    rate = ArchLearningRate(0.2, total_steps=100, warmup_steps=30)
+    assert float(rate(29)) == 0.0 and float(rate(30)) == pytest.approx(0.2)
+    assert float(rate(65)) == pytest.approx(0.1) and float(rate(100)) == pytest.approx(0.0, abs=1e-7)
+    assert float(ArchLearningRate(0.2, 100, 30, "constant")(99)) == pytest.approx(0.2)
+    ramp = LinearRamp(4.0, total_steps=100, start_step=30)
+    assert [float(ramp(s)) for s in (0, 30, 65, 100, 150)] == pytest.approx([0, 0, 2, 4, 4])
+    assert arch_learning_rate_for(1000, 0.3, travel=20) == pytest.approx(20 / 700)
+    assert arch_learning_rate_for(100_000, 0.0, travel=20) == 1e-3  # never below the reference's rate
+    with pytest.raises(ValueError, match="warm-up must be in \\[0, 100\\) steps, got 100"):
+        ArchLearningRate(0.2, 100, 100)
 
 
 def test_convergence_measures_entropy_top1_and_changes():

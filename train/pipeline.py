@@ -45,7 +45,8 @@ PRESETS = {
     # training), for GPUs.
     "paper": Preset("cifar10", base_epochs=300, search_epochs=600, distill_epochs=300, batch_size=256,
                     search_batch_size=256, latency_runs=500,
-                    arch_step={"arch_learning_rate": 1e-3, "arch_warmup": 0.0, "arch_decay": "constant"}),
+                    arch_step={"arch_learning_rate": 1e-3, "arch_warmup": 0.0, "arch_decay": "constant",
+                              "entropy_weight": 0.0}),
 }
 
 

@@ -5,7 +5,7 @@
 
 from absl import flags
 
-from tas_keras.search import ARCH_DECAYS, ARCH_WARMUP, COST_BANDS, TAU_SCHEDULES, run_search
+from tas_keras.search import ARCH_DECAYS, ARCH_WARMUP, COST_BANDS, ENTROPY_WEIGHT, TAU_SCHEDULES, run_search
 from train import common_flags
 
 common_flags.define_common_flags(epochs=10, batch_size=256)
@@ -27,6 +27,9 @@ _ARCH_LR = flags.DEFINE_float("arch_learning_rate", None, "Architecture: Adam's 
                               "scaled to the run's length). The reference: 0.001.")
 _ARCH_WARMUP = flags.DEFINE_float("arch_warmup", ARCH_WARMUP, "Fraction of the steps during which only the "
                                   "weights train (the reference: 0).")
+_ENTROPY = flags.DEFINE_float("entropy_weight", ENTROPY_WEIGHT, "Weight, reached at the last step (linear "
+                               "from the warm-up's end), of the architecture distributions' mean entropy in the "
+                               "architecture loss: makes a short search decide. The reference: 0.", lower_bound=0)
 _ARCH_DECAY = flags.DEFINE_enum("arch_decay", "cosine", list(ARCH_DECAYS), "Architecture learning rate after "
                                 "the warm-up: cosine to 0, or constant (the reference).")
 _INIT = flags.DEFINE_string("init_from", None, "Start the supernet from this trained full network "
@@ -40,7 +43,7 @@ def main():
                cost_metric=_COST.value, cost_weight=_LAMBDA.value, tolerance=_TOLERANCE.value,
                band=_BAND.value, tau_schedule=_TAU.value, tau_max=_TAU_MAX.value, tau_min=_TAU_MIN.value,
                width_multiple=_MULTIPLE.value, learning_rate=_LR.value, arch_learning_rate=_ARCH_LR.value,
-               arch_warmup=_ARCH_WARMUP.value, arch_decay=_ARCH_DECAY.value,
+               arch_warmup=_ARCH_WARMUP.value, arch_decay=_ARCH_DECAY.value, entropy_weight=_ENTROPY.value,
                init_from=_INIT.value, seed=FLAGS.seed, max_train_examples=FLAGS.max_train_examples,
                overwrite=FLAGS.overwrite,
                checkpoint_steps=FLAGS.checkpoint_steps, strategy=FLAGS.strategy)
