@@ -3,9 +3,10 @@
   python -m bench.compare_baselines --out=runs/compare --teacher=runs/base/model.keras \
       --tas_arch=runs/search/arch.json --model=resnet20 --target_flops_ratio=0.55 --epochs=2
 
-Builds the pre-defined shape and the best of --random_candidates random shapes at the TAS run's target,
-trains every shape from scratch and with KD from the teacher (same epochs, batch, seed), and writes
-`<out>/comparison.json` and `<out>/comparison.md`. Every run has its own directory, so a re-run resumes.
+Builds the pre-defined shape and the best of --random_candidates random shapes (a keras-tuner random
+search) at the TAS run's target, trains every shape from scratch and with KD from the teacher (same
+epochs, batch, seed), and writes `<out>/comparison.json` and `<out>/comparison.md`. Every run has its
+own directory, so a re-run resumes.
 """
 
 import os

@@ -1,12 +1,14 @@
 """The paper's baselines at a matched FLOP target: a uniformly shrunk ("pre-defined") shape and the
-best of N random shapes inside the FLOP band. Both produce ArchConfigs, so they go through
-train.distill exactly like a searched shape."""
+best of N random shapes inside the FLOP band, found by a keras-tuner random search. Both produce
+ArchConfigs, so they go through train.distill exactly like a searched shape."""
 
 import dataclasses
+import itertools
 import logging
 import os
 
-import numpy as np
+import keras
+import keras_tuner
 
 from tas_keras import data
 from tas_keras.distribute import in_strategy_scope, run_dir
@@ -15,11 +17,15 @@ from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search import cost_band
 from tas_keras.search_space import ArchConfig, candidate_widths, depth_choices
 from tas_keras.training import (CHECKPOINT_STEPS, check_fits_data, evaluate_classifier, fit_classifier,
-                                prepare_run_dir, read_json, write_json)
+                                prepare_run_dir, write_json)
 
 CANDIDATES_FILE = "candidates.json"
 ARCH_FILE = "arch.json"
 KINDS = ("predefined", "random")
+OBJECTIVE = keras_tuner.Objective("valid_accuracy", direction="max")
+TUNER_DIR = "tuner"  # keras-tuner's project: the oracle's state and a trial.json per trial
+TRIALS_DIR = "trials"  # every trial's training run: backup, epochs.json, TensorBoard
+MAX_DRAWS = 100_000  # shapes drawn for one trial before the band is declared out of reach (~5 min)
 
 
 def _flops_band(full, target_ratio, tolerance, band):
@@ -51,73 +57,156 @@ def predefined_shape(full, target_ratio, tolerance=0.05, band="code"):
                                      "flops_ratio": flops / base})
 
 
-def random_shapes(full, target_ratio, count, seed=0, tolerance=0.05, band="code", width_multiple=1,
-                  max_draws=1_000_000):
-    """`count` distinct shapes drawn uniformly from the search space, kept if inside the FLOP band."""
-    if count < 1:
-        raise ValueError(f"count must be >= 1, got {count!r}")
+def depth_name(stage):
+    """The hyperparameter of the blocks kept in `stage` (1-based)."""
+    return f"s{stage}_depth"
+
+
+def shape_hyperparameters(full):
+    """The search space of `full` as keras-tuner hyperparameters: a Choice of blocks kept per stage
+    (`s<stage>_depth`) and a Choice of width per conv (its slot name).
+
+    A conv of a block its stage may drop is conditional on the block being kept: keras-tuner draws
+    and compares only the active values, so two trials never differ only in convs the network does
+    not build.
+    """
+    hp = keras_tuner.HyperParameters()
+    depths = list(depth_choices(full.num_blocks))
+    for stage, slots in itertools.groupby(full.slots, key=lambda slot: slot.stage):
+        if stage:
+            hp.Choice(depth_name(stage), depths)
+        for slot in slots:
+            widths = list(candidate_widths(slot.full_width))
+            if slot.block <= 1:  # the stem and every stage's first block are always built
+                hp.Choice(slot.name, widths)
+                continue
+            with hp.conditional_scope(depth_name(stage), [d for d in depths if d >= slot.block]):
+                hp.Choice(slot.name, widths)
+    return hp
+
+
+def shape_from_values(full, values):
+    """The shape of a trial's hyperparameter values. A dropped block's convs have no value (they are
+    inactive) and keep the full width, which the builder ignores."""
+    stages = range(1, len(full.stage_blocks) + 1)
+    return full.replace(widths=[values.get(slot.name, slot.full_width) for slot in full.slots],
+                        stage_blocks=[values[depth_name(stage)] for stage in stages])
+
+
+class FlopBandOracle(keras_tuner.oracles.RandomSearchOracle):
+    """keras-tuner's seeded random search over the shapes of `full` that proposes only shapes whose
+    exact FLOPs lie in `flops_band` (low, high), each shape once.
+
+    keras-tuner draws the values and skips those tried before; this oracle redraws until the shape
+    is in the band. Its draw position is part of the oracle's saved state, so a reloaded search
+    proposes what an uninterrupted one would have.
+    """
+
+    def __init__(self, full, flops_band, max_trials, seed, max_draws=MAX_DRAWS):
+        # keras-tuner seeds its i-th draw of a value with seed + i, so the draws of two neighbouring
+        # seeds are the same stream shifted by one value; 2**32 apart they never meet. The +1 because
+        # the Oracle takes seed 0 for "no seed" and picks a random one.
+        super().__init__(objective=OBJECTIVE, max_trials=max_trials, seed=seed * 2**32 + 1,
+                         hyperparameters=shape_hyperparameters(full), allow_new_entries=False,
+                         tune_new_entries=False,
+                         # A trial that raises is a bug or a broken machine, not a bad shape.
+                         max_consecutive_failed_trials=1)
+        self.full, self.flops_band, self.max_draws = full, flops_band, max_draws
+
+    def populate_space(self, trial_id):
+        low, high = self.flops_band
+        for _ in range(self.max_draws):
+            proposal = super().populate_space(trial_id)
+            if proposal["values"] is None:  # keras-tuner found no untried values: the search stops
+                return proposal
+            if low <= count_arch(shape_from_values(self.full, proposal["values"])).flops <= high:
+                return proposal
+        base = count_arch(self.full).flops
+        raise ValueError(f"no random shape of {self.full.name} fell in the FLOP band [{low / base:.3f}, "
+                         f"{high / base:.3f}] of the full network in {self.max_draws} draws; uniformly drawn "
+                         "shapes rarely keep that fraction: widen --tolerance or move --target_flops_ratio")
+
+
+class RandomShapeSearch(keras_tuner.Tuner):
+    """The random-search baseline on keras-tuner: `FlopBandOracle` proposes, every trial trains its
+    shape with the project's resumable recipe in `<out>/trials/<trial id>` on the search-train half
+    of `search(split)` and scores it on the search-valid half.
+
+    keras-tuner keeps its state in `<out>/tuner` and reloads it: finished trials are kept, and the
+    trial a killed search was running is run again under the same id, so its training resumes from
+    its backup.
+    """
+
+    def __init__(self, out, full, flops_band, max_trials, epochs, batch_size, seed, learning_rate=0.1,
+                 checkpoint_steps=CHECKPOINT_STEPS, max_draws=MAX_DRAWS):
+        super().__init__(FlopBandOracle(full, flops_band, max_trials, seed, max_draws),
+                         directory=run_dir(out), project_name=TUNER_DIR)
+        self.oracle.verbose = 0  # its per-trial table has a row per conv; run_trial logs one line
+        self.out, self.full, self.seed = out, full, seed
+        self.epochs, self.batch_size, self.learning_rate = epochs, batch_size, learning_rate
+        self.checkpoint_steps = checkpoint_steps
+
+    def run_trial(self, trial, split):
+        shape = shape_from_values(self.full, trial.hyperparameters.values)
+        # The chief's path on every worker of a cluster: fit_classifier maps it to the worker's own.
+        directory = os.path.join(self.out, TRIALS_DIR, trial.trial_id)
+        os.makedirs(run_dir(directory), exist_ok=True)
+        keras.utils.set_random_seed(self.seed)  # a trial's initial weights depend on the seed alone
+        model = CifarResNet(shape)
+        fit_classifier(model, split, directory, self.epochs, self.batch_size, self.learning_rate, self.seed,
+                       self.checkpoint_steps)
+        accuracy = evaluate_classifier(model, split, self.batch_size)["test_accuracy"]
+        logging.info("trial %s: %.2f MFLOPs, valid accuracy %.4f", trial.trial_id,
+                     count_arch(shape).flops / 1e6, accuracy)
+        return {OBJECTIVE.name: accuracy}
+
+
+def random_search(out, full, dataset, target_ratio, count, epochs, batch_size, seed=0, tolerance=0.05,
+                  band="code", checkpoint_steps=CHECKPOINT_STEPS):
+    """Runs `RandomShapeSearch` for `count` trials (or resumes it); writes `out/candidates.json`, every
+    trial's shape and valid accuracy, and returns the best shape."""
     base, low, high = _flops_band(full, target_ratio, tolerance, band)
-    rng = np.random.default_rng(seed)
-    widths = [candidate_widths(s.full_width, width_multiple) for s in full.slots]
-    depths = depth_choices(full.num_blocks)
-    shapes, seen = [], set()
-    for draw in range(max_draws):
-        shape = full.replace(widths=[rng.choice(c) for c in widths],
-                             stage_blocks=[rng.choice(depths) for _ in full.stage_blocks])
-        flops = count_arch(shape).flops
-        key = (shape.widths, shape.stage_blocks)
-        if low <= flops <= high and key not in seen:
-            seen.add(key)
-            shapes.append(shape.replace(provenance={"source": "random", "seed": seed, "draw": draw,
-                                                    "target_ratio": target_ratio, "flops": flops,
-                                                    "flops_ratio": flops / base}))
-            if len(shapes) == count:
-                return shapes
-    raise ValueError(f"only {len(shapes)} of {count} random shapes of {full.name} fell in the FLOP band "
-                     f"after {max_draws} draws")
-
-
-def random_search(out, full, dataset, target_ratio, count, epochs, batch_size, learning_rate=0.1, seed=0,
-                  tolerance=0.05, band="code", checkpoint_steps=CHECKPOINT_STEPS):
-    """Trains each random shape briefly on the search-train half and keeps the best on the search-valid
-    half. Every candidate has its own resumable run directory; `out/candidates.json` lists them all."""
     train_index, valid_index = data.search_split(dataset.train_labels, seed=seed)
     split = dataclasses.replace(dataset, train_images=dataset.train_images[train_index],
                                 train_labels=dataset.train_labels[train_index],
                                 test_images=dataset.train_images[valid_index],
                                 test_labels=dataset.train_labels[valid_index])
+    tuner = RandomShapeSearch(out, full, (low, high), count, epochs, batch_size, seed,
+                              checkpoint_steps=checkpoint_steps)
+    tuner.search(split)
     results = []
-    for index, shape in enumerate(random_shapes(full, target_ratio, count, seed, tolerance, band)):
-        candidate = os.path.join(out, f"candidate_{index}")
-        done = os.path.join(run_dir(candidate), "result.json")
-        if not os.path.exists(done):
-            os.makedirs(run_dir(candidate), exist_ok=True)
-            model = CifarResNet(shape)
-            fit_classifier(model, split, candidate, epochs, batch_size, learning_rate, seed,
-                           checkpoint_steps)
-            write_json(done, {"valid_accuracy": evaluate_classifier(model, split, batch_size)["test_accuracy"],
-                              "arch": shape.to_dict()})
-        results.append(read_json(done))
-        logging.info("random shape %d: %.2f MFLOPs, valid accuracy %.4f", index,
-                     shape.provenance["flops"] / 1e6, results[-1]["valid_accuracy"])
+    for trial in sorted(tuner.oracle.trials.values(), key=lambda t: t.trial_id):  # zero-padded ids
+        if trial.status != keras_tuner.engine.trial.TrialStatus.COMPLETED:
+            continue  # keras-tuner lost it: killed between writing its trial file and the oracle's state
+        shape = shape_from_values(full, trial.hyperparameters.values)
+        flops = count_arch(shape).flops
+        shape = shape.replace(provenance={"source": "random", "seed": seed, "trial": trial.trial_id,
+                                          "target_ratio": target_ratio, "flops": flops,
+                                          "flops_ratio": flops / base})
+        results.append({"valid_accuracy": float(trial.score), "arch": shape.to_dict()})
     write_json(os.path.join(run_dir(out), CANDIDATES_FILE), results)
+    # The first best in trial order. keras-tuner's own ranking keeps ties in the order it holds the
+    # trials, which after a reload is the order of a glob over their files: not a resume's invariant.
     best = max(results, key=lambda r: r["valid_accuracy"])
     arch = ArchConfig.from_dict(best["arch"])
     return arch.replace(provenance={**arch.provenance, "valid_accuracy": best["valid_accuracy"],
-                                    "candidates": count, "epochs_per_candidate": epochs})
+                                    "candidates": len(results), "epochs_per_candidate": epochs})
 
 
 @in_strategy_scope
 def make_baseline(out, kind, model_name="resnet20", target_ratio=0.5, tolerance=0.05, band="code",
                   dataset_name=data.BUNDLED_DATASET, data_dir=None, count=8, epochs=1, batch_size=256,
                   seed=0, max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS):
-    """Writes `out/arch.json`: the pre-defined shape, or the best of `count` random shapes."""
+    """Writes `out/arch.json`: the pre-defined shape, or the best of a `count`-trial random search
+    (`random_search`; a killed search resumes)."""
     settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps")}
     settings["stage"] = "baseline"
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if not 0 < target_ratio < 1:
         raise ValueError(f"target ratio must be in (0, 1), got {target_ratio!r}")
+    if count < 1:  # keras-tuner reads max_trials=0 as "no limit"
+        raise ValueError(f"count must be >= 1, got {count!r}")
     full = ArchConfig.full(model_name)
     cost_band(target_ratio, tolerance, band)
     dataset = None

@@ -1,5 +1,6 @@
 """The paper's baselines as shapes, for train.distill: uniformly shrunk (predefined) or the best of N
-random shapes in the FLOP band (random), at the same target as a TAS search.
+random shapes in the FLOP band (random: a keras-tuner random search that resumes when re-run after a
+kill), at the same target as a TAS search.
 
   python -m train.baseline --out=runs/predefined --kind=predefined --model=resnet20 --target_flops_ratio=0.55
   python -m train.baseline --out=runs/random --kind=random --num_candidates=8 --epochs=2
@@ -17,8 +18,9 @@ _MODEL = flags.DEFINE_string("model", "resnet20", "resnet20 | resnet32 | resnet5
 _TARGET = flags.DEFINE_float("target_flops_ratio", 0.5, "R: keep this fraction of the full FLOPs.")
 _TOLERANCE = flags.DEFINE_float("tolerance", 0.05, "t, the width of the FLOP band.")
 _BAND = flags.DEFINE_enum("band", "code", list(COST_BANDS), "As train.search's --band.")
-_COUNT = flags.DEFINE_integer("num_candidates", 8, "random: shapes drawn and briefly trained (--epochs "
-                              "each on the search-train half, ranked on the search-valid half).", lower_bound=1)
+_COUNT = flags.DEFINE_integer("num_candidates", 8, "random: keras-tuner trials, each a distinct shape in the "
+                              "band trained --epochs on the search-train half and ranked on the search-valid "
+                              "half.", lower_bound=1)
 FLAGS = flags.FLAGS
 
 

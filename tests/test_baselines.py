@@ -1,0 +1,121 @@
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import keras_tuner
+import pytest
+
+from tas_keras.baselines import OBJECTIVE, FlopBandOracle, make_baseline
+from tas_keras.cost import count_arch
+from tas_keras.search_space import ArchConfig, candidate_widths
+
+from .conftest import REPO
+
+
+class _Unscored(keras_tuner.Tuner):
+    """Runs the oracle's proposals without training anything."""
+
+    def run_trial(self, trial):
+        return {OBJECTIVE.name: 0.0}
+
+
+def _proposals(directory, full, flops_band, count, seed, max_draws=100_000):
+    oracle = FlopBandOracle(full, flops_band, count, seed, max_draws)
+    oracle.verbose = 0
+    _Unscored(oracle, directory=directory, project_name=f"seed{seed}").search()
+    return [oracle.trials[trial_id].hyperparameters.values for trial_id in sorted(oracle.trials)]
+
+
+def _network(full, values):
+    """What a trial's values build: the blocks kept per stage and the width of every conv built."""
+    blocks = tuple(values[f"s{stage}_depth"] for stage in (1, 2, 3))
+    widths = {slot.name: values[slot.name] for slot in full.slots
+              if slot.stage == 0 or slot.block <= blocks[slot.stage - 1]}
+    return blocks, widths
+
+
+def test_random_search_proposes_distinct_in_band_shapes_by_seed(tmp_path):
+    full, count = ArchConfig.full("resnet20"), 5
+    base = count_arch(full).flops
+    band = (0.50 * base, 0.55 * base)  # target 0.55, tolerance 0.05, the code's band
+    proposals = _proposals(tmp_path / "a", full, band, count, seed=0)
+    assert len(proposals) == count
+    networks = []
+    for values in proposals:
+        blocks, widths = _network(full, values)
+        # Only the convs of kept blocks carry a value, each one of its conv's candidate widths.
+        assert set(values) == {"s1_depth", "s2_depth", "s3_depth", *widths}
+        slots = {slot.name: slot for slot in full.slots}
+        assert all(width in candidate_widths(slots[name].full_width) for name, width in widths.items())
+        # Dropped blocks' widths are arbitrary (1 here): the count ignores them.
+        shape = full.replace(widths=[widths.get(slot.name, 1) for slot in full.slots], stage_blocks=blocks)
+        assert band[0] <= count_arch(shape).flops <= band[1]
+        networks.append((blocks, tuple(sorted(widths.items()))))
+    assert len(set(networks)) == count
+    # Seed 0 is a seed (keras-tuner alone would draw a random one), and seeds give different shapes.
+    assert _proposals(tmp_path / "b", full, band, count, seed=0) == proposals
+    other = _proposals(tmp_path / "c", full, band, count, seed=1)
+    assert not {str(values) for values in other} & {str(values) for values in proposals}
+
+
+def test_an_unreachable_band_stops_the_search_with_the_band(tmp_path):
+    full = ArchConfig.full("resnet8")
+    base = count_arch(full).flops
+    with pytest.raises(ValueError, match=r"no random shape of resnet8 fell in the FLOP band \[0\.010, 0\.020\] "
+                                         r"of the full network in 50 draws"):
+        _proposals(tmp_path, full, (0.01 * base, 0.02 * base), 1, seed=0, max_draws=50)
+
+
+def test_a_random_baseline_needs_a_trial(tmp_path):
+    with pytest.raises(ValueError, match="count must be >= 1, got 0"):
+        make_baseline(str(tmp_path / "random"), "random", count=0)
+
+
+RANDOM_BASELINE = [sys.executable, "-m", "train.baseline", "--kind=random", "--model=resnet8",
+                   "--max_train_examples=256", "--batch_size=16", "--epochs=1", "--num_candidates=3",
+                   "--checkpoint_steps=2", "--target_flops_ratio=0.5", "--seed=1"]
+
+
+@pytest.mark.slow
+def test_a_random_search_killed_mid_trial_resumes_to_the_uninterrupted_result(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def start(name):
+        with open(tmp_path / f"{name}.log", "w") as log:
+            return subprocess.Popen([*RANDOM_BASELINE, f"--out={tmp_path / name}"], cwd=REPO, env=env,
+                                    stdout=subprocess.DEVNULL, stderr=log)
+
+    whole = start("whole")  # alongside the killed run: they share nothing but the CPU
+    killed, out = start("killed"), tmp_path / "killed"
+    second_trial_backup, deadline = out / "trials" / "1" / "backup" / "latest.weights.h5", time.time() + 300
+    while killed.poll() is None and not second_trial_backup.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    killed.kill()
+    assert killed.wait() == -9, (tmp_path / "killed.log").read_text()[-3000:]
+    assert not (out / "arch.json").exists()
+    # keras-tuner's record: the first trial finished, the second still running.
+    status = {trial: json.loads((out / "tuner" / f"trial_{trial}" / "trial.json").read_text())["status"]
+              for trial in (0, 1)}
+    assert status == {0: "COMPLETED", 1: "RUNNING"}
+
+    resumed = subprocess.run([*RANDOM_BASELINE, f"--out={out}"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    step, steps = map(int, re.search(r"resuming \S+/trials/1 at epoch 1, step (\d+) of (\d+)",
+                                     resumed.stderr).groups())
+    assert 0 < step < steps  # the interrupted trial went on from its backup
+    assert "trial 0:" not in resumed.stderr and "trial 2:" in resumed.stderr  # the finished one was kept
+    assert whole.wait(timeout=600) == 0, (tmp_path / "whole.log").read_text()[-3000:]
+
+    for name in ("arch.json", "candidates.json"):
+        assert json.loads((out / name).read_text()) == json.loads((tmp_path / "whole" / name).read_text()), name
+    candidates = json.loads((out / "candidates.json").read_text())
+    assert [c["arch"]["provenance"]["trial"] for c in candidates] == ["0", "1", "2"]
+    # Same weights at the end of every trial: the validation loss is far finer than the accuracy.
+    for trial in ("0", "1", "2"):
+        got, expected = (json.loads((tmp_path / name / "trials" / trial / "epochs.json").read_text())
+                         for name in ("killed", "whole"))
+        assert got[0]["logs"]["val_loss"] == pytest.approx(expected[0]["logs"]["val_loss"], rel=1e-6), trial
