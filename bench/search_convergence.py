@@ -43,6 +43,8 @@ SUITES = {
                   "travel59_warmup0.3_cosine": {"travel": 58.8, "arch_warmup": 0.3, "arch_decay": "cosine"},
                   "travel20_warmup0.3_cosine_entropy1": {"travel": 20.0, "arch_warmup": 0.3, "arch_decay": "cosine",
                                                          "entropy_weight": 1.0},
+                  "travel20_warmup0.3_cosine_entropy2": {"travel": 20.0, "arch_warmup": 0.3, "arch_decay": "cosine",
+                                                         "entropy_weight": 2.0},
                   "travel20_warmup0.3_cosine_entropy5": {"travel": 20.0, "arch_warmup": 0.3, "arch_decay": "cosine",
                                                          "entropy_weight": 5.0},
                   "travel59_warmup0.3_cosine_entropy5": {"travel": 58.8, "arch_warmup": 0.3, "arch_decay": "cosine",

@@ -58,7 +58,7 @@ ARCH_DECAYS = ("cosine", "constant")
 # distributions' entropy in the architecture loss rises from 0 to ENTROPY_WEIGHT.
 ARCH_WARMUP = 0.3
 ARCH_TRAVEL = 20.0
-ENTROPY_WEIGHT = 5.0
+ENTROPY_WEIGHT = 2.0
 
 
 def arch_learning_rate_for(steps, warmup_fraction, travel):
