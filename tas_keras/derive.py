@@ -41,7 +41,8 @@ def derive_model(model, space, shape, transfer_weights=True):
             continue
         inputs = [tensors[name] for name in planned.layer.inputs]
         layer = _build_layer(source, planned)
-        tensors[planned.layer.name] = layer(inputs if planned.layer.kind in ("merge", "concat") else inputs[0])
+        inputs = inputs if planned.layer.kind in ("merge", "concat") else inputs[0]
+        tensors[planned.layer.name] = layer(inputs, **planned.layer.call_arguments)
     input_name = next(p.layer.name for p in plan.layers if p.layer.kind == "input")
     derived = keras.Model(tensors[input_name], tensors[plan.output], name=model.name)
     if transfer_weights:

@@ -136,6 +136,7 @@ class GraphLayer:
     depth_multiplier: int = 1
     affine: int = 0  # BatchNormalization: per-channel trainable vectors (gamma and/or beta)
     block: str = ""  # the droppable identity block it belongs to
+    call_arguments: Mapping = dataclasses.field(default_factory=dict)  # e.g. Dropout's training=False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,9 +427,10 @@ def _functional_graph(model):
         seen.add(layer.name)
         if len(node.outputs) != 1:
             _refuse(layer, f"the reader takes layers with one output, this one has {len(node.outputs)}")
-        extra = sorted(key for key, value in node.arguments.kwargs.items() if value is not None)
-        if extra:
-            _refuse(layer, f"called with arguments {extra} that the reader does not carry")
+        odd = {key: value for key, value in node.arguments.kwargs.items()
+               if not isinstance(value, (type(None), bool, int, float, str))}
+        if odd:
+            _refuse(layer, f"called with arguments {sorted(odd)} that the reader cannot carry")
         shape = node.outputs[0].shape
         if any(d is None for d in shape[1:]):
             _refuse(layer, f"output shape {tuple(shape)} has unknown sizes; build the model with a fixed "
@@ -475,6 +477,8 @@ class _GraphReader:
         self.inputs = {node.operation.name: tuple(t._keras_history[0].name for t in node.input_tensors)
                        for node in self.nodes}
         self.shapes = {node.operation.name: tuple(node.outputs[0].shape) for node in self.nodes}
+        self.call_arguments = {node.operation.name: {k: v for k, v in node.arguments.kwargs.items() if v is not None}
+                               for node in self.nodes}
         self.consumers = {name: [] for name in self.names}
         for name in self.names:
             for source in self.inputs[name]:
@@ -528,7 +532,8 @@ class _GraphReader:
             name=name, class_name=type(layer).__name__, kind=kind, inputs=self.inputs[name],
             in_slots=tuple(self.slots.find(self.out_slot[source]) for source in self.inputs[name]),
             out_slot=self.slots.find(self.out_slot[name]),
-            output_size=tuple(int(d) for d in shape[1:3]) if len(shape) == 4 else (), block=block, **details)
+            output_size=tuple(int(d) for d in shape[1:3]) if len(shape) == 4 else (), block=block,
+            call_arguments=self.call_arguments[name], **details)
 
     def _width_slot(self, name):
         full, reason = self.slots.full_width[name], self.slots.fixed_reason[name]

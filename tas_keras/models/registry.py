@@ -58,5 +58,7 @@ def build_model(name, input_shape=None, num_classes=None):
                        "mobilenet_v2": keras.applications.MobileNetV2}[name]
         # A named input, as the project's own models have, instead of a session-numbered "input_layer_N".
         image = keras.Input(shape=input_shape, name="image")
-        return application(weights=None, input_tensor=image, classes=num_classes)
+        model = application(weights=None, input_tensor=image, classes=num_classes)
+        # keras.applications lists an input_tensor's model inputs ([image]); one tensor, as the others take.
+        return keras.Model(image, model.outputs[0], name=model.name)
     return CifarResNet(ArchConfig.full(name, num_classes=num_classes, input_shape=input_shape))
