@@ -127,7 +127,8 @@ def count_model(model):
         elif isinstance(layer, keras.layers.DepthwiseConv2D):
             _, _, in_channels, multiplier = layer.kernel.shape
             layers.append(layer_cost(layer.name, "depthwise", in_channels, in_channels * multiplier,
-                                     layer.kernel_size, layer.strides, layer.output.shape[1:3], layer.use_bias))
+                                     layer.kernel_size, layer.strides, layer.output.shape[1:3],
+                                     layer.use_bias))
         elif isinstance(layer, keras.layers.Dense):
             layers.append(layer_cost(layer.name, "dense", *layer.kernel.shape, use_bias=layer.use_bias))
         elif isinstance(layer, keras.layers.BatchNormalization):

@@ -49,8 +49,9 @@ def _count(shape):
     model = build_model(shape, _input_shape(), _NUM_CLASSES.value)
     space = read_model(model)
     stages = [stage.num_blocks for stage in space.stages]
-    return (f"{model.name}, input {'x'.join(map(str, space.input_shape))}, "
-            f"{model.output_shape[-1]} outputs, blocks per stage {stages}", count_shape(space, space.full_shape()))
+    header = (f"{model.name}, input {'x'.join(map(str, space.input_shape))}, {model.output_shape[-1]} outputs, "
+              f"blocks per stage {stages}")
+    return header, count_shape(space, space.full_shape())
 
 
 def main(argv):

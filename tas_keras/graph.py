@@ -88,8 +88,7 @@ _PASS_THROUGH = _ELEMENTWISE_ACTIVATIONS + (
     _L.Normalization)
 _MERGES = (_L.Add, _L.Multiply, _L.Subtract, _L.Average, _L.Maximum, _L.Minimum)
 _CHANNEL_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
-# Layers whose settings do not depend on the width of what they read, so their config is rebuilt as is.
-_RESHAPES = (_L.Flatten, _L.Reshape)
+_RESHAPES = (_L.Flatten, _L.Reshape)  # spatial positions folded into the last axis
 
 
 class UnsupportedModelError(ValueError):
@@ -147,7 +146,7 @@ class IdentityShortcut:
     shortcut: str  # the layer whose output is x
     residual: str  # the layer whose output is r
     conv: str  # the Conv2D opening r's slot: the projection conv copies its settings
-    batch_norm: str  # the BatchNormalization between that conv and r ("" when none): the projection BN copies it
+    batch_norm: str  # the BN between that conv and r ("" when none): the projection BN copies it
     conv_name: str  # names of the projection layers in the derived network
     batch_norm_name: str
 
@@ -477,8 +476,9 @@ class _GraphReader:
         self.inputs = {node.operation.name: tuple(t._keras_history[0].name for t in node.input_tensors)
                        for node in self.nodes}
         self.shapes = {node.operation.name: tuple(node.outputs[0].shape) for node in self.nodes}
-        self.call_arguments = {node.operation.name: {k: v for k, v in node.arguments.kwargs.items() if v is not None}
-                               for node in self.nodes}
+        self.call_arguments = {
+            node.operation.name: {k: v for k, v in node.arguments.kwargs.items() if v is not None}
+            for node in self.nodes}
         self.consumers = {name: [] for name in self.names}
         for name in self.names:
             for source in self.inputs[name]:
@@ -568,7 +568,7 @@ class _GraphReader:
                 self.out_slot[name] = self.slots.open(name, self.channels(name), "depth_multiplier > 1")
             return "depthwise"
         if kind_of is _L.BatchNormalization:
-            if layer.axis not in (-1, len(self.shapes[name]) - 1):
+            if not self._is_channel_axis(name, layer.axis):
                 _refuse(layer, f"normalises axis {layer.axis}, not the channel axis")
             self.out_slot[name] = in_slots[0]
             return "batch_norm"
@@ -584,7 +584,7 @@ class _GraphReader:
             self.out_slot[name] = self.slots.open(name, self.channels(name), "reshaped")
             return "reshape"
         if kind_of is _L.Concatenate:
-            if layer.axis not in (-1, len(self.shapes[name]) - 1):
+            if not self._is_channel_axis(name, layer.axis):
                 _refuse(layer, f"concatenates along axis {layer.axis}; only the channel axis is supported")
             for slot in in_slots:
                 self.slots.fix(slot, f"{name} (Concatenate) reads it")
@@ -594,6 +594,9 @@ class _GraphReader:
             self._read_merge(layer, in_slots)
             return "merge"
         _refuse(layer, "this layer type is not supported by the graph reader")
+
+    def _is_channel_axis(self, name, axis):
+        return axis in (-1, len(self.shapes[name]) - 1)
 
     @staticmethod
     def _activation(layer):
@@ -607,7 +610,7 @@ class _GraphReader:
         if len(self.inputs[name]) != 1 or self.channels(name) != self.channels(self.inputs[name][0]):
             _refuse(layer, "expected one input and as many output channels as input channels")
         if type(layer) is _L.Softmax:
-            if layer.axis not in (-1, len(self.shapes[name]) - 1):
+            if not self._is_channel_axis(name, layer.axis):
                 _refuse(layer, f"softmax over axis {layer.axis}")
             self.slots.fix(in_slot, f"{name} applies softmax over the channels")
         elif type(layer) is _L.Activation and self._activation(layer) in _CHANNEL_MIXING_ACTIVATIONS:

@@ -117,9 +117,10 @@ def test_derived_layers_keep_settings_and_leading_channels(models):
     assert dw.kernel.shape == (3, 3, 20, 1) and dw.get_config()["padding"] == "same"
     np.testing.assert_array_equal(dw.kernel.numpy(), model.get_layer("b1_dw").kernel.numpy()[:, :, :20])
     bn = derived.get_layer("b1_project_bn")  # the stem's slot, tied through the Add
-    np.testing.assert_array_equal(bn.moving_mean.numpy(), model.get_layer("b1_project_bn").moving_mean.numpy()[:16])
-    expand = derived.get_layer("b1_expand")
-    np.testing.assert_array_equal(expand.kernel.numpy(), model.get_layer("b1_expand").kernel.numpy()[:, :, :16, :20])
+    original = model.get_layer("b1_project_bn").moving_mean.numpy()
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), original[:16])
+    original = model.get_layer("b1_expand").kernel.numpy()
+    np.testing.assert_array_equal(derived.get_layer("b1_expand").kernel.numpy(), original[:, :, :16, :20])
     assert derived.get_layer("down_shortcut").kernel.shape == (1, 1, 16, 32)  # b2 dropped: fed by b1's Add
     assert derived.get_layer("down_b").kernel.shape == (3, 3, 8, 32)
     assert derived.get_layer("scale").get_config() == model.get_layer("scale").get_config()
@@ -163,7 +164,8 @@ def test_released_shapes_count_the_same_through_the_graph(released_shapes, cifar
         assert arch_from_shape(space, shape).replace(provenance=arch.provenance) == arch
 
 
-@pytest.mark.parametrize("released", ["NeurIPS-2019__C010-ResNet20.config", "NeurIPS-2019__C100-ResNet164.config"])
+@pytest.mark.parametrize("released", ["NeurIPS-2019__C010-ResNet20.config",
+                                      "NeurIPS-2019__C100-ResNet164.config"])
 def test_released_shape_derives_the_cifar_builders_network(released_shapes, cifar_spaces, released):
     arch = ArchConfig.load(next(p for p in released_shapes if p.name == released))
     full, space = cifar_spaces(arch)
