@@ -33,14 +33,13 @@ def derive_model(model, space, shape, transfer_weights=True):
     plan = space.plan(shape)
     tensors = {}
     for planned in plan.layers:
-        source = model.get_layer(planned.source)
         if planned.layer.kind == "input":
-            config = source.get_config()
-            tensors[planned.layer.name] = keras.Input(
-                batch_shape=config["batch_shape"], dtype=config["dtype"], name=config["name"])
+            image = model.inputs[0]
+            tensors[planned.layer.name] = keras.Input(batch_shape=image.shape, dtype=image.dtype,
+                                                      name=planned.layer.name)
             continue
         inputs = [tensors[name] for name in planned.layer.inputs]
-        layer = _build_layer(source, planned)
+        layer = _build_layer(model.get_layer(planned.source), planned)
         inputs = inputs if planned.layer.kind in ("merge", "concat") else inputs[0]
         tensors[planned.layer.name] = layer(inputs, **planned.layer.call_arguments)
     input_name = next(p.layer.name for p in plan.layers if p.layer.kind == "input")

@@ -18,7 +18,8 @@ L = keras.layers
 
 
 def user_cnn(num_classes=5):
-    """A functional CNN as a user might write one: Adds, depthwise convs, biases, a Dense head."""
+    """A functional CNN as a user might write one: Adds, depthwise convs, biases, a squeeze-excitation
+    Multiply, a Dense head."""
     inputs = keras.Input((32, 32, 3), name="pixels")
     x = L.Rescaling(1 / 127.5, offset=-1, name="scale")(inputs)
     x = L.Conv2D(24, 3, strides=2, padding="same", name="stem")(x)
@@ -36,6 +37,10 @@ def user_cnn(num_classes=5):
     x = L.Activation("relu", name="down_out")(L.Add(name="down_add")([shortcut, y]))
     y = L.ReLU(name="b3_relu")(L.Conv2D(32, 3, padding="same", name="b3_conv_a")(x))
     y = L.Conv2D(32, 3, padding="same", name="b3_conv_b")(y)
+    gate = L.GlobalAveragePooling2D(keepdims=True, name="b3_se_pool")(y)
+    gate = L.Conv2D(8, 1, activation="relu", name="b3_se_reduce")(gate)
+    gate = L.Activation("sigmoid", name="b3_se_gate")(L.Conv2D(32, 1, name="b3_se_expand")(gate))
+    y = L.Multiply(name="b3_se")([y, gate])
     x = L.ReLU(name="b3_out")(L.Add(name="b3_add")([x, y]))
     x = L.Dropout(0.2, name="drop")(L.GlobalAveragePooling2D(name="pool")(x))
     outputs = L.Dense(num_classes, activation="softmax", name="classifier")(x)
@@ -124,6 +129,7 @@ def test_derived_layers_keep_settings_and_leading_channels(models):
     assert derived.get_layer("down_shortcut").kernel.shape == (1, 1, 16, 32)  # b2 dropped: fed by b1's Add
     assert derived.get_layer("down_b").kernel.shape == (3, 3, 8, 32)
     assert derived.get_layer("scale").get_config() == model.get_layer("scale").get_config()
+    assert space.layer("b3_se_expand").out_slot == space.layer("b3_conv_b").out_slot  # tied by the Multiply
     assert derived.get_layer("classifier").get_config()["activation"] == "softmax"
 
 
@@ -139,6 +145,19 @@ def test_independent_adds_get_a_projection_where_widths_differ(models):
     assert names.index("b2_shortcut_bn") < names.index("b2_add")
     assert "b1_shortcut_conv" not in names and "b3_shortcut_conv" not in names  # equal widths: identity
     assert derived.get_layer("down_a").kernel.shape[2] == 10  # the Add now carries the residual's width
+
+
+def test_a_sequential_model_derives_as_a_functional_one():
+    model = _with_statistics(keras.Sequential([
+        keras.Input((16, 16, 3)), L.Conv2D(8, 3, name="conv"), L.BatchNormalization(name="bn"),
+        L.ReLU(name="relu"), L.GlobalAveragePooling2D(name="pool"), L.Dense(3, name="head")], name="seq"))
+    space = read_model(model)
+    assert [slot.name for slot in space.searchable_slots] == ["conv"]
+    derived = derive_model(model, space, space.full_shape())
+    images = _images(model)
+    np.testing.assert_allclose(derived(images, training=False), model(images, training=False), atol=1e-5)
+    narrow = derive_model(model, space, GraphShape({"conv": 5}, {}))
+    assert narrow.get_layer("head").kernel.shape == (5, 3)
 
 
 @pytest.fixture(scope="module")

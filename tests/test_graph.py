@@ -122,6 +122,10 @@ def _shared(x):
     return conv(conv(x))
 
 
+def _unbuilt_sequential():
+    return keras.Sequential([L.Conv2D(4, 3)], name="lazy")
+
+
 def _two_inputs():
     a, b = keras.Input((8, 8, 3)), keras.Input((8, 8, 3))
     return keras.Model([a, b], L.Add(name="join")([a, b]), name="two_inputs")
@@ -146,6 +150,7 @@ REFUSED = {
     "dense on map": (lambda: _functional(lambda x: L.Dense(4, name="per_pixel")(x)),
                      "per_pixel (Dense): Dense on a spatial map"),
     "subclassed": (_Subclassed, "my_subclassed (_Subclassed): a subclassed model"),
+    "unbuilt sequential": (_unbuilt_sequential, "lazy (Sequential): build it with a keras.Input first"),
     "two inputs": (_two_inputs, "two_inputs (Functional): the reader takes one image input"),
     "unknown size": (lambda: _functional(lambda x: L.Conv2D(4, 3, name="c")(x), (None, None, 3)),
                      "has unknown sizes"),
