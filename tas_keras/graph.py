@@ -25,14 +25,17 @@ Width rules. Every tensor carries a width slot.
   - Add (and Multiply, Subtract, Average, Maximum, Minimum, which are always tied): the inputs must have
     equal channel counts.
       "tied" (default for models this project does not build, as DepGraph-style tools do): every input
-      of the merge joins one slot (union-find); no layer is ever added to the user's model.
+      of the merge joins one slot (union-find), named after the slot of its first input; no layer is
+      ever added to the user's model.
       "independent" (the reference code's rule for the CIFAR ResNets, DESIGN.md section 4): for an
       Add of two inputs of equal shape,
         * identity shortcut: one input x is an ancestor of the other, r. The widths stay independent
           and the output carries r's slot. Where a shape gives x and r different widths, the derived
           network feeds x through `<block>_shortcut_conv` (a 1x1 conv with the settings of the conv
           that opens r's slot) and `<block>_shortcut_bn` (with the settings of the BN between that
-          conv and r, when there is one); `<block>` is the Add's name without its "_add" suffix.
+          conv and r, when there is one); `<block>` is the Add's name without its "_add" suffix. When
+          r does not come from a Conv2D through BN and pass-through layers only (say, through a
+          squeeze-excitation Multiply), there are no settings to copy and the Add is tied.
         * projection shortcut: one input p comes from a Conv2D P through single-consumer BN /
           pass-through layers only, and the tensor P reads (followed back through single-consumer
           pass-through layers to where the graph branches) is an ancestor of the other input r.
@@ -59,9 +62,11 @@ Depth rules.
 
 Refused (UnsupportedModelError, one line naming the layer and its class): subclassed models, models
 with several inputs or outputs, unknown spatial sizes, channels_first layers, nested models, shared
-layers, keras.ops operations on symbolic tensors, layers called with extra arguments, grouped Conv2D,
-Dense on a spatial map, and every layer class not listed above (Lambda, recurrent layers, Conv1D/3D,
-SeparableConv2D, Conv2DTranspose, LayerNormalization, PReLU, ...).
+layers, keras.ops operations on symbolic tensors, layers called with arguments other than plain values
+(plain ones, such as the training=False Keras records for a Dropout, are carried into the derived
+model), grouped Conv2D, Dense on a spatial map, Concatenate along another axis than the channels, and
+every layer class not listed above (Lambda, recurrent layers, Conv1D/3D, SeparableConv2D,
+Conv2DTranspose, LayerNormalization, PReLU, ...).
 """
 
 import dataclasses
@@ -162,11 +167,15 @@ class ResidualBlock:
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """A chain of droppable identity blocks after the stage's always-kept first block."""
+    """A chain of droppable identity blocks and the stage's always-kept first block.
+
+    The first block is `opener` (a projection block or a stage-opening block without an Add) when there
+    is one, else `blocks[0]`.
+    """
 
     name: str
-    opener: str  # the always-kept first block when it is not blocks[0] (a projection or stage-opening block)
-    blocks: tuple  # the identity blocks in order; blocks[0] is the always-kept first when there is no opener
+    opener: str
+    blocks: tuple  # ResidualBlock, in order
     choices: tuple  # depth_choices(num_blocks)
 
     @property
@@ -213,9 +222,9 @@ class GraphShape:
 
 @dataclasses.dataclass(frozen=True)
 class DerivedLayer:
-    """A layer of the derived network: `layer` with its inputs rewired past dropped blocks, built as
-    `source`'s class and settings with `out_channels` output channels (a projection has a source of its
-    own kind)."""
+    """A layer of the derived network: `layer` with its inputs rewired past dropped blocks, built with
+    the class and settings of the original layer `source` (itself, or for a projection shortcut the
+    conv or BN it mirrors) and `out_channels` output channels."""
 
     layer: GraphLayer
     source: str
@@ -331,8 +340,9 @@ class GraphSpace:
     def _projection(self, shortcut, source, in_channels, out_channels):
         add = self.layer(shortcut.add)
         conv = dataclasses.replace(
-            self.layer(shortcut.conv), name=shortcut.conv_name, inputs=(source,), kernel=(1, 1),
-            strides=(1, 1), output_size=add.output_size, block=add.block)
+            self.layer(shortcut.conv), name=shortcut.conv_name, inputs=(source,),
+            in_slots=(self.layer(shortcut.shortcut).out_slot,), kernel=(1, 1), strides=(1, 1),
+            output_size=add.output_size, block=add.block)
         layers = [DerivedLayer(conv, shortcut.conv, in_channels, out_channels)]
         if shortcut.batch_norm:
             bn = dataclasses.replace(self.layer(shortcut.batch_norm), name=shortcut.batch_norm_name,
