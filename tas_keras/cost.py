@@ -1,9 +1,14 @@
 """Exact FLOP and parameter counts, in the paper's convention.
 
-FLOPs are multiply-accumulates of Conv2D (k*k*C_in*C_out*H_out*W_out) and Dense (in*out + out); BN,
-ReLU, pooling and additions are not counted. Parameters are the trainable weights (conv and Dense
-kernels, Dense bias, BN gamma and beta), as PyTorch's parameter count reports them; BN moving
-statistics are not parameters.
+FLOPs are multiply-accumulates of Conv2D (k_h*k_w*C_in*C_out*H_out*W_out), DepthwiseConv2D
+(k_h*k_w*C_out*H_out*W_out) and Dense (in*out), plus one per output value for a bias (C_out*H_out*W_out,
+out), as the reference code's counter counts them; BN, activations, pooling and additions are not
+counted. Parameters are the trainable weights (kernels, biases, BN gamma and beta), as PyTorch's
+parameter count reports them; BN moving statistics are not parameters.
+
+Three routes, one rule per layer kind (`layer_cost`): `count_arch` (a CIFAR ArchConfig, without
+building), `count_shape` (a point of any model's GraphSpace, without building) and `count_model` (a
+built Keras model).
 """
 
 import dataclasses
@@ -17,11 +22,11 @@ from tas_keras.models.cifar_resnet import network_plan
 @dataclasses.dataclass(frozen=True)
 class LayerCost:
     name: str
-    kind: str  # conv | dense | batch_norm
+    kind: str  # conv | depthwise | dense | batch_norm
     in_channels: int
     out_channels: int
-    kernel: int = 0
-    stride: int = 1
+    kernel: tuple = ()  # (k_h, k_w)
+    stride: tuple = ()
     output_size: tuple = ()
     flops: int = 0
     params: int = 0
@@ -49,9 +54,10 @@ class CostReport:
             if layer.kind == "batch_norm":
                 continue
             size = "x".join(map(str, layer.output_size)) or "-"
-            kernel = f"{layer.kernel}x{layer.kernel}" if layer.kernel else "-"
+            kernel = "x".join(map(str, layer.kernel)) or "-"
+            stride = "x".join(map(str, sorted(set(layer.stride)))) or "-"
             lines.append(
-                f"{layer.name:<26} {kernel:>6} {layer.stride:>6} {layer.in_channels:>5} "
+                f"{layer.name:<26} {kernel:>6} {stride:>6} {layer.in_channels:>5} "
                 f"{layer.out_channels:>5} {size:>7} {layer.flops / 1e6:>9.4f} {layer.params:>9,} "
                 f"{100 * layer.flops / self.flops:>6.2f}%")
         lines.append(f"total: {self.flops / 1e6:.4f} MFLOPs ({self.flops:,} MACs), "
@@ -64,15 +70,23 @@ def _report(layers):
     return CostReport(sum(layer.flops for layer in layers), sum(layer.params for layer in layers), layers)
 
 
-def _conv_cost(name, kernel, stride, in_channels, out_channels, output_size):
-    macs = kernel * kernel * in_channels * out_channels
-    return LayerCost(name, "conv", in_channels, out_channels, kernel, stride, tuple(output_size),
-                     macs * math.prod(output_size), macs)
-
-
-def _dense_cost(name, in_units, out_units):
-    count = in_units * out_units + out_units
-    return LayerCost(name, "dense", in_units, out_units, flops=count, params=count)
+def layer_cost(name, kind, in_channels, out_channels, kernel=(), stride=(), output_size=(), use_bias=False,
+               affine=2):
+    """The cost of one layer; `affine` is the number of per-channel trainable vectors of a BN."""
+    if kind == "batch_norm":
+        return LayerCost(name, kind, in_channels, out_channels, params=affine * out_channels)
+    bias = out_channels if use_bias else 0
+    if kind == "dense":
+        count = in_channels * out_channels + bias
+        return LayerCost(name, kind, in_channels, out_channels, flops=count, params=count)
+    if kind == "conv":
+        weights = math.prod(kernel) * in_channels * out_channels
+    elif kind == "depthwise":
+        weights = math.prod(kernel) * out_channels
+    else:
+        raise ValueError(f"{name}: no cost rule for a layer of kind {kind!r}")
+    return LayerCost(name, kind, in_channels, out_channels, tuple(kernel), tuple(stride), tuple(output_size),
+                     (weights + bias) * math.prod(output_size), weights + bias)
 
 
 def count_arch(arch):
@@ -80,31 +94,45 @@ def count_arch(arch):
     plan = network_plan(arch)
     layers = []
     for conv in plan.convs():
-        layers.append(_conv_cost(conv.name, conv.kernel, conv.stride, conv.in_channels,
-                                 conv.out_channels, conv.output_size))
+        layers.append(layer_cost(conv.name, "conv", conv.in_channels, conv.out_channels,
+                                 (conv.kernel, conv.kernel), (conv.stride, conv.stride), conv.output_size))
         if conv.batch_norm:
-            layers.append(LayerCost(conv.bn_name, "batch_norm", conv.out_channels, conv.out_channels,
-                                    params=2 * conv.out_channels))
-    layers.append(_dense_cost("head_fc", plan.head_in_channels, arch.num_classes))
+            layers.append(layer_cost(conv.bn_name, "batch_norm", conv.out_channels, conv.out_channels))
+    layers.append(layer_cost("head_fc", "dense", plan.head_in_channels, arch.num_classes, use_bias=True))
+    return _report(layers)
+
+
+def count_shape(space, shape):
+    """Counts the network `tas_keras.derive.derive_model(model, space, shape)` builds, without building it."""
+    layers = []
+    for derived in space.plan(shape).layers:
+        layer = derived.layer
+        if layer.kind in ("conv", "depthwise", "dense", "batch_norm"):
+            layers.append(layer_cost(layer.name, layer.kind, derived.in_channels, derived.out_channels,
+                                     layer.kernel, layer.strides, layer.output_size, layer.use_bias,
+                                     layer.affine))
     return _report(layers)
 
 
 def count_model(model):
-    """Counts a built functional Keras model from its Conv2D, Dense and BatchNormalization layers."""
+    """Counts a built Keras model from its Conv2D, DepthwiseConv2D, Dense and BatchNormalization layers."""
     layers = []
     for layer in model.layers:
         if isinstance(layer, keras.layers.Conv2D):
-            kernel_h, kernel_w, in_channels, out_channels = layer.kernel.shape
-            if kernel_h != kernel_w or layer.groups != 1:
-                raise ValueError(f"{layer.name}: only square, ungrouped convolutions are counted")
-            cost = _conv_cost(layer.name, kernel_h, layer.strides[0], in_channels, out_channels,
-                              layer.output.shape[1:3])
-            bias = out_channels if layer.use_bias else 0
-            layers.append(dataclasses.replace(cost, params=cost.params + bias))
+            if layer.groups != 1:
+                raise ValueError(f"{layer.name}: only ungrouped convolutions are counted")
+            _, _, in_channels, out_channels = layer.kernel.shape
+            layers.append(layer_cost(layer.name, "conv", in_channels, out_channels, layer.kernel_size,
+                                     layer.strides, layer.output.shape[1:3], layer.use_bias))
+        elif isinstance(layer, keras.layers.DepthwiseConv2D):
+            _, _, in_channels, multiplier = layer.kernel.shape
+            layers.append(layer_cost(layer.name, "depthwise", in_channels, in_channels * multiplier,
+                                     layer.kernel_size, layer.strides, layer.output.shape[1:3],
+                                     layer.use_bias))
         elif isinstance(layer, keras.layers.Dense):
-            layers.append(_dense_cost(layer.name, *layer.kernel.shape))
+            layers.append(layer_cost(layer.name, "dense", *layer.kernel.shape, use_bias=layer.use_bias))
         elif isinstance(layer, keras.layers.BatchNormalization):
             channels = layer.moving_mean.shape[0]
-            layers.append(LayerCost(layer.name, "batch_norm", channels, channels,
-                                    params=sum(math.prod(w.shape) for w in layer.trainable_weights)))
+            layers.append(layer_cost(layer.name, "batch_norm", channels, channels,
+                                     affine=int(layer.center) + int(layer.scale)))
     return _report(layers)

@@ -3,6 +3,8 @@
   python -m tas_keras.flops resnet56 [--num_classes=100] [--json]
   python -m tas_keras.flops runs/x/search/arch.json
   python -m tas_keras.flops ../shared/reference/tas-released-shapes/NeurIPS-2019__C010-ResNet56.config
+  python -m tas_keras.flops mobilenet_v2 --image_size=224 --num_classes=1000 [--json]
+  python -m tas_keras.flops my_model.keras
 """
 
 import json
@@ -11,32 +13,59 @@ import sys
 
 from absl import app, flags
 
-from tas_keras.cost import count_arch
+from tas_keras.cost import count_arch, count_shape
+from tas_keras.graph import read_model
+from tas_keras.models.registry import build_model, is_cifar_model, is_model_file
 from tas_keras.search_space import ArchConfig
 
 _JSON = flags.DEFINE_bool("json", False, "Print {flops, params, layers} as JSON instead of a table.")
-_NUM_CLASSES = flags.DEFINE_integer("num_classes", 10, "Classes, when SHAPE is a model name.", lower_bound=1)
+_NUM_CLASSES = flags.DEFINE_integer(
+    "num_classes", None, "Classes, when SHAPE is a model name (default: 10 for the CIFAR ResNets, 1000 for "
+    "the ImageNet models).", lower_bound=1)
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", None, "Square input side, when SHAPE is a model name (default: 32 for the CIFAR ResNets, "
+    "224 for the ImageNet models).", lower_bound=1)
 
 
-def _load(shape):
-    if os.path.exists(shape) or os.sep in shape or shape.endswith((".json", ".config")):
-        return ArchConfig.load(shape)
-    return ArchConfig.full(shape, num_classes=_NUM_CLASSES.value)
+def _is_shape_file(shape):
+    return not is_model_file(shape) and (os.path.exists(shape) or os.sep in shape
+                                         or shape.endswith((".json", ".config")))
+
+
+def _input_shape():
+    return None if _IMAGE_SIZE.value is None else (_IMAGE_SIZE.value, _IMAGE_SIZE.value, 3)
+
+
+def _count(shape):
+    """(header line, CostReport) of SHAPE."""
+    if _is_shape_file(shape) or is_cifar_model(shape):
+        if _is_shape_file(shape):
+            arch = ArchConfig.load(shape)
+        else:
+            arch = ArchConfig.full(shape, num_classes=_NUM_CLASSES.value or 10,
+                                   input_shape=_input_shape() or (32, 32, 3))
+        return (f"{arch.name}, {arch.num_classes} classes, blocks per stage {list(arch.stage_blocks)}",
+                count_arch(arch))
+    model = build_model(shape, _input_shape(), _NUM_CLASSES.value)
+    space = read_model(model)
+    stages = [stage.num_blocks for stage in space.stages]
+    header = (f"{model.name}, input {'x'.join(map(str, space.input_shape))}, {model.output_shape[-1]} outputs, "
+              f"blocks per stage {stages}")
+    return header, count_shape(space, space.full_shape())
 
 
 def main(argv):
     if len(argv) != 2:
-        raise app.UsageError("give one SHAPE: a model name (resnet20 ... resnet164), an arch.json or a "
-                             "released-shape file")
+        raise app.UsageError("give one SHAPE: a model name (resnet20 ... resnet164, resnet18, resnet34, "
+                             "resnet50, mobilenet_v2), a .keras file, an arch.json or a released-shape file")
     try:
-        arch = _load(argv[1])
+        header, report = _count(argv[1])
     except ValueError as error:
         sys.exit(f"error: {error}")
-    report = count_arch(arch)
     if _JSON.value:
         print(json.dumps(report.to_dict()))
     else:
-        print(f"{arch.name}, {arch.num_classes} classes, blocks per stage {list(arch.stage_blocks)}")
+        print(header)
         print(report.table())
 
 

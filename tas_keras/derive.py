@@ -1,0 +1,49 @@
+"""Rebuilds a point of a GraphSpace as a plain functional Keras model and moves the weights into it.
+
+`derive_model(model, space, shape)` builds the layers of `space.plan(shape)`, each from its source
+layer's `get_config()` with only the channel count changed (and, for a projection shortcut, a 1x1 kernel
+and stride 1), so the derived model has the user's layer types, names and settings, narrower and
+shallower, and nothing but stock Keras layers: `keras.models.load_model` opens its .keras file without
+this package. `transfer_weights` copies the leading channels of every variable (kernels, biases, BN
+gamma/beta and moving statistics, depthwise kernels) of the layers both models have, as train.distill's
+"init" does; a dropped block has nothing to copy and a projection only the derived model has keeps its
+fresh initialisation.
+"""
+
+import keras
+
+from tas_keras.distill import init_from_teacher
+
+
+def _build_layer(source, planned):
+    """A new layer of `source`'s class and settings for the planned layer."""
+    config = source.get_config()
+    config["name"] = planned.layer.name
+    if planned.layer.kind == "conv":
+        config["filters"] = planned.out_channels
+        if planned.layer.name != source.name:  # a projection shortcut
+            config.update(kernel_size=(1, 1), strides=(1, 1), dilation_rate=(1, 1), activation="linear")
+    elif planned.layer.kind == "dense":
+        config["units"] = planned.out_channels
+    return type(source).from_config(config)
+
+
+def derive_model(model, space, shape, transfer_weights=True):
+    """The plain functional model of `shape`; with `transfer_weights`, initialised from `model`."""
+    plan = space.plan(shape)
+    tensors = {}
+    for planned in plan.layers:
+        if planned.layer.kind == "input":
+            image = model.inputs[0]
+            tensors[planned.layer.name] = keras.Input(batch_shape=image.shape, dtype=image.dtype,
+                                                      name=planned.layer.name)
+            continue
+        inputs = [tensors[name] for name in planned.layer.inputs]
+        layer = _build_layer(model.get_layer(planned.source), planned)
+        inputs = inputs if planned.layer.kind in ("merge", "concat") else inputs[0]
+        tensors[planned.layer.name] = layer(inputs, **planned.layer.call_arguments)
+    input_name = next(p.layer.name for p in plan.layers if p.layer.kind == "input")
+    derived = keras.Model(tensors[input_name], tensors[plan.output], name=model.name)
+    if transfer_weights:
+        init_from_teacher(derived, model)
+    return derived

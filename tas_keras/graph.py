@@ -1,0 +1,821 @@
+"""The TAS search space of any supported Keras CNN, read from its functional graph (DESIGN.md section 11).
+
+`read_model(model)` walks the nodes of a functional model (or a built Sequential) from its output back
+to its input and returns a `GraphSpace`: every layer with the width slot it reads and the one it
+writes, the width slots with their candidate widths, the stages of droppable residual blocks with their
+depth choices, and (in "independent" mode) the identity shortcuts a derived network may project.
+`GraphShape` is one point of that space; `GraphSpace.plan(shape)` resolves it into the layers the
+derived network really has (with their channel counts), which both the builder (`tas_keras.derive`)
+and the FLOP counter (`tas_keras.cost.count_shape`) read, so the counted network is the built one.
+
+Width rules. Every tensor carries a width slot.
+  - The input layer opens a fixed slot (the image channels).
+  - A Conv2D with groups=1 opens a searchable slot named after it, whose candidates are
+    `candidate_widths(filters, multiple_of)` (the paper's ratios 0.3 .. 1.0).
+  - A Dense opens a fixed slot (Dense layers are not searched); it must see a 2-D input.
+  - DepthwiseConv2D (depth_multiplier 1), BatchNormalization (channel axis last), activations (ReLU,
+    Activation, LeakyReLU, ELU, Softmax), pooling, padding, cropping, up-sampling, dropout and noise
+    layers, Identity, Rescaling and Normalization pass their input's slot through: a depthwise conv and
+    its BN follow the width of the slot that feeds them.
+  - A layer that holds per-channel constants it cannot slice (Normalization, a Rescaling with a vector
+    scale or offset) or mixes the channels (softmax over the channel axis, also as a conv activation)
+    fixes its slot. Flatten of a spatial map, Reshape, Concatenate (channel axis) and a DepthwiseConv2D
+    with depth_multiplier > 1 fix their input slots and open a fixed slot for their output.
+  - The slot of the model's output is fixed (the classifier, Dense or Conv2D).
+  - Add (and Multiply, Subtract, Average, Maximum, Minimum, which are always tied): the inputs must have
+    equal channel counts.
+      "tied" (default for models this project does not build, as DepGraph-style tools do): every input
+      of the merge joins one slot (union-find), named after the slot of its first input; no layer is
+      ever added to the user's model.
+      "independent" (the reference code's rule for the CIFAR ResNets, DESIGN.md section 4): for an
+      Add of two inputs of equal shape,
+        * identity shortcut: one input x is an ancestor of the other, r. The widths stay independent
+          and the output carries r's slot. Where a shape gives x and r different widths, the derived
+          network feeds x through `<block>_shortcut_conv` (a 1x1 conv with the settings of the conv
+          that opens r's slot) and `<block>_shortcut_bn` (with the settings of the BN between that
+          conv and r, when there is one); `<block>` is the Add's name without its "_add" suffix. When
+          r does not come from a Conv2D through BN and pass-through layers only (say, through a
+          squeeze-excitation Multiply), there are no settings to copy and the Add is tied.
+        * projection shortcut: one input p comes from a Conv2D P through single-consumer BN /
+          pass-through layers only, and the tensor P reads (followed back through single-consumer
+          pass-through layers to where the graph branches) is an ancestor of the other input r.
+          P does not open a slot of its own: it takes r's slot (the shortcut reuses the block-output
+          conv's choice).
+        * anything else is tied.
+  - A fixed slot tied to a searchable one makes the whole group fixed.
+
+Depth rules.
+  - An identity block is an Add(x, r) of two inputs of equal shape where x is an ancestor of r and the
+    layers between them (the residual branch) read only x or each other and feed only each other or
+    the Add. The block is the branch, the Add, and the elementwise activations that follow the Add
+    while each is its tensor's only consumer; its exit is the last of those. Dropping it hands x to
+    whatever read the exit. A block whose branch holds another block is not droppable.
+  - Identity blocks whose entry is the previous one's exit form a chain; a maximal chain is a stage.
+    The stage's first block is always kept:
+        * the projection block (an Add that is not an identity block) whose exit is the chain's entry;
+        * else the layers just before the chain when they repeat the chain's residual branch layer
+          class for layer (padding layers aside), as MobileNetV2's stage-opening inverted residual
+          block (stride 2 or a new width, no Add) does;
+        * else (the chain starts after a stem, as a CIFAR ResNet's first stage) the chain's own first
+          identity block.
+    The stage's depth choices are `depth_choices(n)` over its n blocks, first block included.
+
+Refused (UnsupportedModelError, one line naming the layer and its class): subclassed models, models
+with several inputs or outputs, unknown spatial sizes, channels_first layers, nested models, shared
+layers, keras.ops operations on symbolic tensors, layers called with arguments other than plain values
+(plain ones, such as the training=False Keras records for a Dropout, are carried into the derived
+model), grouped Conv2D, Dense on a spatial map, Concatenate along another axis than the channels, and
+every layer class not listed above (Lambda, recurrent layers, Conv1D/3D, SeparableConv2D,
+Conv2DTranspose, LayerNormalization, PReLU, ...).
+"""
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Mapping
+
+import keras
+
+from tas_keras.search_space import WIDTH_RATIOS, ArchConfig, candidate_widths, conv_slots, depth_choices
+from tas_keras.search_space import parse_model_name
+
+TIED = "tied"
+INDEPENDENT = "independent"
+ADD_MODES = (TIED, INDEPENDENT)
+
+_L = keras.layers
+_ELEMENTWISE_ACTIVATIONS = (_L.Activation, _L.ReLU, _L.LeakyReLU, _L.ELU)
+_PASS_THROUGH = _ELEMENTWISE_ACTIVATIONS + (
+    _L.Softmax, _L.MaxPooling2D, _L.AveragePooling2D, _L.GlobalAveragePooling2D, _L.GlobalMaxPooling2D,
+    _L.ZeroPadding2D, _L.Cropping2D, _L.UpSampling2D, _L.Dropout, _L.SpatialDropout2D, _L.GaussianNoise,
+    _L.GaussianDropout, _L.AlphaDropout, _L.ActivityRegularization, _L.Identity, _L.Rescaling,
+    _L.Normalization)
+_MERGES = (_L.Add, _L.Multiply, _L.Subtract, _L.Average, _L.Maximum, _L.Minimum)
+_CHANNEL_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
+_RESHAPES = (_L.Flatten, _L.Reshape)  # spatial positions folded into the last axis
+
+
+class UnsupportedModelError(ValueError):
+    """The model, or one of its layers, is outside what the graph reader can prune safely."""
+
+
+def _refuse(layer, reason):
+    raise UnsupportedModelError(f"{layer.name} ({type(layer).__name__}): {reason}")
+
+
+@dataclasses.dataclass(frozen=True)
+class WidthSlot:
+    """A group of channels that share one width: opened by `name`, widened to `full_width` at most."""
+
+    name: str
+    full_width: int
+    candidates: tuple  # sorted; (full_width,) when fixed
+    fixed_reason: str = ""  # why the reader keeps it at full width; empty when the search chooses it
+
+    @property
+    def searchable(self):
+        return not self.fixed_reason
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphLayer:
+    """One layer of the model, as the search space sees it.
+
+    kind: input | conv (Conv2D) | depthwise | dense | batch_norm | pass (weightless, keeps the slot) |
+    reshape (Flatten of a map, Reshape: fixed in and out) | merge (Add and other elementwise merges) |
+    concat (Concatenate: fixed in and out).
+    """
+
+    name: str
+    class_name: str
+    kind: str
+    inputs: tuple  # names of the layers whose outputs it reads, in call order
+    in_slots: tuple  # the slot of each input
+    out_slot: str
+    output_size: tuple = ()  # (height, width) of a spatial output, () for a vector
+    kernel: tuple = ()  # (k_h, k_w) of a conv or depthwise conv
+    strides: tuple = ()
+    use_bias: bool = False
+    depth_multiplier: int = 1
+    affine: int = 0  # BatchNormalization: per-channel trainable vectors (gamma and/or beta)
+    block: str = ""  # the droppable identity block it belongs to
+    call_arguments: Mapping = dataclasses.field(default_factory=dict)  # e.g. Dropout's training=False
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityShortcut:
+    """An independent-mode Add(x, r) whose x a derived network projects when the widths differ."""
+
+    add: str
+    shortcut: str  # the layer whose output is x
+    residual: str  # the layer whose output is r
+    conv: str  # the Conv2D opening r's slot: the projection conv copies its settings
+    batch_norm: str  # the BN between that conv and r ("" when none): the projection BN copies it
+    conv_name: str  # names of the projection layers in the derived network
+    batch_norm_name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidualBlock:
+    name: str  # the Add's name without "_add"
+    entry: str  # the layer whose output x the block reads (and hands on when dropped)
+    add: str
+    exit: str  # the layer whose output leaves the block: the Add or its trailing activation
+    layers: tuple  # the residual branch, the Add and the trailing activations, in graph order
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A chain of droppable identity blocks and the stage's always-kept first block.
+
+    The first block is `opener` (a projection block or a stage-opening block without an Add) when there
+    is one, else `blocks[0]`.
+    """
+
+    name: str
+    opener: str
+    blocks: tuple  # ResidualBlock, in order
+    choices: tuple  # depth_choices(num_blocks)
+
+    @property
+    def first_block(self):
+        return self.opener or self.blocks[0].name
+
+    @property
+    def num_blocks(self):
+        return len(self.blocks) + bool(self.opener)
+
+    def kept_blocks(self, depth):
+        """The identity blocks a stage keeping `depth` blocks (first block included) keeps."""
+        return self.blocks[:depth - bool(self.opener)]
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphShape:
+    """A point of a GraphSpace: the width of every searchable slot and the blocks kept per stage."""
+
+    widths: Mapping[str, int]
+    depths: Mapping[str, int]
+
+    def __post_init__(self):
+        object.__setattr__(self, "widths", {str(k): int(v) for k, v in dict(self.widths).items()})
+        object.__setattr__(self, "depths", {str(k): int(v) for k, v in dict(self.depths).items()})
+
+    def to_dict(self):
+        return {"widths": dict(self.widths), "depths": dict(self.depths)}
+
+    @classmethod
+    def from_dict(cls, config):
+        unknown = sorted(set(config) - {"widths", "depths"})
+        if unknown:
+            raise ValueError(f"unknown GraphShape keys {unknown}")
+        return cls(config.get("widths", {}), config.get("depths", {}))
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text):
+        return cls.from_dict(json.loads(text))
+
+
+@dataclasses.dataclass(frozen=True)
+class DerivedLayer:
+    """A layer of the derived network: `layer` with its inputs rewired past dropped blocks, built with
+    the class and settings of the original layer `source` (itself, or for a projection shortcut the
+    conv or BN it mirrors) and `out_channels` output channels."""
+
+    layer: GraphLayer
+    source: str
+    in_channels: int
+    out_channels: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DerivedPlan:
+    layers: tuple
+    output: str
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphSpace:
+    """The search space read from a model: layers in graph order, width slots, stages, shortcuts."""
+
+    name: str
+    input_shape: tuple
+    add_mode: str
+    multiple_of: int
+    layers: tuple
+    slots: tuple
+    stages: tuple
+    shortcuts: tuple  # IdentityShortcut, independent mode only
+    output: str
+
+    def layer(self, name):
+        return self._layers_by_name[name]
+
+    def slot(self, name):
+        return self._slots_by_name[name]
+
+    @functools.cached_property
+    def _layers_by_name(self):
+        return {layer.name: layer for layer in self.layers}
+
+    @functools.cached_property
+    def _slots_by_name(self):
+        return {slot.name: slot for slot in self.slots}
+
+    @property
+    def searchable_slots(self):
+        return tuple(slot for slot in self.slots if slot.searchable)
+
+    def full_shape(self):
+        return GraphShape({s.name: s.full_width for s in self.searchable_slots},
+                          {stage.name: stage.num_blocks for stage in self.stages})
+
+    def validate(self, shape):
+        expected, given = {s.name for s in self.searchable_slots}, set(shape.widths)
+        if expected != given:
+            raise ValueError(f"shape widths do not match the space {self.name!r}: missing "
+                             f"{sorted(expected - given)}, unknown {sorted(given - expected)}")
+        for slot in self.searchable_slots:
+            width = shape.widths[slot.name]
+            if not 1 <= width <= slot.full_width:
+                raise ValueError(f"{slot.name}: width {width} is outside 1..{slot.full_width}")
+        stages = {stage.name: stage for stage in self.stages}
+        if set(shape.depths) != set(stages):
+            raise ValueError(f"shape depths name the stages {sorted(shape.depths)}, the space has "
+                             f"{sorted(stages)}")
+        for name, depth in shape.depths.items():
+            if not 1 <= depth <= stages[name].num_blocks:
+                raise ValueError(f"{name}: {depth} blocks kept is outside 1..{stages[name].num_blocks}")
+
+    def width(self, shape, slot_name):
+        slot = self.slot(slot_name)
+        return shape.widths[slot_name] if slot.searchable else slot.full_width
+
+    def plan(self, shape):
+        """The layers the derived network of `shape` builds, in order, with their channel counts."""
+        self.validate(shape)
+        dropped, handed_on = set(), {}
+        for stage in self.stages:
+            for block in stage.blocks[len(stage.kept_blocks(shape.depths[stage.name])):]:
+                dropped.update(block.layers)
+                handed_on[block.exit] = block.entry
+
+        def kept(name):
+            while name in handed_on:
+                name = handed_on[name]
+            return name
+
+        shortcuts = {s.add: s for s in self.shortcuts}
+        channels, planned = {}, []
+        for layer in self.layers:
+            if layer.name in dropped:
+                continue
+            inputs = tuple(kept(name) for name in layer.inputs)
+            widths = [channels[name] for name in inputs]
+            if layer.kind in ("conv", "dense", "reshape", "concat", "input"):
+                out = self.width(shape, layer.out_slot)
+            elif layer.kind == "depthwise":
+                out = widths[0] * layer.depth_multiplier
+            elif layer.kind == "merge" and layer.name in shortcuts and len(set(widths)) > 1:
+                shortcut = shortcuts[layer.name]
+                x, r = inputs.index(kept(shortcut.shortcut)), inputs.index(kept(shortcut.residual))
+                projection = self._projection(shortcut, inputs[x], widths[x], widths[r])
+                planned.extend(projection)
+                channels.update({p.layer.name: p.out_channels for p in projection})
+                inputs = inputs[:x] + (projection[-1].layer.name,) + inputs[x + 1:]
+                out = widths[r]
+            else:
+                if len(set(widths)) > 1:
+                    raise AssertionError(f"{layer.name}: tied inputs of widths {widths}")
+                out = widths[0]
+            planned.append(DerivedLayer(dataclasses.replace(layer, inputs=inputs), layer.name,
+                                        widths[0] if widths else out, out))
+            channels[layer.name] = out
+        return DerivedPlan(tuple(planned), kept(self.output))
+
+    def _projection(self, shortcut, source, in_channels, out_channels):
+        add = self.layer(shortcut.add)
+        conv = dataclasses.replace(
+            self.layer(shortcut.conv), name=shortcut.conv_name, inputs=(source,),
+            in_slots=(self.layer(shortcut.shortcut).out_slot,), kernel=(1, 1), strides=(1, 1),
+            output_size=add.output_size, block=add.block)
+        layers = [DerivedLayer(conv, shortcut.conv, in_channels, out_channels)]
+        if shortcut.batch_norm:
+            bn = dataclasses.replace(self.layer(shortcut.batch_norm), name=shortcut.batch_norm_name,
+                                     inputs=(conv.name,), output_size=add.output_size, block=add.block)
+            layers.append(DerivedLayer(bn, shortcut.batch_norm, out_channels, out_channels))
+        return layers
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, config):
+        config = dict(config)
+        config["layers"] = tuple(GraphLayer(**_tuples(layer)) for layer in config["layers"])
+        config["slots"] = tuple(WidthSlot(**_tuples(slot)) for slot in config["slots"])
+        config["stages"] = tuple(
+            Stage(**{**_tuples(stage), "blocks": tuple(ResidualBlock(**_tuples(b)) for b in stage["blocks"])})
+            for stage in config["stages"])
+        config["shortcuts"] = tuple(IdentityShortcut(**s) for s in config["shortcuts"])
+        config["input_shape"] = tuple(config["input_shape"])
+        return cls(**config)
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text):
+        return cls.from_dict(json.loads(text))
+
+
+def _tuples(record):
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in record.items()}
+
+
+def load_model(model_or_path):
+    """A keras.Model as is, or the model in a .keras file (without compiling it)."""
+    if isinstance(model_or_path, keras.Model):
+        return model_or_path
+    path = os.fspath(model_or_path)
+    if not path.endswith(".keras"):
+        raise ValueError(f"expected a keras.Model or a .keras file, got {model_or_path!r}")
+    if not os.path.exists(path):
+        raise ValueError(f"model file {path!r} does not exist")
+    return keras.models.load_model(path, compile=False)
+
+
+def read_model(model, add_mode=TIED, multiple_of=1, ratios=WIDTH_RATIOS):
+    """Reads a functional Keras model (or a .keras path) into its GraphSpace; see the module docstring."""
+    if add_mode not in ADD_MODES:
+        raise ValueError(f"add_mode must be one of {ADD_MODES}, got {add_mode!r}")
+    if multiple_of < 1:
+        raise ValueError(f"multiple_of must be >= 1, got {multiple_of!r}")
+    return _GraphReader(load_model(model), add_mode, multiple_of, tuple(ratios)).read()
+
+
+def _functional_graph(model):
+    """The model's nodes in graph order, refusing what the reader cannot see into."""
+    if isinstance(model, keras.Sequential):
+        if getattr(model, "_functional", None) is None:
+            raise UnsupportedModelError(f"{model.name} (Sequential): build it with a keras.Input first")
+        model = model._functional
+    elif not hasattr(model, "_nodes_by_depth"):
+        raise UnsupportedModelError(
+            f"{model.name} ({type(model).__name__}): a subclassed model has no graph to read; "
+            "build it functionally (keras.Input -> layers -> keras.Model)")
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise UnsupportedModelError(f"{model.name} ({type(model).__name__}): the reader takes one image "
+                                    f"input and one output, got {len(model.inputs)} and {len(model.outputs)}")
+    nodes, pending = {}, [model.outputs[0]]
+    while pending:
+        tensor = pending.pop()
+        operation, node_index, _ = tensor._keras_history
+        node = operation._inbound_nodes[node_index]
+        if id(node) in nodes:
+            continue
+        nodes[id(node)] = node
+        pending.extend(node.input_tensors)
+    order = {id(op): index for index, op in enumerate(model.operations)}
+    nodes = sorted(nodes.values(), key=lambda node: order[id(node.operation)])
+    seen = set()
+    for node in nodes:
+        layer = node.operation
+        if not isinstance(layer, keras.layers.Layer):
+            raise UnsupportedModelError(
+                f"{layer.name} ({type(layer).__name__}): a keras.ops operation on symbolic tensors; use "
+                "the matching layer (keras.layers.Add for +, ...)")
+        if isinstance(layer, keras.Model):
+            _refuse(layer, "a nested model, which the reader cannot see into; build one flat functional model")
+        if layer.name in seen:
+            _refuse(layer, "a shared layer (called more than once)")
+        seen.add(layer.name)
+        if len(node.outputs) != 1:
+            _refuse(layer, f"the reader takes layers with one output, this one has {len(node.outputs)}")
+        odd = {key: value for key, value in node.arguments.kwargs.items()
+               if not isinstance(value, (type(None), bool, int, float, str))}
+        if odd:
+            _refuse(layer, f"called with arguments {sorted(odd)} that the reader cannot carry")
+        shape = node.outputs[0].shape
+        if any(d is None for d in shape[1:]):
+            _refuse(layer, f"output shape {tuple(shape)} has unknown sizes; build the model with a fixed "
+                           "input_shape")
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            _refuse(layer, f"data_format {layer.data_format!r}: the reader takes channels_last models")
+    return nodes
+
+
+class _Slots:
+    """Union-find over width slots; a group's name is its root's."""
+
+    def __init__(self):
+        self.parent, self.full_width, self.fixed_reason = {}, {}, {}
+
+    def open(self, name, full_width, fixed_reason=""):
+        self.parent[name], self.full_width[name], self.fixed_reason[name] = name, full_width, fixed_reason
+        return name
+
+    def find(self, name):
+        while self.parent[name] != name:
+            self.parent[name] = self.parent[self.parent[name]]
+            name = self.parent[name]
+        return name
+
+    def tie(self, keep, other):
+        keep, other = self.find(keep), self.find(other)
+        if keep != other:
+            self.parent[other] = keep
+            self.fixed_reason[keep] = self.fixed_reason[keep] or self.fixed_reason[other]
+
+    def fix(self, name, reason):
+        root = self.find(name)
+        self.fixed_reason[root] = self.fixed_reason[root] or reason
+
+
+class _GraphReader:
+    def __init__(self, model, add_mode, multiple_of, ratios):
+        self.model, self.add_mode, self.multiple_of, self.ratios = model, add_mode, multiple_of, ratios
+        self.nodes = _functional_graph(model)
+        self.names = [node.operation.name for node in self.nodes]
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.keras_layers = {node.operation.name: node.operation for node in self.nodes}
+        self.inputs = {node.operation.name: tuple(t._keras_history[0].name for t in node.input_tensors)
+                       for node in self.nodes}
+        self.shapes = {node.operation.name: tuple(node.outputs[0].shape) for node in self.nodes}
+        self.call_arguments = {
+            node.operation.name: {k: v for k, v in node.arguments.kwargs.items() if v is not None}
+            for node in self.nodes}
+        self.consumers = {name: [] for name in self.names}
+        for name in self.names:
+            for source in self.inputs[name]:
+                self.consumers[source].append(name)
+        self.output = model.outputs[0]._keras_history[0].name
+        self.ancestors = {}  # bit i set: layer i is an ancestor
+        for name in self.names:
+            bits = 0
+            for source in self.inputs[name]:
+                bits |= self.ancestors[source] | (1 << self.index[source])
+            self.ancestors[name] = bits
+        self.slots = _Slots()
+        self.out_slot, self.kinds, self.shortcuts = {}, {}, []
+
+    def is_ancestor(self, ancestor, name):
+        return bool(self.ancestors[name] >> self.index[ancestor] & 1)
+
+    def channels(self, name):
+        return int(self.shapes[name][-1])
+
+    # Widths.
+
+    def read(self):
+        for name in self.names:
+            self.kinds[name] = self._read_layer(self.keras_layers[name])
+        self.slots.fix(self.out_slot[self.output], "classifier output")
+        blocks = self._identity_blocks()
+        stages = self._stages(blocks)
+        block_of = {layer: block.name for block in blocks.values() for layer in block.layers}
+        return GraphSpace(
+            name=self.model.name, input_shape=tuple(int(d) for d in self.model.inputs[0].shape[1:]),
+            add_mode=self.add_mode, multiple_of=self.multiple_of,
+            layers=tuple(self._graph_layer(name, block_of.get(name, "")) for name in self.names),
+            slots=tuple(self._width_slot(name) for name in self.slots.parent if self.slots.find(name) == name),
+            stages=stages, shortcuts=tuple(self.shortcuts), output=self.output)
+
+    def _graph_layer(self, name, block):
+        layer, kind = self.keras_layers[name], self.kinds[name]
+        details = {}
+        if kind in ("conv", "depthwise"):
+            details = {"kernel": tuple(layer.kernel_size), "strides": tuple(layer.strides),
+                       "use_bias": layer.use_bias}
+            if kind == "depthwise":
+                details["depth_multiplier"] = layer.depth_multiplier
+        elif kind == "dense":
+            details = {"use_bias": layer.use_bias}
+        elif kind == "batch_norm":
+            details = {"affine": int(layer.center) + int(layer.scale)}
+        shape = self.shapes[name]
+        return GraphLayer(
+            name=name, class_name=type(layer).__name__, kind=kind, inputs=self.inputs[name],
+            in_slots=tuple(self.slots.find(self.out_slot[source]) for source in self.inputs[name]),
+            out_slot=self.slots.find(self.out_slot[name]),
+            output_size=tuple(int(d) for d in shape[1:3]) if len(shape) == 4 else (), block=block,
+            call_arguments=self.call_arguments[name], **details)
+
+    def _width_slot(self, name):
+        full, reason = self.slots.full_width[name], self.slots.fixed_reason[name]
+        candidates = (full,) if reason else candidate_widths(full, self.multiple_of, self.ratios)
+        return WidthSlot(name, full, candidates, reason)
+
+    def _read_layer(self, layer):
+        """Assigns the layer's output slot and returns its kind."""
+        name = layer.name
+        in_slots = [self.out_slot[source] for source in self.inputs[name]]
+        kind_of = type(layer)
+        if kind_of is _L.InputLayer:
+            self.out_slot[name] = self.slots.open(name, self.channels(name), "image channels")
+            return "input"
+        if kind_of is _L.Conv2D:
+            if layer.groups != 1:
+                _refuse(layer, f"grouped convolution (groups={layer.groups}) is not supported")
+            self.out_slot[name] = self.slots.open(name, layer.filters)
+            if self._activation(layer) in _CHANNEL_MIXING_ACTIVATIONS:
+                self.slots.fix(name, f"{name} applies {self._activation(layer)} over the channels")
+            return "conv"
+        if kind_of is _L.Dense:
+            if len(self.shapes[self.inputs[name][0]]) != 2:
+                _refuse(layer, "Dense on a spatial map; use a 1x1 Conv2D, or pool or flatten first")
+            self.out_slot[name] = self.slots.open(name, layer.units, "Dense layers are not searched")
+            return "dense"
+        if kind_of is _L.DepthwiseConv2D:
+            if layer.depth_multiplier == 1:
+                self.out_slot[name] = in_slots[0]
+            else:
+                self.slots.fix(in_slots[0], f"{name} has depth_multiplier {layer.depth_multiplier}")
+                self.out_slot[name] = self.slots.open(name, self.channels(name), "depth_multiplier > 1")
+            return "depthwise"
+        if kind_of is _L.BatchNormalization:
+            if not self._is_channel_axis(name, layer.axis):
+                _refuse(layer, f"normalises axis {layer.axis}, not the channel axis")
+            self.out_slot[name] = in_slots[0]
+            return "batch_norm"
+        if kind_of in _PASS_THROUGH:
+            self._check_pass_through(layer, in_slots[0])
+            self.out_slot[name] = in_slots[0]
+            return "pass"
+        if kind_of is _L.Flatten and len(self.shapes[name]) == len(self.shapes[self.inputs[name][0]]):
+            self.out_slot[name] = in_slots[0]
+            return "pass"
+        if kind_of in _RESHAPES:
+            self.slots.fix(in_slots[0], f"{name} ({kind_of.__name__}) reshapes the channels")
+            self.out_slot[name] = self.slots.open(name, self.channels(name), "reshaped")
+            return "reshape"
+        if kind_of is _L.Concatenate:
+            if not self._is_channel_axis(name, layer.axis):
+                _refuse(layer, f"concatenates along axis {layer.axis}; only the channel axis is supported")
+            for slot in in_slots:
+                self.slots.fix(slot, f"{name} (Concatenate) reads it")
+            self.out_slot[name] = self.slots.open(name, self.channels(name), "concatenated")
+            return "concat"
+        if kind_of in _MERGES:
+            self._read_merge(layer, in_slots)
+            return "merge"
+        _refuse(layer, "this layer type is not supported by the graph reader")
+
+    def _is_channel_axis(self, name, axis):
+        return axis in (-1, len(self.shapes[name]) - 1)
+
+    @staticmethod
+    def _activation(layer):
+        activation = layer.get_config().get("activation", "linear")
+        if not isinstance(activation, str):
+            _refuse(layer, f"activation {activation!r} is not a built-in Keras activation")
+        return activation
+
+    def _check_pass_through(self, layer, in_slot):
+        name = layer.name
+        if len(self.inputs[name]) != 1 or self.channels(name) != self.channels(self.inputs[name][0]):
+            _refuse(layer, "expected one input and as many output channels as input channels")
+        if type(layer) is _L.Softmax:
+            if not self._is_channel_axis(name, layer.axis):
+                _refuse(layer, f"softmax over axis {layer.axis}")
+            self.slots.fix(in_slot, f"{name} applies softmax over the channels")
+        elif type(layer) is _L.Activation and self._activation(layer) in _CHANNEL_MIXING_ACTIVATIONS:
+            self.slots.fix(in_slot, f"{name} applies {self._activation(layer)} over the channels")
+        elif type(layer) is _L.Normalization:
+            self.slots.fix(in_slot, f"{name} (Normalization) holds per-channel statistics")
+        elif type(layer) is _L.Rescaling and not all(
+                isinstance(v, (int, float)) for v in (layer.scale, layer.offset)):
+            self.slots.fix(in_slot, f"{name} (Rescaling) holds per-channel constants")
+
+    def _read_merge(self, layer, in_slots):
+        name, sources = layer.name, self.inputs[layer.name]
+        if len({self.channels(source) for source in sources}) > 1:
+            _refuse(layer, "merges inputs of different channel counts: "
+                           f"{[self.channels(source) for source in sources]}")
+        if type(layer) is _L.Add and self.add_mode == INDEPENDENT and len(sources) == 2 and (
+                self.shapes[sources[0]] == self.shapes[sources[1]]):
+            a, b = sources
+            identity = (a, b) if self.is_ancestor(a, b) else (b, a) if self.is_ancestor(b, a) else None
+            if identity and self._identity_shortcut(layer, *identity):
+                self.out_slot[name] = self.out_slot[identity[1]]
+                return
+            projections = [(p, r) for p, r in ((a, b), (b, a)) if self._projects(p, r)]
+            if projections:
+                p, r = projections[0]
+                self.slots.tie(self.out_slot[r], self.out_slot[p])
+        for slot in in_slots[1:]:
+            self.slots.tie(in_slots[0], slot)
+        self.out_slot[name] = in_slots[0]
+
+    def _walk_back(self, name, through):
+        """Follows single-input layers of the given kinds back from `name` while each output it passes
+        has one consumer; returns the layers passed and the first layer that stopped the walk."""
+        passed = []
+        while (type(self.keras_layers[name]) in through and len(self.consumers[name]) <= 1
+               and len(self.inputs[name]) == 1):
+            passed.append(name)
+            name = self.inputs[name][0]
+        return passed, name
+
+    def _identity_shortcut(self, add, shortcut, residual):
+        """Records the projection a derived network needs where x and r differ; False when r does not
+        come from a conv whose settings the projection could copy (the Add is tied then)."""
+        passed, conv = self._walk_back(residual, _PASS_THROUGH + (_L.BatchNormalization,))
+        if type(self.keras_layers[conv]) is not _L.Conv2D:
+            return False
+        norms = [n for n in passed if type(self.keras_layers[n]) is _L.BatchNormalization]
+        block = _block_name(add.name)
+        names = (f"{block}_shortcut_conv", f"{block}_shortcut_bn")
+        clash = [n for n in names if n in self.index]
+        if clash:
+            _refuse(add, f"the projection a derived network may need would be named {clash[0]!r}, "
+                         "which the model already uses")
+        self.shortcuts.append(IdentityShortcut(add.name, shortcut, residual, conv, norms[-1] if norms else "",
+                                               *names))
+        return True
+
+    def _projects(self, source, other):
+        """Whether Add input `source` is a projection shortcut of the other input `other`."""
+        if len(self.consumers[source]) != 1:
+            return False
+        _, conv = self._walk_back(source, _PASS_THROUGH + (_L.BatchNormalization,))
+        if type(self.keras_layers[conv]) is not _L.Conv2D or len(self.consumers[conv]) != 1:
+            return False
+        _, branch = self._walk_back(self.inputs[conv][0], _PASS_THROUGH)
+        return self.is_ancestor(branch, other)
+
+    # Depth.
+
+    def _exit(self, add):
+        """The Add's output followed through the elementwise activations that alone read it."""
+        exit_, trailing = add, []
+        while len(self.consumers[exit_]) == 1 and exit_ != self.output:
+            consumer = self.consumers[exit_][0]
+            layer = self.keras_layers[consumer]
+            if type(layer) not in _ELEMENTWISE_ACTIVATIONS or (
+                    self._activation(layer) in _CHANNEL_MIXING_ACTIVATIONS):
+                break
+            exit_ = consumer
+            trailing.append(consumer)
+        return exit_, trailing
+
+    def _identity_blocks(self):
+        """Droppable identity blocks by Add name, in graph order."""
+        blocks = {}
+        for name in self.names:
+            sources = self.inputs[name]
+            if type(self.keras_layers[name]) is not _L.Add or len(sources) != 2:
+                continue
+            if self.shapes[sources[0]] != self.shapes[sources[1]]:
+                continue
+            a, b = sources
+            x, r = (a, b) if self.is_ancestor(a, b) else (b, a) if self.is_ancestor(b, a) else (None, None)
+            if x is None:
+                continue
+            branch = [n for n in self.names if self.is_ancestor(x, n) and (n == r or self.is_ancestor(n, r))]
+            inside = set(branch) | {x}
+            closed = all(set(self.inputs[n]) <= inside and set(self.consumers[n]) <= inside | {name}
+                         and n != self.output for n in branch)
+            if closed:
+                exit_, trailing = self._exit(name)
+                blocks[name] = ResidualBlock(_block_name(name), x, name, exit_,
+                                             tuple(branch) + (name,) + tuple(trailing))
+        nested = {outer for outer, block in blocks.items()
+                  if any(inner in block.layers for inner in blocks if inner != outer)}
+        return {name: block for name, block in blocks.items() if name not in nested}
+
+    def _stages(self, blocks):
+        by_entry = {}
+        for block in blocks.values():
+            by_entry.setdefault(block.entry, []).append(block)
+        follows = {block.add: by_entry[block.exit][0] for block in blocks.values()
+                   if len(by_entry.get(block.exit, ())) == 1}
+        has_predecessor = {b.add for b in follows.values()}
+        projection_exits = {self._exit(name)[0]: name for name in self.names
+                            if type(self.keras_layers[name]) is _L.Add and name not in blocks}
+        stages = []
+        for block in blocks.values():
+            if block.add in has_predecessor:
+                continue
+            chain = [block]
+            while chain[-1].add in follows:
+                chain.append(follows[chain[-1].add])
+            if block.entry in projection_exits:
+                opener = _block_name(projection_exits[block.entry])
+            else:
+                opener = self._repeated_branch(block)
+            stage = Stage(f"stage{len(stages) + 1}", opener, tuple(chain), ())
+            stages.append(dataclasses.replace(stage, choices=depth_choices(stage.num_blocks)))
+        return tuple(stages)
+
+    def _repeated_branch(self, first):
+        """The name of the layers just before block `first` when they repeat its residual branch layer
+        class for layer (padding aside), as a stage-opening block without an Add; else ""."""
+        def signature(names):
+            return [type(self.keras_layers[n]).__name__ for n in names
+                    if type(self.keras_layers[n]) is not _L.ZeroPadding2D]
+
+        branch = signature(first.layers[:first.layers.index(first.add)])
+        stretch, name = [], first.entry
+        while len(signature(stretch)) < len(branch):
+            if len(self.inputs[name]) != 1 or self.kinds[name] in ("merge", "concat"):
+                return ""
+            stretch.insert(0, name)
+            name = self.inputs[name][0]
+        return _common_prefix(stretch) if signature(stretch) == branch else ""
+
+
+def _block_name(add_name):
+    return add_name[:-len("_add")] if add_name.endswith("_add") and len(add_name) > 4 else add_name
+
+
+def _common_prefix(names):
+    prefix = os.path.commonprefix(list(names))
+    prefix = prefix[:prefix.rfind("_")] if "_" in prefix else prefix
+    return prefix or names[-1]
+
+
+# The CIFAR ResNets: an ArchConfig is a GraphShape of their independent-mode space (slots and stages keep
+# the conv names and the stage order of ArchConfig).
+
+def shape_from_arch(space, arch):
+    """The GraphShape of `arch` in the space read from the full CifarResNet of the same model."""
+    widths = {slot.name: width for slot, width in zip(arch.slots, arch.widths)}
+    unknown = {s.name for s in space.searchable_slots} - set(widths)
+    if unknown:
+        raise ValueError(f"{arch.name} has no width for the slots {sorted(unknown)} of space {space.name!r}")
+    depths = {}
+    for stage_index, kept in enumerate(arch.stage_blocks, start=1):
+        stage = _cifar_stage(space, stage_index)
+        if stage is None:
+            if kept != 1:
+                raise ValueError(f"{space.name!r} has no droppable blocks in stage {stage_index}")
+            continue
+        depths[stage.name] = kept
+    shape = GraphShape({s.name: widths[s.name] for s in space.searchable_slots}, depths)
+    space.validate(shape)
+    return shape
+
+
+def arch_from_shape(space, shape):
+    """The ArchConfig of a GraphShape of a CIFAR ResNet's space."""
+    space.validate(shape)
+    depth, block = parse_model_name(space.name)
+    stage_blocks = []
+    for stage_index in range(1, 4):
+        stage = _cifar_stage(space, stage_index)
+        stage_blocks.append(shape.depths[stage.name] if stage else 1)
+    classes = space.slot(space.layer(space.output).out_slot).full_width
+    return ArchConfig(depth=depth, block=block, num_classes=classes,
+                      widths=[space.width(shape, slot.name) for slot in conv_slots(depth, block)],
+                      stage_blocks=stage_blocks, input_shape=space.input_shape,
+                      provenance={"source": "graph shape"})
+
+
+def _cifar_stage(space, stage_index):
+    first = f"s{stage_index}_b1"
+    return next((stage for stage in space.stages if stage.first_block == first), None)

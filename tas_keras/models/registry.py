@@ -1,0 +1,64 @@
+"""Every network the project prunes, by name: `build_model(name, input_shape, num_classes)`.
+
+  resnet20, resnet32, resnet56, resnet110, resnet164, resnet<6n+2>, resnet<9n+2>_bottleneck
+                   the CIFAR ResNets (DESIGN.md section 3), 32x32 and 10 classes by default
+  resnet18, resnet34   the ImageNet basic-block ResNets (models/imagenet_resnet.py)
+  resnet50, mobilenet_v2   keras.applications' ResNet50 and MobileNetV2 (alpha 1.0), weights=None
+  a path to a .keras file   the user's model, as saved
+
+The ImageNet models default to 224x224 and 1000 classes and take any size from 32 px. `resnet50` is
+keras.applications' ResNet50, not the CIFAR basic-block network of that depth.
+"""
+
+import os
+
+import keras
+
+from tas_keras.graph import load_model
+from tas_keras.models.cifar_resnet import CifarResNet
+from tas_keras.models.imagenet_resnet import imagenet_resnet
+from tas_keras.search_space import ArchConfig, parse_model_name
+
+IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
+CIFAR_DEFAULTS = ((32, 32, 3), 10)
+IMAGENET_DEFAULTS = ((224, 224, 3), 1000)
+
+
+def is_model_file(name):
+    return os.fspath(name).endswith(".keras")
+
+
+def is_cifar_model(name):
+    """Whether `name` is one of the CIFAR ResNets (the family ArchConfig describes)."""
+    if name in IMAGENET_MODELS or is_model_file(name):
+        return False
+    try:
+        parse_model_name(name)
+    except ValueError:
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(IMAGENET_MODELS)}, a CIFAR "
+                         "resnet<depth> (resnet20 ... resnet164) or a .keras file") from None
+    return True
+
+
+def build_model(name, input_shape=None, num_classes=None):
+    """The full (unpruned) network `name`, randomly initialised, or the model saved in a .keras file."""
+    if is_model_file(name):
+        if input_shape is not None or num_classes is not None:
+            raise ValueError(f"{name!r} brings its own input shape and classes; do not give them")
+        return load_model(name)
+    default_shape, default_classes = CIFAR_DEFAULTS if is_cifar_model(name) else IMAGENET_DEFAULTS
+    input_shape = tuple(input_shape or default_shape)
+    num_classes = default_classes if num_classes is None else num_classes
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
+    if name in ("resnet18", "resnet34"):
+        return imagenet_resnet(int(name[len("resnet"):]), input_shape, num_classes)
+    if name in IMAGENET_MODELS:
+        application = {"resnet50": keras.applications.ResNet50,
+                       "mobilenet_v2": keras.applications.MobileNetV2}[name]
+        # A named input, as the project's own models have, instead of a session-numbered "input_layer_N".
+        image = keras.Input(shape=input_shape, name="image")
+        model = application(weights=None, input_tensor=image, classes=num_classes)
+        # keras.applications lists an input_tensor's model inputs ([image]); one tensor, as the others take.
+        return keras.Model(image, model.outputs[0], name=model.name)
+    return CifarResNet(ArchConfig.full(name, num_classes=num_classes, input_shape=input_shape))

@@ -1,0 +1,314 @@
+"""The graph reader: the search space it reads from models, what it refuses, and the FLOPs it counts."""
+
+import json
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from tas_keras.cost import count_arch, count_model, count_shape
+from tas_keras.graph import (INDEPENDENT, TIED, GraphShape, GraphSpace, UnsupportedModelError, read_model)
+from tas_keras.models.registry import build_model
+from tas_keras.search_space import ArchConfig
+
+from .conftest import REPO
+
+L = keras.layers
+
+
+@pytest.fixture(scope="module")
+def imagenet_models():
+    """The ImageNet models at 224 px and 1000 classes: FLOPs need the graph's shapes, no forward pass."""
+    return {name: build_model(name) for name in ("mobilenet_v2", "resnet50", "resnet18")}
+
+
+def _slot_of(space, layer):
+    return space.layer(layer).out_slot
+
+
+# The CIFAR ResNets read from their own builder's graph are the search space of DESIGN.md section 4.
+
+def test_cifar_resnet_space_is_the_reference_space():
+    space = read_model(build_model("resnet20"), add_mode=INDEPENDENT)
+    arch = ArchConfig.full("resnet20")
+    assert [s.name for s in space.searchable_slots] == [s.name for s in arch.slots]
+    # DESIGN.md section 4's candidate lists.
+    expected = {16: (4, 6, 8, 9, 11, 12, 14, 16), 32: (9, 12, 16, 19, 22, 25, 28, 32),
+                64: (19, 25, 32, 38, 44, 51, 57, 64)}
+    assert all(slot.candidates == expected[slot.full_width] for slot in space.searchable_slots)
+    assert [stage.choices for stage in space.stages] == [(1, 2, 3)] * 3
+    assert [stage.first_block for stage in space.stages] == ["s1_b1", "s2_b1", "s3_b1"]
+    assert [[b.name for b in stage.blocks] for stage in space.stages] == [
+        ["s1_b1", "s1_b2", "s1_b3"], ["s2_b2", "s2_b3"], ["s3_b2", "s3_b3"]]
+    # The stride-2 shortcut conv reuses the block-output conv's choice.
+    assert _slot_of(space, "s2_b1_shortcut_conv") == "s2_b1_conv_b"
+    assert {s.name for s in space.slots if not s.searchable} == {"image", "head_fc"}
+    assert {s.add for s in space.shortcuts} == {f"s{i}_b{j}_add" for i in (1, 2, 3) for j in (1, 2, 3)} - {
+        "s2_b1_add", "s3_b1_add"}
+
+
+def test_cifar_space_depth_choices_and_width_multiple():
+    space = read_model(build_model("resnet56"), add_mode=INDEPENDENT, multiple_of=8)
+    assert [stage.choices for stage in space.stages] == [(1, 3, 5, 7, 9)] * 3  # DESIGN.md section 4
+    slot = space.slot("s3_b9_conv_a")
+    assert slot.candidates == (16, 24, 32, 40, 48, 56, 64)  # int(64 r) rounded to multiples of 8
+    bottleneck = read_model(build_model("resnet29_bottleneck"), add_mode=INDEPENDENT)
+    # The bottleneck's stage 1 opens with a projection block (16 -> 64 channels).
+    assert [stage.opener for stage in bottleneck.stages] == ["s1_b1", "s2_b1", "s3_b1"]
+    assert _slot_of(bottleneck, "s1_b1_shortcut_conv") == "s1_b1_conv_c"
+
+
+def test_tied_mode_ties_every_add_input():
+    space = read_model(build_model("resnet20"), add_mode=TIED)
+    assert {_slot_of(space, f"s1_b{i}_conv_b") for i in (1, 2, 3)} == {"stem_conv"}
+    assert {_slot_of(space, n) for n in ("s2_b1_conv_b", "s2_b1_shortcut_conv", "s2_b3_conv_b")} == {
+        _slot_of(space, "s2_b1_conv_b")}
+    assert not space.shortcuts
+
+
+def test_mobilenet_v2_space(imagenet_models):
+    space = read_model(imagenet_models["mobilenet_v2"])
+    # The paper's table (t, c, n, s): stages of n = 2, 3, 4, 3, 3 blocks have identity blocks; the
+    # first block of each (stride 2 or a new width) has no Add and is always kept.
+    assert [stage.opener for stage in space.stages] == ["block_1", "block_3", "block_6", "block_10", "block_13"]
+    assert [stage.num_blocks for stage in space.stages] == [2, 3, 4, 3, 3]
+    assert [stage.choices for stage in space.stages] == [(1, 2), (1, 2, 3), (1, 3, 4), (1, 2, 3), (1, 2, 3)]
+    # A stage's project convs share one width; depthwise convs follow their expand conv.
+    assert {_slot_of(space, f"block_{i}_project") for i in (6, 7, 8, 9)} == {"block_6_project"}
+    assert _slot_of(space, "block_7_depthwise") == _slot_of(space, "block_7_expand") == "block_7_expand"
+    assert _slot_of(space, "expanded_conv_depthwise") == "Conv1"
+    assert space.slot("Conv_1").candidates[-1] == 1280 and space.slot("predictions").fixed_reason
+
+
+def test_resnet50_space_in_both_modes(imagenet_models):
+    model = imagenet_models["resnet50"]
+    tied = read_model(model)
+    assert [stage.opener for stage in tied.stages] == [f"conv{i}_block1" for i in (2, 3, 4, 5)]
+    assert [stage.num_blocks for stage in tied.stages] == [3, 4, 6, 3]  # the paper's ResNet-50 table
+    stage2 = ["conv2_block1_0_conv"] + [f"conv2_block{i}_3_conv" for i in (1, 2, 3)]
+    assert len({_slot_of(tied, conv) for conv in stage2}) == 1
+    independent = read_model(model, add_mode=INDEPENDENT)
+    assert _slot_of(independent, "conv2_block1_0_conv") == "conv2_block1_3_conv"
+    assert len({_slot_of(independent, f"conv2_block{i}_3_conv") for i in (1, 2, 3)}) == 3
+    assert len(independent.shortcuts) == 16 - 4  # every identity block
+
+
+# Refusals: one line naming the layer and its class, in seconds.
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__(name="my_subclassed")
+        self.conv = L.Conv2D(4, 3)
+
+    def call(self, x):
+        return self.conv(x)
+
+
+def _functional(body, input_shape=(16, 16, 3)):
+    inputs = keras.Input(input_shape)
+    return keras.Model(inputs, body(inputs))
+
+
+def _nested(x):
+    inner = keras.Sequential([keras.Input((16, 16, 3)), L.Conv2D(4, 3)], name="backbone")
+    return L.Dense(2)(L.GlobalAveragePooling2D()(inner(x)))
+
+
+def _shared(x):
+    conv = L.Conv2D(3, 3, padding="same", name="shared_conv")
+    return conv(conv(x))
+
+
+def _unbuilt_sequential():
+    return keras.Sequential([L.Conv2D(4, 3)], name="lazy")
+
+
+def _two_inputs():
+    a, b = keras.Input((8, 8, 3)), keras.Input((8, 8, 3))
+    return keras.Model([a, b], L.Add(name="join")([a, b]), name="two_inputs")
+
+
+REFUSED = {
+    "grouped conv": (lambda: _functional(lambda x: L.Conv2D(6, 3, groups=3, name="grouped")(x)),
+                     "grouped (Conv2D): grouped convolution (groups=3)"),
+    "lambda": (lambda: _functional(lambda x: L.Lambda(lambda t: t * 2, name="doubling")(x)),
+               "doubling (Lambda)"),
+    "recurrent": (lambda: _functional(lambda x: L.LSTM(4, name="memory")(x), (10, 3)), "memory (LSTM)"),
+    "separable": (lambda: _functional(lambda x: L.SeparableConv2D(4, 3, name="sep")(x)),
+                  "sep (SeparableConv2D)"),
+    "nested model": (lambda: _functional(_nested), "backbone (Sequential): a nested model"),
+    "shared layer": (lambda: _functional(_shared), "shared_conv (Conv2D): a shared layer"),
+    "keras.ops": (lambda: _functional(lambda x: L.Conv2D(3, 1)(x) + x), "(Add): a keras.ops operation"),
+    "concat on width": (lambda: _functional(lambda x: L.Concatenate(axis=2, name="side_by_side")([x, x])),
+                        "side_by_side (Concatenate): concatenates along axis 2"),
+    "channels_first": (
+        lambda: _functional(lambda x: L.Conv2D(4, 3, data_format="channels_first", name="cf")(x)),
+        "cf (Conv2D): data_format 'channels_first'"),
+    "dense on map": (lambda: _functional(lambda x: L.Dense(4, name="per_pixel")(x)),
+                     "per_pixel (Dense): Dense on a spatial map"),
+    "subclassed": (_Subclassed, "my_subclassed (_Subclassed): a subclassed model"),
+    "unbuilt sequential": (_unbuilt_sequential, "lazy (Sequential): build it with a keras.Input first"),
+    "two inputs": (_two_inputs, "two_inputs (Functional): the reader takes one image input"),
+    "unknown size": (lambda: _functional(lambda x: L.Conv2D(4, 3, name="c")(x), (None, None, 3)),
+                     "has unknown sizes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_unsupported_models_are_refused_by_name(case):
+    build, message = REFUSED[case]
+    model = build()
+    start = time.perf_counter()
+    with pytest.raises(UnsupportedModelError) as error:
+        read_model(model)
+    assert time.perf_counter() - start < 5
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_layers_it_cannot_shrink_are_kept_full():
+    inputs = keras.Input((16, 16, 3), name="pixels")
+    x = L.Normalization(mean=[0.5, 0.4, 0.3], variance=[0.1, 0.2, 0.3], name="norm")(inputs)
+    a = L.Conv2D(8, 3, padding="same", name="left")(x)
+    b = L.Conv2D(8, 3, padding="same", name="right")(x)
+    x = L.Concatenate(name="both")([a, b])
+    x = L.Conv2D(12, 3, strides=2, name="mid")(x)
+    x = L.Conv2D(6, 1, name="to_flatten")(x)
+    x = L.Flatten(name="flat")(x)
+    outputs = L.Dense(4, name="classifier")(L.Dense(16, name="hidden")(x))
+    space = read_model(keras.Model(inputs, outputs))
+    fixed = {slot.name for slot in space.slots if not slot.searchable}
+    # Concatenate and Flatten read full widths; Dense layers are not searched; the image is fixed.
+    assert fixed == {"pixels", "left", "right", "both", "to_flatten", "flat", "hidden", "classifier"}
+    assert [slot.name for slot in space.searchable_slots] == ["mid"]
+
+
+def test_a_conv_classifier_and_a_channel_softmax_are_fixed():
+    inputs = keras.Input((16, 16, 3))
+    x = L.Conv2D(8, 3, name="features")(inputs)
+    x = L.Softmax(name="attention")(L.Conv2D(8, 1, name="scores")(x))
+    x = L.Conv2D(5, 1, name="class_map")(x)
+    outputs = L.Activation("softmax", name="probabilities")(L.GlobalAveragePooling2D()(x))
+    space = read_model(keras.Model(inputs, outputs))
+    assert [slot.name for slot in space.searchable_slots] == ["features"]
+    assert not space.slot("class_map").searchable  # the classifier output (under a softmax too)
+    assert "softmax" in space.slot("scores").fixed_reason
+
+
+def test_space_and_shape_round_trip_through_json():
+    space = read_model(build_model("resnet20"), add_mode=INDEPENDENT)
+    assert GraphSpace.from_json(space.to_json()) == space
+    shape = space.full_shape()
+    assert GraphShape.from_json(json.dumps(json.loads(shape.to_json()))) == shape
+
+
+def test_shapes_outside_the_space_are_refused():
+    space = read_model(build_model("resnet20"), add_mode=INDEPENDENT)
+    full = space.full_shape()
+    with pytest.raises(ValueError, match=r"s1_b1_conv_a: width 17 is outside 1..16"):
+        space.validate(GraphShape({**full.widths, "s1_b1_conv_a": 17}, full.depths))
+    with pytest.raises(ValueError, match=r"stage2: 4 blocks kept is outside 1..3"):
+        space.validate(GraphShape(full.widths, {**full.depths, "stage2": 4}))
+    with pytest.raises(ValueError, match=r"missing \['stem_conv'\]"):
+        space.validate(GraphShape({k: v for k, v in full.widths.items() if k != "stem_conv"}, full.depths))
+
+
+# FLOPs.
+
+def test_bias_terms_are_counted_as_the_reference_counter_does():
+    inputs = keras.Input((10, 10, 3))
+    x = L.Conv2D(8, 3, padding="same", name="conv")(inputs)
+    x = L.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    x = L.Conv2D(4, 1, use_bias=False, name="pointwise")(x)
+    x = L.Dense(6, name="fc", use_bias=False)(L.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, L.Dense(2, name="out")(x))
+    by_hand = {"conv": (9 * 3 * 8 + 8) * 100, "dw": (9 * 8 + 8) * 100, "pointwise": 8 * 4 * 100,
+               "fc": 4 * 6, "out": 6 * 2 + 2}
+    space = read_model(model)
+    for report in (count_shape(space, space.full_shape()), count_model(model)):
+        assert {layer.name: layer.flops for layer in report.layers} == by_hand
+
+
+def test_mobilenet_v2_flops_match_the_published_count(imagenet_models):
+    space = read_model(imagenet_models["mobilenet_v2"])
+    flops = count_shape(space, space.full_shape()).flops
+    assert flops == pytest.approx(300e6, rel=0.01)  # Sandler et al. 2018: 300M multiply-adds
+
+
+def test_resnet50_flops_match_a_count_by_hand(imagenet_models):
+    # keras.applications' ResNet50 at 224 px, 1000 classes, from its architecture table: a 7x7/2 stem
+    # conv to 112x112 and a 3x3/2 max pool to 56x56; stages of (width, blocks) (64, 3), (128, 4),
+    # (256, 6), (512, 3) of bottlenecks 1x1 -> 3x3 -> 1x1 (x4 width); a stage's first block has a 1x1
+    # projection shortcut and, in stages 3-5, Keras puts its stride 2 on the block's first 1x1 conv (so
+    # the whole block runs at the reduced size; torchvision strides the 3x3 instead: 4.1 G). Every
+    # Keras conv has a bias: one more addition per output value.
+    def conv(kernel, c_in, c_out, side):
+        return (kernel * kernel * c_in + 1) * c_out * side * side
+
+    expected, c_in, side = conv(7, 3, 64, 112), 64, 56
+    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        side //= stride
+        expected += conv(1, c_in, width, side) + conv(1, c_in, 4 * width, side)  # 1x1 and projection
+        expected += conv(3, width, width, side) + conv(1, width, 4 * width, side)
+        expected += (blocks - 1) * (conv(1, 4 * width, width, side) + conv(3, width, width, side)
+                                    + conv(1, width, 4 * width, side))
+        c_in = 4 * width
+    expected += 2048 * 1000 + 1000
+    space = read_model(imagenet_models["resnet50"])
+    assert count_shape(space, space.full_shape()).flops == expected
+
+
+def test_resnet18_flops_and_params_match_torchvision(imagenet_models):
+    model = imagenet_models["resnet18"]
+    space = read_model(model)
+    report = count_shape(space, space.full_shape())
+    # By hand: stem 7x7 at 112x112; stage 1 four 3x3 64->64 at 56x56; stages 2-4 a strided 3x3, three
+    # 3x3 and a 1x1 projection at 28, 14 and 7 px; no conv biases; Dense 512 -> 1000.
+    stages = sum(9 * c * 2 * c * s * s + 3 * 9 * (2 * c) ** 2 * s * s + c * 2 * c * s * s
+                 for c, s in ((64, 28), (128, 14), (256, 7)))
+    assert report.flops == 49 * 3 * 64 * 112 ** 2 + 4 * 9 * 64 * 64 * 56 ** 2 + stages + 512 * 1000 + 1000
+    assert report.flops == pytest.approx(1.814e9, rel=0.001)  # torchvision's published 1.81 GFLOPS
+    assert report.params == 11_689_512  # torchvision's resnet18 parameter count
+    assert [stage.num_blocks for stage in space.stages] == [2, 2, 2, 2]
+    assert space.stages[0].opener == "" and space.stages[1].opener == "conv3_block1"
+
+
+def test_resnet34_matches_torchvision():
+    space = read_model(build_model("resnet34"))
+    report = count_shape(space, space.full_shape())
+    assert report.flops == pytest.approx(3.664e9, rel=0.001) and report.params == 21_797_672  # torchvision
+    assert [stage.num_blocks for stage in space.stages] == [3, 4, 6, 3]
+
+
+@pytest.mark.parametrize("model, mflops", [("resnet20", 40.81), ("resnet56", 125.75)])
+def test_cifar_flops_through_the_graph_match_the_design_table(model, mflops):
+    space = read_model(build_model(model), add_mode=INDEPENDENT)
+    report = count_shape(space, space.full_shape())
+    assert round(report.mflops, 2) == mflops  # DESIGN.md section 3
+    assert report.flops == count_arch(ArchConfig.full(model)).flops
+
+
+def _flops_cli(*args):
+    return subprocess.run([sys.executable, "-m", "tas_keras.flops", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_flops_cli_counts_any_model(tmp_path):
+    result = _flops_cli("mobilenet_v2", "--image_size=224", "--num_classes=1000", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["flops"] == pytest.approx(300e6, rel=0.01)
+    assert {layer["kind"] for layer in report["layers"]} == {"conv", "depthwise", "dense", "batch_norm"}
+    inputs = keras.Input((24, 24, 3))
+    x = L.ReLU()(L.Conv2D(8, 3, strides=2, padding="same", name="first")(inputs))
+    model = keras.Model(inputs, L.Dense(3, name="head")(L.GlobalAveragePooling2D()(x)), name="mine")
+    path = tmp_path / "mine.keras"
+    model.save(path)
+    table = _flops_cli(str(path))
+    expected = (9 * 3 * 8 + 8) * 12 * 12 + 8 * 3 + 3
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.startswith("mine, input 24x24x3, 3 outputs") and f"({expected:,} MACs)" in table.stdout
+    with pytest.raises(ValueError, match="brings its own input shape and classes"):
+        build_model(str(path), num_classes=5)
