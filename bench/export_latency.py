@@ -30,7 +30,7 @@ from tas_keras import data
 from tas_keras.cost import count_arch
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search_space import ArchConfig
-from tas_keras.training import write_json
+from tas_keras.runs import write_json
 
 RELEASED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "tas-released-shapes"
 TARGET = 0.8

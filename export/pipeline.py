@@ -16,7 +16,7 @@ from export import convert, verify
 from tas_keras import data
 from tas_keras.cost import count_model
 from tas_keras.models import cifar_resnet  # noqa: F401 (registers CifarResNet for load_model)
-from tas_keras.training import write_json
+from tas_keras.runs import write_json
 
 REPORT_FILE = "report.json"
 TFLITE_FILE = "model.tflite"

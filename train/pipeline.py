@@ -8,17 +8,18 @@ and names the changed setting (its directory's run.json), unless `overwrite` sta
 import dataclasses
 import logging
 import os
-import shutil
 import time
 
 from export.pipeline import REPORT_FILE, TFLITE_FILE, export_and_verify
 from tas_keras import data, plots
-from tas_keras.distribute import check_overwrite, holds_own_files, make_strategy, run_dir
+from tas_keras.distribute import make_strategy
 from tas_keras.cost import count_arch
 from tas_keras.distill import distill, load_teacher
+from tas_keras.runs import (check_overwrite, clear_run_dir, holds_own_files, lock_run_dir, locking_stage,
+                            prepare_run_dir, read_json, run_dir, write_json)
 from tas_keras.search import ARCH_FILE, HISTORY_FILE, PLOT_FILE, run_search
 from tas_keras.search_space import ArchConfig, candidate_widths, depth_choices
-from tas_keras.training import MODEL_FILE, prepare_run_dir, read_json, train_base, write_json
+from tas_keras.training import MODEL_FILE, train_base
 
 PIPELINE_FILE = "pipeline.json"
 STAGES = ("base", "search", "distill", "export", "report")
@@ -80,6 +81,7 @@ class _Progress:
         self.rate = images_per_second
 
 
+@locking_stage
 def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", dataset_name=None, data_dir=None,
               teacher_path=None, base_epochs=None, search_epochs=None, distill_epochs=None, batch_size=None,
               width_multiple=1, seed=0, overwrite=False, strategy="auto"):
@@ -118,11 +120,11 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
 
     with distribution.scope():
         check_overwrite(overwrite)
-        if overwrite and os.path.isdir(out):
-            shutil.rmtree(out)
         # On a cluster's other workers every stage writes its own copy (run_dir), read back from there.
         written = run_dir(out)
-        os.makedirs(written, exist_ok=True)
+        lock_run_dir(written)
+        if overwrite:
+            clear_run_dir(written)
         if holds_own_files(written) and not os.path.exists(os.path.join(written, PIPELINE_FILE)):
             raise ValueError(f"{out} is not empty and holds no train.prune run; use another --out or "
                              "--overwrite")
