@@ -10,6 +10,7 @@ import logging
 import os
 import time
 
+from export import tfmot_bridge
 from export.pipeline import REPORT_FILE, TFLITE_FILE, export_and_verify
 from tas_keras import data, plots
 from tas_keras.distribute import make_strategy
@@ -84,11 +85,12 @@ class _Progress:
 @locking_stage
 def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", dataset_name=None, data_dir=None,
               teacher_path=None, base_epochs=None, search_epochs=None, distill_epochs=None, batch_size=None,
-              width_multiple=1, seed=0, overwrite=False, strategy="auto"):
+              width_multiple=1, seed=0, qat_epochs=0, overwrite=False, strategy="auto"):
     """Runs every stage into `out` and returns the report (also `out/report.json` and `report.md`).
 
     The training stages run under `strategy`; export and report need one device and run outside it,
     on the chief only (the other workers of a cluster return None once training is done).
+    `qat_epochs` > 0 makes the int8 export quantization-aware (the optional TFMOT bridge).
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -106,6 +108,8 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     if target_ratio < floor:
         raise ValueError(f"target ratio {target_ratio} is below the smallest {model_name} the search space "
                          f"can express ({floor:.3f} of the FLOPs)")
+    if qat_epochs:
+        tfmot_bridge.require_tfmot()  # now, not after hours of training
     distribution = make_strategy(strategy)  # a multi-worker strategy must precede other TensorFlow work
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, seed=seed)
     full = ArchConfig.full(model_name, num_classes=dataset.num_classes, input_shape=dataset.image_shape)
@@ -163,13 +167,16 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
         export_dir = os.path.join(out, "export", quantize)
         settings = {"model": os.path.abspath(os.path.join(stage_dirs["distill"], MODEL_FILE)),
                     "compare_with": os.path.abspath(teacher_path), "quantize": quantize, **common}
+        qat = qat_epochs if quantize == "int8" else 0
+        if qat:  # only then: the exports of earlier runs, without the key, stay finished
+            settings["qat_epochs"] = qat
         _, finished = prepare_run_dir(export_dir, settings, done_file=REPORT_FILE)
         if finished:
             exports[quantize] = read_json(os.path.join(export_dir, REPORT_FILE))
         else:
             exports[quantize] = export_and_verify(settings["model"], export_dir, quantize=quantize,
-                                                  compare_with=teacher_path, latency_runs=chosen.latency_runs,
-                                                  **common)
+                                                  qat_epochs=qat, compare_with=teacher_path,
+                                                  latency_runs=chosen.latency_runs, **common)
 
     progress.banner(4, "report")
     report = build_report(out, model_name, target_ratio, distilled, exports, search_dir)
