@@ -153,7 +153,7 @@ class StopOnDivergence(_StepCounter):
         super().on_train_begin(logs)
         self.variables = [v for v in [*self.model.variables, *self.model.optimizer.variables]
                           if keras.backend.is_float_dtype(v.dtype)]
-        # One traced check of every variable: a few hundred microseconds a step on a CPU.
+        # One traced check of every variable: under a millisecond a step for a ResNet-20 on a CPU.
         self.all_finite = tf.function(lambda: tf.reduce_all([tf.reduce_all(tf.math.is_finite(v))
                                                              for v in self.variables]))
 
