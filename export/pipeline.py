@@ -110,8 +110,10 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
 
 def _export_one(model_path, directory, dataset, quantize, int8_io, float_input, qat_epochs, representative,
                 threads, seed):
-    """Exports one model; its .tflite and SavedModel, fed the test images' pixels, are compared with
-    the Keras model fed the images normalised by the data pipeline."""
+    """Exports one model. Its .tflite, fed the test images' pixels, is compared with the Keras model
+    fed the images normalised by the data pipeline, as in training; the reloaded SavedModel with the
+    Keras graph it was exported from (the pixel-input wrapper: the two normalisations round apart
+    by about 1e-7)."""
     model = keras.saving.load_model(model_path)
     _check_fits(model, dataset, model_path)
     reference = _keras_outputs(model, convert.normalised(dataset.test_images, dataset.mean, dataset.std))
@@ -121,6 +123,7 @@ def _export_one(model_path, directory, dataset, quantize, int8_io, float_input, 
     saved_model = os.path.join(directory, SAVED_MODEL_DIR)
     convert.export_saved_model(exported, saved_model)
     served = convert.saved_model_outputs(saved_model, exported.inputs[0].name, pixels)
+    served_diff = float(abs(served - _keras_outputs(exported, pixels)).max())
 
     tflite = os.path.join(directory, TFLITE_FILE)
     if qat_epochs:
@@ -142,7 +145,7 @@ def _export_one(model_path, directory, dataset, quantize, int8_io, float_input, 
         "flops": cost.flops,
         "params": cost.params,
         "saved_model": {"path": os.path.abspath(saved_model),
-                        "max_abs_diff": float(abs(served - reference).max())},
+                        "max_abs_diff": served_diff},
         "labels": os.path.abspath(labels),
         "tflite": {"path": os.path.abspath(tflite), "size_bytes": os.path.getsize(tflite),
                    "input_dtype": input_dtype, "output_dtype": output_dtype,
