@@ -23,7 +23,8 @@ import tensorflow as tf
 from tas_keras.baselines import make_baseline
 from tas_keras.distill import distill
 from tas_keras.search import decision_summary, run_search
-from tas_keras.training import MODEL_FILE, read_json, train_base, write_json
+from tas_keras.runs import read_json, write_json
+from tas_keras.training import MODEL_FILE, train_base
 
 _RUNS = flags.DEFINE_string("runs", None, "Directory of every run of the ablation.", required=True)
 _DATASET = flags.DEFINE_string("dataset", "../shared/data/cifar10-jpeg.zip", "As the train CLIs' --dataset.")

@@ -15,7 +15,7 @@ from absl import app, flags
 
 from tas_keras.baselines import make_baseline
 from tas_keras.distill import distill
-from tas_keras.training import write_json
+from tas_keras.runs import write_json
 
 _OUT = flags.DEFINE_string("out", None, "Directory of all runs and the tables.", required=True)
 _TEACHER = flags.DEFINE_string("teacher", None, "The unpruned network (model.keras).", required=True)

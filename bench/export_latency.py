@@ -30,7 +30,7 @@ from tas_keras import data
 from tas_keras.cost import count_arch
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search_space import ArchConfig
-from tas_keras.training import write_json
+from tas_keras.runs import write_json
 
 RELEASED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "tas-released-shapes"
 TARGET = 0.8
@@ -59,13 +59,15 @@ def rounded_to(arch, multiple):
     return arch.replace(widths=widths, provenance={**arch.provenance, "rounded_to": multiple})
 
 
-def _convert_all(shapes, representative, workdir):
-    """{mode: {shape name: .tflite path}} for random-weight models of every shape."""
+def _convert_all(shapes, dataset, representative, workdir):
+    """{mode: {shape name: .tflite path}} for random-weight models of every shape, taking uint8 pixels
+    as every export does."""
     paths = {mode: {} for mode in MODES}
     for name, arch in shapes.items():
         keras.utils.set_random_seed(0)
         saved_model = os.path.join(workdir, name, "saved_model")
-        convert.export_saved_model(CifarResNet(arch), saved_model)
+        convert.export_saved_model(convert.pixel_input_model(CifarResNet(arch), dataset.mean, dataset.std),
+                                   saved_model)
         for mode in MODES:
             paths[mode][name] = os.path.join(workdir, name, f"{mode}.tflite")
             convert.write_bytes(paths[mode][name], convert.convert_tflite(saved_model, mode, representative))
@@ -77,7 +79,7 @@ def _measure(shapes, paths, threads, runs):
     results = {}
     for mode, files in paths.items():
         runtimes = [verify.LiteRTModel(files[name], threads) for name in shapes]
-        image = tf.random.stateless_normal((32, 32, 3), [0, 0]).numpy()
+        image = tf.random.stateless_uniform((32, 32, 3), [0, 0], maxval=256, dtype=tf.int32).numpy().astype("uint8")
         latencies = verify.interleaved_latency(runtimes, image, runs)
         rows = {}
         for (name, arch), samples in zip(shapes.items(), latencies):
@@ -109,7 +111,7 @@ def main(argv):
 
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as workdir:
-        paths = {model: _convert_all(shapes, representative, os.path.join(workdir, model))
+        paths = {model: _convert_all(shapes, dataset, representative, os.path.join(workdir, model))
                  for model, shapes in networks.items()}
         measured = {f"{threads}_threads": {model: _measure(shapes, paths[model], int(threads), _RUNS.value)
                                            for model, shapes in networks.items()}

@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from tas_keras import data
 from tas_keras.search import ARCH_TRAVEL, ARCH_WARMUP, decision_summary, run_search
-from tas_keras.training import read_json, write_json
+from tas_keras.runs import read_json, write_json
 
 _SUITE = flags.DEFINE_enum("suite", "quick", ["quick", "cifar10"], "quick: the quickstart's search (bundled "
                            "data, 10 epochs, batch 64); cifar10: full CIFAR-10, ResNet-20, at most ~30 min.")

@@ -22,9 +22,10 @@ import tensorflow as tf
 
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.cifar_resnet_supernet import CifarResNetSupernet
+from tas_keras.runs import write_json
 from tas_keras.search import TASSearchModel
 from tas_keras.search_space import ArchConfig
-from tas_keras.training import CHECKPOINT_STEPS, TrainingCheckpoint, sgd, write_json
+from tas_keras.training import CHECKPOINT_STEPS, TrainingCheckpoint, sgd
 
 _MODEL = flags.DEFINE_string("model", "resnet20", "Network to compare.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per batch (a search step takes two batches).")

@@ -1,5 +1,8 @@
 """SavedModel and TFLite conversion of a trained Keras model (DESIGN.md section 9).
 
+The exported models take RGB pixels as a camera gives them (uint8, or float32 in 0-255 with
+`float_input`): the dataset's mean/std normalisation, which training applies in tf.data, is a
+Rescaling layer inside the exported model (`pixel_input_model`); the .keras files stay as trained.
 The SavedModel comes from Keras 3's own exporter (model.export, an ExportArchive whose serving
 signature takes the input by its name, "image"); the .tflite files are converted from that SavedModel,
 the path Keras' own LiteRT export takes for Keras 3 models. Every file and directory is written under a
@@ -12,6 +15,7 @@ import os
 import shutil
 import tempfile
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -19,6 +23,7 @@ from tas_keras import data
 
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 SERVING_SIGNATURE = "serving_default"
+LABELS_FILE = "labels.txt"
 
 
 @contextlib.contextmanager
@@ -53,6 +58,11 @@ def write_bytes(path, payload):
         f.write(payload)
 
 
+def write_labels(path, class_names):
+    """labels.txt: one class name per line, in the order of the model's outputs."""
+    write_bytes(path, "".join(f"{name}\n" for name in class_names).encode())
+
+
 def normalised(images, mean, std, batch_size=1024):
     """uint8 images as float32 model inputs, through the data pipeline's own normalisation."""
     labels = np.zeros(len(images), np.int32)
@@ -60,11 +70,27 @@ def normalised(images, mean, std, batch_size=1024):
                            .as_numpy_iterator()])
 
 
-def representative_images(dataset, size, seed=0):
-    """`size` training images drawn at random (fixed seed), normalised, for int8 calibration."""
+def pixel_dtype(float_input=False):
+    return "float32" if float_input else "uint8"
+
+
+def pixel_input_model(model, mean, std, float_input=False, keras_module=keras):
+    """`model` (which takes normalised images) behind a Rescaling layer that normalises RGB pixels
+    (uint8, or float32 in 0-255 with `float_input`) as training did (`data.normalisation`).
+
+    `keras_module` builds the wrapper in another Keras of the same API (tf_keras for the TFMOT bridge).
+    """
+    scale, offset = data.normalisation(mean, std)
+    pixels = keras_module.Input(model.input_shape[1:], dtype=pixel_dtype(float_input), name="image")
+    normalised_images = keras_module.layers.Rescaling(scale, offset, name="normalisation")(pixels)
+    return keras_module.Model(pixels, model(normalised_images), name=model.name)
+
+
+def representative_images(dataset, size, seed=0, float_input=False):
+    """`size` training images drawn at random (fixed seed), as pixels, for int8 calibration."""
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(dataset.train_images), min(size, len(dataset.train_images)), replace=False))
-    return normalised(dataset.train_images[pick], dataset.mean, dataset.std)
+    return dataset.train_images[pick].astype(pixel_dtype(float_input))
 
 
 def export_saved_model(model, path):
@@ -88,9 +114,10 @@ def convert_tflite(saved_model_dir, quantize, representative=None, int8_io=False
     """The .tflite bytes of a SavedModel.
 
     quantize: none (fp32) | float16 (fp16 weights) | dynamic (int8 weights, activations quantised at
-    run time) | int8 (weights and activations int8, calibrated on `representative`, float32 [N, H, W, C]
-    images). `int8_io`: the int8 model takes int8 input and gives int8 output (its tensors' scale and
-    zero point say how to convert) instead of float32.
+    run time) | int8 (weights and activations int8, calibrated on `representative`, [N, H, W, C]
+    images of the SavedModel's input type). `int8_io`: the int8 model gives int8 output and, if its
+    input is float, takes int8 input (their scale and zero point say how to convert) instead of
+    float32; a uint8 input stays the uint8 pixels.
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")

@@ -1,4 +1,5 @@
-"""One export run: SavedModel + .tflite of a trained model, verified with LiteRT, one report.json.
+"""One export run: SavedModel + .tflite of a trained model taking RGB pixels, its labels.txt, verified
+with LiteRT against the Keras model on normalised images, one report.json.
 
 With `compare_with`, a second model (typically the unpruned base of a pruned `model`) is exported and
 verified the same way and the two are reported side by side, their latency measured interleaved.
@@ -12,11 +13,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from export import convert, verify
+from export import convert, tfmot_bridge, verify
 from tas_keras import data
 from tas_keras.cost import count_model
 from tas_keras.models import cifar_resnet  # noqa: F401 (registers CifarResNet for load_model)
-from tas_keras.training import write_json
+from tas_keras.runs import write_json
 
 REPORT_FILE = "report.json"
 TFLITE_FILE = "model.tflite"
@@ -24,10 +25,16 @@ SAVED_MODEL_DIR = "saved_model"
 COMPARE_DIR = "compare"
 
 
-def export_and_verify(model_path, out, quantize="none", int8_io=False, representative_size=300,
-                      dataset_name=data.BUNDLED_DATASET, data_dir=None, threads=2, latency_runs=200,
-                      compare_with=None, tolerances=None, seed=0):
+def export_and_verify(model_path, out, quantize="none", int8_io=False, float_input=False, qat_epochs=0,
+                      representative_size=300, dataset_name=data.BUNDLED_DATASET, data_dir=None, threads=2,
+                      latency_runs=200, compare_with=None, tolerances=None, seed=0, dataset=None):
     """Exports `model_path` (a .keras file) into `out` and writes `out`/report.json; returns the report.
+
+    The exported models take RGB pixels (uint8, or float32 0-255 with `float_input`) and normalise
+    them with the mean/std of `dataset_name` (the data the model was trained on); labels.txt beside
+    model.tflite names their outputs. `qat_epochs` > 0 (int8 only) fine-tunes with quantization-aware
+    training (the optional TFMOT bridge) instead of calibrating post-training. `dataset`, an
+    ImageDataset, replaces loading `dataset_name`.
 
     The report's "checks" list every tolerance tested (`tolerances`, {metric: limit}, replaces the
     default verify.TOLERANCES[quantize]; the SavedModel check always runs) and "passed" is False if any
@@ -37,6 +44,11 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, represent
         raise ValueError(f"--quantize must be one of {', '.join(convert.QUANTIZATIONS)}, got {quantize!r}")
     if int8_io and quantize != "int8":
         raise ValueError(f"--int8_io needs --quantize=int8, got --quantize={quantize}")
+    if qat_epochs < 0 or (qat_epochs and quantize != "int8"):
+        raise ValueError(f"--qat_epochs needs --quantize=int8 and a count >= 0, got --qat_epochs={qat_epochs} "
+                         f"--quantize={quantize}")
+    if qat_epochs:
+        tfmot_bridge.require_tfmot()
     for path in filter(None, (model_path, compare_with)):
         if not os.path.isfile(path):
             raise ValueError(f"model file {path!r} does not exist")
@@ -50,33 +62,38 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, represent
     report_path = os.path.join(out, REPORT_FILE)
     if os.path.exists(report_path):
         os.remove(report_path)  # a stale report must not vouch for files this run replaces
-    dataset = data.load_dataset(dataset_name, data_dir=data_dir, seed=seed)
-    test_images = convert.normalised(dataset.test_images, dataset.mean, dataset.std)
-    representative = (convert.representative_images(dataset, representative_size, seed)
+    if dataset is None:
+        dataset = data.load_dataset(dataset_name, data_dir=data_dir, seed=seed)
+    representative = (convert.representative_images(dataset, representative_size, seed, float_input)
                       if quantize == "int8" else None)
+    export = dict(quantize=quantize, int8_io=int8_io, float_input=float_input, qat_epochs=qat_epochs,
+                  representative=representative, threads=threads, seed=seed)
 
     jobs = [("model", model_path, out)]
     if compare_with:
         jobs.append(("compare_with", compare_with, os.path.join(out, COMPARE_DIR)))
     entries, runtimes, checks = [], [], []
     for role, path, directory in jobs:
-        entry, runtime = _export_one(path, directory, dataset, test_images, quantize, int8_io,
-                                     representative, threads)
+        entry, runtime = _export_one(path, directory, dataset, **export)
         entries.append({"role": role, **entry})
         runtimes.append(runtime)
         metrics = {**entry["tflite"], "saved_model_max_abs_diff": entry["saved_model"]["max_abs_diff"]}
         checks += verify.checks(metrics, tolerances, prefix=f"{role}.")
 
-    latencies = verify.interleaved_latency(runtimes, test_images[0], latency_runs)
+    pixels = dataset.test_images[0].astype(convert.pixel_dtype(float_input))
+    latencies = verify.interleaved_latency(runtimes, pixels, latency_runs)
     for entry, samples in zip(entries, latencies):
         entry["latency_ms"] = verify.latency_summary(samples)
 
     report = {
         "quantize": quantize,
         "int8_io": int8_io,
+        "qat_epochs": qat_epochs,
         "representative_size": len(representative) if representative is not None else None,
+        "input": {"pixels": f"RGB, {convert.pixel_dtype(float_input)} 0-255",
+                  "normalisation_mean": list(dataset.mean), "normalisation_std": list(dataset.std)},
         "dataset": dataset.name,
-        "test_images": len(test_images),
+        "test_images": len(dataset.test_labels),
         "latency": {"batch": 1, "threads": threads, "runs": latency_runs, "interleaved": len(jobs) > 1,
                     "runtime": "LiteRT, XNNPACK"},
         "tolerances": tolerances,
@@ -91,19 +108,35 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, represent
     return report
 
 
-def _export_one(model_path, directory, dataset, test_images, quantize, int8_io, representative, threads):
+def _export_one(model_path, directory, dataset, quantize, int8_io, float_input, qat_epochs, representative,
+                threads, seed):
+    """Exports one model. Its .tflite, fed the test images' pixels, is compared with the Keras model
+    fed the images normalised by the data pipeline, as in training; the reloaded SavedModel with the
+    Keras graph it was exported from (the pixel-input wrapper: the two normalisations round apart
+    by about 1e-7)."""
     model = keras.saving.load_model(model_path)
     _check_fits(model, dataset, model_path)
-    reference = _keras_outputs(model, test_images)
+    reference = _keras_outputs(model, convert.normalised(dataset.test_images, dataset.mean, dataset.std))
+    pixels = dataset.test_images.astype(convert.pixel_dtype(float_input))
 
+    exported = convert.pixel_input_model(model, dataset.mean, dataset.std, float_input)
     saved_model = os.path.join(directory, SAVED_MODEL_DIR)
-    convert.export_saved_model(model, saved_model)
-    served = convert.saved_model_outputs(saved_model, model.inputs[0].name, test_images)
+    convert.export_saved_model(exported, saved_model)
+    served = convert.saved_model_outputs(saved_model, exported.inputs[0].name, pixels)
+    served_diff = float(abs(served - _keras_outputs(exported, pixels)).max())
 
     tflite = os.path.join(directory, TFLITE_FILE)
-    convert.write_bytes(tflite, convert.convert_tflite(saved_model, quantize, representative, int8_io))
+    if qat_epochs:
+        tflite_bytes = tfmot_bridge.quantization_aware_int8(model, dataset, epochs=qat_epochs, seed=seed,
+                                                            int8_io=int8_io, float_input=float_input,
+                                                            representative=representative)
+    else:
+        tflite_bytes = convert.convert_tflite(saved_model, quantize, representative, int8_io)
+    convert.write_bytes(tflite, tflite_bytes)
+    labels = os.path.join(directory, convert.LABELS_FILE)
+    convert.write_labels(labels, dataset.class_names)
     runtime = verify.LiteRTModel(tflite, threads)
-    outputs = runtime.predict(test_images)
+    outputs = runtime.predict(pixels)
     cost = count_model(model)
     input_dtype, output_dtype = runtime.io_dtypes
     entry = {
@@ -112,7 +145,8 @@ def _export_one(model_path, directory, dataset, test_images, quantize, int8_io, 
         "flops": cost.flops,
         "params": cost.params,
         "saved_model": {"path": os.path.abspath(saved_model),
-                        "max_abs_diff": float(abs(served - reference).max())},
+                        "max_abs_diff": served_diff},
+        "labels": os.path.abspath(labels),
         "tflite": {"path": os.path.abspath(tflite), "size_bytes": os.path.getsize(tflite),
                    "input_dtype": input_dtype, "output_dtype": output_dtype,
                    **verify.parity(reference, outputs, dataset.test_labels)},
@@ -181,6 +215,10 @@ def format_report(report):
     lines.append(f"{report['dataset']} test split ({report['test_images']} images); latency: batch 1, "
                  f"{latency['threads']} threads, {latency['runs']} runs"
                  + (", interleaved" if latency["interleaved"] else ""))
+    lines.append(f"input: {report['input']['pixels']} pixels, normalised inside the model; output: logits of the "
+                 f"classes in {convert.LABELS_FILE}"
+                 + (f"; int8 by {report['qat_epochs']} epoch(s) of quantization-aware training"
+                    if report["qat_epochs"] else ""))
     if "comparison" in report:
         c = report["comparison"]
         lines.append(f"model vs compare_with: FLOPs x{c['flops_ratio']:.3f}, params x{c['params_ratio']:.3f}, "

@@ -3,8 +3,10 @@
   python -m export.tflite --model=runs/base/model.keras --out=runs/base/export --quantize=int8
   python -m export.tflite --model=runs/pruned/model.keras --compare_with=runs/base/model.keras --out=...
 
-Writes <out>/saved_model/, <out>/model.tflite and <out>/report.json (with --compare_with also
-<out>/compare/), prints the report as a table and exits with status 1 if a check failed.
+Writes <out>/saved_model/, <out>/model.tflite, <out>/labels.txt and <out>/report.json (with
+--compare_with also <out>/compare/), prints the report as a table and exits with status 1 if a check
+failed. The exported models take RGB pixels (uint8; float32 0-255 with --float_input) and normalise
+them inside with the mean/std of --dataset, which must be the data the model was trained on.
 """
 
 import sys
@@ -22,8 +24,12 @@ _OUT = flags.DEFINE_string("out", None, "Directory for saved_model/, model.tflit
                            required=True)
 _QUANTIZE = flags.DEFINE_enum("quantize", "none", QUANTIZATIONS,
                               "none (fp32) | float16 | dynamic (int8 weights) | int8 (full integer).")
-_INT8_IO = flags.DEFINE_bool("int8_io", False, "With --quantize=int8: int8 input and output tensors "
-                             "instead of float32.")
+_INT8_IO = flags.DEFINE_bool("int8_io", False, "With --quantize=int8: an int8 output tensor instead of "
+                             "float32 (and, with --float_input, an int8 input tensor).")
+_FLOAT_INPUT = flags.DEFINE_bool("float_input", False, "Take float32 pixels in 0-255 instead of uint8 ones.")
+_QAT_EPOCHS = flags.DEFINE_integer("qat_epochs", 0, "With --quantize=int8: fine-tune this many epochs with "
+                                   "quantization-aware training (needs requirements-tfmot.txt) instead of "
+                                   "post-training calibration.", lower_bound=0)
 _REPRESENTATIVE_SIZE = flags.DEFINE_integer("representative_size", 300,
                                             "Training images that calibrate int8 activations.", lower_bound=1)
 _DATASET = flags.DEFINE_string("dataset", BUNDLED_DATASET,
@@ -40,6 +46,7 @@ _COMPARE_WITH = flags.DEFINE_string("compare_with", None, "Another model (.keras
 def main(tolerances=None):
     report = export_and_verify(
         _MODEL.value, _OUT.value, quantize=_QUANTIZE.value, int8_io=_INT8_IO.value,
+        float_input=_FLOAT_INPUT.value, qat_epochs=_QAT_EPOCHS.value,
         representative_size=_REPRESENTATIVE_SIZE.value, dataset_name=_DATASET.value,
         data_dir=_DATA_DIR.value, threads=_THREADS.value, latency_runs=_LATENCY_RUNS.value,
         compare_with=_COMPARE_WITH.value, tolerances=tolerances)

@@ -2,7 +2,8 @@
 
 TFMOT wraps only tf_keras (Keras 2) models. The bridge rebuilds the plain CIFAR ResNet in tf_keras
 from its ArchConfig with the same layer names, copies the Keras 3 weights by layer name, fine-tunes
-with fake quantisation (tfmot.quantization.keras.quantize_model) and converts to an int8 .tflite.
+with fake quantisation (tfmot.quantization.keras.quantize_model) and converts to an int8 .tflite that
+takes RGB pixels, like every export (export.convert.pixel_input_model).
 
 Needs the packages of requirements-tfmot.txt. Import this module only where QAT is wanted: importing
 TFMOT sets TF_USE_LEGACY_KERAS=1, which changes what `tf.keras` means for the whole process.
@@ -12,8 +13,18 @@ import os
 
 import tensorflow as tf
 
+from export import convert
 from tas_keras import data
 from tas_keras.models.cifar_resnet import BN_EPSILON, BN_MOMENTUM, network_plan
+
+
+class TfmotMissingError(ValueError):
+    """The optional TFMOT packages are not installed."""
+
+
+def require_tfmot():
+    """Raises TfmotMissingError, saying how to install them, without the TFMOT packages."""
+    _import_tfmot()
 
 
 def _import_tfmot():
@@ -22,9 +33,9 @@ def _import_tfmot():
         import tensorflow_model_optimization as tfmot
         import tf_keras
     except ImportError as error:
-        raise ImportError(
-            "the TFMOT bridge needs tf_keras and tensorflow-model-optimization, which are optional: "
-            "pip install --no-deps -r requirements-tfmot.txt") from error
+        raise TfmotMissingError(
+            f"quantization-aware training needs tf_keras and tensorflow-model-optimization, which are "
+            f"optional ({error}): pip install --no-deps -r requirements-tfmot.txt") from error
     finally:
         # TFMOT has bound tf_keras for itself by now; keep the switch from leaking to the rest.
         if previous is None:
@@ -83,11 +94,14 @@ def copy_weights(source, target):
 
 
 def quantization_aware_int8(model, dataset, epochs=1, max_steps=None, batch_size=128, learning_rate=1e-3,
-                            seed=0, int8_io=False):
-    """Fine-tunes a trained CifarResNet with fake quantisation; returns the int8 .tflite bytes.
+                            seed=0, int8_io=False, float_input=False, representative=None):
+    """Fine-tunes a trained CifarResNet with fake quantisation; returns the int8 .tflite bytes of it
+    behind the pixel normalisation (`convert.pixel_input_model`).
 
     `max_steps` caps the steps of each epoch (quick runs). The fake-quant ranges learnt in training
-    replace the representative dataset of post-training int8 conversion.
+    set the network's quantisation; `representative` pixels (as convert.representative_images gives
+    them) calibrate the normalisation in front of it, which training does not see, so that it runs in
+    int8 too (without them it stays float).
     """
     if not hasattr(model, "arch"):
         raise ValueError("the TFMOT bridge rebuilds a CifarResNet from its ArchConfig; got "
@@ -102,8 +116,11 @@ def quantization_aware_int8(model, dataset, epochs=1, max_steps=None, batch_size
     train = data.train_pipeline(dataset.train_images, dataset.train_labels, batch_size, dataset.mean,
                                 dataset.std, seed=seed, epochs=epochs, steps_per_epoch=steps)
     qat.fit(train, epochs=epochs, steps_per_epoch=steps, verbose=0)
-    converter = tf.lite.TFLiteConverter.from_keras_model(qat)
+    exported = convert.pixel_input_model(qat, dataset.mean, dataset.std, float_input, keras_module=tf_keras)
+    converter = tf.lite.TFLiteConverter.from_keras_model(exported)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if representative is not None:
+        converter.representative_dataset = lambda: ([image[None]] for image in representative)
     if int8_io:
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8

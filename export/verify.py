@@ -4,10 +4,15 @@ LiteRT (`ai_edge_litert`) is the runtime phones use; tf.lite.Interpreter is depr
 applies the XNNPACK delegate by default, so the latency measured here is the XNNPACK one.
 """
 
+import os
 import time
 
 import numpy as np
+import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
+
+from export.convert import LABELS_FILE
+from tas_keras import data
 
 # What each conversion must keep, on the test split. fp32 and fp16 bound the logits themselves, relative
 # to the largest Keras logit, since fp16 rounding errors grow with the activations' scale: measured
@@ -26,10 +31,11 @@ _AT_LEAST = {"top1_agreement"}  # every other checked metric is an upper bound
 
 
 class LiteRTModel:
-    """One .tflite model at batch 1, taking and returning float32 whatever its I/O types.
+    """One .tflite model at batch 1, taking pixels and returning float32 whatever its I/O types.
 
-    An integer input is quantised with the input tensor's scale and zero point, an integer output
-    dequantised with the output's, as an app would.
+    A quantised input (int8, with a scale) is quantised with the input tensor's scale and zero point,
+    an integer output dequantised with the output's, as an app would; pixels go to a uint8 or float
+    input as they are.
     """
 
     def __init__(self, path, threads):
@@ -42,11 +48,19 @@ class LiteRTModel:
     def io_dtypes(self):
         return np.dtype(self._input["dtype"]).name, np.dtype(self._output["dtype"]).name
 
+    @property
+    def image_shape(self):
+        return tuple(int(d) for d in self._input["shape"][1:])
+
+    @property
+    def num_classes(self):
+        return int(self._output["shape"][-1])
+
     def set_input(self, image):
         x = image[None]
         dtype = self._input["dtype"]
-        if np.issubdtype(dtype, np.integer):
-            scale, zero_point = self._input["quantization"]
+        scale, zero_point = self._input["quantization"]
+        if np.issubdtype(dtype, np.integer) and scale:
             x = np.clip(np.round(x / scale + zero_point), np.iinfo(dtype).min, np.iinfo(dtype).max)
         self.interpreter.set_tensor(self._input["index"], x.astype(dtype))
 
@@ -64,6 +78,44 @@ class LiteRTModel:
             self.interpreter.invoke()
             outputs.append(self.output())
         return np.stack(outputs)
+
+
+def read_labels(model_path):
+    """The class names of a .tflite's outputs, from the labels.txt the export wrote beside it."""
+    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), LABELS_FILE)
+    try:
+        with open(path) as f:
+            return [line.rstrip("\n") for line in f]
+    except OSError as error:
+        raise ValueError(f"cannot read {path}, the class names of {model_path}: {error.strerror}") from None
+
+
+def classify_files(model_path, image_paths, top=5, threads=1):
+    """The `top` classes of every image file (JPEG, PNG, GIF, BMP) by a .tflite of this tool: one list
+    of (class name, probability) per image, most probable first. Images are resized to the model's
+    input size, as the dataset loader does; probabilities are the softmax of the logits."""
+    model = LiteRTModel(model_path, threads)
+    labels = read_labels(model_path)
+    if len(labels) != model.num_classes:
+        raise ValueError(f"{LABELS_FILE} beside {model_path} names {len(labels)} classes, the model has "
+                         f"{model.num_classes} outputs")
+    results = []
+    for path in image_paths:
+        try:
+            with open(path, "rb") as f:
+                image = data.decode_image(f.read(), model.image_shape[:2]).numpy()
+        except OSError as error:
+            raise ValueError(f"cannot read image {path!r}: {error.strerror}") from None
+        except tf.errors.InvalidArgumentError:
+            raise ValueError(f"{path!r} is not an image this tool can decode (JPEG, PNG, GIF, BMP)") from None
+        model.set_input(image)
+        model.interpreter.invoke()
+        logits = model.output().astype(np.float64)
+        probabilities = np.exp(logits - logits.max())
+        probabilities /= probabilities.sum()
+        best = np.argsort(-probabilities, kind="stable")[:top]
+        results.append([(labels[i], float(probabilities[i])) for i in best])
+    return results
 
 
 def parity(reference, outputs, labels):

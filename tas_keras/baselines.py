@@ -11,13 +11,13 @@ import keras
 import keras_tuner
 
 from tas_keras import data
-from tas_keras.distribute import in_strategy_scope, run_dir
+from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_arch
 from tas_keras.models.cifar_resnet import CifarResNet
+from tas_keras.runs import locking_stage, prepare_run_dir, run_dir, write_json
 from tas_keras.search import cost_band
 from tas_keras.search_space import ArchConfig, candidate_widths, depth_choices
-from tas_keras.training import (CHECKPOINT_STEPS, check_fits_data, evaluate_classifier, fit_classifier,
-                                prepare_run_dir, write_json)
+from tas_keras.training import CHECKPOINT_STEPS, check_fits_data, evaluate_classifier, fit_classifier
 
 CANDIDATES_FILE = "candidates.json"
 ARCH_FILE = "arch.json"
@@ -194,6 +194,7 @@ def random_search(out, full, dataset, target_ratio, count, epochs, batch_size, s
 
 
 @in_strategy_scope
+@locking_stage
 def make_baseline(out, kind, model_name="resnet20", target_ratio=0.5, tolerance=0.05, band="code",
                   dataset_name=data.BUNDLED_DATASET, data_dir=None, count=8, epochs=1, batch_size=256,
                   seed=0, max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS):

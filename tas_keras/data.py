@@ -37,7 +37,7 @@ _TFDS_STATS = {
 _DOWNLOAD_HOST = "www.cs.toronto.edu"  # tfds fetches both CIFAR archives from here
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _PAD = 4
-_CACHE_VERSION = 1  # bump when the decoded arrays change meaning
+_CACHE_VERSION = 2  # bump when the decoded arrays change meaning
 
 
 class DatasetError(ValueError):
@@ -56,6 +56,9 @@ class ImageDataset:
     test_labels: np.ndarray
     mean: tuple  # per channel, [0, 1] pixel scale
     std: tuple
+    # Files of a folder or zip source left out: {"unreadable_images": n, "non_image_files": n}.
+    files_skipped: dict = dataclasses.field(default_factory=lambda: {"unreadable_images": 0,
+                                                                     "non_image_files": 0})
 
     @property
     def num_classes(self):
@@ -142,6 +145,14 @@ def eval_pipeline(images, labels, batch_size, mean, std):
     batch = _batch_fn(images, labels, mean, std)
     return tf.data.Dataset.range(len(images)).batch(batch_size).map(
         batch, tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def normalisation(mean, std):
+    """(scale, offset), float32 per channel: (p / 255 - mean) / std, the pipelines' normalisation of a
+    pixel p, as p * scale + offset, the form of a Keras Rescaling layer (the exported models'
+    export.convert.pixel_input_model). The two forms round differently, by about 1e-7 relative."""
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    return (1 / (255 * std)).astype(np.float32), (-mean / std).astype(np.float32)
 
 
 def _check_arrays(images, labels):
@@ -238,6 +249,10 @@ def _load_files(path, seed, stats=None):
         _write_cache(cache, arrays)
     else:
         logging.info("Loaded decoded images of %s from the cache %s", path, cache)
+    unreadable = [str(name) for name in arrays["unreadable"]]
+    if unreadable:
+        logging.warning("%s: skipped %d image files that cannot be decoded: %s", path, len(unreadable),
+                        _some(unreadable))
     images, labels, test_mask = arrays["images"], arrays["labels"], arrays["test_mask"]
     if not arrays["has_test_split"]:
         test_mask = _holdout(labels, seed)
@@ -247,19 +262,34 @@ def _load_files(path, seed, stats=None):
     return ImageDataset(
         path.stem, tuple(str(c) for c in arrays["class_names"]),
         train_images, labels[~test_mask], images[test_mask], labels[test_mask],
-        *(stats or _channel_stats(train_images)))
+        *(stats or _channel_stats(train_images)),
+        files_skipped={"unreadable_images": len(unreadable), "non_image_files": int(arrays["non_images"])})
+
+
+def _some(names, shown=5):
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _decode_source(path):
-    """Decodes a folder or zip of class folders into the arrays that the cache holds."""
-    blobs = _read_image_files(path)
+    """Decodes a folder or zip of class folders into the arrays that the cache holds.
+
+    Image files that cannot be decoded are left out and listed ("unreadable"); files that are not
+    images (by extension: .txt, .DS_Store, ...) are ignored and counted ("non_images")."""
+    blobs, non_images = _read_image_files(path)
+    if non_images:
+        logging.warning("%s: ignoring %d files that are not images (%s): %s", path, len(non_images),
+                        ", ".join(_IMAGE_EXTENSIONS), _some(non_images))
     keys = _class_keys(list(blobs))
     if None in keys:
         logging.warning("%s: ignoring %d image files outside class folders", path, keys.count(None))
-    kept = [(key, blob) for key, blob in zip(keys, blobs.values()) if key]
+    kept = [(key, name) for key, name in zip(keys, blobs) if key]
     if not kept:
         raise DatasetError(
             f"no class folders with images ({', '.join(_IMAGE_EXTENSIONS)}) found in {str(path)!r}")
+    names = [name for _, name in kept]
+    images, decoded = _decode_images(names, [blobs[name] for name in names], path)
+    unreadable = [name for name, ok in zip(names, decoded) if not ok]
+    kept = [entry for entry, ok in zip(kept, decoded) if ok]
     has_test_split = any(split for (split, _), _ in kept)
     class_names = sorted({cls for (split, cls), _ in kept if split != "test"})
     test_classes = sorted({cls for (split, cls), _ in kept if split == "test"})
@@ -268,30 +298,37 @@ def _decode_source(path):
             f"{str(path)!r}: test classes {test_classes} differ from train classes {class_names}")
     index = {cls: i for i, cls in enumerate(class_names)}
     return {
-        "images": _decode_images([blob for _, blob in kept], path),
+        "images": images,
         "labels": np.array([index[cls] for (_, cls), _ in kept], np.int32),
         "test_mask": np.array([split == "test" for (split, _), _ in kept]),
         "has_test_split": np.array(has_test_split),
         "class_names": np.array(class_names),
+        "unreadable": np.array(unreadable, dtype=str),
+        "non_images": np.array(len(non_images)),
     }
 
 
 def _read_image_files(path):
-    """{relative posix path: bytes} of the image files of a folder or zip, in sorted order."""
+    """({relative posix path: bytes} of the image files of a folder or zip, in sorted order, [the
+    other files' paths]). Hidden files and macOS' __MACOSX folders count as other files."""
 
-    def wanted(name):
+    def is_image(name):
         parts = name.split("/")
         return name.lower().endswith(_IMAGE_EXTENSIONS) and not any(
             p.startswith(".") or p == "__MACOSX" for p in parts)
 
-    if path.is_dir():
-        names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
-        return {name: (path / name).read_bytes() for name in names if wanted(name)}
     try:
+        if path.is_dir():
+            names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+            read = lambda name: (path / name).read_bytes()  # noqa: E731
+            return {n: read(n) for n in names if is_image(n)}, [n for n in names if not is_image(n)]
         with zipfile.ZipFile(path) as zf:
-            return {name: zf.read(name) for name in sorted(zf.namelist()) if wanted(name)}
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+            names = sorted(n for n in zf.namelist() if not n.endswith("/"))
+            return {n: zf.read(n) for n in names if is_image(n)}, [n for n in names if not is_image(n)]
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         raise DatasetError(f"{str(path)!r} is neither a folder nor a readable zip file ({e})") from e
+    except OSError as e:
+        raise DatasetError(f"cannot read {e.filename or str(path)!r}: {e.strerror or e}") from e
 
 
 def _class_keys(names):
@@ -305,28 +342,45 @@ def _class_keys(names):
     return [(None, f[0]) if f else None for f in folders]
 
 
-def _decode_images(blobs, path):
-    """Decodes in parallel to uint8 [N, H, W, 3], resizing to the first image's size where needed."""
+def decode_image(blob, size):
+    """An encoded image (JPEG, PNG, GIF, BMP) as uint8 RGB [height, width, 3] of `size` (height,
+    width), resized (antialiased) if it has another size. Grayscale becomes RGB, alpha is dropped."""
+    return _decode_to_size(blob, size)[0]
 
-    def decode(blob):
-        image = tf.io.decode_image(blob, channels=3, expand_animations=False)
-        same = tf.reduce_all(tf.shape(image)[:2] == size)
-        image = tf.cond(same, lambda: image, lambda: tf.saturate_cast(
-            tf.round(tf.image.resize(image, size, antialias=True)), tf.uint8))
-        return tf.ensure_shape(image, (*size, 3)), same
 
-    try:
-        size = tuple(tf.io.decode_image(blobs[0], channels=3, expand_animations=False).shape[:2])
-        batches = list(tf.data.Dataset.from_tensor_slices(blobs).map(decode, tf.data.AUTOTUNE)
-                       .batch(1024).as_numpy_iterator())
-    except tf.errors.InvalidArgumentError as e:
-        raise DatasetError(f"cannot decode an image in {str(path)!r}: {e.message.splitlines()[0]}") from e
-    images = np.concatenate([b[0] for b in batches])
-    resized = len(images) - int(sum(b[1].sum() for b in batches))
+def _decode_to_size(blob, size):
+    image = tf.io.decode_image(blob, channels=3, expand_animations=False)
+    same = tf.reduce_all(tf.shape(image)[:2] == size)
+    image = tf.cond(same, lambda: image, lambda: tf.saturate_cast(
+        tf.round(tf.image.resize(image, size, antialias=True)), tf.uint8))
+    return tf.ensure_shape(image, (*size, 3)), same
+
+
+def _decode_images(names, blobs, path):
+    """Decodes in parallel to (uint8 [N, H, W, 3] of the images that decode, a mask of which of
+    `blobs` did), resizing to the size of the first one that decodes where needed."""
+    size = None
+    for blob in blobs:
+        try:
+            size = tuple(tf.io.decode_image(blob, channels=3, expand_animations=False).shape[:2])
+            break
+        except tf.errors.InvalidArgumentError:
+            continue
+    if size is None:
+        raise DatasetError(f"none of the {len(blobs)} image files in {str(path)!r} can be decoded "
+                           f"({_some(names)})")
+    # A blob that fails to decode drops out of the stream (ignore_errors): its index is then missing.
+    indexed = tf.data.Dataset.from_tensor_slices((tf.range(len(blobs)), blobs))
+    batches = list(indexed.map(lambda index, blob: (index, *_decode_to_size(blob, size)), tf.data.AUTOTUNE)
+                   .ignore_errors().batch(1024).as_numpy_iterator())
+    decoded = np.zeros(len(blobs), bool)
+    decoded[np.concatenate([index for index, _, _ in batches])] = True
+    images = np.concatenate([images for _, images, _ in batches])
+    resized = len(images) - int(sum(same.sum() for _, _, same in batches))
     if resized:
         logging.warning("%s: resized %d of %d images to %dx%d, the size of the first", path, resized,
                         len(images), *size)
-    return images
+    return images, decoded
 
 
 def _cache_file(path):

@@ -11,10 +11,10 @@ from tas_keras import data
 from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_arch
 from tas_keras.models.cifar_resnet import CifarResNet
+from tas_keras.runs import locking_stage, prepare_run_dir, read_json, write_json
 from tas_keras.search_space import ArchConfig
 from tas_keras.training import (CHECKPOINT_STEPS, MODEL_FILE, METRICS_FILE, check_fits_data,
-                                evaluate_classifier, fit_classifier, prepare_run_dir, read_json, save_model,
-                                write_json)
+                                evaluate_classifier, fit_classifier, save_model)
 
 MODES = ("scratch", "init", "kd", "init_kd")
 
@@ -86,7 +86,22 @@ def load_teacher(path):
     return teacher
 
 
+def check_prunes_teacher(arch, teacher, teacher_path):
+    """A shape trained from a teacher must prune the teacher's network (same depth, block type,
+    classes and input): init copies the teacher's weights by layer name, and KD compares logits."""
+    full = getattr(teacher, "arch", None)
+    if full is None:
+        raise ValueError(f"--teacher {teacher_path} is a {type(teacher).__name__}, not a network of this "
+                         "tool (train.base's model.keras)")
+    described = lambda a: f"{a.name} with {a.num_classes} classes on {a.input_shape} images"  # noqa: E731
+    if (arch.depth, arch.block, arch.num_classes, arch.input_shape) != (
+            full.depth, full.block, full.num_classes, full.input_shape):
+        raise ValueError(f"the shape is a {described(arch)} but the teacher {teacher_path} is a "
+                         f"{described(full)}: give a shape of the teacher's network")
+
+
 @in_strategy_scope
+@locking_stage
 def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUNDLED_DATASET, data_dir=None,
             epochs=10, batch_size=256, learning_rate=0.1, alpha=0.9, temperature=4.0, seed=0,
             max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS):
@@ -104,10 +119,12 @@ def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUND
     if mode != "scratch" and not teacher_path:
         raise ValueError(f"mode {mode!r} needs --teacher")
     teacher = load_teacher(teacher_path) if teacher_path else None
+    if teacher is not None:
+        check_prunes_teacher(arch, teacher, teacher_path)
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
                                 seed=seed)
     check_fits_data(arch, dataset)
-    run, finished = prepare_run_dir(out, settings, overwrite)
+    run, finished = prepare_run_dir(out, settings, overwrite, done_file=METRICS_FILE)
     if finished:
         logging.info("%s already holds this finished run; nothing to do", out)
         return read_json(os.path.join(out, METRICS_FILE))
@@ -119,7 +136,7 @@ def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUND
     trained = KnowledgeDistiller(teacher, student, alpha, temperature) if mode.endswith("kd") else student
     start = time.perf_counter()
     metrics = fit_classifier(trained, dataset, out, epochs, batch_size, learning_rate, seed,
-                             checkpoint_steps)
+                             checkpoint_steps, stage=f"{mode} training")
     metrics.update(evaluate_classifier(student, dataset, batch_size))
     cost = count_arch(arch)
     metrics.update(mode=mode, model=arch.name, dataset=dataset.name, flops=cost.flops, params=cost.params,

@@ -6,7 +6,7 @@ for a global batch of 256 on any number of replicas; for a larger global batch s
 linearly (lr = 0.1 * batch / 256) and consider a warm-up.
 
 Under MultiWorkerMirroredStrategy every worker runs the same stage code. The chief writes the run
-directory; every other worker writes the same files into `<out>/workers/<task>` (`run_dir`), and all
+directory; every other worker writes the same files into `<out>/workers/<task>` (`runs.run_dir`), and all
 of them resume from the chief's checkpoint, so `--out` must be on a filesystem all workers share.
 """
 
@@ -16,7 +16,6 @@ import os
 import tensorflow as tf
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
-WORKERS_DIR = "workers"
 
 
 @functools.cache
@@ -58,35 +57,9 @@ def is_multi_worker():
     return isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy)
 
 
-def check_overwrite(overwrite):
-    """Workers start at different moments: one clearing a shared run directory would delete what
-    another has begun to write."""
-    if overwrite and is_multi_worker():
-        raise ValueError("--overwrite is not supported with --strategy=multi_worker: delete the run "
-                         "directory before starting the workers")
-
-
-def holds_own_files(directory):
-    """Whether `directory` holds any file outside the other workers' directories."""
-    for _, subdirectories, files in os.walk(directory):
-        if files:
-            return True
-        subdirectories[:] = [d for d in subdirectories if d != WORKERS_DIR]
-    return False
-
-
 def is_chief():
     """True unless this process is a non-chief worker of a multi-worker cluster."""
     return tf.distribute.get_strategy().extended.should_checkpoint
-
-
-def run_dir(out):
-    """Where this process writes the run `out`: `out` itself on the chief (and on one machine),
-    `out/workers/<task>` on the other workers, so no two processes write the same file."""
-    if is_chief():
-        return out
-    resolver = tf.distribute.get_strategy().cluster_resolver
-    return os.path.join(out, WORKERS_DIR, f"{resolver.task_type}_{resolver.task_id}")
 
 
 def _let_keras_fit_run_multi_worker():

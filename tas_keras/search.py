@@ -13,8 +13,9 @@ from tas_keras import data, plots
 from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_arch
 from tas_keras.models.cifar_resnet_supernet import COST_METRICS, CifarResNetSupernet
+from tas_keras.runs import locking_stage, prepare_run_dir, read_json
 from tas_keras.search_space import ArchConfig
-from tas_keras.training import CHECKPOINT_STEPS, EpochLog, fit_resumable, prepare_run_dir, read_json, sgd
+from tas_keras.training import CHECKPOINT_STEPS, EpochLog, fit_resumable, sgd
 
 ARCH_FILE = "arch.json"
 HISTORY_FILE = "history.json"
@@ -367,6 +368,7 @@ def init_from_base(supernet, base_model):
 
 
 @in_strategy_scope
+@locking_stage
 def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, data_dir=None, epochs=10,
                batch_size=256, target_ratio=0.5, cost_metric="flops", cost_weight=2.0, tolerance=0.05,
                band="code", tau_schedule="cosine", tau_max=5.0, tau_min=0.1, width_multiple=1,
@@ -435,7 +437,8 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     start = time.perf_counter()
     fit_resumable(model, batches, steps, epochs, out, [
         TauSchedule(epochs, tau_schedule, tau_max, tau_min), history,
-        keras.callbacks.TensorBoard(os.path.join(run, "tensorboard"))], checkpoint_steps)
+        keras.callbacks.TensorBoard(os.path.join(run, "tensorboard"))], checkpoint_steps, stage="search",
+        advice=f"Try a lower --learning_rate ({learning_rate:g}) or --arch_learning_rate ({arch_learning_rate:g})")
     wall = time.perf_counter() - start
 
     chosen = select_epoch(history.history, model, cost_metric)

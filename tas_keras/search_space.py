@@ -8,6 +8,7 @@ blocks included), so a shape moves between this project and the reference code u
 
 import dataclasses
 import json
+import numbers
 import os
 import re
 from typing import Any, Mapping
@@ -21,6 +22,23 @@ FAMILY = "cifar_resnet"
 
 _MODEL_NAME = re.compile(r"^resnet(\d+)(_bottleneck)?$")
 _RELEASED_MODULES = {"ResNetBasicblock": "basic", "ResNetBottleneck": "bottleneck"}
+_REQUIRED_KEYS = ("depth", "block", "num_classes", "widths", "stage_blocks")
+_RELEASED_REQUIRED_KEYS = ("depth", "module", "class_num", "xchannels")
+
+
+def _integer(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _integers(name, values):
+    if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{name} must be a list of integers, got {values!r:.80}")
+    values = list(values)
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{name} must be a list of integers, got {values!r:.80}")
+    return tuple(int(v) for v in values)
 
 
 def candidate_widths(full_width, multiple_of=1, ratios=WIDTH_RATIOS):
@@ -134,15 +152,20 @@ class ArchConfig:
     provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
-        object.__setattr__(self, "stage_blocks", tuple(int(b) for b in self.stage_blocks))
-        object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
+        for name in ("depth", "num_classes"):
+            object.__setattr__(self, name, _integer(name, getattr(self, name)))
+        for name in ("widths", "stage_blocks", "input_shape"):
+            object.__setattr__(self, name, _integers(name, getattr(self, name)))
+        if not isinstance(self.provenance, Mapping):
+            raise ValueError(f"provenance must be a JSON object, got {self.provenance!r}")
         object.__setattr__(self, "provenance", dict(self.provenance))
         self._validate()
 
     def _validate(self):
         if self.family != FAMILY:
             raise ValueError(f"family must be {FAMILY!r}, got {self.family!r}")
+        if self.block not in BLOCK_TYPES:
+            raise ValueError(f"block must be one of {BLOCK_TYPES}, got {self.block!r}")
         n = blocks_per_stage(self.depth, self.block)
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes!r}")
@@ -213,13 +236,24 @@ class ArchConfig:
 
     @classmethod
     def from_dict(cls, config):
+        """The shape of a `to_dict` mapping; ValueError naming what is wrong with any other."""
+        if not isinstance(config, Mapping):
+            raise ValueError(f"a shape is a JSON object with keys {list(_REQUIRED_KEYS)}, got "
+                             f"{type(config).__name__} {config!r:.80}")
         config = dict(config)
-        config.pop("model", None)
+        model = config.pop("model", None)
+        missing = [key for key in _REQUIRED_KEYS if key not in config]
+        if missing:
+            raise ValueError(f"missing keys {missing} (a shape needs {list(_REQUIRED_KEYS)})")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"unknown ArchConfig keys {unknown}")
-        return cls(**config)
+        arch = cls(**config)
+        if model is not None and model != arch.name:
+            raise ValueError(f"model {model!r} contradicts depth {arch.depth} and block {arch.block!r} "
+                             f"(a {arch.name})")
+        return arch
 
     def to_json(self):
         return json.dumps(self.to_dict(), indent=2)
@@ -238,17 +272,28 @@ class ArchConfig:
     @classmethod
     def from_released(cls, released, provenance=None):
         """Imports a shape in the reference code's typed JSON (`xchannels`, `xblocks`)."""
+        if not isinstance(released, Mapping):
+            raise ValueError(f"a released shape is a JSON object, got {type(released).__name__}")
+        for key, entry in released.items():
+            if not isinstance(entry, list) or len(entry) != 2:
+                raise ValueError(f"{key}: expected a [type, value] pair, got {entry!r:.80}")
         values = {key: value for key, (_, value) in released.items()}
-        module = values.get("module")
+        super_type = values.get("super_type", "infer-shape")
+        required = _RELEASED_REQUIRED_KEYS + (("xblocks",) if super_type == "infer-shape" else ())
+        missing = [key for key in required if key not in values]
+        if missing:
+            raise ValueError(f"missing keys {missing} (a released shape needs {list(required)})")
+        module = values["module"]
         if module not in _RELEASED_MODULES:
             raise ValueError(f"module must be one of {sorted(_RELEASED_MODULES)}, got {module!r}")
         if values.get("dataset", "cifar") != "cifar":
             raise ValueError(f"only CIFAR shapes are supported, got dataset {values['dataset']!r}")
-        depth, block = int(values["depth"]), _RELEASED_MODULES[module]
-        channels = [int(c) for c in values["xchannels"]]
-        super_type = values.get("super_type", "infer-shape")
+        depth, block = _released_integer("depth", values["depth"]), _RELEASED_MODULES[module]
+        channels = _released_integers("xchannels", values["xchannels"])
+        if len(channels) < 2:
+            raise ValueError(f"xchannels must list the input channels and every conv's width, got {channels}")
         if super_type == "infer-shape":
-            stage_blocks = [int(b) for b in values["xblocks"]]
+            stage_blocks = _released_integers("xblocks", values["xblocks"])
         elif super_type == "infer-width":
             stage_blocks = [blocks_per_stage(depth, block)] * len(STAGE_PLANES)
         else:
@@ -257,7 +302,7 @@ class ArchConfig:
         if "estimated_FLOP" in values:
             origin["reported_mflops"] = float(values["estimated_FLOP"])
         origin.update(provenance or {})
-        return cls(depth=depth, block=block, num_classes=int(values["class_num"]),
+        return cls(depth=depth, block=block, num_classes=_released_integer("class_num", values["class_num"]),
                    widths=channels[1:], stage_blocks=stage_blocks,
                    input_shape=(32, 32, channels[0]), provenance=origin)
 
@@ -271,9 +316,12 @@ class ArchConfig:
             raise ValueError(f"cannot read shape file {path!r}: {error.strerror}") from None
         except json.JSONDecodeError as error:
             raise ValueError(f"shape file {path!r} is not JSON: {error}") from None
-        if "xchannels" in config:
-            return cls.from_released(config, provenance={"file": os.path.basename(path)})
-        return cls.from_dict(config)
+        try:
+            if isinstance(config, Mapping) and {"xchannels", "module"} & config.keys():
+                return cls.from_released(config, provenance={"file": os.path.basename(path)})
+            return cls.from_dict(config)
+        except ValueError as error:
+            raise ValueError(f"shape file {os.fspath(path)!r} is not a valid shape: {error}") from None
 
     def to_released(self, mflops):
         """The reference code's typed JSON for this shape; `mflops` is written as estimated_FLOP."""
@@ -293,3 +341,17 @@ class ArchConfig:
         }
         released["estimated_FLOP"] = ["float", f"{mflops:.6f}"]
         return released
+
+
+def _released_integer(name, value):
+    """The reference code's files write integers as strings ("20")."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _released_integers(name, values):
+    if not isinstance(values, list):
+        raise ValueError(f"{name} must be a list of integers, got {values!r:.80}")
+    return [_released_integer(name, v) for v in values]

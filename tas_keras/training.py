@@ -1,80 +1,36 @@
-"""What every training stage shares: the run directory, the reference SGD recipe, a resumable fit."""
+"""What every training stage shares: the reference SGD recipe, a resumable fit that stops when
+training diverges, backups of the training state."""
 
-import json
 import logging
+import math
 import os
-import shutil
 import time
 
+import h5py
 import keras
 import numpy as np
+import tensorflow as tf
 
 from tas_keras import data
-from tas_keras.distribute import check_overwrite, holds_own_files, in_strategy_scope, run_dir
+from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_arch
 from tas_keras.models.cifar_resnet import CifarResNet
+from tas_keras.runs import locking_stage, prepare_run_dir, read_json, run_dir, write_json
 from tas_keras.search_space import ArchConfig
 
-RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.keras"
 EPOCHS_FILE = "epochs.json"
 BACKUP_DIR = "backup"
 CHECKPOINT_FILE = "latest.weights.h5"
+PREVIOUS_CHECKPOINT_FILE = "previous.weights.h5"
 CHECKPOINT_STEPS = 200
-
-
-def write_json(path, payload):
-    """Atomic: a killed process leaves the old file or none, never half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 def save_model(model, path):
     tmp = path.removesuffix(".keras") + ".tmp.keras"
     model.save(tmp)
     os.replace(tmp, path)
-
-
-class RunMismatchError(ValueError):
-    pass
-
-
-def prepare_run_dir(out, settings, overwrite=False, done_file=METRICS_FILE):
-    """Claims `out` for a run with `settings`; returns (the directory this process writes, whether
-    the run already finished: `out` holds `done_file`, its last artifact).
-
-    A directory holding a different run (other settings) is refused unless `overwrite`, so a finished
-    result is never replaced by accident and a resumed run never mixes two configurations. The
-    directory written is `out` itself except on the non-chief workers of a cluster (`run_dir`).
-    """
-    check_overwrite(overwrite)
-    run = run_dir(out)
-    run_file = os.path.join(run, RUN_FILE)
-    if overwrite and os.path.isdir(run):
-        shutil.rmtree(run)
-    os.makedirs(run, exist_ok=True)
-    if os.path.exists(run_file):
-        previous = read_json(run_file)
-        changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
-        if changed:
-            details = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-            raise RunMismatchError(f"{out} holds a different run ({details}); use another --out or "
-                                   "pass --overwrite")
-        return run, os.path.exists(os.path.join(out, done_file))
-    if holds_own_files(run):
-        raise RunMismatchError(f"{out} is not empty and holds no run of this tool; use another --out "
-                               "or pass --overwrite")
-    write_json(run_file, settings)
-    return run, False
 
 
 def sgd(learning_rate, total_steps, momentum=0.9):
@@ -156,22 +112,20 @@ class EpochLog(keras.callbacks.Callback):
         return [self.entries[e] for e in sorted(self.entries)]
 
 
-class TrainingCheckpoint(keras.callbacks.Callback):
-    """Backs up the whole training state every `every_steps` steps and at every epoch end: the
-    model's weights, its optimizers' states and its other variables (the search's tau), as one Keras
-    weights file replaced atomically.
+class DivergenceError(RuntimeError):
+    """Training produced a loss or a variable that is not finite (NaN or infinite)."""
 
-    The step is the optimizer's iteration count, so the epoch and the position in it follow from
-    the file alone. The last step of an epoch is only backed up at the epoch end: a backup at an
-    epoch boundary then means that every callback placed before this one has finished the epoch.
-    """
 
-    def __init__(self, directory, steps_per_epoch, every_steps=CHECKPOINT_STEPS):
+class BackupError(ValueError):
+    """A run's backups exist but none can be read."""
+
+
+class _StepCounter(keras.callbacks.Callback):
+    """Knows the global step (the optimizer's iteration count) after every batch."""
+
+    def __init__(self, steps_per_epoch):
         super().__init__()
-        if every_steps < 1:
-            raise ValueError(f"checkpoint interval must be >= 1 step, got {every_steps!r}")
-        self.path = os.path.join(directory, CHECKPOINT_FILE)
-        self.steps_per_epoch, self.every_steps = steps_per_epoch, every_steps
+        self.steps_per_epoch = steps_per_epoch
 
     def on_train_begin(self, logs=None):
         # Counted here rather than read from the optimizer every batch, which would wait for the device.
@@ -179,6 +133,79 @@ class TrainingCheckpoint(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1  # one step per batch call: these models train with steps_per_execution=1
+
+
+class StopOnDivergence(_StepCounter):
+    """Raises DivergenceError at the first step whose logged values or whose variables (weights, BN
+    statistics, the search's architecture weights and tau, the optimizer's state) are not finite,
+    and at an epoch end whose validation values are not.
+
+    keras.callbacks.TerminateOnNaN only ends `fit` (quietly, or with a bare RuntimeError) and checks
+    the loss alone: the stage would go on to save a model full of NaN and exit 0. Placed before every
+    other callback, this one also keeps a diverged step out of the backups and the epoch logs.
+    """
+
+    def __init__(self, stage, steps_per_epoch, advice, backup_dir):
+        super().__init__(steps_per_epoch)
+        self.stage, self.advice, self.backup_dir = stage, advice, backup_dir
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.variables = [v for v in [*self.model.variables, *self.model.optimizer.variables]
+                          if keras.backend.is_float_dtype(v.dtype)]
+        # One traced check of every variable: under a millisecond a step for a ResNet-20 on a CPU.
+        self.all_finite = tf.function(lambda: tf.reduce_all([tf.reduce_all(tf.math.is_finite(v))
+                                                             for v in self.variables]))
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        self.check_logs(logs)
+        if not self.all_finite():
+            bad = [v.path for v in self.variables if not np.isfinite(keras.ops.convert_to_numpy(v)).all()]
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise self.error(f"variables {shown} are not finite")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.check_logs(logs)
+
+    def check_logs(self, logs):
+        bad = {name: value for name, value in (logs or {}).items() if not math.isfinite(value)}
+        if bad:
+            raise self.error(", ".join(f"{name} = {value}" for name, value in bad.items()))
+
+    def error(self, what):
+        epoch, position = divmod(self.step - 1, self.steps_per_epoch)
+        kept = (f"; {self.backup_dir} keeps the last training state before it"
+                if os.path.exists(os.path.join(self.backup_dir, CHECKPOINT_FILE)) else "")
+        return DivergenceError(f"{self.stage} diverged at epoch {epoch + 1}, step {position + 1} of "
+                               f"{self.steps_per_epoch}: {what}. {self.advice}, and start afresh with "
+                               f"--overwrite{kept}")
+
+
+class TrainingCheckpoint(_StepCounter):
+    """Backs up the whole training state every `every_steps` steps and at every epoch end: the
+    model's weights, its optimizers' states and its other variables (the search's tau), as one Keras
+    weights file.
+
+    A new backup is written beside the last one and read back whole before it becomes
+    latest.weights.h5, the last one previous.weights.h5: a backup cut short (a kill, a full disk)
+    never replaces a good one, and a latest one damaged later still has the previous one behind it.
+
+    The step is the optimizer's iteration count, so the epoch and the position in it follow from
+    the file alone. The last step of an epoch is only backed up at the epoch end: a backup at an
+    epoch boundary then means that every callback placed before this one has finished the epoch.
+    """
+
+    def __init__(self, directory, steps_per_epoch, every_steps=CHECKPOINT_STEPS):
+        super().__init__(steps_per_epoch)
+        if every_steps < 1:
+            raise ValueError(f"checkpoint interval must be >= 1 step, got {every_steps!r}")
+        self.path = os.path.join(directory, CHECKPOINT_FILE)
+        self.previous_path = os.path.join(directory, PREVIOUS_CHECKPOINT_FILE)
+        self.every_steps = every_steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
         if self.step % self.every_steps == 0 and self.step % self.steps_per_epoch:
             self.save()
 
@@ -188,23 +215,60 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     def save(self):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         tmp = self.path.removesuffix(".weights.h5") + ".tmp.weights.h5"
-        self.model.save_weights(tmp)
+        try:
+            self.model.save_weights(tmp)
+            read_backup(tmp)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        if os.path.exists(self.path):
+            os.replace(self.path, self.previous_path)
         os.replace(tmp, self.path)
 
 
+def read_backup(path):
+    """Reads every array of a Keras weights file; h5py raises on a truncated or damaged one."""
+
+    def read(name, item):
+        if isinstance(item, h5py.Dataset):
+            item[()]  # returns None: visititems stops at the first non-None value
+
+    with h5py.File(path, "r") as backup:
+        backup.visititems(read)
+
+
 def restore_checkpoint(model, directory):
-    """Loads the training state backed up in `directory`, if any; returns the global step reached."""
-    path = os.path.join(directory, CHECKPOINT_FILE)
-    if not os.path.exists(path):
-        return 0
-    if not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
-    model.load_weights(path)
-    return int(model.optimizer.iterations.numpy())
+    """Loads the latest readable training state backed up in `directory`; returns the global step
+    reached (0 without a backup).
+
+    An unreadable latest backup falls back to the previous one, with a warning; BackupError, naming
+    the files, when there are backups and none can be read."""
+    unreadable = []
+    for name in (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE):
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            read_backup(path)
+        except (OSError, RuntimeError, KeyError, ValueError) as error:
+            logging.warning("cannot read the backup %s (%s)", path, error)
+            unreadable.append(f"{path} ({error})")
+            continue
+        if unreadable:
+            logging.warning("resuming from the previous backup %s instead", path)
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(path)
+        return int(model.optimizer.iterations.numpy())
+    if unreadable:
+        raise BackupError(f"no readable backup to resume from: {'; '.join(unreadable)}. Start afresh with "
+                          "--overwrite")
+    return 0
 
 
 def fit_resumable(model, batches, steps_per_epoch, epochs, out, callbacks, checkpoint_steps=CHECKPOINT_STEPS,
-                  **fit_kwargs):
+                  stage="training", advice="Try a lower --learning_rate", **fit_kwargs):
     """`model.fit` for `epochs` epochs that continues a killed run at the step where its last backup
     (in `out/backup`) left it: weights, optimizer states, epoch and position in the epoch.
 
@@ -212,14 +276,16 @@ def fit_resumable(model, batches, steps_per_epoch, epochs, out, callbacks, check
     each a function of its step alone (`data.train_pipeline`). An interrupted epoch is finished on its
     remaining batches first, so its logged metrics cover those batches only. Every worker of a
     cluster restores the chief's backup (the BackupAndRestore contract: `out` is on a shared
-    filesystem) and writes its own.
+    filesystem) and writes its own. A step that diverges raises DivergenceError naming `stage` and
+    giving `advice` (what to try), before any other callback or backup sees it.
     """
     step = restore_checkpoint(model, os.path.join(out, BACKUP_DIR))
     if step:
         logging.info("resuming %s at epoch %d, step %d of %d", out, step // steps_per_epoch + 1,
                      step % steps_per_epoch, steps_per_epoch)
-    callbacks = [*callbacks, TrainingCheckpoint(os.path.join(run_dir(out), BACKUP_DIR), steps_per_epoch,
-                                                checkpoint_steps)]
+    backup_dir = os.path.join(run_dir(out), BACKUP_DIR)
+    callbacks = [StopOnDivergence(stage, steps_per_epoch, advice, backup_dir), *callbacks,
+                 TrainingCheckpoint(backup_dir, steps_per_epoch, checkpoint_steps)]
     while step < epochs * steps_per_epoch:
         epoch, position = divmod(step, steps_per_epoch)
         # The rest of an interrupted epoch is a run of its own, then whole epochs to the end.
@@ -231,11 +297,13 @@ def fit_resumable(model, batches, steps_per_epoch, epochs, out, callbacks, check
 
 
 def fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed,
-                   checkpoint_steps=CHECKPOINT_STEPS):
-    """Compiles `model` with the reference recipe and trains it, resuming from `out/backup`.
+                   checkpoint_steps=CHECKPOINT_STEPS, stage="training"):
+    """Compiles `model` with the reference recipe and trains it, resuming from `out/backup`; a
+    diverging step stops it (DivergenceError, naming `stage`).
 
     Returns the per-epoch history (of every epoch, resumed runs included: `out/epochs.json`), the
-    epochs, the fit wall time and the training throughput of the epochs run here."""
+    epochs, the fit wall time, the training throughput of the epochs run here and the files the
+    dataset skipped."""
     steps = len(dataset.train_labels) // batch_size
 
     def batches(start_step):
@@ -248,17 +316,20 @@ def fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed,
     timer, log = EpochTimer(), EpochLog(os.path.join(run_dir(out), EPOCHS_FILE))
     callbacks = [keras.callbacks.TensorBoard(os.path.join(run_dir(out), "tensorboard")), timer, log]
     start = time.perf_counter()
-    fit_resumable(model, batches, steps, epochs, out, callbacks, checkpoint_steps, validation_data=test)
+    fit_resumable(model, batches, steps, epochs, out, callbacks, checkpoint_steps, stage=stage,
+                  advice=f"Try a lower --learning_rate (this run: {learning_rate:g})", validation_data=test)
     wall = time.perf_counter() - start
     return {
         "epochs": epochs,
         "fit_wall_time_s": round(wall, 2),
         "train_images_per_second": throughput(timer, steps * batch_size),
+        "files_skipped": dataset.files_skipped,
         "history": {name: [e["logs"][name] for e in log.history] for name in log.history[-1]["logs"]},
     }
 
 
 @in_strategy_scope
+@locking_stage
 def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUNDLED_DATASET,
                data_dir=None, epochs=10, batch_size=256, learning_rate=0.1, seed=0,
                max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS):
@@ -279,7 +350,7 @@ def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUN
     else:
         arch = ArchConfig.full(model_name, num_classes=dataset.num_classes, input_shape=dataset.image_shape)
     check_fits_data(arch, dataset)
-    run, finished = prepare_run_dir(out, settings, overwrite)
+    run, finished = prepare_run_dir(out, settings, overwrite, done_file=METRICS_FILE)
     if finished:
         logging.info("%s already holds this finished run; nothing to do", out)
         return read_json(os.path.join(out, METRICS_FILE))
@@ -287,7 +358,8 @@ def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUN
     keras.utils.set_random_seed(seed)
     model = CifarResNet(arch)
     start = time.perf_counter()
-    metrics = fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed, checkpoint_steps)
+    metrics = fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed, checkpoint_steps,
+                             stage="base training")
     metrics.update(evaluate_classifier(model, dataset, batch_size))
     cost = count_arch(arch)
     metrics.update(model=arch.name, dataset=dataset.name, train_examples=len(dataset.train_labels),

@@ -282,3 +282,45 @@ def test_offline_cifar10_fails_fast_with_a_way_out(tmp_path):
         data.load_dataset("cifar10", data_dir=str(tmp_path))
     assert time.monotonic() - start < 15
     assert "--dataset=cifar10_mini" in str(error.value) and "--data_dir" in str(error.value)
+
+
+def test_unreadable_grayscale_rgba_and_stray_files(tmp_path, caplog):
+    """What real image folders hold: a corrupt and a truncated JPEG (skipped, counted and named),
+    grayscale and RGBA images (converted to RGB), non-image files (ignored and counted)."""
+    _write_tree(tmp_path, {"train/cat": 2, "train/dog": 2, "test/cat": 1, "test/dog": 1})
+    cat = tmp_path / "train" / "cat"
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (8, 8, 1), np.uint8)
+    (cat / "gray.png").write_bytes(tf.io.encode_png(gray).numpy())
+    smooth_gray = np.add.outer(np.arange(8), np.arange(8)).astype(np.uint8)[..., None] * 12
+    (cat / "gray.jpg").write_bytes(tf.io.encode_jpeg(smooth_gray, quality=100).numpy())
+    rgba = rng.integers(0, 256, (8, 8, 4), np.uint8)
+    (cat / "rgba.png").write_bytes(tf.io.encode_png(rgba).numpy())
+    jpeg = tf.io.encode_jpeg(rng.integers(0, 256, (8, 8, 3), np.uint8)).numpy()
+    (cat / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (cat / "noise.jpg").write_bytes(rng.integers(0, 256, 300, np.uint8).tobytes())
+    (cat / ".DS_Store").write_bytes(b"\0\1\2")
+    (tmp_path / "train" / "notes.txt").write_text("not an image")
+
+    for source in ("decoded", "cached"):
+        caplog.clear()
+        dataset = data.load_dataset(str(tmp_path))
+        assert dataset.files_skipped == {"unreadable_images": 2, "non_image_files": 2}, source
+        assert len(dataset.train_labels) == 2 + 3 + 2 and len(dataset.test_labels) == 2
+        assert "skipped 2 image files that cannot be decoded: train/cat/noise.jpg, train/cat/truncated.jpg" \
+            in caplog.text, source
+    images = list(dataset.train_images)
+    assert any(np.array_equal(image, np.repeat(gray, 3, -1)) for image in images)  # gray -> RGB
+    assert any(np.array_equal(image, rgba[..., :3]) for image in images)  # alpha dropped
+    # The grayscale JPEG: its one channel, decoded as such, in all three.
+    one_channel = tf.io.decode_jpeg((cat / "gray.jpg").read_bytes(), channels=1).numpy()
+    assert any(np.array_equal(image, np.repeat(one_channel, 3, -1)) for image in images)
+
+
+def test_a_folder_of_only_unreadable_images_is_refused_naming_them(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+        (tmp_path / split / "cat" / "0.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(data.DatasetError, match=r"none of the 2 image files .* can be decoded "
+                                                r"\(test/cat/0.jpg, train/cat/0.jpg\)"):
+        data.load_dataset(str(tmp_path))

@@ -145,3 +145,28 @@ def test_distill_cli_errors(tmp_path):
     assert teacher.returncode == 2 and "--teacher: no such model file 'none.keras'" in teacher.stderr
     far = _cli("train.baseline", f"--out={tmp_path / 'd'}", "--target_flops_ratio=0", "--kind=predefined")
     assert far.returncode == 2 and "target ratio must be in (0, 1), got 0.0" in far.stderr
+
+
+def test_distill_refuses_a_file_that_is_not_a_shape_in_one_line(tmp_path):
+    bad = tmp_path / "widths.json"
+    bad.write_text(json.dumps({"widths": [1, 2]}))
+    result = _cli("train.distill", f"--out={tmp_path / 'run'}", f"--arch={bad}", "--mode=scratch")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert error == (f"error: shape file '{bad}' is not a valid shape: missing keys ['depth', 'block', "
+                     "'num_classes', 'stage_blocks'] (a shape needs ['depth', 'block', 'num_classes', 'widths', "
+                     "'stage_blocks'])")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_shape_of_another_network_than_the_teachers_is_refused(tmp_path):
+    teacher = tmp_path / "teacher.keras"
+    CifarResNet(ArchConfig.full("resnet8")).save(teacher)
+    released56 = tmp_path / "ResNet56.config"  # a released-shape file, as the paper's authors give them
+    released56.write_text(json.dumps(ArchConfig.full("resnet56").to_released(mflops=125.75)))
+    for mode in ("init_kd", "kd"):
+        with pytest.raises(ValueError, match=rf"^the shape is a resnet56 with 10 classes on \(32, 32, 3\) images "
+                                             rf"but the teacher {teacher} is a resnet8 with 10 classes on "
+                                             r"\(32, 32, 3\) images: give a shape of the teacher's network$"):
+            distill(str(tmp_path / mode), str(released56), str(teacher), mode=mode)
+        assert not (tmp_path / mode).exists()

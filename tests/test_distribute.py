@@ -10,7 +10,8 @@ import h5py
 import pytest
 
 from tas_keras import data
-from tas_keras.distribute import holds_own_files, make_strategy
+from tas_keras.distribute import make_strategy
+from tas_keras.runs import holds_own_files
 from tas_keras.search import search_batches
 
 from .conftest import REPO

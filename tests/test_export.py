@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter
 
 from export import convert, verify
 from export.pipeline import REPORT_FILE, TFLITE_FILE, export_and_verify, format_report
@@ -45,20 +46,21 @@ def exported(trained, tmp_path_factory):
     """Exports of `trained`, one per quantisation mode, made on first use."""
     reports = {}
 
-    def get(quantize, int8_io=False):
-        key = (quantize, int8_io)
+    def get(quantize, int8_io=False, float_input=False):
+        key = (quantize, int8_io, float_input)
         if key not in reports:
-            out = str(tmp_path_factory.mktemp(f"{quantize}{'_io' if int8_io else ''}"))
-            reports[key] = export_and_verify(trained, out, quantize=quantize, int8_io=int8_io, **QUICK)
+            out = str(tmp_path_factory.mktemp("_".join(map(str, key))))
+            reports[key] = export_and_verify(trained, out, quantize=quantize, int8_io=int8_io,
+                                             float_input=float_input, **QUICK)
         return reports[key]
 
     return get
 
 
-def _cli(*args, code=None, timeout=120):
-    command = ["-c", code] if code else ["-m", "export.tflite"]
+def _cli(*args, code=None, module="export.tflite", timeout=120, env=None):
+    command = ["-c", code] if code else ["-m", module]
     return subprocess.run([sys.executable, *command, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 def test_saved_model_reload_equals_keras(trained, exported):
@@ -68,10 +70,15 @@ def test_saved_model_reload_equals_keras(trained, exported):
     serve = tf.saved_model.load(entry["saved_model"]["path"]).signatures["serving_default"]
     assert list(serve.structured_input_signature[1]) == ["image"]  # named after the model's input
     dataset = data.load_dataset(data.BUNDLED_DATASET)
-    images = convert.normalised(dataset.test_images[:64], dataset.mean, dataset.std)
-    (served,) = serve(image=tf.constant(images)).values()
-    expected = keras.saving.load_model(trained)(images, training=False)
+    pixels = dataset.test_images[:64]
+    (served,) = serve(image=tf.constant(pixels)).values()  # uint8 pixels, normalised inside
+    expected = keras.saving.load_model(trained)(_normalised_by_hand(pixels, dataset), training=False)
     np.testing.assert_allclose(served.numpy(), keras.ops.convert_to_numpy(expected), atol=1e-5)
+
+
+def _normalised_by_hand(pixels, dataset):
+    """The training normalisation written out, independently of the code under test."""
+    return ((pixels / 255 - np.array(dataset.mean)) / np.array(dataset.std)).astype(np.float32)
 
 
 @pytest.mark.parametrize("quantize", convert.QUANTIZATIONS)
@@ -82,7 +89,7 @@ def test_every_mode_runs_in_litert_within_its_tolerance(exported, quantize):
     assert checked == {f"model.{metric}" for metric in
                        [*verify.SAVED_MODEL_TOLERANCE, *verify.TOLERANCES[quantize]]}
     assert report["passed"], format_report(report)
-    assert entry["tflite"]["input_dtype"] == entry["tflite"]["output_dtype"] == "float32"
+    assert (entry["tflite"]["input_dtype"], entry["tflite"]["output_dtype"]) == ("uint8", "float32")
     assert os.path.getsize(entry["tflite"]["path"]) == entry["tflite"]["size_bytes"]
     assert entry["latency_ms"]["median"] > 0 and entry["latency_ms"]["runs"] == QUICK["latency_runs"]
 
@@ -94,25 +101,27 @@ def test_quantised_files_are_smaller(exported):
 
 def test_int8_io_is_quantised_and_dequantised(exported):
     float_io, int8_io = exported("int8"), exported("int8", int8_io=True)
-    assert int8_io["passed"], format_report(int8_io)
-    assert (int8_io["models"][0]["tflite"]["input_dtype"], int8_io["models"][0]["tflite"]["output_dtype"]) \
-        == ("int8", "int8")
+    float_pixels_int8_io = exported("int8", int8_io=True, float_input=True)
+    for report, dtypes in ((int8_io, ("uint8", "int8")), (float_pixels_int8_io, ("int8", "int8"))):
+        assert report["passed"], format_report(report)
+        tflite = report["models"][0]["tflite"]
+        assert (tflite["input_dtype"], tflite["output_dtype"]) == dtypes
     dataset = data.load_dataset(data.BUNDLED_DATASET)
-    images = convert.normalised(dataset.test_images[:200], dataset.mean, dataset.std)
-    top1 = [verify.LiteRTModel(r["models"][0]["tflite"]["path"], 1).predict(images).argmax(-1)
-            for r in (float_io, int8_io)]
-    assert np.mean(top1[0] == top1[1]) >= 0.99
+    pixels = dataset.test_images[:200]
+    top1 = [verify.LiteRTModel(r["models"][0]["tflite"]["path"], 1).predict(pixels).argmax(-1)
+            for r in (float_io, int8_io, float_pixels_int8_io)]
+    assert np.mean(top1[0] == top1[1]) >= 0.99 and np.mean(top1[0] == top1[2]) >= 0.95
 
 
 def test_report_has_every_field(exported):
     report = exported("int8")
     with open(os.path.join(os.path.dirname(report["models"][0]["tflite"]["path"]), REPORT_FILE)) as f:
         assert json.load(f) == report
-    assert {"quantize", "int8_io", "representative_size", "dataset", "test_images", "latency", "tolerances",
-            "models", "checks", "passed", "environment"} <= report.keys()
+    assert {"quantize", "int8_io", "qat_epochs", "representative_size", "input", "dataset", "test_images",
+            "latency", "tolerances", "models", "checks", "passed", "environment"} <= report.keys()
     assert report["test_images"] == 1000 and report["representative_size"] == QUICK["representative_size"]
     (entry,) = report["models"]
-    assert {"role", "model_path", "name", "flops", "params", "saved_model", "tflite",
+    assert {"role", "model_path", "name", "flops", "params", "saved_model", "labels", "tflite",
             "latency_ms"} <= entry.keys()
     assert {"path", "size_bytes", "input_dtype", "output_dtype", "max_abs_diff", "max_rel_diff",
             "top1_agreement", "accuracy", "keras_accuracy", "accuracy_drop"} <= entry["tflite"].keys()
@@ -221,17 +230,105 @@ def test_tfmot_bridge_quantization_aware_int8(trained, tmp_path):
         plain = tfmot_bridge.build_tf_keras(model.arch)
         tfmot_bridge.copy_weights(model, plain)
         reference = keras.ops.convert_to_numpy(model(images, training=False))
-        convert.write_bytes({str(tmp_path / "qat.tflite")!r},
-                            tfmot_bridge.quantization_aware_int8(model, dataset, max_steps=2))
+        convert.write_bytes({str(tmp_path / "qat.tflite")!r}, tfmot_bridge.quantization_aware_int8(
+            model, dataset, max_steps=2, representative=convert.representative_images(dataset, 50)))
         runtime = verify.LiteRTModel({str(tmp_path / "qat.tflite")!r}, 1)
         kinds = {{str(t["dtype"]) for t in runtime.interpreter.get_tensor_details()}}
         print(json.dumps({{"rebuilt_diff": float(np.abs(plain.predict(images, verbose=0) - reference).max()),
-                          "int8_tensors": any("int8" in k for k in kinds),
-                          **verify.parity(reference, runtime.predict(images), dataset.test_labels[:300])}}))
+                          "int8_tensors": any("int8" in k for k in kinds), "input": runtime.io_dtypes[0],
+                          **verify.parity(reference, runtime.predict(dataset.test_images[:300]),
+                                          dataset.test_labels[:300])}}))
     """)
     result = _cli(code=code, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
     assert metrics["rebuilt_diff"] < 1e-4  # same network, same weights, in tf_keras
-    assert metrics["int8_tensors"]
+    assert metrics["int8_tensors"] and metrics["input"] == "uint8"  # the camera's pixels
     assert metrics["top1_agreement"] >= 0.8
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_tflite_takes_the_cameras_uint8_pixels(trained, exported, quantize):
+    (entry,) = exported(quantize)["models"]
+    interpreter = Interpreter(model_path=entry["tflite"]["path"])
+    interpreter.allocate_tensors()
+    (image,), (logits,) = interpreter.get_input_details(), interpreter.get_output_details()
+    assert image["dtype"] == np.uint8 and image["quantization"] == (0.0, 0)  # raw pixels, no scaling
+    dataset = data.load_dataset(data.BUNDLED_DATASET)
+    pixels = dataset.test_images[:100]
+    outputs = []
+    for pixel_image in pixels:
+        interpreter.set_tensor(image["index"], pixel_image[None])
+        interpreter.invoke()
+        outputs.append(interpreter.get_tensor(logits["index"])[0])
+    expected = keras.ops.convert_to_numpy(
+        keras.saving.load_model(trained)(_normalised_by_hand(pixels, dataset), training=False))
+    if quantize == "none":
+        np.testing.assert_allclose(outputs, expected, atol=1e-5 * np.abs(expected).max())
+    else:
+        assert np.mean(np.argmax(outputs, -1) == expected.argmax(-1)) >= 0.9
+    with open(entry["labels"]) as f:
+        assert f.read().splitlines() == list(dataset.class_names)
+    assert os.path.dirname(entry["labels"]) == os.path.dirname(entry["tflite"]["path"])
+
+
+def test_float_input_takes_float_pixels(trained, exported):
+    report = exported("none", float_input=True)
+    assert report["passed"], format_report(report)
+    assert report["models"][0]["tflite"]["input_dtype"] == "float32"
+    assert report["input"]["pixels"] == "RGB, float32 0-255"
+
+
+def test_predict_prints_the_top_classes_by_name(trained, exported, tmp_path):
+    tflite = exported("none")["models"][0]["tflite"]["path"]
+    dataset = data.load_dataset(data.BUNDLED_DATASET)
+    pixels = dataset.test_images[:2]
+    paths = []
+    for index, pixel_image in enumerate(pixels):
+        paths.append(str(tmp_path / f"photo_{index}.png"))
+        with open(paths[-1], "wb") as f:
+            f.write(tf.io.encode_png(pixel_image).numpy())
+    result = _cli(tflite, *paths, "--top=3", module="export.predict")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    logits = keras.ops.convert_to_numpy(
+        keras.saving.load_model(trained)(_normalised_by_hand(pixels, dataset), training=False)).astype(np.float64)
+    probabilities = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    for index, path in enumerate(paths):
+        block = lines[4 * index: 4 * index + 4]
+        assert block[0] == path
+        printed = [line.split() for line in block[1:]]
+        best = np.argsort(-probabilities[index])[:3]
+        assert [row[1] for row in printed] == [dataset.class_names[i] for i in best]
+        assert [float(row[2].rstrip("%")) for row in printed] == pytest.approx(
+            100 * probabilities[index][best], abs=0.006)
+
+
+def test_predict_refuses_a_model_without_labels_and_a_non_image(trained, exported, tmp_path):
+    tflite = tmp_path / "model.tflite"
+    tflite.write_bytes(open(exported("none")["models"][0]["tflite"]["path"], "rb").read())
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    no_labels = _cli(str(tflite), str(text), module="export.predict")
+    assert no_labels.returncode == 2 and f"error: cannot read {tmp_path / 'labels.txt'}" in no_labels.stderr
+    (tmp_path / "labels.txt").write_text("".join(f"{name}\n" for name in data.load_dataset(
+        data.BUNDLED_DATASET).class_names))
+    not_image = _cli(str(tflite), str(text), module="export.predict")
+    assert not_image.returncode == 2 and "is not an image this tool can decode" in not_image.stderr
+    assert "Traceback" not in no_labels.stderr + not_image.stderr
+
+
+def test_qat_without_tfmot_says_how_to_install_it(trained, tmp_path):
+    # A TFMOT that fails to import, whether or not the real one is installed.
+    stub = tmp_path / "stub" / "tensorflow_model_optimization"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError(\"No module named 'tensorflow_model_optimization'\")\n")
+    out = tmp_path / "out"
+    result = _cli(f"--model={trained}", f"--out={out}", "--quantize=int8", "--qat_epochs=1",
+                  env={**os.environ, "PYTHONPATH": str(stub.parent)})
+    assert result.returncode == 2
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert error.endswith("pip install --no-deps -r requirements-tfmot.txt")
+    assert "Traceback" not in result.stderr and not out.exists()
+    not_int8 = _cli(f"--model={trained}", f"--out={out}", "--qat_epochs=1")
+    assert not_int8.returncode == 2 and "--qat_epochs needs --quantize=int8" in not_int8.stderr

@@ -6,7 +6,6 @@ import sys
 import time
 
 import keras
-import numpy as np
 import pytest
 
 from tas_keras.cost import count_arch, count_model, count_shape

@@ -15,9 +15,9 @@ from .conftest import REPO
 SHORT = dict(base_epochs=1, search_epochs=2, distill_epochs=1)
 
 
-def _cli(*args, timeout=60):
+def _cli(*args, timeout=60, env=None):
     return subprocess.run([sys.executable, "-m", "train.prune", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +97,16 @@ def test_teacher_of_another_network_and_foreign_out_dir(tmp_path):
     refused = _cli(f"--out={foreign}")
     assert refused.returncode == 2 and "holds no train.prune run" in refused.stderr
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_qat_without_tfmot_is_refused_before_any_training(tmp_path):
+    stub = tmp_path / "stub" / "tensorflow_model_optimization"  # a TFMOT that fails to import
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError(\"No module named 'tensorflow_model_optimization'\")\n")
+    start = time.perf_counter()
+    result = _cli(f"--out={tmp_path / 'run'}", "--qat_epochs=2", env={**os.environ, "PYTHONPATH": str(stub.parent)})
+    assert time.perf_counter() - start < 30
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: quantization-aware training needs tf_keras and tensorflow-model-optimization" in result.stderr
+    assert "pip install --no-deps -r requirements-tfmot.txt" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -110,3 +110,47 @@ def test_released_bottleneck_and_width_only(released_shapes):
     fixed = by_name["compares__CIFAR100-FIX-R32.config"]
     assert (fixed.num_classes, fixed.stage_blocks, set(fixed.widths)) == (100, (5, 5, 5), {12, 25, 50})
     assert fixed.provenance["super_type"] == "infer-width"
+
+
+_FULL20 = ArchConfig.full("resnet20").to_dict()
+_RELEASED20 = {"dataset": ["str", "cifar"], "depth": ["int", "20"], "module": ["str", "ResNetBasicblock"],
+               "super_type": ["str", "infer-shape"], "class_num": ["int", "10"],
+               "xchannels": ["int", ["3"] + [str(w) for w in _FULL20["widths"]]], "xblocks": ["int", ["3", "3", "3"]]}
+
+
+@pytest.mark.parametrize("shape, message", [
+    ({"widths": [1, 2]}, r"missing keys \['depth', 'block', 'num_classes', 'stage_blocks'\]"),
+    ([1, 2], r"a shape is a JSON object with keys .*, got list \[1, 2\]"),
+    (None, "a shape is a JSON object"),
+    ({**_FULL20, "widths": [16] * 18}, "widths has 18 entries; resnet20 needs 19"),
+    ({**_FULL20, "widths": [17] + [16] * 18}, r"stem_conv: width 17 is outside 1\.\.16"),
+    ({**_FULL20, "widths": ["16"] * 19}, r"widths must be a list of integers, got \['16'"),
+    ({**_FULL20, "widths": 16}, "widths must be a list of integers, got 16"),
+    ({**_FULL20, "stage_blocks": None}, "stage_blocks must be a list of integers, got None"),
+    ({**_FULL20, "stage_blocks": [3, 3, 3, 3]}, "stage_blocks needs 3 entries"),
+    ({**_FULL20, "depth": "twenty"}, "depth must be an integer, got 'twenty'"),
+    ({**_FULL20, "depth": 22}, "depth 22 is not valid for basic blocks"),
+    ({**_FULL20, "block": 3}, r"block must be one of \('basic', 'bottleneck'\), got 3"),
+    ({**_FULL20, "input_shape": 32}, "input_shape must be a list of integers, got 32"),
+    ({**_FULL20, "provenance": [1]}, r"provenance must be a JSON object, got \[1\]"),
+    ({**_FULL20, "model": "resnet56"}, r"model 'resnet56' contradicts depth 20 and block 'basic' \(a resnet20\)"),
+    # Released files: a ResNet-56 shape under a ResNet-20 header, missing or malformed entries.
+    ({**_RELEASED20, "xchannels": ["int", ["3"] + ["16"] * 55]}, "widths has 55 entries; resnet20 needs 19"),
+    ({k: v for k, v in _RELEASED20.items() if k != "xchannels"}, r"missing keys \['xchannels'\]"),
+    ({**_RELEASED20, "depth": 20}, r"depth: expected a \[type, value\] pair, got 20"),
+    ({**_RELEASED20, "xblocks": ["int", "3"]}, "xblocks must be a list of integers, got '3'"),
+    ({**_RELEASED20, "class_num": ["int", "ten"]}, "class_num must be an integer, got 'ten'"),
+])
+def test_a_file_that_is_not_a_shape_is_refused_in_one_line(tmp_path, shape, message):
+    path = tmp_path / "shape.json"
+    path.write_text(json.dumps(shape))
+    with pytest.raises(ValueError, match=rf"^shape file '{path}' is not a valid shape: {message}") as refused:
+        ArchConfig.load(path)
+    assert type(refused.value) is ValueError and "\n" not in str(refused.value)
+
+
+def test_the_shapes_the_bad_ones_were_made_from_load(tmp_path):
+    for name, shape in (("arch.json", _FULL20), ("released.config", _RELEASED20)):
+        (tmp_path / name).write_text(json.dumps(shape))
+        assert ArchConfig.load(tmp_path / name) == ArchConfig.full("resnet20").replace(
+            provenance=ArchConfig.load(tmp_path / name).provenance)

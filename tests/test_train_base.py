@@ -4,12 +4,15 @@ import sys
 import time
 
 import keras
+import numpy as np
 import pytest
+import tensorflow as tf
 
 from tas_keras.cost import count_arch
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search_space import ArchConfig
-from tas_keras.training import RunMismatchError, train_base
+from tas_keras.runs import RunMismatchError
+from tas_keras.training import train_base
 
 from .conftest import REPO
 
@@ -70,3 +73,27 @@ def test_shape_must_match_the_data(tmp_path):
     arch.save(path)
     with pytest.raises(ValueError, match="the shape has 100 classes but cifar10_mini has 10"):
         train_base(str(tmp_path / "r"), arch_path=str(path))
+
+
+def test_a_file_that_is_not_a_shape_is_refused_in_one_line(tmp_path):
+    bad = tmp_path / "shape.json"
+    bad.write_text(json.dumps({**ArchConfig.full("resnet20").to_dict(), "widths": [17] + [16] * 18}))
+    result = _cli(f"--out={tmp_path / 'run'}", f"--arch={bad}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: shape file '{bad}' is not a valid shape: stem_conv: width 17 is outside 1..16" in result.stderr
+
+
+@pytest.mark.slow
+def test_metrics_count_the_image_files_skipped(tmp_path):
+    for split, count in (("train", 4), ("test", 2)):
+        for index in range(count):
+            folder = tmp_path / "images" / split / ("cat", "dog")[index % 2]
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = np.random.default_rng(index).integers(0, 256, (8, 8, 3), np.uint8)
+            (folder / f"{index}.png").write_bytes(tf.io.encode_png(pixels).numpy())
+    (tmp_path / "images" / "train" / "cat" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not really")
+    (tmp_path / "images" / "train" / "readme.txt").write_text("stray")
+    metrics = train_base(str(tmp_path / "run"), model_name="resnet8", dataset_name=str(tmp_path / "images"),
+                         epochs=1, batch_size=2)
+    assert metrics["files_skipped"] == {"unreadable_images": 1, "non_image_files": 1}
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["files_skipped"] == metrics["files_skipped"]

@@ -11,7 +11,7 @@ from absl import app, flags  # noqa: E402
 
 from tas_keras.data import BUNDLED_DATASET  # noqa: E402
 from tas_keras.distribute import STRATEGIES  # noqa: E402
-from tas_keras.training import CHECKPOINT_STEPS  # noqa: E402
+from tas_keras.training import CHECKPOINT_STEPS, DivergenceError  # noqa: E402
 
 flags.DEFINE_bool("verbose", False, "Show TensorFlow's own log messages (read before flags are parsed).")
 flags.DEFINE_enum("strategy", "auto", list(STRATEGIES),
@@ -37,20 +37,32 @@ def define_common_flags(epochs, batch_size, dataset=BUNDLED_DATASET):
     flags.DEFINE_bool("overwrite", False, "Replace what --out holds instead of refusing or resuming.")
 
 
-def run(main):
-    """absl's app.run, with ValueError (bad shape, data, flags) printed as one line, exit status 2
-    (the traceback with --verbose)."""
+def run(main, positional=None):
+    """absl's app.run, with ValueError (bad shape, data, flags, a run directory in use) printed as
+    one line, exit status 2, and a diverged training as one line, exit status 1 (the traceback with
+    --verbose).
+
+    `positional`: what the command's positional arguments are (e.g. "IMAGE..."); main then takes
+    them as a list. Without it, positional arguments are refused."""
 
     def guarded(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        arguments = argv[1:]
+        if arguments and not positional:
+            raise app.UsageError(f"unexpected arguments: {' '.join(arguments)}")
+        if positional and not arguments:
+            raise app.UsageError(f"expected {positional}")
         logging.getLogger().setLevel(logging.INFO)
         try:
-            main()
-        except ValueError as error:
+            if positional:
+                main(arguments)
+            else:
+                main()
+        except (ValueError, DivergenceError) as error:
             if flags.FLAGS.verbose:
                 raise
+            if isinstance(error, DivergenceError):
+                print(flush=True)  # ends the progress bar's line that fit was drawing
             print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(2 if isinstance(error, ValueError) else 1)
 
     app.run(guarded)

@@ -8,17 +8,19 @@ and names the changed setting (its directory's run.json), unless `overwrite` sta
 import dataclasses
 import logging
 import os
-import shutil
 import time
 
+from export import tfmot_bridge
 from export.pipeline import REPORT_FILE, TFLITE_FILE, export_and_verify
 from tas_keras import data
-from tas_keras.distribute import check_overwrite, holds_own_files, make_strategy, run_dir
+from tas_keras.distribute import make_strategy
 from tas_keras.cost import count_arch
 from tas_keras.distill import distill, load_teacher
+from tas_keras.runs import (check_overwrite, clear_run_dir, holds_own_files, lock_run_dir, locking_stage,
+                            prepare_run_dir, read_json, run_dir, write_json)
 from tas_keras.search import ARCH_FILE, CURVES_FILE, PLOT_FILE, run_search
 from tas_keras.search_space import ArchConfig, candidate_widths, depth_choices
-from tas_keras.training import MODEL_FILE, prepare_run_dir, read_json, train_base, write_json
+from tas_keras.training import MODEL_FILE, train_base
 
 PIPELINE_FILE = "pipeline.json"
 STAGES = ("base", "search", "distill", "export", "report")
@@ -85,13 +87,15 @@ class _Progress:
         self.rate = images_per_second
 
 
+@locking_stage
 def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", dataset_name=None, data_dir=None,
               teacher_path=None, base_epochs=None, search_epochs=None, distill_epochs=None, batch_size=None,
-              width_multiple=1, seed=0, overwrite=False, strategy="auto"):
+              width_multiple=1, seed=0, qat_epochs=0, overwrite=False, strategy="auto"):
     """Runs every stage into `out` and returns the report (also `out/report.json` and `report.md`).
 
     The training stages run under `strategy`; export and report need one device and run outside it,
     on the chief only (the other workers of a cluster return None once training is done).
+    `qat_epochs` > 0 makes the int8 export quantization-aware (the optional TFMOT bridge).
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -109,6 +113,8 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     if target_ratio < floor:
         raise ValueError(f"target ratio {target_ratio} is below the smallest {model_name} the search space "
                          f"can express ({floor:.3f} of the FLOPs)")
+    if qat_epochs:
+        tfmot_bridge.require_tfmot()  # now, not after hours of training
     distribution = make_strategy(strategy)  # a multi-worker strategy must precede other TensorFlow work
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, seed=seed)
     full = ArchConfig.full(model_name, num_classes=dataset.num_classes, input_shape=dataset.image_shape)
@@ -123,11 +129,11 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
 
     with distribution.scope():
         check_overwrite(overwrite)
-        if overwrite and os.path.isdir(out):
-            shutil.rmtree(out)
         # On a cluster's other workers every stage writes its own copy (run_dir), read back from there.
         written = run_dir(out)
-        os.makedirs(written, exist_ok=True)
+        lock_run_dir(written)
+        if overwrite:
+            clear_run_dir(written)
         if holds_own_files(written) and not os.path.exists(os.path.join(written, PIPELINE_FILE)):
             raise ValueError(f"{out} is not empty and holds no train.prune run; use another --out or "
                              "--overwrite")
@@ -165,13 +171,16 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
         export_dir = os.path.join(out, "export", quantize)
         settings = {"model": os.path.abspath(os.path.join(stage_dirs["distill"], MODEL_FILE)),
                     "compare_with": os.path.abspath(teacher_path), "quantize": quantize, **common}
+        qat = qat_epochs if quantize == "int8" else 0
+        if qat:  # only then: the exports of earlier runs, without the key, stay finished
+            settings["qat_epochs"] = qat
         _, finished = prepare_run_dir(export_dir, settings, done_file=REPORT_FILE)
         if finished:
             exports[quantize] = read_json(os.path.join(export_dir, REPORT_FILE))
         else:
             exports[quantize] = export_and_verify(settings["model"], export_dir, quantize=quantize,
-                                                  compare_with=teacher_path, latency_runs=chosen.latency_runs,
-                                                  **common)
+                                                  qat_epochs=qat, compare_with=teacher_path,
+                                                  latency_runs=chosen.latency_runs, **common)
 
     progress.banner(4, "report")
     report = build_report(out, model_name, target_ratio, distilled, exports, search_dir)

@@ -26,6 +26,8 @@ _SEARCH_EPOCHS = flags.DEFINE_integer("search_epochs", None, "Override the prese
 _DISTILL_EPOCHS = flags.DEFINE_integer("distill_epochs", None, "Override the preset.", lower_bound=1)
 _MULTIPLE = flags.DEFINE_integer("width_multiple", 1, "Search widths in multiples of this (8 or 16).",
                                  lower_bound=1)
+_QAT_EPOCHS = flags.DEFINE_integer("qat_epochs", 0, "Make the int8 export quantization-aware: fine-tune this "
+                                   "many epochs (needs requirements-tfmot.txt).", lower_bound=0)
 FLAGS = flags.FLAGS
 
 
@@ -34,7 +36,8 @@ def main():
               dataset_name=FLAGS.dataset, data_dir=FLAGS.data_dir, teacher_path=_TEACHER.value,
               base_epochs=_BASE_EPOCHS.value, search_epochs=_SEARCH_EPOCHS.value,
               distill_epochs=_DISTILL_EPOCHS.value, batch_size=FLAGS.batch_size,
-              width_multiple=_MULTIPLE.value, seed=FLAGS.seed, overwrite=FLAGS.overwrite, strategy=FLAGS.strategy)
+              width_multiple=_MULTIPLE.value, seed=FLAGS.seed, qat_epochs=_QAT_EPOCHS.value,
+              overwrite=FLAGS.overwrite, strategy=FLAGS.strategy)
 
 
 if __name__ == "__main__":
