@@ -86,16 +86,17 @@ def load_teacher(path):
     return teacher
 
 
-def check_prunes_teacher(arch, teacher, teacher_path):
-    """A shape trained from a teacher must prune the teacher's network (same depth, block type,
-    classes and input): init copies the teacher's weights by layer name, and KD compares logits."""
+def check_prunes_teacher(arch, teacher, teacher_path, mode):
+    """A shape trained from a teacher must fit it: KD compares logits (same classes and input), and
+    init copies the teacher's weights by layer name (the teacher's network: same depth and block
+    type too). KD from a teacher of another depth is allowed."""
     full = getattr(teacher, "arch", None)
     if full is None:
         raise ValueError(f"--teacher {teacher_path} is a {type(teacher).__name__}, not a network of this "
                          "tool (train.base's model.keras)")
     described = lambda a: f"{a.name} with {a.num_classes} classes on {a.input_shape} images"  # noqa: E731
-    if (arch.depth, arch.block, arch.num_classes, arch.input_shape) != (
-            full.depth, full.block, full.num_classes, full.input_shape):
+    fields = lambda a: ((a.depth, a.block) if mode.startswith("init") else ()) + (a.num_classes, a.input_shape)  # noqa: E731
+    if fields(arch) != fields(full):
         raise ValueError(f"the shape is a {described(arch)} but the teacher {teacher_path} is a "
                          f"{described(full)}: give a shape of the teacher's network")
 
@@ -120,7 +121,7 @@ def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUND
         raise ValueError(f"mode {mode!r} needs --teacher")
     teacher = load_teacher(teacher_path) if teacher_path else None
     if teacher is not None:
-        check_prunes_teacher(arch, teacher, teacher_path)
+        check_prunes_teacher(arch, teacher, teacher_path, mode)
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
                                 seed=seed)
     check_fits_data(arch, dataset)

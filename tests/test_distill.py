@@ -164,9 +164,14 @@ def test_a_shape_of_another_network_than_the_teachers_is_refused(tmp_path):
     CifarResNet(ArchConfig.full("resnet8")).save(teacher)
     released56 = tmp_path / "ResNet56.config"  # a released-shape file, as the paper's authors give them
     released56.write_text(json.dumps(ArchConfig.full("resnet56").to_released(mflops=125.75)))
-    for mode in ("init_kd", "kd"):
+    for mode in ("init", "init_kd"):  # init copies the teacher's weights: only its own network fits
         with pytest.raises(ValueError, match=rf"^the shape is a resnet56 with 10 classes on \(32, 32, 3\) images "
                                              rf"but the teacher {teacher} is a resnet8 with 10 classes on "
                                              r"\(32, 32, 3\) images: give a shape of the teacher's network$"):
             distill(str(tmp_path / mode), str(released56), str(teacher), mode=mode)
         assert not (tmp_path / mode).exists()
+    hundred = tmp_path / "c100.json"  # KD compares logits: another depth is fine, other classes are not
+    hundred.write_text(ArchConfig.full("resnet8", num_classes=100).to_json())
+    with pytest.raises(ValueError, match=r"^the shape is a resnet8 with 100 classes on .* but the teacher .* is a "
+                                         r"resnet8 with 10 classes"):
+        distill(str(tmp_path / "kd"), str(hundred), str(teacher), mode="kd")
