@@ -438,7 +438,7 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     fit_resumable(model, batches, steps, epochs, out, [
         TauSchedule(epochs, tau_schedule, tau_max, tau_min), history,
         keras.callbacks.TensorBoard(os.path.join(run, "tensorboard"))], checkpoint_steps, stage="search",
-        advice=f"Try a lower --learning_rate ({learning_rate:g}) or --arch_learning_rate ({arch_learning_rate:g})")
+        advice=f"Try a lower --learning_rate ({learning_rate:g}) or --arch_learning_rate (this run: {peak:g})")
     wall = time.perf_counter() - start
 
     chosen = select_epoch(history.history, model, cost_metric)
