@@ -70,6 +70,8 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, represent
     latencies = verify.interleaved_latency(runtimes, test_images[0], latency_runs)
     for entry, samples in zip(entries, latencies):
         entry["latency_ms"] = verify.latency_summary(samples)
+        if "predicted_latency" in entry:
+            entry["predicted_latency"]["error"] = entry["predicted_latency"]["ms"] / entry["latency_ms"]["median"] - 1
 
     report = {
         "quantize": quantize,
@@ -106,6 +108,7 @@ def _export_one(model_path, directory, dataset, test_images, quantize, int8_io, 
     outputs = runtime.predict(test_images)
     cost = count_model(model)
     input_dtype, output_dtype = runtime.io_dtypes
+    provenance = getattr(getattr(model, "arch", None), "provenance", {})
     entry = {
         "model_path": os.path.abspath(model_path),
         "name": model.name,
@@ -117,6 +120,8 @@ def _export_one(model_path, directory, dataset, test_images, quantize, int8_io, 
                    "input_dtype": input_dtype, "output_dtype": output_dtype,
                    **verify.parity(reference, outputs, dataset.test_labels)},
     }
+    if "latency_ms" in provenance:  # a latency search's shape: its table's prediction, to set beside the measurement
+        entry["predicted_latency"] = {"ms": provenance["latency_ms"], "table": provenance["latency_table"]}
     return entry, runtime
 
 
@@ -173,6 +178,8 @@ def format_report(report):
         ("max |diff| SavedModel", lambda m: f"{m['saved_model']['max_abs_diff']:.3g}"),
         ("latency median ms", lambda m: f"{m['latency_ms']['median']:.3f}"),
         ("latency p90 ms", lambda m: f"{m['latency_ms']['p90']:.3f}"),
+        ("latency predicted ms", lambda m: f"{m['predicted_latency']['ms']:.3f} ({m['predicted_latency']['error']:+.0%})"
+         if "predicted_latency" in m else "-"),
     ]
     models = report["models"]
     lines = [f"{'':<24}" + "".join(f"{m['role']:>18}" for m in models)]
@@ -181,6 +188,8 @@ def format_report(report):
     lines.append(f"{report['dataset']} test split ({report['test_images']} images); latency: batch 1, "
                  f"{latency['threads']} threads, {latency['runs']} runs"
                  + (", interleaved" if latency["interleaved"] else ""))
+    lines += [f"predicted: {m['role']}'s latency table, {m['predicted_latency']['table']['quantize']}, "
+              f"{m['predicted_latency']['table']['threads']} thread(s)" for m in models if "predicted_latency" in m]
     if "comparison" in report:
         c = report["comparison"]
         lines.append(f"model vs compare_with: FLOPs x{c['flops_ratio']:.3f}, params x{c['params_ratio']:.3f}, "

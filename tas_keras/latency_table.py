@@ -8,6 +8,7 @@ rest of the network. Runs wherever ai-edge-litert installs (run it on the device
 on); re-running the same command continues an interrupted table. See export/layer_latency.py.
 """
 
+import logging
 import sys
 
 from train import common_flags  # first: it quiets TensorFlow's logging before TensorFlow loads
@@ -37,6 +38,7 @@ FLAGS = flags.FLAGS
 
 
 def main():
+    logging.getLogger("absl").setLevel(logging.WARNING)  # TensorFlow logs lines per converted layer otherwise
     bar = None
 
     def progress(done, total):

@@ -173,3 +173,59 @@ def test_table_of_a_tiny_model_is_measured_and_resumes(tmp_path, monkeypatch):
     assert table["fixed"]["ms"] > 0 and table["environment"]["ai_edge_litert"]
     with pytest.raises(ValueError, match="holds a table made with threads=1, not threads=2"):
         layer_latency.make_table(out, threads=2, **settings)
+
+
+@pytest.fixture(scope="module")
+def table_files(tmp_path_factory):
+    """Synthetic tables: resnet20's space (32x32, widths in multiples of 16) in fp32, and resnet8 at 8x8."""
+    directory = tmp_path_factory.mktemp("tables")
+    tables = {"resnet20_fp32": synthetic_table(ArchConfig.full("resnet20"), 16),
+              "resnet8_8x8": synthetic_table(ArchConfig.full("resnet8", input_shape=(8, 8, 3)), 32)}
+    paths = {}
+    for name, content in tables.items():
+        paths[name] = str(directory / f"{name}.json")
+        with open(paths[name], "w") as f:
+            json.dump(content, f)
+    return paths
+
+
+@pytest.mark.parametrize("command, args, message", [
+    ("train.search", ["--cost=latency", "--latency_table=/no/table.json"],
+     "error: cannot read latency table '/no/table.json': No such file or directory"),
+    ("train.search", ["--cost=latency", "--latency_table={resnet8_8x8}", "--width_multiple=16"],
+     "has no time for conv3x3/s1/32x32/bn/relu with 3 -> 16 channels; it was made for resnet8 at 8x8x3"),
+    ("train.search", ["--cost=latency", "--latency_table={resnet20_fp32}", "--width_multiple=16",
+                      "--target_latency_ms=1000"], "error: target latency 1000.0 ms must be in (0, "),
+    ("train.search", ["--cost=latency", "--latency_table={resnet20_fp32}", "--target_flops_ratio=0.4"],
+     "error: --cost=latency takes --target_latency_ratio or --target_latency_ms, not --target_flops_ratio"),
+    ("train.prune", ["--preset=mobile", "--latency_table={resnet20_fp32}"],
+     "was measured with quantize=none, but the mobile preset exports int8"),
+])
+def test_cli_refuses_a_bad_latency_table_with_one_line(tmp_path, table_files, command, args, message):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", command, f"--out={out}", *[a.format(**table_files) for a in args]],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in result.stderr and len(errors) == 1, result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_latency_search_records_the_table_latency_of_its_shapes(tmp_path, table_files):
+    with open(table_files["resnet20_fp32"]) as f:
+        content = json.load(f)
+    out = str(tmp_path / "search")
+    arch = ArchConfig.from_dict(run_search(out, model_name="resnet20", epochs=2, batch_size=32, max_train_examples=256,
+                                           cost_metric="latency", latency_table=table_files["resnet20_fp32"],
+                                           target_ratio=0.6, width_multiple=16))
+    provenance = arch.provenance
+    assert provenance["latency_ms"] == pytest.approx(table_latency(content, arch))
+    assert provenance["full_latency_ms"] == pytest.approx(table_latency(content, ArchConfig.full("resnet20")))
+    assert provenance["latency_table"]["quantize"] == "none" and provenance["cost_metric"] == "latency"
+    with open(os.path.join(out, "history.json")) as f:
+        history = json.load(f)
+    for entry in history:
+        shape = arch.replace(widths=entry["widths"], stage_blocks=entry["stage_blocks"])
+        assert entry["latency"] == pytest.approx(table_latency(content, shape))
+    assert provenance["latency_ratio"] == pytest.approx(provenance["latency_ms"] / provenance["full_latency_ms"])
