@@ -12,7 +12,8 @@ from export import layer_latency
 from tas_keras.latency import TABLE_FORMAT, LatencyTable, SupernetLatency, predict_latency, required_entries
 from tas_keras.models.cifar_resnet_supernet import CifarResNetSupernet
 from tas_keras.search import run_search
-from tas_keras.search_space import ArchConfig, candidate_widths
+from tas_keras.search_space import ArchConfig
+from train.pipeline import run_prune
 
 from .conftest import REPO
 
@@ -229,3 +230,25 @@ def test_latency_search_records_the_table_latency_of_its_shapes(tmp_path, table_
         shape = arch.replace(widths=entry["widths"], stage_blocks=entry["stage_blocks"])
         assert entry["latency"] == pytest.approx(table_latency(content, shape))
     assert provenance["latency_ratio"] == pytest.approx(provenance["latency_ms"] / provenance["full_latency_ms"])
+
+
+@pytest.mark.slow
+def test_mobile_preset_searches_latency_and_reports_predicted_beside_measured(tmp_path):
+    full = ArchConfig.full("resnet20")
+    table_path = str(tmp_path / "int8_x16.json")
+    with open(table_path, "w") as f:
+        json.dump({**synthetic_table(full, 16, quantize="int8"), "threads": 1}, f)
+    out = str(tmp_path / "run")
+    report = run_prune(out, preset="mobile", latency_table=table_path, target_ratio=0.6, base_epochs=1,
+                       search_epochs=2, distill_epochs=1)
+    shape = ArchConfig.from_dict(report["searched_shape"])
+    assert all(w % 16 == 0 for w in shape.widths)
+    assert sorted(os.listdir(os.path.join(out, "export"))) == ["int8"]
+    assert report["cost"] == "latency" and report["latency"]["threads"] == 1
+    assert report["latency"]["predicted_ms"]["pruned"] == shape.provenance["latency_ms"]
+    assert report["latency"]["measured_ms"]["pruned"] == report["exports"]["int8"]["model"]["latency_ms"]
+    export = json.load(open(os.path.join(out, "export", "int8", "report.json")))
+    assert export["latency"]["threads"] == 1
+    (pruned,) = [m for m in export["models"] if m["role"] == "model"]
+    assert pruned["predicted_latency"]["ms"] == shape.provenance["latency_ms"]
+    assert "latency predicted by the table (1 thread(s))" in open(os.path.join(out, "report.md")).read()
