@@ -18,7 +18,7 @@ import os
 import pathlib
 import tempfile
 
-from absl import app, flags
+from absl import app, flags, logging
 import numpy as np
 
 from export import verify
@@ -94,10 +94,10 @@ def summary(rows):
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # TensorFlow logs lines per exported model otherwise
     result = read_json(_OUT.value) if os.path.exists(_OUT.value) else {}
     result.update({"what": "latency-table prediction vs the measured .tflite of whole networks (random weights)",
-                   "goal_median_abs_error": GOAL, "runs": _RUNS.value, "seed": _SEED.value, "note": _NOTE.value,
-                   "environment": environment()})
+                   "goal_median_abs_error": GOAL, "environment": environment()})
     results = result.setdefault("results", {})
     for table_path in _TABLES.value:
         table = LatencyTable.load(table_path)
@@ -109,6 +109,7 @@ def main(argv):
             with tempfile.TemporaryDirectory() as workdir:
                 rows, load = measure(table, shapes, _RUNS.value, workdir)
             results[key] = {"table": os.path.abspath(table_path), "table_made_for": table.describe(),
+                            "runs": _RUNS.value, "seed": _SEED.value, "note": _NOTE.value,
                             "load_average_at_start": load, "summary": summary(rows), "shapes": rows}
             write_json(_OUT.value, result)
             print(key, results[key]["summary"])

@@ -23,7 +23,7 @@ import os
 import pathlib
 import tempfile
 
-from absl import app, flags
+from absl import app, flags, logging
 import numpy as np
 
 from bench.latency_prediction import measure, time_files
@@ -74,6 +74,7 @@ def _timed(paths, threads):
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # TensorFlow logs lines per exported model otherwise
     table = LatencyTable.load(_TABLE.value)
     if table.quantize != "int8":
         raise app.UsageError(f"--latency_table must be an int8 table, got quantize={table.quantize}")

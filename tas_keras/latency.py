@@ -16,14 +16,13 @@ lays a CIFAR ResNet supernet out as such terms.
 """
 
 import dataclasses
-import json
 import math
 
 import numpy as np
 import tensorflow as tf
 
 from tas_keras.models.cifar_resnet import network_plan
-from tas_keras.search_space import ArchConfig, candidate_widths
+from tas_keras.search_space import ArchConfig, candidate_widths, read_json_file
 
 TABLE_FORMAT = "tas_keras.latency_table/1"
 QUANTIZATIONS = ("none", "int8")
@@ -99,14 +98,7 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path):
-        try:
-            with open(path) as f:
-                content = json.load(f)
-        except OSError as error:
-            raise ValueError(f"cannot read latency table {path!r}: {error.strerror}") from None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"latency table {path!r} is not JSON: {error}") from None
-        return cls(content, path)
+        return cls(read_json_file(path, "latency table"), path)
 
     @property
     def quantize(self):
@@ -142,14 +134,8 @@ class LatencyTable:
         return np.array([[0.0 if skip_equal and a == b else self.time(geometry, a, b) for b in out_widths]
                          for a in in_widths], np.float32)
 
-    def check_covers(self, model_name, num_classes=10, input_shape=(32, 32, 3), width_multiple=1,
-                     quantize=None):
-        """Refuses (ValueError, one line) a table that lacks an entry the search space needs, or that was
-        measured for another quantisation than `quantize` (None: any)."""
-        if quantize is not None and self.quantize != quantize:
-            raise ValueError(f"{self._name} was measured with quantize={self.quantize}, but {quantize} is "
-                             "needed; make one with `python -m tas_keras.latency_table "
-                             f"--quantize={quantize}`")
+    def check_covers(self, model_name, num_classes=10, input_shape=(32, 32, 3), width_multiple=1):
+        """Refuses (ValueError, one line) a table that lacks an entry the search space needs."""
         full = ArchConfig.full(model_name, num_classes=num_classes, input_shape=input_shape)
         for geometry, pairs in required_entries(full, width_multiple).items():
             for a, b in sorted(pairs):

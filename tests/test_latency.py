@@ -123,13 +123,11 @@ def test_argmax_latency_is_the_table_latency_of_the_derived_network(seed):
 
 def test_table_lookup_names_what_is_missing():
     full = ArchConfig.full("resnet8", input_shape=(8, 8, 3))
-    table = LatencyTable(synthetic_table(full, 32, quantize="int8"))
-    table.check_covers("resnet8", input_shape=(8, 8, 3), width_multiple=32, quantize="int8")
+    table = LatencyTable(synthetic_table(full, 32))
+    table.check_covers("resnet8", input_shape=(8, 8, 3), width_multiple=32)
     with pytest.raises(ValueError, match=r"has no time for conv3x3/s1/8x8/bn/relu with 3 -> 8 channels; it was "
                                          r"made for resnet8 at 8x8x3, 10 classes, width multiple 32"):
         table.check_covers("resnet8", input_shape=(8, 8, 3), width_multiple=8)
-    with pytest.raises(ValueError, match="measured with quantize=int8, but none is needed"):
-        table.check_covers("resnet8", input_shape=(8, 8, 3), width_multiple=32, quantize="none")
     with pytest.raises(ValueError, match="is unfinished"):
         LatencyTable({**table.content, "complete": False})
 
