@@ -8,8 +8,8 @@ stage's depth from its choices) plus the full network, each built with random we
 .tflite as the table's quantisation (fp32, or int8 with float input and output like the pipeline's
 export, calibrated on random images) and timed with LiteRT at the table's threads, all shapes of one
 model interleaved (A B C ..., each timed invoke right after an untimed one of the same model, as the
-table's layers are timed: an app runs its model back to back). The error of a shape is (predicted - measured) / measured, with the
-measured median; the summary gives the median and p90 of |error| over the random shapes (goal:
+table's layers are timed: an app runs its model back to back). The error of a shape is
+(predicted - measured) / measured, with the measured median; the summary gives the median and p90 of |error| over the random shapes (goal:
 median <= 10%). Writes --out (JSON) after every (table, model), so an interrupted run keeps what it
 measured and skips it when run again.
 """
@@ -21,11 +21,8 @@ import tempfile
 from absl import app, flags, logging
 import numpy as np
 
-from export import verify
-from export.layer_latency import REWARM, convert_model, environment
-from tas_keras.cost import count_arch
-from tas_keras.latency import LatencyTable, predict_latency
-from tas_keras.models.cifar_resnet import CifarResNet
+from export.layer_latency import environment, measure_networks
+from tas_keras.latency import LatencyTable
 from tas_keras.search_space import ArchConfig, candidate_widths, depth_choices
 from tas_keras.training import read_json, write_json
 
@@ -53,35 +50,6 @@ def random_shapes(model, width_multiple, count, seed):
     return shapes + [("full", full)]
 
 
-def time_files(paths, threads, runs, image_shape=(32, 32, 3)):
-    """Invoke times (ms) of .tflite files timed interleaved, every timed invoke right after an untimed
-    one of the same model (as the table's layers are timed)."""
-    runtimes = [verify.LiteRTModel(path, threads) for path in paths]
-    image = np.random.default_rng(0).standard_normal(image_shape).astype(np.float32)
-    return verify.interleaved_latency(runtimes, image, runs, rewarm=REWARM)
-
-
-def measure(table, shapes, runs, workdir):
-    """Predicted and measured latency of every shape (random weights), timed interleaved."""
-    paths = []
-    for name, arch in shapes:
-        paths.append(os.path.join(workdir, f"{name}.tflite"))
-        convert_model(CifarResNet(arch), table.quantize, paths[-1], integer_io=False)
-    load = os.getloadavg()
-    samples = time_files(paths, table.threads, runs, shapes[0][1].input_shape)
-    rows = []
-    for (name, arch), timed in zip(shapes, samples):
-        predicted = predict_latency(arch, table)
-        measured = verify.latency_summary(timed)
-        rows.append({"shape": name, "widths": list(arch.widths), "stage_blocks": list(arch.stage_blocks),
-                     "mflops": round(count_arch(arch).flops / 1e6, 3), "predicted_ms": round(predicted, 5),
-                     "measured_ms": round(measured["median"], 5),
-                     "measured_p10_ms": round(float(np.percentile(timed, 10)), 5),
-                     "measured_p90_ms": round(measured["p90"], 5),
-                     "error": round((predicted - measured["median"]) / measured["median"], 4)})
-    return rows, [round(x, 2) for x in load]
-
-
 def summary(rows):
     errors = np.array([abs(row["error"]) for row in rows if row["shape"] != "full"])
     signed = np.array([row["error"] for row in rows if row["shape"] != "full"])
@@ -107,7 +75,7 @@ def main(argv):
                 continue
             shapes = random_shapes(model, table.content["space"]["width_multiple"], _SHAPES.value, _SEED.value)
             with tempfile.TemporaryDirectory() as workdir:
-                rows, load = measure(table, shapes, _RUNS.value, workdir)
+                rows, load = measure_networks(table, shapes, _RUNS.value, workdir)
             results[key] = {"table": os.path.abspath(table_path), "table_made_for": table.describe(),
                             "runs": _RUNS.value, "seed": _SEED.value, "note": _NOTE.value,
                             "load_average_at_start": load, "summary": summary(rows), "shapes": rows}

@@ -26,8 +26,7 @@ import tempfile
 from absl import app, flags, logging
 import numpy as np
 
-from bench.latency_prediction import measure, time_files
-from export.layer_latency import REWARM, environment
+from export.layer_latency import REWARM, environment, measure_networks, time_files
 from export.pipeline import TFLITE_FILE, export_and_verify
 from tas_keras import data
 from tas_keras.cost import count_arch
@@ -102,7 +101,7 @@ def main(argv):
         shapes = [("latency", ArchConfig.load(arches["latency"]))] + [
             (f"flops_{t}", ArchConfig.load(path)) for t, path in flop_arches.items()]
         with tempfile.TemporaryDirectory() as workdir:
-            rows, load = measure(table, shapes, _RUNS.value, workdir)
+            rows, load = measure_networks(table, shapes, _RUNS.value, workdir)
         results["selection"] = {"load_average_at_start": load, "shapes": rows}
         write_json(_RESULTS.value, results)
     rows = {row["shape"]: row for row in results["selection"]["shapes"]}

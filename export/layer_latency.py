@@ -31,8 +31,9 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
 from export import convert, verify
-from tas_keras.latency import CONV, QUANTIZATIONS, TABLE_FORMAT, pair_key, required_entries
-from tas_keras.models.cifar_resnet import BN_EPSILON, BN_MOMENTUM
+from tas_keras.cost import count_arch
+from tas_keras.latency import CONV, QUANTIZATIONS, TABLE_FORMAT, pair_key, predict_latency, required_entries
+from tas_keras.models.cifar_resnet import BN_EPSILON, BN_MOMENTUM, CifarResNet
 from tas_keras.search_space import ArchConfig
 from tas_keras.training import read_json, write_json
 
@@ -256,3 +257,34 @@ def make_table(out, models=("resnet20",), quantize="none", threads=1, width_mult
     write_json(out, table)
     shutil.rmtree(out + WORK_SUFFIX, ignore_errors=True)
     return table
+
+
+def time_files(paths, threads, runs, image_shape=(32, 32, 3)):
+    """Invoke times (ms) of .tflite files timed interleaved, every timed invoke right after an untimed
+    one of the same model (as the table's layers are timed)."""
+    runtimes = [verify.LiteRTModel(path, threads) for path in paths]
+    image = np.random.default_rng(0).standard_normal(image_shape).astype(np.float32)
+    return verify.interleaved_latency(runtimes, image, runs, rewarm=REWARM)
+
+
+def measure_networks(table, shapes, runs, workdir):
+    """The table's prediction and the measured latency of every (name, ArchConfig) of `shapes`, built
+    with random weights, converted as the table's quantisation (float input and output, as the
+    pipeline exports) and timed interleaved at its threads; with the load average at the start."""
+    paths = []
+    for name, arch in shapes:
+        paths.append(os.path.join(workdir, f"{name}.tflite"))
+        convert_model(CifarResNet(arch), table.quantize, paths[-1], integer_io=False)
+    load = os.getloadavg()
+    samples = time_files(paths, table.threads, runs, shapes[0][1].input_shape)
+    rows = []
+    for (name, arch), timed in zip(shapes, samples):
+        predicted = predict_latency(arch, table)
+        measured = verify.latency_summary(timed)
+        rows.append({"shape": name, "widths": list(arch.widths), "stage_blocks": list(arch.stage_blocks),
+                     "mflops": round(count_arch(arch).flops / 1e6, 3), "predicted_ms": round(predicted, 5),
+                     "measured_ms": round(measured["median"], 5),
+                     "measured_p10_ms": round(float(np.percentile(timed, 10)), 5),
+                     "measured_p90_ms": round(measured["p90"], 5),
+                     "error": round((predicted - measured["median"]) / measured["median"], 4)})
+    return rows, [round(x, 2) for x in load]
