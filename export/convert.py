@@ -114,10 +114,11 @@ def convert_tflite(saved_model_dir, quantize, representative=None, int8_io=False
     """The .tflite bytes of a SavedModel.
 
     quantize: none (fp32) | float16 (fp16 weights) | dynamic (int8 weights, activations quantised at
-    run time) | int8 (weights and activations int8, calibrated on `representative`, [N, H, W, C]
-    images of the SavedModel's input type). `int8_io`: the int8 model gives int8 output and, if its
-    input is float, takes int8 input (their scale and zero point say how to convert) instead of
-    float32; a uint8 input stays the uint8 pixels.
+    run time) | int8 (weights and activations int8, calibrated on `representative`: [N, H, W, C] images
+    of the SavedModel's input type, or a list of such arrays, one per model input in the model's
+    order). `int8_io`: the int8 model gives int8 output and, if its input is float, takes int8 input
+    (their scale and zero point say how to convert) instead of float32; a uint8 input stays the uint8
+    pixels.
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
@@ -131,7 +132,8 @@ def convert_tflite(saved_model_dir, quantize, representative=None, int8_io=False
     if quantize == "float16":
         converter.target_spec.supported_types = [tf.float16]
     elif quantize == "int8":
-        converter.representative_dataset = lambda: ([image[None]] for image in representative)
+        inputs = representative if isinstance(representative, (list, tuple)) else [representative]
+        converter.representative_dataset = lambda: ([x[i][None] for x in inputs] for i in range(len(inputs[0])))
         # Builtins-int8 only: an op without an int8 kernel fails the conversion instead of silently
         # staying float.
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]

@@ -84,6 +84,8 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
     latencies = verify.interleaved_latency(runtimes, pixels, latency_runs)
     for entry, samples in zip(entries, latencies):
         entry["latency_ms"] = verify.latency_summary(samples)
+        if "predicted_latency" in entry:
+            entry["predicted_latency"]["error"] = entry["predicted_latency"]["ms"] / entry["latency_ms"]["median"] - 1
 
     report = {
         "quantize": quantize,
@@ -139,6 +141,7 @@ def _export_one(model_path, directory, dataset, quantize, int8_io, float_input, 
     outputs = runtime.predict(pixels)
     cost = count_model(model)
     input_dtype, output_dtype = runtime.io_dtypes
+    provenance = getattr(getattr(model, "arch", None), "provenance", {})
     entry = {
         "model_path": os.path.abspath(model_path),
         "name": model.name,
@@ -151,6 +154,8 @@ def _export_one(model_path, directory, dataset, quantize, int8_io, float_input, 
                    "input_dtype": input_dtype, "output_dtype": output_dtype,
                    **verify.parity(reference, outputs, dataset.test_labels)},
     }
+    if "latency_ms" in provenance:  # a latency search's shape: its table's prediction, to set beside the measurement
+        entry["predicted_latency"] = {"ms": provenance["latency_ms"], "table": provenance["latency_table"]}
     return entry, runtime
 
 
@@ -207,6 +212,8 @@ def format_report(report):
         ("max |diff| SavedModel", lambda m: f"{m['saved_model']['max_abs_diff']:.3g}"),
         ("latency median ms", lambda m: f"{m['latency_ms']['median']:.3f}"),
         ("latency p90 ms", lambda m: f"{m['latency_ms']['p90']:.3f}"),
+        ("latency predicted ms", lambda m: f"{m['predicted_latency']['ms']:.3f} ({m['predicted_latency']['error']:+.0%})"
+         if "predicted_latency" in m else "-"),
     ]
     models = report["models"]
     lines = [f"{'':<24}" + "".join(f"{m['role']:>18}" for m in models)]
@@ -219,6 +226,8 @@ def format_report(report):
                  f"classes in {convert.LABELS_FILE}"
                  + (f"; int8 by {report['qat_epochs']} epoch(s) of quantization-aware training"
                     if report["qat_epochs"] else ""))
+    lines += [f"predicted: {m['role']}'s latency table, {m['predicted_latency']['table']['quantize']}, "
+              f"{m['predicted_latency']['table']['threads']} thread(s)" for m in models if "predicted_latency" in m]
     if "comparison" in report:
         c = report["comparison"]
         lines.append(f"model vs compare_with: FLOPs x{c['flops_ratio']:.3f}, params x{c['params_ratio']:.3f}, "

@@ -133,16 +133,24 @@ def parity(reference, outputs, labels):
     }
 
 
-def interleaved_latency(models, image, runs, warmup=20):
+def interleaved_latency(models, image, runs, warmup=20, rewarm=0):
     """Batch-1 invoke times in ms, one list per model, measured A B A B ... so that load from other
-    processes on the machine hits every model alike."""
+    processes on the machine hits every model alike. `image` None: the models' inputs are already set
+    (anything with an `interpreter` can be timed then).
+
+    `rewarm`: untimed invokes of a model right before each of its timed ones, so that it is timed with
+    its own weights and activations in the caches, as when an app runs it back to back (1 is enough);
+    0 times every model right after the others, whose weights have evicted its own."""
     for model in models:
-        model.set_input(image)
+        if image is not None:
+            model.set_input(image)
         for _ in range(warmup):
             model.interpreter.invoke()
     times = [[] for _ in models]
     for _ in range(runs):
         for model, samples in zip(models, times):
+            for _ in range(rewarm):
+                model.interpreter.invoke()
             start = time.perf_counter()
             model.interpreter.invoke()
             samples.append(1e3 * (time.perf_counter() - start))

@@ -12,6 +12,7 @@ import tensorflow as tf
 from tas_keras import data, plots
 from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_arch
+from tas_keras.latency import LatencyTable, SupernetLatency, predict_latency
 from tas_keras.models.cifar_resnet_supernet import COST_METRICS, CifarResNetSupernet
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json
 from tas_keras.search_space import ArchConfig
@@ -22,6 +23,8 @@ HISTORY_FILE = "history.json"
 PLOT_FILE = "search.png"
 CURVES_FILE = "curves.png"
 COST_BANDS = ("code", "paper")
+LATENCY = "latency"  # the cost measured by a latency table (tas_keras.latency), in ms
+COSTS = (*COST_METRICS, LATENCY)
 TAU_SCHEDULES = ("cosine", "linear")
 
 
@@ -149,7 +152,7 @@ class TASSearchModel(keras.Model):
     Args:
         supernet: a CifarResNetSupernet.
         target_ratio: R, the fraction of the full network's cost to keep.
-        cost_metric: "flops" or "params".
+        cost_metric: "flops", "params" or "latency" (ms, from `latency_table`).
         cost_weight: lambda.
         tolerance: t, the band width (see `cost_band`).
         band: "code" or "paper".
@@ -160,24 +163,29 @@ class TASSearchModel(keras.Model):
         entropy_weight: None (the reference), or a schedule step -> weight (`LinearRamp`) of the mean
             entropy of all width and depth distributions, added to the architecture loss: a short
             search's noisy gradients leave the distributions flat, and this term makes them decide.
+        latency_table: the LatencyTable of a "latency" cost.
     """
 
     def __init__(self, supernet, target_ratio, cost_metric="flops", cost_weight=2.0, tolerance=0.05,
                  band="code", arch_weight_decay=1e-3, seed=0, sample_per_replica=True, entropy_weight=None,
-                 **kwargs):
+                 latency_table=None, **kwargs):
         super().__init__(**kwargs)
         if not 0 < target_ratio < 1:
             raise ValueError(f"target_ratio must be in (0, 1), got {target_ratio!r}")
-        if cost_metric not in COST_METRICS:
-            raise ValueError(f"cost_metric must be one of {COST_METRICS}, got {cost_metric!r}")
+        if cost_metric not in COSTS:
+            raise ValueError(f"cost_metric must be one of {COSTS}, got {cost_metric!r}")
+        if (cost_metric == LATENCY) != (latency_table is not None):
+            raise ValueError("a latency table is needed for the latency cost, and only for it")
         if not 0 <= tolerance < target_ratio:
             raise ValueError(f"tolerance must be in [0, target_ratio), got {tolerance!r}")
         self.supernet = supernet
         self.target_ratio, self.cost_metric, self.cost_weight = target_ratio, cost_metric, cost_weight
         self.tolerance, self.band, self.arch_weight_decay, self.seed = tolerance, band, arch_weight_decay, seed
         self.sample_per_replica, self.entropy_weight = sample_per_replica, entropy_weight
+        self.latency = latency_table and SupernetLatency(supernet, latency_table)
         full_cost = count_arch(supernet.arch)
-        self.base_cost = full_cost.flops if cost_metric == "flops" else full_cost.params
+        self.base_cost = (self.latency.full_ms if self.latency else
+                          full_cost.flops if cost_metric == "flops" else full_cost.params)
         low, high = cost_band(target_ratio, tolerance, band)
         self.cost_low, self.cost_high = low * self.base_cost, high * self.base_cost
         self.tau = keras.Variable(5.0, trainable=False, name="tau")
@@ -225,8 +233,11 @@ class TASSearchModel(keras.Model):
 
     def cost_loss(self):
         """(L_cost, E(A), F(A)): the cost term's sign comes from the exact argmax cost."""
-        expected = self.supernet.expected_cost(self.cost_metric)
-        argmax = tf.cast(self.supernet.argmax_cost(self.cost_metric), tf.float32)
+        if self.latency:
+            expected, argmax = self.latency.expected(), self.latency.argmax()
+        else:
+            expected = self.supernet.expected_cost(self.cost_metric)
+            argmax = tf.cast(self.supernet.argmax_cost(self.cost_metric), tf.float32)
         sign = tf.where(argmax > self.cost_high, 1.0, tf.where(argmax < self.cost_low, -1.0, 0.0))
         return sign * tf.math.log(expected), expected, argmax
 
@@ -293,8 +304,10 @@ class ArchHistory(EpochLog):
             decided["depth_changes"] = sum(a != b for a, b in zip(arch.stage_blocks, previous["stage_blocks"]))
         if logs is not None:
             logs.update(decided)
+        latency = self.model.latency
         return {"epoch": epoch, "widths": list(arch.widths), "stage_blocks": list(arch.stage_blocks),
                 "flops": cost.flops, "params": cost.params, "tau": float(self.model.tau.numpy()),
+                **({LATENCY: predict_latency(arch, latency.table)} if latency else {}),
                 **super().entry(epoch, logs)}
 
 
@@ -374,7 +387,7 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
                band="code", tau_schedule="cosine", tau_max=5.0, tau_min=0.1, width_multiple=1,
                learning_rate=0.1, arch_learning_rate=None, arch_warmup=ARCH_WARMUP, arch_decay="cosine",
                entropy_weight=ENTROPY_WEIGHT, init_from=None, seed=0, max_train_examples=None, overwrite=False,
-               checkpoint_steps=CHECKPOINT_STEPS):
+               checkpoint_steps=CHECKPOINT_STEPS, latency_table=None, target_latency_ms=None):
     """Searches a shape of `model_name` keeping `target_ratio` of its cost; writes arch.json,
     history.json, search.png, curves.png and TensorBoard logs to `out`, resuming an interrupted run from its
     backup (every `checkpoint_steps` steps and every epoch).
@@ -384,7 +397,11 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     (`arch_learning_rate_for`). After the warm-up the mean entropy of the architecture distributions
     enters the architecture loss with a weight rising linearly from 0 to `entropy_weight`. The
     reference code's step is `arch_learning_rate=1e-3, arch_warmup=0, arch_decay="constant",
-    entropy_weight=0`."""
+    entropy_weight=0`.
+
+    `cost_metric="latency"`: the cost is the latency of `latency_table` (a path, made by
+    `python -m tas_keras.latency_table`), and `target_latency_ms`, if given, sets the target ratio
+    (ms / the full network's table latency)."""
     settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps")}
     settings["stage"] = "search"
     ArchConfig.full(model_name)
@@ -392,8 +409,13 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
         raise ValueError(f"target ratio must be in (0, 1), got {target_ratio!r}")
     if not 0 <= tolerance < target_ratio:
         raise ValueError(f"tolerance must be in [0, target ratio), got {tolerance!r}")
-    if cost_metric not in COST_METRICS:
-        raise ValueError(f"cost must be one of {COST_METRICS}, got {cost_metric!r}")
+    if cost_metric not in COSTS:
+        raise ValueError(f"cost must be one of {COSTS}, got {cost_metric!r}")
+    if cost_metric == LATENCY and not latency_table:
+        raise ValueError("the latency cost needs a latency table (make one with `python -m tas_keras.latency_table`)")
+    if cost_metric != LATENCY and (latency_table or target_latency_ms):
+        raise ValueError(f"a latency table or target is for the latency cost, got cost {cost_metric!r}")
+    table = latency_table and LatencyTable.load(latency_table)
     cost_band(target_ratio, tolerance, band)
     tau_at(0, epochs, tau_schedule)
     if not 0 <= arch_warmup < 1:
@@ -410,6 +432,10 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
         raise ValueError(f"--init_from: no such file {init_from!r}")
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
                                 seed=seed)
+    if table:
+        table.check_covers(model_name, dataset.num_classes, dataset.image_shape, width_multiple)
+        if target_latency_ms is not None:
+            target_ratio = latency_target_ratio(target_latency_ms, model_name, dataset, table)
     if batch_size > len(dataset.train_labels) // 2:
         raise ValueError(f"batch_size {batch_size} is larger than a search half ({len(dataset.train_labels) // 2} "
                          "images)")
@@ -427,7 +453,8 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     total = steps * epochs
     warmup_steps = round(total * arch_warmup)
     model = TASSearchModel(supernet, target_ratio, cost_metric, cost_weight, tolerance, band, seed=seed,
-                           entropy_weight=LinearRamp(entropy_weight, total, warmup_steps) if entropy_weight else None)
+                           entropy_weight=LinearRamp(entropy_weight, total, warmup_steps) if entropy_weight else None,
+                           latency_table=table)
     peak = arch_learning_rate if arch_learning_rate is not None else arch_learning_rate_for(
         total, arch_warmup, ARCH_TRAVEL)
     arch_rate = ArchLearningRate(peak, total, warmup_steps, arch_decay)
@@ -450,8 +477,27 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
         "model": model_name, "dataset": dataset.name, "width_multiple": width_multiple,
         "arch_learning_rate": peak, "arch_warmup": arch_warmup, "arch_decay": arch_decay,
         "entropy_weight": entropy_weight,
-        "search_wall_time_s": round(wall, 2)})
+        "search_wall_time_s": round(wall, 2),
+        **(latency_provenance(chosen[LATENCY], model.latency, latency_table) if table else {})})
     plots.plot_search(history.history, full, os.path.join(run, PLOT_FILE))
     plots.plot_search_curves(history.history, os.path.join(run, CURVES_FILE))
     arch.save(os.path.join(run, ARCH_FILE))
     return arch.to_dict()
+
+
+def latency_target_ratio(target_ms, model_name, dataset, table):
+    """The target ratio of a target in ms: its fraction of the full network's latency in `table`."""
+    full_ms = predict_latency(ArchConfig.full(model_name, dataset.num_classes, dataset.image_shape), table)
+    if not 0 < target_ms < full_ms:
+        raise ValueError(f"target latency {target_ms} ms must be in (0, {full_ms:.4f}), the full {model_name}'s "
+                         f"latency in {table.path}")
+    return target_ms / full_ms
+
+
+def latency_provenance(latency_ms, latency, table_path):
+    """What arch.json records of a latency search: the predicted latency and the table it came from."""
+    table = latency.table
+    return {"latency_ms": latency_ms, "latency_ratio": latency_ms / latency.full_ms,
+            "full_latency_ms": latency.full_ms,
+            "latency_table": {"path": os.path.abspath(table_path), "quantize": table.quantize,
+                              "threads": table.threads, "made_for": table.describe()}}

@@ -103,6 +103,17 @@ def blocks_per_stage(depth, block):
     return (depth - 2) // (3 * layers_per_block)
 
 
+def read_json_file(path, what):
+    """The JSON content of `path`; a ValueError naming `what` the file should be if it cannot be read."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as error:
+        raise ValueError(f"cannot read {what} {path!r}: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} {path!r} is not JSON: {error}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class ConvSlot:
     """One searchable conv of the full network: where it sits and how wide it is at most."""
@@ -309,13 +320,7 @@ class ArchConfig:
     @classmethod
     def load(cls, path):
         """Reads an arch.json of this project or a released-shape file of the reference code."""
-        try:
-            with open(path) as f:
-                config = json.load(f)
-        except OSError as error:
-            raise ValueError(f"cannot read shape file {path!r}: {error.strerror}") from None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"shape file {path!r} is not JSON: {error}") from None
+        config = read_json_file(path, "shape file")
         try:
             if isinstance(config, Mapping) and {"xchannels", "module"} & config.keys():
                 return cls.from_released(config, provenance={"file": os.path.basename(path)})

@@ -37,6 +37,36 @@ def define_common_flags(epochs, batch_size, dataset=BUNDLED_DATASET):
     flags.DEFINE_bool("overwrite", False, "Replace what --out holds instead of refusing or resuming.")
 
 
+def define_cost_flags(target_help):
+    """--cost, --target_flops_ratio and the latency cost's flags (`cost_target` reads them)."""
+    flags.DEFINE_enum("cost", "flops", ["flops", "params", "latency"], "What the target constrains: FLOPs, "
+                      "parameters, or the latency in --latency_table.")
+    flags.DEFINE_float("target_flops_ratio", 0.5, target_help)
+    flags.DEFINE_string("latency_table", None, "With --cost=latency: a table made on the target device by "
+                        "`python -m tas_keras.latency_table` (its quantisation and threads).")
+    flags.DEFINE_float("target_latency_ratio", None, "With --cost=latency: keep this fraction of the full "
+                       "network's latency in the table (default 0.5).")
+    flags.DEFINE_float("target_latency_ms", None, "With --cost=latency: the target latency in ms instead of a "
+                       "ratio.")
+
+
+def cost_target(cost):
+    """(target ratio, target ms or None) of the cost flags for `cost` (--cost, or a preset's); a ValueError
+    for flags that do not say one target."""
+    f = flags.FLAGS
+    if cost != "latency":
+        given = [name for name in ("latency_table", "target_latency_ratio", "target_latency_ms") if f[name].present]
+        if given:
+            raise ValueError(f"--{given[0]} is for --cost=latency, got --cost={cost}")
+        return f.target_flops_ratio, None
+    if f["target_flops_ratio"].present:
+        raise ValueError("--cost=latency takes --target_latency_ratio or --target_latency_ms, not "
+                         "--target_flops_ratio")
+    if f.target_latency_ratio is not None and f.target_latency_ms is not None:
+        raise ValueError("give --target_latency_ratio or --target_latency_ms, not both")
+    return (0.5 if f.target_latency_ratio is None else f.target_latency_ratio), f.target_latency_ms
+
+
 def run(main, positional=None):
     """absl's app.run, with ValueError (bad shape, data, flags, a run directory in use) printed as
     one line, exit status 2, and a diverged training as one line, exit status 1 (the traceback with

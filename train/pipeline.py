@@ -11,19 +11,23 @@ import os
 import time
 
 from export import tfmot_bridge
+from export.layer_latency import make_table
 from export.pipeline import REPORT_FILE, TFLITE_FILE, export_and_verify
 from tas_keras import data
+from tas_keras.latency import LatencyTable, predict_latency
 from tas_keras.distribute import make_strategy
 from tas_keras.cost import count_arch
 from tas_keras.distill import distill, load_teacher
 from tas_keras.runs import (check_overwrite, clear_run_dir, holds_own_files, lock_run_dir, locking_stage,
                             prepare_run_dir, read_json, run_dir, write_json)
-from tas_keras.search import ARCH_FILE, CURVES_FILE, PLOT_FILE, run_search
+from tas_keras.search import ARCH_FILE, COSTS, CURVES_FILE, LATENCY, PLOT_FILE, latency_target_ratio, run_search
 from tas_keras.search_space import ArchConfig, candidate_widths, depth_choices
 from tas_keras.training import MODEL_FILE, train_base
 
 PIPELINE_FILE = "pipeline.json"
-STAGES = ("base", "search", "distill", "export", "report")
+STAGES = ("base", "latency table", "search", "distill", "export", "report")
+LATENCY_TABLE_FILE = os.path.join("latency_table", "table.json")
+EXPORT_THREADS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +41,10 @@ class Preset:
     latency_runs: int
     # run_search's architecture-step settings; empty: its defaults, which scale to the run's length.
     arch_step: dict = dataclasses.field(default_factory=dict)
+    cost: str = "flops"
+    width_multiple: int = 1
+    quantizations: tuple = ("none", "int8")  # the exports
+    threads: int = EXPORT_THREADS  # LiteRT threads of the exports' latency (and of the latency table the pipeline makes)
 
 
 PRESETS = {
@@ -49,13 +57,22 @@ PRESETS = {
                     search_batch_size=256, latency_runs=500,
                     arch_step={"arch_learning_rate": 1e-3, "arch_warmup": 0.0, "arch_decay": "constant",
                               "entropy_weight": 0.0}),
+    # For phones: the quick schedule, searched against the int8 latency of a table measured on this
+    # machine (made in latency_table/ unless given) in widths that are multiples of 16 (XNNPACK's int8
+    # kernels tile output channels by 16), exported to int8 only, timed on one thread.
+    "mobile": Preset(data.BUNDLED_DATASET, base_epochs=8, search_epochs=10, distill_epochs=8, batch_size=128,
+                     search_batch_size=64, latency_runs=100, cost=LATENCY, width_multiple=16,
+                     quantizations=("int8",), threads=1),
 }
 
 
-def smallest_ratio(full):
-    """FLOPs of the smallest network the search space can express, as a fraction of the full one."""
-    smallest = full.replace(widths=[candidate_widths(s.full_width)[0] for s in full.slots],
+def smallest_ratio(full, width_multiple=1, table=None):
+    """FLOPs (or with a latency table, latency) of the smallest network the search space can express, as
+    a fraction of the full one's."""
+    smallest = full.replace(widths=[candidate_widths(s.full_width, width_multiple)[0] for s in full.slots],
                             stage_blocks=[depth_choices(full.num_blocks)[0]] * len(full.stage_blocks))
+    if table is not None:
+        return predict_latency(smallest, table) / predict_latency(full, table)
     return count_arch(smallest).flops / count_arch(full).flops
 
 
@@ -90,12 +107,18 @@ class _Progress:
 @locking_stage
 def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", dataset_name=None, data_dir=None,
               teacher_path=None, base_epochs=None, search_epochs=None, distill_epochs=None, batch_size=None,
-              width_multiple=1, seed=0, qat_epochs=0, overwrite=False, strategy="auto"):
+              width_multiple=None, seed=0, qat_epochs=0, overwrite=False, strategy="auto", cost_metric=None,
+              latency_table=None, target_latency_ms=None):
     """Runs every stage into `out` and returns the report (also `out/report.json` and `report.md`).
 
     The training stages run under `strategy`; export and report need one device and run outside it,
     on the chief only (the other workers of a cluster return None once training is done).
     `qat_epochs` > 0 makes the int8 export quantization-aware (the optional TFMOT bridge).
+
+    `cost_metric` and `width_multiple` default to the preset's. The latency cost reads `latency_table`
+    (it must measure one of the preset's export quantisations; the exports are then timed at its
+    threads); without one, the pipeline measures a table on this machine into `out/latency_table/`
+    (int8, the preset's threads). `target_latency_ms` replaces `target_ratio` by a latency.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -107,12 +130,23 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
                                                  (distill_epochs, chosen.distill_epochs)))
     batch_size = batch_size or chosen.batch_size
     search_batch_size = min(batch_size, chosen.search_batch_size)
+    cost_metric = cost_metric or chosen.cost
+    width_multiple = width_multiple or chosen.width_multiple
+    if cost_metric not in COSTS:
+        raise ValueError(f"cost must be one of {COSTS}, got {cost_metric!r}")
+    if cost_metric != LATENCY and (latency_table or target_latency_ms):
+        raise ValueError(f"a latency table or target is for the latency cost, got cost {cost_metric!r}")
     if not 0 < target_ratio < 1:
         raise ValueError(f"target ratio must be in (0, 1), got {target_ratio!r}")
-    floor = smallest_ratio(ArchConfig.full(model_name))
-    if target_ratio < floor:
-        raise ValueError(f"target ratio {target_ratio} is below the smallest {model_name} the search space "
-                         f"can express ({floor:.3f} of the FLOPs)")
+    table = latency_table and LatencyTable.load(latency_table)
+    if table and table.quantize not in chosen.quantizations:
+        raise ValueError(f"latency table {latency_table!r} was measured with quantize={table.quantize}, but the "
+                         f"{preset} preset exports {', '.join(chosen.quantizations)}")
+    if cost_metric != LATENCY or table:
+        floor = smallest_ratio(ArchConfig.full(model_name), width_multiple, table)
+        if target_latency_ms is None and target_ratio < floor:
+            raise ValueError(f"target ratio {target_ratio} is below the smallest {model_name} the search space "
+                             f"can express ({floor:.3f} of the {'latency' if table else 'FLOPs'})")
     if qat_epochs:
         tfmot_bridge.require_tfmot()  # now, not after hours of training
     distribution = make_strategy(strategy)  # a multi-worker strategy must precede other TensorFlow work
@@ -120,9 +154,14 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     full = ArchConfig.full(model_name, num_classes=dataset.num_classes, input_shape=dataset.image_shape)
     if teacher_path:
         _check_teacher(teacher_path, full)
+    if table:
+        table.check_covers(model_name, dataset.num_classes, dataset.image_shape, width_multiple)
+        if target_latency_ms is not None:
+            latency_target_ratio(target_latency_ms, model_name, dataset, table)
+    threads = table.threads if table else chosen.threads
     images = len(dataset.train_labels)
-    progress = _Progress([base_epochs * images * (teacher_path is None), search_epochs * images,
-                          distill_epochs * images * 1.3, images, 0])
+    progress = _Progress([base_epochs * images * (teacher_path is None), 0, search_epochs * images,
+                          distill_epochs * images * 1.3, images * len(chosen.quantizations) / 2, 0])
     common = dict(dataset_name=dataset_name, data_dir=data_dir, seed=seed)
     trained = dict(common, strategy=strategy)
     stage_dirs = {stage: os.path.join(out, stage) for stage in ("base", "search", "distill")}
@@ -139,7 +178,9 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
                              "--overwrite")
         write_json(os.path.join(written, PIPELINE_FILE), {
             "model": model_name, "target_ratio": target_ratio, "preset": preset, "dataset": dataset_name,
-            "seed": seed})
+            "seed": seed, "cost": cost_metric, "width_multiple": width_multiple,
+            **({"latency_table": latency_table, "target_latency_ms": target_latency_ms}
+               if cost_metric == LATENCY else {})})
 
         progress.banner(0, "base network" + (f": given {teacher_path}" if teacher_path else ""))
         if not teacher_path:
@@ -150,14 +191,24 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
         else:
             progress.measured(300.0)  # a first guess, until a stage is timed
 
-        progress.banner(1, f"TAS search of {model_name} at {target_ratio:.0%} of the FLOPs")
+        if cost_metric == LATENCY and not latency_table:
+            latency_table = os.path.join(written, LATENCY_TABLE_FILE)
+            progress.banner(1, f"latency table of {model_name}'s search space on this machine (int8, {threads} "
+                               f"thread(s))")
+            os.makedirs(os.path.dirname(latency_table), exist_ok=True)
+            make_table(latency_table, models=[model_name], quantize="int8", threads=threads,
+                       width_multiple=width_multiple, num_classes=dataset.num_classes,
+                       input_shape=dataset.image_shape, note=f"made by train.prune --preset={preset}")
+        target = f"{target_latency_ms} ms" if target_latency_ms else f"{target_ratio:.0%} of the {cost_metric}"
+        progress.banner(2, f"TAS search of {model_name} at {target}")
         run_search(stage_dirs["search"], model_name=model_name, epochs=search_epochs,
                    batch_size=search_batch_size, target_ratio=target_ratio, width_multiple=width_multiple,
+                   cost_metric=cost_metric, latency_table=latency_table, target_latency_ms=target_latency_ms,
                    **chosen.arch_step,
                    **trained)
         search_dir = run_dir(stage_dirs["search"])
 
-        progress.banner(2, "training the searched shape with KD from the base network")
+        progress.banner(3, "training the searched shape with KD from the base network")
         distilled = distill(stage_dirs["distill"], os.path.join(search_dir, ARCH_FILE), teacher_path,
                             mode="kd", epochs=distill_epochs, batch_size=batch_size, **trained)
         progress.measured(distilled["train_images_per_second"] / 1.3)
@@ -165,12 +216,14 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
         logging.info("training done; the chief exports and writes the report")
         return None
 
-    progress.banner(3, "export to SavedModel and .tflite (fp32, int8), verified with LiteRT")
+    progress.banner(4, f"export to SavedModel and .tflite ({', '.join(chosen.quantizations)}), verified with LiteRT")
     exports = {}
-    for quantize in ("none", "int8"):
+    for quantize in chosen.quantizations:
         export_dir = os.path.join(out, "export", quantize)
         settings = {"model": os.path.abspath(os.path.join(stage_dirs["distill"], MODEL_FILE)),
-                    "compare_with": os.path.abspath(teacher_path), "quantize": quantize, **common}
+                    "compare_with": os.path.abspath(teacher_path), "quantize": quantize, **common,
+                    # only when not the default, so the exports of runs made before it was a setting still match
+                    **({} if threads == EXPORT_THREADS else {"threads": threads})}
         qat = qat_epochs if quantize == "int8" else 0
         if qat:  # only then: the exports of earlier runs, without the key, stay finished
             settings["qat_epochs"] = qat
@@ -180,21 +233,24 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
         else:
             exports[quantize] = export_and_verify(settings["model"], export_dir, quantize=quantize,
                                                   qat_epochs=qat, compare_with=teacher_path,
-                                                  latency_runs=chosen.latency_runs, **common)
+                                                  latency_runs=chosen.latency_runs, threads=threads, **common)
 
-    progress.banner(4, "report")
+    progress.banner(5, "report")
     report = build_report(out, model_name, target_ratio, distilled, exports, search_dir)
     logging.info("report: %s", os.path.join(out, "report.md"))
     return report
 
 
 def build_report(out, model_name, target_ratio, distilled, exports, search_dir):
-    """report.json and report.md: base vs pruned, the searched shape and the search curves."""
+    """report.json and report.md: base vs pruned, the searched shape and the search curves; for a
+    latency search also the latency its table predicted beside the measured one."""
     models = {q: {m["role"]: m for m in exports[q]["models"]} for q in exports}
-    pruned, base = models["none"]["model"], models["none"]["compare_with"]
+    pruned, base = next(iter(models.values()))["model"], next(iter(models.values()))["compare_with"]
+    shape = read_json(os.path.join(search_dir, ARCH_FILE))
+    provenance = shape["provenance"]
     report = {
-        "model": model_name, "target_ratio": target_ratio,
-        "searched_shape": read_json(os.path.join(search_dir, ARCH_FILE)),
+        "model": model_name, "target_ratio": target_ratio, "cost": provenance["cost_metric"],
+        "searched_shape": shape,
         "base": {"flops": base["flops"], "params": base["params"]},
         "pruned": {"flops": pruned["flops"], "params": pruned["params"]},
         "keras_accuracy": {"base": distilled["teacher_test_accuracy"], "pruned": distilled["test_accuracy"]},
@@ -203,6 +259,13 @@ def build_report(out, model_name, target_ratio, distilled, exports, search_dir):
                     for q in models},
         "checks_passed": all(exports[q]["passed"] for q in exports),
     }
+    table = provenance.get("latency_table")
+    if table:
+        measured = report["exports"][table["quantize"]]
+        report["latency"] = {"quantize": table["quantize"], "threads": table["threads"],
+                             "predicted_ms": {"base": provenance["full_latency_ms"], "pruned": provenance["latency_ms"]},
+                             "measured_ms": {"base": measured["compare_with"]["latency_ms"],
+                                             "pruned": measured["model"]["latency_ms"]}}
     write_json(os.path.join(out, "report.json"), report)
 
     def row(label, base_value, pruned_value, fmt):
@@ -213,8 +276,15 @@ def build_report(out, model_name, target_ratio, distilled, exports, search_dir):
     pct = lambda a: f"{100 * a:.2f}%"  # noqa: E731
     ms = lambda t: f"{t:.3f} ms"  # noqa: E731
     e = report["exports"]
+    flops_kept = pruned["flops"] / base["flops"]
+    if table:
+        latency = report["latency"]["measured_ms"]
+        title = (f"{latency['pruned'] / latency['base']:.1%} of its {table['quantize']} latency, measured "
+                 f"(target {provenance['target_ratio']:.0%} in the latency table), {flops_kept:.1%} of its FLOPs")
+    else:
+        title = f"{flops_kept:.1%} of its FLOPs (target {target_ratio:.0%})"
     lines = [
-        f"# {model_name} pruned to {pruned['flops'] / base['flops']:.1%} of its FLOPs (target {target_ratio:.0%})",
+        f"# {model_name} pruned to {title}",
         "",
         "| | base | pruned | pruned / base |",
         "|---|---|---|---|",
@@ -222,14 +292,19 @@ def build_report(out, model_name, target_ratio, distilled, exports, search_dir):
         row("parameters", base["params"], pruned["params"], lambda v: f"{v:,}"),
         row("accuracy, Keras", report["keras_accuracy"]["base"], report["keras_accuracy"]["pruned"], pct),
     ]
-    for q, label in (("none", "fp32"), ("int8", "int8")):
+    for q in e:
+        label = {"none": "fp32"}.get(q, q)
         lines += [row(f".tflite {label} size", e[q]["compare_with"]["size_bytes"], e[q]["model"]["size_bytes"], size),
                   row(f".tflite {label} accuracy", e[q]["compare_with"]["accuracy"], e[q]["model"]["accuracy"], pct),
                   row(f".tflite {label} latency (batch 1, median)", e[q]["compare_with"]["latency_ms"],
                       e[q]["model"]["latency_ms"], ms)]
-    shape = report["searched_shape"]
+        if table and table["quantize"] == q:
+            predicted = report["latency"]["predicted_ms"]
+            lines.append(row(f".tflite {label} latency predicted by the table ({table['threads']} thread(s))",
+                             predicted["base"], predicted["pruned"], ms))
+    files = ", ".join(f"`export/{q}/{TFLITE_FILE}`" for q in e)
     lines += ["", f"Export checks: {'all passed' if report['checks_passed'] else 'SOME FAILED, see export/*/report.json'}."
-              f" Files: `export/none/{TFLITE_FILE}`, `export/int8/{TFLITE_FILE}`.", "",
+              f" Files: {files}.", "",
               f"## Searched shape: blocks per stage {shape['stage_blocks']}", "",
               f"![searched shape](search/{PLOT_FILE})", "", "## Search", "", f"![search curves](search/{CURVES_FILE})", ""]
     tmp = os.path.join(out, "report.md.tmp")

@@ -3,9 +3,11 @@
   python -m train.prune --out=runs/quickstart                       # --preset=quick, bundled data
   python -m train.prune --out=runs/r56 --model=resnet56 --dataset=cifar10 --target_flops_ratio=0.47 \
       --preset=paper --teacher=runs/base56/model.keras
+  python -m train.prune --out=runs/phone --preset=mobile --target_latency_ratio=0.6   # int8 latency on this machine
 
-Stages (sub-directories of --out): base (skipped with --teacher), search, distill, export/{none,int8},
-then report.md / report.json. Re-running resumes; a finished stage is not redone.
+Stages (sub-directories of --out): base (skipped with --teacher), latency_table (a latency search
+without --latency_table), search, distill, export/{none,int8} (int8 only with --preset=mobile), then
+report.md / report.json. Re-running resumes; a finished stage is not redone.
 """
 
 from absl import flags
@@ -15,24 +17,29 @@ from train.pipeline import PRESETS, run_prune
 
 common_flags.define_common_flags(epochs=None, batch_size=None, dataset=None)
 _MODEL = flags.DEFINE_string("model", "resnet20", "resnet20 | resnet32 | resnet56 | resnet110 | resnet164.")
-_TARGET = flags.DEFINE_float("target_flops_ratio", 0.5, "Keep this fraction of the network's FLOPs.")
+common_flags.define_cost_flags("Keep this fraction of the network's FLOPs (or parameters).")
 _PRESET = flags.DEFINE_enum("preset", "quick", sorted(PRESETS),
                             "quick: bundled data, minutes on a CPU; paper: the reference schedule (600 search "
-                            "epochs, 300 KD epochs, batch 256), for GPUs.")
+                            "epochs, 300 KD epochs, batch 256), for GPUs; mobile: the quick schedule searched "
+                            "against int8 latency measured on this machine (--cost=latency), widths in multiples "
+                            "of 16, int8 export.")
 _TEACHER = flags.DEFINE_string("teacher", None, "A trained full --model (train.base's model.keras): skips base "
                                "training.")
 _BASE_EPOCHS = flags.DEFINE_integer("base_epochs", None, "Override the preset.", lower_bound=1)
 _SEARCH_EPOCHS = flags.DEFINE_integer("search_epochs", None, "Override the preset.", lower_bound=1)
 _DISTILL_EPOCHS = flags.DEFINE_integer("distill_epochs", None, "Override the preset.", lower_bound=1)
-_MULTIPLE = flags.DEFINE_integer("width_multiple", 1, "Search widths in multiples of this (8 or 16).",
-                                 lower_bound=1)
+_MULTIPLE = flags.DEFINE_integer("width_multiple", None, "Search widths in multiples of this (8 or 16; "
+                                 "default: the preset's, 1 or 16 for mobile).", lower_bound=1)
 _QAT_EPOCHS = flags.DEFINE_integer("qat_epochs", 0, "Make the int8 export quantization-aware: fine-tune this "
                                    "many epochs (needs requirements-tfmot.txt).", lower_bound=0)
 FLAGS = flags.FLAGS
 
 
 def main():
-    run_prune(out=FLAGS.out, model_name=_MODEL.value, target_ratio=_TARGET.value, preset=_PRESET.value,
+    cost = FLAGS.cost if FLAGS["cost"].present else PRESETS[_PRESET.value].cost
+    target_ratio, target_ms = common_flags.cost_target(cost)
+    run_prune(out=FLAGS.out, model_name=_MODEL.value, target_ratio=target_ratio, preset=_PRESET.value,
+              cost_metric=cost, latency_table=FLAGS.latency_table, target_latency_ms=target_ms,
               dataset_name=FLAGS.dataset, data_dir=FLAGS.data_dir, teacher_path=_TEACHER.value,
               base_epochs=_BASE_EPOCHS.value, search_epochs=_SEARCH_EPOCHS.value,
               distill_epochs=_DISTILL_EPOCHS.value, batch_size=FLAGS.batch_size,

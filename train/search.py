@@ -1,6 +1,7 @@
 """TAS search of the width of every layer and the depth of every stage under a cost target.
 
   python -m train.search --out=runs/search --model=resnet56 --dataset=cifar10 --target_flops_ratio=0.47
+  python -m train.search --out=runs/search --cost=latency --latency_table=table.json --target_latency_ratio=0.6
 """
 
 from absl import flags
@@ -10,8 +11,7 @@ from train import common_flags
 
 common_flags.define_common_flags(epochs=10, batch_size=256)
 _MODEL = flags.DEFINE_string("model", "resnet20", "resnet20 | resnet32 | resnet56 | resnet110 | resnet164.")
-_TARGET = flags.DEFINE_float("target_flops_ratio", 0.5, "R: keep this fraction of the full network's cost.")
-_COST = flags.DEFINE_enum("cost", "flops", ["flops", "params"], "What the target constrains.")
+common_flags.define_cost_flags("R: keep this fraction of the full network's cost (FLOPs or params).")
 _LAMBDA = flags.DEFINE_float("cost_weight", 2.0, "lambda, the weight of the cost loss.")
 _TOLERANCE = flags.DEFINE_float("tolerance", 0.05, "t, the width of the accepted band.")
 _BAND = flags.DEFINE_enum("band", "code", list(COST_BANDS),
@@ -38,9 +38,11 @@ FLAGS = flags.FLAGS
 
 
 def main():
+    target_ratio, target_ms = common_flags.cost_target(FLAGS.cost)
     run_search(out=FLAGS.out, model_name=_MODEL.value, dataset_name=FLAGS.dataset, data_dir=FLAGS.data_dir,
-               epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, target_ratio=_TARGET.value,
-               cost_metric=_COST.value, cost_weight=_LAMBDA.value, tolerance=_TOLERANCE.value,
+               epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, target_ratio=target_ratio,
+               cost_metric=FLAGS.cost, latency_table=FLAGS.latency_table, target_latency_ms=target_ms,
+               cost_weight=_LAMBDA.value, tolerance=_TOLERANCE.value,
                band=_BAND.value, tau_schedule=_TAU.value, tau_max=_TAU_MAX.value, tau_min=_TAU_MIN.value,
                width_multiple=_MULTIPLE.value, learning_rate=_LR.value, arch_learning_rate=_ARCH_LR.value,
                arch_warmup=_ARCH_WARMUP.value, arch_decay=_ARCH_DECAY.value, entropy_weight=_ENTROPY.value,

@@ -1,0 +1,59 @@
+"""Measures a latency table on this machine, for `--cost=latency` searches.
+
+  python -m tas_keras.latency_table --model=resnet20 --quantize=int8 --threads=1 --out=table.json
+
+Every layer geometry of the model's search space and every (input width, output width) pair of its
+candidate widths, timed alone with LiteRT (XNNPACK, batch 1, --threads), plus the fixed cost of the
+rest of the network. Runs wherever ai-edge-litert installs (run it on the device the model will run
+on); re-running the same command continues an interrupted table. See export/layer_latency.py.
+"""
+
+import logging
+import sys
+
+from train import common_flags  # first: it quiets TensorFlow's logging before TensorFlow loads
+
+from absl import flags  # noqa: E402
+import keras  # noqa: E402
+
+from export.layer_latency import RUNS, WARMUP, make_table  # noqa: E402
+from tas_keras.latency import QUANTIZATIONS  # noqa: E402
+
+_MODEL = flags.DEFINE_list("model", ["resnet20"], "Model(s) whose search space the table covers (resnet20, "
+                           "resnet56, ...; the basic-block ResNets at one input size share their geometries).")
+_QUANTIZE = flags.DEFINE_enum("quantize", "none", QUANTIZATIONS, "none (fp32) or int8, as the model will be "
+                              "exported.")
+_THREADS = flags.DEFINE_integer("threads", 1, "LiteRT threads, as the app will run the model.", lower_bound=1)
+_OUT = flags.DEFINE_string("out", None, "The table (JSON); an unfinished one with the same settings is "
+                           "continued.", required=True)
+_MULTIPLE = flags.DEFINE_integer("width_multiple", 1, "The search's --width_multiple (candidate widths rounded "
+                                 "to multiples of this).", lower_bound=1)
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 10, "Classes of the classifier.", lower_bound=1)
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Input height and width.", lower_bound=1)
+_RUNS = flags.DEFINE_integer("runs", RUNS, "Timed invokes per layer (after the warm-up).", lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", WARMUP, "Untimed invokes per layer first.", lower_bound=0)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Measure afresh instead of continuing the table at --out.")
+_NOTE = flags.DEFINE_string("note", "", "Recorded in the table: e.g. what else ran on the machine.")
+FLAGS = flags.FLAGS
+
+
+def main():
+    logging.getLogger("absl").setLevel(logging.WARNING)  # TensorFlow logs lines per converted layer otherwise
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        bar = bar or keras.utils.Progbar(total, unit_name="layer")
+        bar.update(done)
+
+    table = make_table(FLAGS.out, models=_MODEL.value, quantize=_QUANTIZE.value, threads=_THREADS.value,
+                       width_multiple=_MULTIPLE.value, num_classes=_NUM_CLASSES.value,
+                       input_shape=(_IMAGE_SIZE.value, _IMAGE_SIZE.value, 3), runs=_RUNS.value,
+                       warmup=_WARMUP.value, note=_NOTE.value, overwrite=_OVERWRITE.value, progress=progress)
+    entries = sum(len(entry["times"]) for entry in table["entries"].values())
+    print(f"{FLAGS.out}: {entries} entries in {len(table['entries'])} geometries, fixed cost "
+          f"{table['fixed']['ms']:.4f} ms", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    common_flags.run(main)
