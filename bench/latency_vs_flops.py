@@ -13,7 +13,8 @@ Each trained shape is exported to int8 (`export.pipeline.export_and_verify`: acc
 the test split) and all of them and the full teacher are timed interleaved with LiteRT at the table's
 threads (each timed invoke right after an untimed one, as the table was made). Reported per arm:
 measured latency, FLOPs, accuracy, and speed-up / FLOP reduction against the full network (1.0: the
-latency fell as much as the FLOPs; goal >= 0.9 for the latency arm).
+latency fell as much as the FLOPs; goal >= 0.9 for the latency arm). For scale, the most that ratio can
+be at the target latency: the best of 20,000 random shapes of each latency arm's space, by the table.
 
 Every search and training runs in its own directory under --out and resumes; results go to --results
 after every stage, so an interrupted run keeps what is done and continues when run again.
@@ -31,13 +32,14 @@ from export.pipeline import TFLITE_FILE, export_and_verify
 from tas_keras import data
 from tas_keras.cost import count_arch
 from tas_keras.distill import distill
-from tas_keras.latency import LatencyTable
+from tas_keras.latency import LatencyTable, predict_latency
 from tas_keras.search import ARCH_FILE, run_search
-from tas_keras.search_space import ArchConfig
+from tas_keras.search_space import ArchConfig, random_shape
 from tas_keras.training import MODEL_FILE, read_json, write_json
 
 MODEL = "resnet20"
 GOAL = 0.9
+BOUND_SAMPLES = 20000
 
 _TEACHER = flags.DEFINE_string("teacher", None, "The full ResNet-20 (.keras) every arm distils from.", required=True)
 _TABLE = flags.DEFINE_string("latency_table", None, "int8 latency table of ResNet-20's space (width multiple 1).",
@@ -69,6 +71,21 @@ def _timed(paths, threads):
     """Median, p10, p90 (ms) of .tflite files timed interleaved with the table's method."""
     return [{"median_ms": round(float(np.median(s)), 5), "p10_ms": round(float(np.percentile(s, 10)), 5),
              "p90_ms": round(float(np.percentile(s, 90)), 5)} for s in time_files(paths, threads, _RUNS.value)]
+
+
+def best_random_ratio(table, width_multiple, target, samples, seed=0):
+    """Over `samples` random shapes, the most FLOPs kept by one whose table latency is within `target` of
+    the full network's: what speed-up / FLOP reduction the space allows at that latency."""
+    full = ArchConfig.full(MODEL)
+    full_ms, full_flops = predict_latency(full, table), count_arch(full).flops
+    best, rng = None, np.random.default_rng(seed)
+    for arch in (random_shape(full, rng, width_multiple) for _ in range(samples)):
+        latency, flops = predict_latency(arch, table) / full_ms, count_arch(arch).flops / full_flops
+        if latency <= target and (best is None or flops > best["flops_ratio"]):
+            best = {"flops_ratio": round(flops, 4), "latency_ratio": round(latency, 4),
+                    "speedup_per_flop_reduction": round(flops / latency, 3), "widths": list(arch.widths),
+                    "stage_blocks": list(arch.stage_blocks)}
+    return best
 
 
 def main(argv):
@@ -143,6 +160,12 @@ def main(argv):
         arm.update(latency=latency, latency_ratio=round(latency["median_ms"] / timed[0]["median_ms"], 4),
                    flops_ratio=round(arm["flops"] / full_flops, 4), speedup=round(speedup, 3),
                    speedup_per_flop_reduction=round(speedup / flop_reduction, 3))
+    spaces = {"latency": (table, 1)}
+    if _TABLE_X16.value:
+        spaces["latency_x16"] = (LatencyTable.load(_TABLE_X16.value), 16)
+    results["best_of_random_shapes"] = {
+        name: {"samples": BOUND_SAMPLES, **best_random_ratio(space, multiple, _TARGET.value, BOUND_SAMPLES)}
+        for name, (space, multiple) in spaces.items()}
     results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     write_json(_RESULTS.value, results)
     for name in names:
