@@ -27,7 +27,7 @@ import tempfile
 from absl import app, flags, logging
 import numpy as np
 
-from export.layer_latency import REWARM, environment, measure_networks, time_files
+from export.layer_latency import REWARM, environment, measure_networks, spread, time_interleaved
 from export.pipeline import TFLITE_FILE, export_and_verify
 from tas_keras import data
 from tas_keras.cost import count_arch
@@ -67,12 +67,6 @@ def _search(name, **settings):
     return os.path.join(out, ARCH_FILE)
 
 
-def _timed(paths, threads):
-    """Median, p10, p90 (ms) of .tflite files timed interleaved with the table's method."""
-    return [{"median_ms": round(float(np.median(s)), 5), "p10_ms": round(float(np.percentile(s, 10)), 5),
-             "p90_ms": round(float(np.percentile(s, 90)), 5)} for s in time_files(paths, threads, _RUNS.value)]
-
-
 def best_random_ratio(table, width_multiple, target, samples, seed=0):
     """Over `samples` random shapes, the most FLOPs kept by one whose table latency is within `target` of
     the full network's: what speed-up / FLOP reduction the space allows at that latency."""
@@ -94,6 +88,10 @@ def main(argv):
     table = LatencyTable.load(_TABLE.value)
     if table.quantize != "int8":
         raise app.UsageError(f"--latency_table must be an int8 table, got quantize={table.quantize}")
+    # The table of each arm's search space (the flops arm searches the latency arm's space).
+    spaces = {"latency": (table, 1)}
+    if _TABLE_X16.value:
+        spaces["latency_x16"] = (LatencyTable.load(_TABLE_X16.value), 16)
     results = read_json(_RESULTS.value) if os.path.exists(_RESULTS.value) else {}
     results.update({
         "what": "ResNet-20: FLOP-searched vs latency-searched shapes at equal measured int8 latency, same KD recipe",
@@ -107,7 +105,7 @@ def main(argv):
 
     arches = {"latency": _search("latency", cost_metric="latency", latency_table=_TABLE.value,
                                  target_ratio=_TARGET.value)}
-    if _TABLE_X16.value:
+    if "latency_x16" in spaces:
         arches["latency_x16"] = _search("latency_x16", cost_metric="latency", latency_table=_TABLE_X16.value,
                                         target_ratio=_TARGET.value, width_multiple=16)
     flop_arches = {float(t): _search(f"flops_{t}", target_ratio=float(t)) for t in _FLOP_TARGETS.value}
@@ -150,19 +148,19 @@ def main(argv):
         export_and_verify(_TEACHER.value, full_export, quantize="int8", threads=table.threads, latency_runs=20,
                           **common)
     names = list(trained)
-    timed = _timed([os.path.join(full_export, TFLITE_FILE)] + [trained[n]["tflite"] for n in names], table.threads)
+    timed = [spread(samples) for samples in time_interleaved(
+        [os.path.join(full_export, TFLITE_FILE)] + [trained[n]["tflite"] for n in names], table.threads, _RUNS.value)]
     full_flops = count_arch(ArchConfig.full(MODEL)).flops
     results["full"] = {"flops": full_flops, "latency": timed[0]}
     for name, latency in zip(names, timed[1:]):
         arm = trained[name]
-        speedup = timed[0]["median_ms"] / latency["median_ms"]
+        speedup = timed[0]["ms"] / latency["ms"]
         flop_reduction = full_flops / arm["flops"]
-        arm.update(latency=latency, latency_ratio=round(latency["median_ms"] / timed[0]["median_ms"], 4),
+        predicted = predict_latency(ArchConfig.load(arches[name]), spaces.get(name, spaces["latency"])[0])
+        arm.update(latency=latency, predicted_ms=round(predicted, 5),
+                   latency_ratio=round(latency["ms"] / timed[0]["ms"], 4),
                    flops_ratio=round(arm["flops"] / full_flops, 4), speedup=round(speedup, 3),
                    speedup_per_flop_reduction=round(speedup / flop_reduction, 3))
-    spaces = {"latency": (table, 1)}
-    if _TABLE_X16.value:
-        spaces["latency_x16"] = (LatencyTable.load(_TABLE_X16.value), 16)
     results["best_of_random_shapes"] = {
         name: {"samples": BOUND_SAMPLES, **best_random_ratio(space, multiple, _TARGET.value, BOUND_SAMPLES)}
         for name, (space, multiple) in spaces.items()}
@@ -170,7 +168,7 @@ def main(argv):
     write_json(_RESULTS.value, results)
     for name in names:
         arm = trained[name]
-        print(f"{name:12s} latency x{arm['latency_ratio']:.3f} ({arm['latency']['median_ms']:.4f} ms)  FLOPs "
+        print(f"{name:12s} latency x{arm['latency_ratio']:.3f} ({arm['latency']['ms']:.4f} ms)  FLOPs "
               f"x{arm['flops_ratio']:.3f}  int8 accuracy {arm['int8_accuracy']:.2%}  speed-up / FLOP reduction "
               f"{arm['speedup_per_flop_reduction']:.2f}")
 
