@@ -23,7 +23,7 @@ import numpy as np
 
 from export.layer_latency import environment, measure_networks
 from tas_keras.latency import LatencyTable
-from tas_keras.search_space import ArchConfig, candidate_widths, depth_choices
+from tas_keras.search_space import ArchConfig, random_shape
 from tas_keras.training import read_json, write_json
 
 GOAL = 0.10
@@ -42,12 +42,7 @@ def random_shapes(model, width_multiple, count, seed):
     """`count` shapes of `model` drawn uniformly from the search space, then the full network."""
     full = ArchConfig.full(model)
     rng = np.random.default_rng(seed)
-    shapes = []
-    for index in range(count):
-        widths = [int(rng.choice(candidate_widths(slot.full_width, width_multiple))) for slot in full.slots]
-        blocks = [int(rng.choice(depth_choices(full.num_blocks))) for _ in full.stage_blocks]
-        shapes.append((f"random_{index}", full.replace(widths=widths, stage_blocks=blocks)))
-    return shapes + [("full", full)]
+    return [(f"random_{index}", random_shape(full, rng, width_multiple)) for index in range(count)] + [("full", full)]
 
 
 def summary(rows):

@@ -13,7 +13,8 @@ Each trained shape is exported to int8 (`export.pipeline.export_and_verify`: acc
 the test split) and all of them and the full teacher are timed interleaved with LiteRT at the table's
 threads (each timed invoke right after an untimed one, as the table was made). Reported per arm:
 measured latency, FLOPs, accuracy, and speed-up / FLOP reduction against the full network (1.0: the
-latency fell as much as the FLOPs; goal >= 0.9 for the latency arm).
+latency fell as much as the FLOPs; goal >= 0.9 for the latency arm). For scale, the most that ratio can
+be at the target latency: the best of 20,000 random shapes of each latency arm's space, by the table.
 
 Every search and training runs in its own directory under --out and resumes; results go to --results
 after every stage, so an interrupted run keeps what is done and continues when run again.
@@ -26,18 +27,19 @@ import tempfile
 from absl import app, flags, logging
 import numpy as np
 
-from export.layer_latency import REWARM, environment, measure_networks, time_files
+from export.layer_latency import REWARM, environment, measure_networks, spread, time_interleaved
 from export.pipeline import TFLITE_FILE, export_and_verify
 from tas_keras import data
 from tas_keras.cost import count_arch
 from tas_keras.distill import distill
-from tas_keras.latency import LatencyTable
+from tas_keras.latency import LatencyTable, predict_latency
 from tas_keras.search import ARCH_FILE, run_search
-from tas_keras.search_space import ArchConfig
+from tas_keras.search_space import ArchConfig, random_shape
 from tas_keras.training import MODEL_FILE, read_json, write_json
 
 MODEL = "resnet20"
 GOAL = 0.9
+BOUND_SAMPLES = 20000
 
 _TEACHER = flags.DEFINE_string("teacher", None, "The full ResNet-20 (.keras) every arm distils from.", required=True)
 _TABLE = flags.DEFINE_string("latency_table", None, "int8 latency table of ResNet-20's space (width multiple 1).",
@@ -65,10 +67,19 @@ def _search(name, **settings):
     return os.path.join(out, ARCH_FILE)
 
 
-def _timed(paths, threads):
-    """Median, p10, p90 (ms) of .tflite files timed interleaved with the table's method."""
-    return [{"median_ms": round(float(np.median(s)), 5), "p10_ms": round(float(np.percentile(s, 10)), 5),
-             "p90_ms": round(float(np.percentile(s, 90)), 5)} for s in time_files(paths, threads, _RUNS.value)]
+def best_random_ratio(table, width_multiple, target, samples, seed=0):
+    """Over `samples` random shapes, the most FLOPs kept by one whose table latency is within `target` of
+    the full network's: what speed-up / FLOP reduction the space allows at that latency."""
+    full = ArchConfig.full(MODEL)
+    full_ms, full_flops = predict_latency(full, table), count_arch(full).flops
+    best, rng = None, np.random.default_rng(seed)
+    for arch in (random_shape(full, rng, width_multiple) for _ in range(samples)):
+        latency, flops = predict_latency(arch, table) / full_ms, count_arch(arch).flops / full_flops
+        if latency <= target and (best is None or flops > best["flops_ratio"]):
+            best = {"flops_ratio": round(flops, 4), "latency_ratio": round(latency, 4),
+                    "speedup_per_flop_reduction": round(flops / latency, 3), "widths": list(arch.widths),
+                    "stage_blocks": list(arch.stage_blocks)}
+    return best
 
 
 def main(argv):
@@ -77,6 +88,10 @@ def main(argv):
     table = LatencyTable.load(_TABLE.value)
     if table.quantize != "int8":
         raise app.UsageError(f"--latency_table must be an int8 table, got quantize={table.quantize}")
+    # The table of each arm's search space (the flops arm searches the latency arm's space).
+    spaces = {"latency": (table, 1)}
+    if _TABLE_X16.value:
+        spaces["latency_x16"] = (LatencyTable.load(_TABLE_X16.value), 16)
     results = read_json(_RESULTS.value) if os.path.exists(_RESULTS.value) else {}
     results.update({
         "what": "ResNet-20: FLOP-searched vs latency-searched shapes at equal measured int8 latency, same KD recipe",
@@ -90,7 +105,7 @@ def main(argv):
 
     arches = {"latency": _search("latency", cost_metric="latency", latency_table=_TABLE.value,
                                  target_ratio=_TARGET.value)}
-    if _TABLE_X16.value:
+    if "latency_x16" in spaces:
         arches["latency_x16"] = _search("latency_x16", cost_metric="latency", latency_table=_TABLE_X16.value,
                                         target_ratio=_TARGET.value, width_multiple=16)
     flop_arches = {float(t): _search(f"flops_{t}", target_ratio=float(t)) for t in _FLOP_TARGETS.value}
@@ -133,21 +148,27 @@ def main(argv):
         export_and_verify(_TEACHER.value, full_export, quantize="int8", threads=table.threads, latency_runs=20,
                           **common)
     names = list(trained)
-    timed = _timed([os.path.join(full_export, TFLITE_FILE)] + [trained[n]["tflite"] for n in names], table.threads)
+    timed = [spread(samples) for samples in time_interleaved(
+        [os.path.join(full_export, TFLITE_FILE)] + [trained[n]["tflite"] for n in names], table.threads, _RUNS.value)]
     full_flops = count_arch(ArchConfig.full(MODEL)).flops
     results["full"] = {"flops": full_flops, "latency": timed[0]}
     for name, latency in zip(names, timed[1:]):
         arm = trained[name]
-        speedup = timed[0]["median_ms"] / latency["median_ms"]
+        speedup = timed[0]["ms"] / latency["ms"]
         flop_reduction = full_flops / arm["flops"]
-        arm.update(latency=latency, latency_ratio=round(latency["median_ms"] / timed[0]["median_ms"], 4),
+        predicted = predict_latency(ArchConfig.load(arches[name]), spaces.get(name, spaces["latency"])[0])
+        arm.update(latency=latency, predicted_ms=round(predicted, 5),
+                   latency_ratio=round(latency["ms"] / timed[0]["ms"], 4),
                    flops_ratio=round(arm["flops"] / full_flops, 4), speedup=round(speedup, 3),
                    speedup_per_flop_reduction=round(speedup / flop_reduction, 3))
+    results["best_of_random_shapes"] = {
+        name: {"samples": BOUND_SAMPLES, **best_random_ratio(space, multiple, _TARGET.value, BOUND_SAMPLES)}
+        for name, (space, multiple) in spaces.items()}
     results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     write_json(_RESULTS.value, results)
     for name in names:
         arm = trained[name]
-        print(f"{name:12s} latency x{arm['latency_ratio']:.3f} ({arm['latency']['median_ms']:.4f} ms)  FLOPs "
+        print(f"{name:12s} latency x{arm['latency_ratio']:.3f} ({arm['latency']['ms']:.4f} ms)  FLOPs "
               f"x{arm['flops_ratio']:.3f}  int8 accuracy {arm['int8_accuracy']:.2%}  speed-up / FLOP reduction "
               f"{arm['speedup_per_flop_reduction']:.2f}")
 

@@ -111,15 +111,17 @@ class TimedModel:
             self.interpreter.set_tensor(detail["index"], values.astype(dtype))
 
 
-def _summary(samples, minus=0.0):
+def spread(samples, minus=0.0):
+    """The median (at least 0), p10 and p90 (ms) of invoke times, less `minus` (an overhead)."""
     samples = np.asarray(samples) - minus
     return {"ms": round(max(0.0, float(np.median(samples))), 5),
             "p10_ms": round(float(np.percentile(samples, 10)), 5),
             "p90_ms": round(float(np.percentile(samples, 90)), 5)}
 
 
-def time_interleaved(paths, threads, runs, warmup):
-    """Median-ready samples (ms) of the overhead model and of every model of `paths`, interleaved."""
+def time_interleaved(paths, threads, runs, warmup=WARMUP):
+    """Invoke times (ms) of the .tflite files `paths` (random inputs), timed interleaved A B C ..., every
+    timed invoke right after an untimed one of the same model."""
     models = [TimedModel(path, threads, seed) for seed, path in enumerate(paths)]
     return verify.interleaved_latency(models, None, runs, warmup, REWARM)
 
@@ -238,7 +240,7 @@ def make_table(out, models=("resnet20",), quantize="none", threads=1, width_mult
         entry = table["entries"].setdefault(geometry.key, {"geometry": geometry.to_dict(), "times": {}})
         entry.setdefault("overhead_ms", []).append(round(base_ms, 5))
         for (a, b), timed in zip(pairs, samples):
-            entry["times"][pair_key(a, b)] = {**_summary(timed, base_ms),
+            entry["times"][pair_key(a, b)] = {**spread(timed, base_ms),
                                               "raw_median_ms": round(float(np.median(timed)), 5)}
         write_json(out, table)
         logging.info("%s: %d pairs timed (overhead %.4f ms)", geometry.key, len(pairs), base_ms)
@@ -247,7 +249,7 @@ def make_table(out, models=("resnet20",), quantize="none", threads=1, width_mult
         rest = os.path.join(work, "rest.tflite")
         convert_model(rest_model(tuple(input_shape), num_classes), quantize, rest, integer_io=False)
         base, timed = time_interleaved([overhead, rest], threads, runs, warmup)
-        table["fixed"] = {**_summary(timed), "overhead_ms": round(float(np.median(base)), 5)}
+        table["fixed"] = {**spread(timed), "overhead_ms": round(float(np.median(base)), 5)}
         done += 1
         if progress:
             progress(done, total)
@@ -259,14 +261,6 @@ def make_table(out, models=("resnet20",), quantize="none", threads=1, width_mult
     return table
 
 
-def time_files(paths, threads, runs, image_shape=(32, 32, 3)):
-    """Invoke times (ms) of .tflite files timed interleaved, every timed invoke right after an untimed
-    one of the same model (as the table's layers are timed)."""
-    runtimes = [verify.LiteRTModel(path, threads) for path in paths]
-    image = np.random.default_rng(0).standard_normal(image_shape).astype(np.float32)
-    return verify.interleaved_latency(runtimes, image, runs, rewarm=REWARM)
-
-
 def measure_networks(table, shapes, runs, workdir):
     """The table's prediction and the measured latency of every (name, ArchConfig) of `shapes`, built
     with random weights, converted as the table's quantisation (float input and output, as the
@@ -276,15 +270,13 @@ def measure_networks(table, shapes, runs, workdir):
         paths.append(os.path.join(workdir, f"{name}.tflite"))
         convert_model(CifarResNet(arch), table.quantize, paths[-1], integer_io=False)
     load = os.getloadavg()
-    samples = time_files(paths, table.threads, runs, shapes[0][1].input_shape)
+    samples = time_interleaved(paths, table.threads, runs)
     rows = []
     for (name, arch), timed in zip(shapes, samples):
         predicted = predict_latency(arch, table)
-        measured = verify.latency_summary(timed)
+        measured = spread(timed)
         rows.append({"shape": name, "widths": list(arch.widths), "stage_blocks": list(arch.stage_blocks),
                      "mflops": round(count_arch(arch).flops / 1e6, 3), "predicted_ms": round(predicted, 5),
-                     "measured_ms": round(measured["median"], 5),
-                     "measured_p10_ms": round(float(np.percentile(timed, 10)), 5),
-                     "measured_p90_ms": round(measured["p90"], 5),
-                     "error": round((predicted - measured["median"]) / measured["median"], 4)})
+                     "measured_ms": measured["ms"], "measured_p10_ms": measured["p10_ms"],
+                     "measured_p90_ms": measured["p90_ms"], "error": round(predicted / measured["ms"] - 1, 4)})
     return rows, [round(x, 2) for x in load]

@@ -103,6 +103,14 @@ def blocks_per_stage(depth, block):
     return (depth - 2) // (3 * layers_per_block)
 
 
+def random_shape(full, rng, width_multiple=1):
+    """A shape drawn uniformly from the search space around `full`: every width among its conv's
+    candidates, every stage's depth among its choices (`rng`: a numpy Generator)."""
+    widths = [int(rng.choice(candidate_widths(slot.full_width, width_multiple))) for slot in full.slots]
+    blocks = [int(rng.choice(depth_choices(full.num_blocks))) for _ in full.stage_blocks]
+    return full.replace(widths=widths, stage_blocks=blocks, provenance={"source": "random"})
+
+
 def read_json_file(path, what):
     """The JSON content of `path`; a ValueError naming `what` the file should be if it cannot be read."""
     try:
