@@ -122,6 +122,8 @@ def main(argv):
             for shape in SHAPES:
                 for mode in modes:
                     key = f"{shape}/{mode}/seed{seed}"
+                    if key in cells:  # the committed JSON is the record of finished cells, so a fresh machine skips them
+                        continue
                     metrics = distill(os.path.join(runs, f"seed{seed}", f"{shape}_{mode}"), shapes[shape], teacher_path,
                                       mode=mode, epochs=_EPOCHS.value, batch_size=_BATCH.value, seed=seed, **common)
                     cells[key] = {"shape": shape, "mode": mode, "seed": seed,
