@@ -146,7 +146,7 @@ class TASSearchModel(keras.Model):
     the argmax network costs more than the band, -log E(A) when less, 0 inside.
 
     Args:
-        supernet: a CifarResNetSupernet.
+        supernet: a CifarResNetSupernet or a GraphSupernet.
         target_ratio: R, the fraction of the full network's cost to keep.
         cost_metric: "flops" or "params".
         cost_weight: lambda.
@@ -175,8 +175,7 @@ class TASSearchModel(keras.Model):
         self.target_ratio, self.cost_metric, self.cost_weight = target_ratio, cost_metric, cost_weight
         self.tolerance, self.band, self.arch_weight_decay, self.seed = tolerance, band, arch_weight_decay, seed
         self.sample_per_replica, self.entropy_weight = sample_per_replica, entropy_weight
-        full_cost = count_arch(supernet.arch)
-        self.base_cost = full_cost.flops if cost_metric == "flops" else full_cost.params
+        self.base_cost = supernet.full_cost(cost_metric)
         low, high = cost_band(target_ratio, tolerance, band)
         self.cost_low, self.cost_high = low * self.base_cost, high * self.base_cost
         self.tau = keras.Variable(5.0, trainable=False, name="tau")
@@ -186,7 +185,7 @@ class TASSearchModel(keras.Model):
         self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self.valid_accuracy = keras.metrics.SparseCategoricalAccuracy(name="valid_accuracy")
         self.cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        self(tf.zeros((1, *supernet.arch.input_shape)))
+        self(tf.zeros((1, *supernet.image_shape)))
 
     def compile(self, optimizer, arch_optimizer, **kwargs):
         """`arch_optimizer` is built here, so it exists in the distribution scope before fit.
