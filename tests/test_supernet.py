@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from tas_keras.cost import count_shape
 from tas_keras.derive import derive_model
-from tas_keras.graph import INDEPENDENT, GraphShape, arch_from_shape, read_model
+from tas_keras.graph import INDEPENDENT, TIED, GraphShape, arch_from_shape, read_model
 from tas_keras.layers import SearchableConv
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.cifar_resnet_supernet import CifarResNetSupernet
@@ -62,10 +62,12 @@ _BUILT = {}
 
 
 def _supernet(name):
-    """(source model, its space, its supernet initialised from it), built once per module."""
+    """(source model, its space, its supernet initialised from it), built once per module; a name ending
+    in "_independent" reads the model in independent mode, as the CIFAR ResNets always are."""
     if name not in _BUILT:
-        model = _source(name)
-        space = read_model(model, add_mode=INDEPENDENT if name == "resnet20" else "tied")
+        model = _source(name.removesuffix("_independent"))
+        independent = name == "resnet20" or name.endswith("_independent")
+        space = read_model(model, add_mode=INDEPENDENT if independent else TIED)
         supernet = GraphSupernet(model, space)
         supernet.init_from_source(model)
         _BUILT[name] = model, space, supernet
@@ -182,7 +184,7 @@ def test_cifar_search_steps_equal_the_cifar_supernets():
 
 # Any model: exact costs, and the source model at the full sample.
 
-@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "resnet50", "user_cnn"])
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "resnet50", "user_cnn", "user_cnn_independent"])
 def test_argmax_cost_is_the_count_of_the_derived_shape(name):
     _, space, supernet = _supernet(name)
     for seed in range(4):
@@ -195,7 +197,7 @@ def test_argmax_cost_is_the_count_of_the_derived_shape(name):
     assert supernet.full_cost("params") == count_shape(space, space.full_shape()).params
 
 
-@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "resnet50", "user_cnn"])
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "resnet50", "user_cnn", "user_cnn_independent"])
 def test_full_sample_from_the_source_equals_the_source_in_training_mode(name):
     model, space, supernet = _supernet(name)  # resnet20 without normalize_every_conv: its stride-2
     images = tf.random.stateless_normal((8, *space.input_shape), [2, 0])  # shortcuts stay bare
