@@ -9,9 +9,10 @@ reference's independent mode with every conv normalised for the CIFAR ResNets, t
 run on synthetic in-memory batches, so only the model's compute is timed. A search step consumes a
 search-train and a search-valid batch; "cost per image" compares seconds per image of the search
 (train + valid images) with seconds per image of plain training: 1.0 means the search costs what
-plain training costs per image. Also times one backup of the whole search state (supernet, both
-optimizers) and its share of the training time at the default interval. Writes
-bench/results/search_throughput_<model>.json.
+plain training costs per image. It is given for wall time (the fastest of the interleaved repeats)
+and for the CPU time of the process, which the other jobs of a shared machine disturb less. Also
+times one backup of the whole search state (supernet, both optimizers) and its share of the training
+time at the default interval. Writes bench/results/search_throughput_<model>.json.
 """
 
 import json
@@ -46,11 +47,12 @@ def _batches(image_shape, classes, batch_size, steps, seed):
 
 
 def _timed_fit(model, dataset, steps):
-    """Seconds for `steps` steps of model.fit, excluding the first (tracing) epoch."""
+    """(wall seconds, CPU seconds of this process) for `steps` steps of model.fit, excluding the first
+    (tracing) epoch."""
     model.fit(dataset.take(2), epochs=1, verbose=0)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     model.fit(dataset.take(steps), epochs=1, verbose=0)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def _backup_seconds(model, repeats=3):
@@ -86,10 +88,11 @@ def main(argv):
     search_data = tf.data.Dataset.zip((_batches(image_shape, classes, batch, steps + 2, 1),
                                        _batches(image_shape, classes, batch, steps + 2, 2)))
 
-    plain_times, search_times = [], []
+    plain_runs, search_runs = [], []
     for _ in range(_REPEATS.value):  # interleaved, so background load hits both alike
-        plain_times.append(_timed_fit(plain, plain_data, steps))
-        search_times.append(_timed_fit(search, search_data, steps))
+        plain_runs.append(_timed_fit(plain, plain_data, steps))
+        search_runs.append(_timed_fit(search, search_data, steps))
+    (plain_times, plain_cpu), (search_times, search_cpu) = zip(*plain_runs), zip(*search_runs)
     plain_rate = batch * steps / min(plain_times)
     search_rate = 2 * batch * steps / min(search_times)
     backup = _backup_seconds(search)
@@ -101,6 +104,10 @@ def main(argv):
         "search_cost_per_image_vs_plain": round(plain_rate / search_rate, 3),
         "plain_seconds": [round(t, 2) for t in plain_times],
         "search_seconds": [round(t, 2) for t in search_times],
+        # CPU time of this process: what other jobs on a shared machine disturb least.
+        "search_cpu_cost_per_image_vs_plain": round(min(search_cpu) / (2 * min(plain_cpu)), 3),
+        "plain_cpu_seconds": [round(t, 2) for t in plain_cpu],
+        "search_cpu_seconds": [round(t, 2) for t in search_cpu],
         "backup_seconds": round(backup, 3),
         "backup_share_at_default_interval": round(backup / (CHECKPOINT_STEPS * min(search_times) / steps), 4),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, TF {tf.__version__}, Keras {keras.__version__}",

@@ -8,10 +8,12 @@ Channel-wise interpolation (CWI) only ever widens in a supernet (a sampled width
 picks, a block output to the widest depth), and widening from a to b >= a channels averages one or two
 input channels per output channel (`cwi_taps`). So for one step, "two sampled widths, their BN affines,
 their CWI to the wider one and the mixing weights" is a per-channel sum of four taps of the conv's
-output. A searchable conv applies it in the cheaper of two ways: as one (C, C) channel matmul after the
-conv, or folded into the conv's kernel (a gather on the kernel), which for a widening 1x1 conv, whose
-batch statistics follow from the covariance of its input, leaves one conv and no matmul.
+output. A searchable conv applies it the cheapest way for its shape (`SearchableConv.route`): as one
+(C, C) channel matmul after the conv, or folded into the conv's kernel (a gather on the kernel), which
+costs a second conv, or none when the batch statistics come from the covariance of a 1x1 conv's input.
 """
+
+import math
 
 import keras
 import numpy as np
@@ -30,7 +32,8 @@ def cwi_taps(from_width, to_width, full_width):
     from `from_width` to `to_width` >= from_width channels (1-D adaptive average pooling: output j
     averages input channels floor(j * a / b) .. ceil((j + 1) * a / b) - 1, one or two of them).
 
-    Two int32 [full_width] vectors; entries j >= to_width are valid channel indices the caller masks.
+    Two int32 [..., full_width] tensors (`from_width` may hold several widths on leading axes); entries
+    j >= to_width are valid channel indices the caller masks.
     """
     j = tf.range(full_width)
     first = j * from_width // to_width
@@ -167,8 +170,7 @@ class SearchableConv(WidthChoice):
 
     def build(self, input_shape):
         decay = _coupled_decay(self.weight_decay)
-        in_channels = input_shape[-1]
-        self.kernel = self.add_weight(name="kernel", shape=(*self.kernel_size, in_channels, self.filters),
+        self.kernel = self.add_weight(name="kernel", shape=(*self.kernel_size, input_shape[-1], self.filters),
                                       initializer=self.kernel_initializer or he_normal_fan_out(),
                                       regularizer=decay)
         m = len(self.candidates)
@@ -182,35 +184,64 @@ class SearchableConv(WidthChoice):
                                         regularizer=decay)
         if self.own_choice:
             super().build()
-        # A widening 1x1 conv takes its batch statistics from its input's covariance and runs once with
-        # the mix folded into its kernel; any other normalised conv mixes with a (C, C) matmul after it,
-        # cheaper than a second conv when C <= k_h * k_w * C_in.
-        self.moments_from_input = (self.normalize and self.kernel_size == (1, 1)
-                                   and in_channels < self.filters)
+
+    def route(self, positions):
+        """The cheapest exact way to run a step with `positions` output pixels in the batch (None when
+        the batch size is not static: the costs per pixel decide). In multiply-adds, with N = positions,
+        C the full width and P = k_h * k_w * C_in:
+          kernel (no normalisation, so no statistics): one conv with the mix folded into its kernel;
+          matmul: the conv, its batch statistics, then a (C, C) channel matmul: N * (P * C + C^2);
+          second_conv: the conv for the statistics, then a conv with the mixed kernel: 2 * N * P * C;
+          covariance (1x1 convs): the statistics from the covariance of the input and the kernel, then
+              one conv with the mixed kernel: N * (C_in^2 + C_in * C) + C_in^2 * C.
+        """
+        if not self.normalize:
+            return "kernel"
+        in_channels, full = self.kernel.shape[2], self.filters
+        per_position = in_channels * math.prod(self.kernel_size) * full
+        costs = {"matmul": (per_position + full * full, 0), "second_conv": (2 * per_position, 0)}
+        if self.kernel_size == (1, 1):
+            costs["covariance"] = (in_channels * in_channels + per_position, in_channels * in_channels * full)
+        if positions is None:
+            return min(costs, key=costs.get)
+        return min(costs, key=lambda route: costs[route][0] * positions + costs[route][1])
+
+    def _positions(self, x):
+        """The output pixels of the batch x, or None when its size is not static."""
+        if x.shape[0] is None:
+            return None
+        sizes = []
+        for size, kernel, stride, dilation in zip(x.shape[1:3], self.kernel_size, self.strides, self.dilation_rate):
+            reach = (kernel - 1) * dilation + 1
+            sizes.append(-(-size // stride) if self.padding == "same" else (size - reach) // stride + 1)
+        return x.shape[0] * math.prod(sizes)
 
     def _conv(self, x, kernel):
         return tf.nn.conv2d(x, kernel, self.strides, self.padding.upper(), dilations=self.dilation_rate)
 
     def _mix(self, widths, weights, scales, shifts):
-        """The taps of sum_k weights[k] * CWI_{widths[k] -> wider}(scales[k] * y + shifts[k]):
-        (rows [4, C], coefficients [4, C], bias [C], wider) with output channel j =
-        sum_t coefficients[t, j] * y[rows[t, j]] + bias[j], zero beyond the wider width."""
-        wider = tf.reduce_max(widths)
+        """sum_k weights[k] * CWI_{widths[k] -> wider}(scales[k] * y + shifts[k]) as taps of y: output
+        channel j is diagonal[j] * y[j] + sum_t coefficients[t, j] * y[rows[t, j]] + bias[j], zero
+        beyond the wider width. The wider pick's CWI is the identity (the diagonal); the narrower's
+        two taps are rows [2, C] and coefficients [2, C]. Returns (diagonal, rows, coefficients, bias,
+        wider)."""
+        wider_pick = tf.argmax(widths, output_type=tf.int32)
+        narrower_pick = 1 - wider_pick  # the same width when both picks are equal: identity taps too
+        wider, narrower = widths[wider_pick], widths[narrower_pick]
         mask = width_mask(wider, self.filters)
-        rows, coefficients, bias = [], [], 0.0
-        for k in range(2):
-            tap_weight = 0.5 * weights[k] * mask
-            for taps in cwi_taps(widths[k], wider, self.filters):
-                rows.append(taps)
-                coefficients.append(tap_weight * tf.gather(scales[k], taps))
-                bias += tap_weight * tf.gather(shifts[k], taps)
-        return tf.stack(rows), tf.stack(coefficients), bias, wider
+        diagonal = weights[wider_pick] * mask * scales[wider_pick]
+        rows = tf.stack(cwi_taps(narrower, wider, self.filters))
+        tap_weight = 0.5 * weights[narrower_pick] * mask
+        coefficients = tap_weight * tf.gather(scales[narrower_pick], rows)
+        bias = (weights[wider_pick] * mask * shifts[wider_pick]
+                + tf.reduce_sum(tap_weight * tf.gather(shifts[narrower_pick], rows), axis=0))
+        return diagonal, rows, coefficients, bias, wider
 
-    def _mixed_kernel(self, rows, coefficients):
-        """The kernel whose conv output is sum_t coefficients[t] * (conv output)[rows[t]]."""
+    def _mixed_kernel(self, diagonal, rows, coefficients):
+        """The kernel whose conv output is the mix `_mix` describes (without its bias)."""
         columns = tf.transpose(tf.reshape(self.kernel, [-1, self.filters]))  # [C, k_h * k_w * C_in]
-        taps = tf.reshape(tf.gather(columns, tf.reshape(rows, [-1])), [rows.shape[0], self.filters, -1])
-        mixed = tf.reduce_sum(taps * coefficients[..., None], axis=0)
+        taps = tf.reshape(tf.gather(columns, tf.reshape(rows, [-1])), [2, self.filters, -1])
+        mixed = columns * diagonal[:, None] + tf.reduce_sum(taps * coefficients[..., None], axis=0)
         return tf.reshape(tf.transpose(mixed), tf.shape(self.kernel))
 
     def _input_moments(self, x):
@@ -231,23 +262,24 @@ class SearchableConv(WidthChoice):
         if self.pool_first:
             x = tf.nn.avg_pool2d(x, 2, 2, "SAME")
         widths = tf.gather(self.candidate_channels, picks)
-        if not self.normalize:
+        route = self.route(self._positions(x))
+        if route == "kernel":
+            scales = tf.ones([2, self.filters])
             shifts = tf.broadcast_to(self.bias if self.use_bias else 0.0, [2, self.filters])
-            rows, coefficients, bias, wider = self._mix(widths, weights, tf.ones([2, self.filters]), shifts)
-            y = self._conv(x, self._mixed_kernel(rows, coefficients)) + bias
         else:
-            if self.moments_from_input:
+            if route == "covariance":
                 mean, variance = self._input_moments(x)
             else:
                 y = self._conv(x, self.kernel)
                 mean, variance = tf.nn.moments(y, axes=[0, 1, 2])
             scales = tf.gather(self.gammas, picks) * tf.math.rsqrt(variance + self.epsilon)
             shifts = tf.gather(self.betas, picks) - scales * mean
-            rows, coefficients, bias, wider = self._mix(widths, weights, scales, shifts)
-            if self.moments_from_input:
-                y = self._conv(x, self._mixed_kernel(rows, coefficients)) + bias
-            else:
-                y = tf.einsum("bhwc,cd->bhwd", y, _scatter_columns(rows, coefficients, self.filters)) + bias
+        diagonal, rows, coefficients, bias, wider = self._mix(widths, weights, scales, shifts)
+        if route == "matmul":
+            matrix = tf.linalg.diag(diagonal) + _scatter_columns(rows, coefficients, self.filters)
+            y = tf.einsum("bhwc,cd->bhwd", y, matrix) + bias
+        else:
+            y = self._conv(x, self._mixed_kernel(diagonal, rows, coefficients)) + bias
         if self.relu:
             y = tf.nn.relu(y)
         return y, wider

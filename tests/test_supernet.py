@@ -178,7 +178,9 @@ def test_cifar_search_steps_equal_the_cifar_supernets():
     for variable, reference in _same_weights(graph, cifar):
         np.testing.assert_allclose(variable, reference, atol=1e-5, err_msg=variable.path)
     for variable, reference, start in zip(graph.arch_variables, cifar.arch_variables, before, strict=True):
-        np.testing.assert_allclose(variable, reference, atol=1e-6, err_msg=variable.path)
+        # Adam divides by the gradient's magnitude: the float noise of a near-zero gradient (the two
+        # supernets sum their costs in different orders) reaches ~1e-5, the steps are > 1e-2.
+        np.testing.assert_allclose(variable, reference, atol=2e-5, err_msg=variable.path)
         assert np.abs(variable.numpy() - start).max() > 0.01, variable.path  # Adam moved every distribution
 
 
@@ -296,21 +298,24 @@ def _naive_cwi(x, out_width):
                      for j in range(out_width)], axis=-1)
 
 
-@pytest.mark.parametrize("kernel, strides, normalize", [(1, 1, True), (1, 2, True), (3, 1, False), (1, 2, False)])
-def test_searchable_conv_routes_equal_the_naive_route(kernel, strides, normalize):
-    """A widening 1x1 conv takes its statistics from its input's covariance; a conv without
-    normalisation folds the mix into its kernel."""
+@pytest.mark.parametrize("kernel, strides, images, normalize, route", [
+    (1, 1, (4, 7, 7, 5), True, "covariance"), (1, 2, (4, 7, 7, 5), True, "covariance"),
+    (1, 1, (1, 2, 2, 12), True, "second_conv"), (3, 2, (4, 7, 7, 5), True, "matmul"),
+    (3, 1, (4, 7, 7, 5), False, "kernel"), (1, 2, (4, 7, 7, 5), False, "kernel")])
+def test_searchable_conv_routes_equal_the_naive_route(kernel, strides, images, normalize, route):
+    """Every route (statistics from the output or from the input's covariance; the mix as a matmul
+    or folded into the kernel) computes the naive mix of two normalised, widened picks."""
     candidates = candidate_widths(16)
     conv = SearchableConv(16, candidates, kernel, strides, relu=False, normalize=normalize, use_bias=not normalize)
-    x = tf.random.stateless_normal((4, 7, 7, 5), [0, 0]) + 1.0
+    x = tf.random.stateless_normal(images, [0, 0]) + 1.0
     picks, weights = tf.constant([5, 2]), tf.constant([0.7, 0.3])  # 12 and 8 channels
     conv(x, picks, weights)
-    assert conv.moments_from_input == normalize
     for i, variable in enumerate(conv.trainable_weights[1:]):
         variable.assign(tf.random.stateless_uniform(variable.shape, [1, i], 0.5, 1.5))
     mixed, wider = conv(x, picks, weights)
 
     full = tf.nn.conv2d(x, conv.kernel, strides, "SAME").numpy() + (0 if normalize else conv.bias.numpy())
+    assert conv.route(np.prod(full.shape[:3])) == route
     expected = np.zeros_like(full)
     for pick, weight in zip(picks.numpy(), weights.numpy()):
         part = full[..., :candidates[pick]]
