@@ -323,7 +323,7 @@ class GraphSpace:
             elif layer.kind == "merge" and layer.name in shortcuts and len(set(widths)) > 1:
                 shortcut = shortcuts[layer.name]
                 x, r = inputs.index(kept(shortcut.shortcut)), inputs.index(kept(shortcut.residual))
-                projection = self._projection(shortcut, inputs[x], widths[x], widths[r])
+                projection = self.projection(shortcut, inputs[x], widths[x], widths[r])
                 planned.extend(projection)
                 channels.update({p.layer.name: p.out_channels for p in projection})
                 inputs = inputs[:x] + (projection[-1].layer.name,) + inputs[x + 1:]
@@ -337,7 +337,10 @@ class GraphSpace:
             channels[layer.name] = out
         return DerivedPlan(tuple(planned), kept(self.output))
 
-    def _projection(self, shortcut, source, in_channels, out_channels):
+    def projection(self, shortcut, source, in_channels, out_channels):
+        """The layers a derived network adds to an identity shortcut whose x (the output of layer
+        `source`) and r differ in width: a 1x1 conv from `in_channels` to `out_channels` with the
+        settings of the conv that opens r's slot, then a BN like r's, when r has one."""
         add = self.layer(shortcut.add)
         conv = dataclasses.replace(
             self.layer(shortcut.conv), name=shortcut.conv_name, inputs=(source,),

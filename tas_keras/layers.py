@@ -1,10 +1,19 @@
 """The searchable layers of a TAS supernet (DESIGN.md section 5).
 
-Every tensor stays at the layer's full width; a narrower choice is a zero-padded tensor. Channel-wise
-interpolation (CWI) is linear, so for one step "two sampled widths, their BN affines, their CWI to the
-wider one and the mixing weights" fold into one (C, C) matrix and a bias: a searchable conv costs one
-full-width conv plus one channel matmul, with no dynamic slicing and no retracing.
+Every tensor stays at its layer's full width C; a narrower choice is a zero-padded tensor, and its width
+(the number of leading channels that may be non-zero) travels beside it as a channel count. There is
+no dynamic slicing, so nothing retraces.
+
+Channel-wise interpolation (CWI) only ever widens in a supernet (a sampled width to the wider of the two
+picks, a block output to the widest depth), and widening from a to b >= a channels averages one or two
+input channels per output channel (`cwi_taps`). So for one step, "two sampled widths, their BN affines,
+their CWI to the wider one and the mixing weights" is a per-channel sum of four taps of the conv's
+output. A searchable conv applies it the cheapest way for its shape (`SearchableConv.route`): as one
+(C, C) channel matmul after the conv, or folded into the conv's kernel (a gather on the kernel), which
+costs a second conv, or none when the batch statistics come from the covariance of a 1x1 conv's input.
 """
+
+import math
 
 import keras
 import numpy as np
@@ -13,27 +22,38 @@ import tensorflow as tf
 from tas_keras.models.cifar_resnet import BN_EPSILON, he_normal_fan_out
 
 
-def cwi_matrix(in_width, out_width):
-    """(out_width, in_width) matrix of 1-D adaptive average pooling along channels.
+def width_mask(width, full_width):
+    """float32 [full_width]: 1 on the leading `width` channels, 0 beyond."""
+    return tf.cast(tf.range(full_width) < width, tf.float32)
 
-    Output channel j averages input channels floor(j * in / out) .. ceil((j + 1) * in / out) - 1.
+
+def cwi_taps(from_width, to_width, full_width):
+    """The first and the last input channel that output channel j averages when CWI widens a tensor
+    from `from_width` to `to_width` >= from_width channels (1-D adaptive average pooling: output j
+    averages input channels floor(j * a / b) .. ceil((j + 1) * a / b) - 1, one or two of them).
+
+    Two int32 [..., full_width] tensors (`from_width` may hold several widths on leading axes); entries
+    j >= to_width are valid channel indices the caller masks.
     """
-    matrix = np.zeros((out_width, in_width), np.float32)
-    for j in range(out_width):
-        start = (j * in_width) // out_width
-        end = -((-(j + 1) * in_width) // out_width)
-        matrix[j, start:end] = 1.0 / (end - start)
-    return matrix
+    j = tf.range(full_width)
+    first = j * from_width // to_width
+    last = -(-(j + 1) * from_width // to_width) - 1
+    return first, last
 
 
-def transition_matrices(candidates, full_width):
-    """[m, m, C, C]: entry [a, b] maps a width-candidates[a] tensor to width candidates[b] (x @ T)."""
-    m = len(candidates)
-    matrices = np.zeros((m, m, full_width, full_width), np.float32)
-    for a, width_in in enumerate(candidates):
-        for b, width_out in enumerate(candidates):
-            matrices[a, b, :width_in, :width_out] = cwi_matrix(width_in, width_out).T
-    return matrices
+def _scatter_columns(rows, values, full_width):
+    """(C, C) matrix holding the sum of values[t, j] at (rows[t, j], j) over t."""
+    columns = tf.broadcast_to(tf.range(full_width), tf.shape(rows))
+    indices = tf.reshape(tf.stack([rows, columns], axis=-1), [-1, 2])
+    return tf.scatter_nd(indices, tf.reshape(values, [-1]), [full_width, full_width])
+
+
+def cwi_transition(from_width, to_width, full_width):
+    """(C, C) matrix T: x @ T widens x (from_width channels, zero beyond) to to_width >= from_width
+    channels by CWI, zero beyond."""
+    first, last = cwi_taps(from_width, to_width, full_width)
+    half = 0.5 * width_mask(to_width, full_width)
+    return _scatter_columns(tf.stack([first, last]), tf.stack([half, half]), full_width)
 
 
 def gumbel(shape, seed):
@@ -64,53 +84,31 @@ def _coupled_decay(weight_decay):
     return keras.regularizers.L2(weight_decay / 2) if weight_decay else None
 
 
-class SearchableConv(keras.Layer):
-    """A conv whose output width is searched, with a BN affine per candidate width.
+def _pair(value):
+    return (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
 
-    Every searchable conv normalises with batch statistics (the supernet is only ever trained), the
-    stride-2 shortcut too: the reference's search forward applies its per-candidate BN to every conv,
-    although the derived network's stride-2 shortcut has no BN.
 
-    Args:
-        filters: the full width C.
-        candidates: sorted candidate widths (the last is C).
-        kernel_size, strides: of the conv ("same" padding, no bias).
-        relu: apply ReLU after the mix.
-        own_choice: hold a width distribution (alpha, if there are two candidates or more); False
-            for a shortcut conv, which is given the block-output conv's sample.
-        pool_first: 2x2 average pooling before the conv (the stride-2 shortcut).
-    """
+class WidthChoice(keras.Layer):
+    """A width distribution: logits alpha over sorted candidate widths, or none when there is a single
+    candidate (the width is then fixed). `build()` creates alpha; the layer is never called."""
 
-    def __init__(self, filters, candidates, kernel_size=3, strides=1, relu=True, own_choice=True,
-                 pool_first=False, weight_decay=0.0, **kwargs):
+    def __init__(self, candidates, **kwargs):
         super().__init__(**kwargs)
         candidates = tuple(int(c) for c in candidates)
-        if list(candidates) != sorted(set(candidates)) or candidates[-1] != filters or candidates[0] < 1:
-            raise ValueError(f"{self.name}: candidates must be sorted, distinct, in 1..{filters} and end "
-                             f"at {filters}, got {candidates!r}")
-        self.filters, self.candidates = filters, candidates
-        self.kernel_size, self.strides = kernel_size, strides
-        self.relu, self.own_choice, self.pool_first = relu, own_choice, pool_first
-        self.weight_decay = weight_decay
-        self.transitions = tf.constant(transition_matrices(candidates, filters))
+        if not candidates or list(candidates) != sorted(set(candidates)) or candidates[0] < 1:
+            raise ValueError(f"{self.name}: candidates must be sorted, distinct and >= 1, got {candidates!r}")
+        self.candidates = candidates
         self.candidate_widths = tf.constant(candidates, tf.float32)
+        self.candidate_channels = tf.constant(candidates, tf.int32)
         self.alpha = None
 
-    def build(self, input_shape):
-        decay = _coupled_decay(self.weight_decay)
-        self.kernel = self.add_weight(
-            name="kernel", shape=(self.kernel_size, self.kernel_size, input_shape[-1], self.filters),
-            initializer=he_normal_fan_out(), regularizer=decay)
-        m = len(self.candidates)
-        self.gammas = self.add_weight(name="gammas", shape=(m, self.filters), initializer="ones",
-                                      regularizer=decay)
-        self.betas = self.add_weight(name="betas", shape=(m, self.filters), initializer="zeros",
-                                     regularizer=decay)
-        if self.own_choice and len(self.candidates) > 1:
+    def build(self, input_shape=None):
+        if len(self.candidates) > 1:
             self.alpha = self.add_weight(name="alpha", shape=(len(self.candidates),),
                                          initializer=keras.initializers.RandomNormal(0.0, 0.01))
 
     def sample(self, tau, seed):
+        """(two candidate indices, their mixing weights)."""
         if self.alpha is None:  # a single candidate: the width is fixed
             return tf.zeros([2], tf.int32), tf.constant([1.0, 0.0])
         return sample_two_widths(self.alpha, tau, seed)
@@ -125,29 +123,174 @@ class SearchableConv(keras.Layer):
             return tf.constant(0, tf.int32)
         return tf.argmax(self.alpha, output_type=tf.int32)
 
+    def get_config(self):
+        return {**super().get_config(), "candidates": list(self.candidates)}
+
+
+class SearchableConv(WidthChoice):
+    """A conv whose output width is searched: it runs at full width and mixes the two sampled widths
+    by CWI to the wider one, each normalised with batch statistics and its own BN affine.
+
+    The supernet is only ever trained, so a searchable conv normalises with batch statistics; the
+    stride-2 shortcut too: the reference's search forward applies its per-candidate BN to every conv,
+    although the derived network's stride-2 shortcut has no BN.
+
+    Args:
+        filters: the full width C.
+        candidates: sorted candidate widths (the last is C).
+        kernel_size, strides, padding, dilation_rate: of the conv (an int or a pair for the first two).
+        relu: apply ReLU after the mix.
+        own_choice: hold a width distribution (alpha, if there are two candidates or more); False
+            when the sample comes from elsewhere (a shortcut conv, the convs of a graph slot).
+        pool_first: 2x2 average pooling before the conv (the stride-2 shortcut).
+        normalize: batch-normalise, with an affine per candidate (gammas, betas); False mixes the
+            conv's output (plus its bias) as it is.
+        use_bias: a bias on the conv; only without `normalize`, where batch statistics cancel it.
+        epsilon: of the normalisation.
+    """
+
+    def __init__(self, filters, candidates, kernel_size=3, strides=1, relu=True, own_choice=True,
+                 pool_first=False, weight_decay=0.0, padding="same", dilation_rate=1, normalize=True,
+                 use_bias=False, epsilon=BN_EPSILON, kernel_initializer=None, **kwargs):
+        super().__init__(candidates, **kwargs)
+        if self.candidates[-1] != filters:
+            raise ValueError(f"{self.name}: the candidates must end at the full width {filters}, got "
+                             f"{self.candidates!r}")
+        if padding not in ("same", "valid"):
+            raise ValueError(f"{self.name}: padding must be 'same' or 'valid', got {padding!r}")
+        if normalize and use_bias:
+            raise ValueError(f"{self.name}: a normalised conv has no bias (batch statistics cancel it)")
+        self.filters = filters
+        self.kernel_size, self.strides, self.dilation_rate = (_pair(kernel_size), _pair(strides),
+                                                              _pair(dilation_rate))
+        self.padding, self.relu, self.own_choice, self.pool_first = padding, relu, own_choice, pool_first
+        self.normalize, self.use_bias, self.epsilon = normalize, use_bias, epsilon
+        self.weight_decay = weight_decay
+        self.kernel_initializer = kernel_initializer  # None: He normal (fan out), made in build()
+
+    def build(self, input_shape):
+        decay = _coupled_decay(self.weight_decay)
+        self.kernel = self.add_weight(name="kernel", shape=(*self.kernel_size, input_shape[-1], self.filters),
+                                      initializer=self.kernel_initializer or he_normal_fan_out(),
+                                      regularizer=decay)
+        m = len(self.candidates)
+        if self.normalize:
+            self.gammas = self.add_weight(name="gammas", shape=(m, self.filters), initializer="ones",
+                                          regularizer=decay)
+            self.betas = self.add_weight(name="betas", shape=(m, self.filters), initializer="zeros",
+                                         regularizer=decay)
+        if self.use_bias:
+            self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros",
+                                        regularizer=decay)
+        if self.own_choice:
+            super().build()
+
+    def route(self, positions):
+        """The cheapest exact way to run a step with `positions` output pixels in the batch (None when
+        the batch size is not static: the costs per pixel decide). In multiply-adds, with N = positions,
+        C the full width and P = k_h * k_w * C_in:
+          kernel (no normalisation, so no statistics): one conv with the mix folded into its kernel;
+          matmul: the conv, its batch statistics, then a (C, C) channel matmul: N * (P * C + C^2);
+          second_conv: the conv for the statistics, then a conv with the mixed kernel: 2 * N * P * C;
+          covariance (1x1 convs): the statistics from the covariance of the input and the kernel, then
+              one conv with the mixed kernel: N * (C_in^2 + C_in * C) + C_in^2 * C.
+        """
+        if not self.normalize:
+            return "kernel"
+        in_channels, full = self.kernel.shape[2], self.filters
+        per_position = in_channels * math.prod(self.kernel_size) * full
+        costs = {"matmul": (per_position + full * full, 0), "second_conv": (2 * per_position, 0)}
+        if self.kernel_size == (1, 1):
+            costs["covariance"] = (in_channels * in_channels + per_position, in_channels * in_channels * full)
+        if positions is None:
+            return min(costs, key=costs.get)
+        return min(costs, key=lambda route: costs[route][0] * positions + costs[route][1])
+
+    def _positions(self, x):
+        """The output pixels of the batch x, or None when its size is not static."""
+        if x.shape[0] is None:
+            return None
+        sizes = []
+        for size, kernel, stride, dilation in zip(x.shape[1:3], self.kernel_size, self.strides, self.dilation_rate):
+            reach = (kernel - 1) * dilation + 1
+            sizes.append(-(-size // stride) if self.padding == "same" else (size - reach) // stride + 1)
+        return x.shape[0] * math.prod(sizes)
+
+    def _conv(self, x, kernel):
+        return tf.nn.conv2d(x, kernel, self.strides, self.padding.upper(), dilations=self.dilation_rate)
+
+    def _mix(self, widths, weights, scales, shifts):
+        """sum_k weights[k] * CWI_{widths[k] -> wider}(scales[k] * y + shifts[k]) as taps of y: output
+        channel j is diagonal[j] * y[j] + sum_t coefficients[t, j] * y[rows[t, j]] + bias[j], zero
+        beyond the wider width. The wider pick's CWI is the identity (the diagonal); the narrower's
+        two taps are rows [2, C] and coefficients [2, C]. Returns (diagonal, rows, coefficients, bias,
+        wider)."""
+        wider_pick = tf.argmax(widths, output_type=tf.int32)
+        narrower_pick = 1 - wider_pick  # the same width when both picks are equal: identity taps too
+        wider, narrower = widths[wider_pick], widths[narrower_pick]
+        mask = width_mask(wider, self.filters)
+        diagonal = weights[wider_pick] * mask * scales[wider_pick]
+        rows = tf.stack(cwi_taps(narrower, wider, self.filters))
+        tap_weight = 0.5 * weights[narrower_pick] * mask
+        coefficients = tap_weight * tf.gather(scales[narrower_pick], rows)
+        bias = (weights[wider_pick] * mask * shifts[wider_pick]
+                + tf.reduce_sum(tap_weight * tf.gather(shifts[narrower_pick], rows), axis=0))
+        return diagonal, rows, coefficients, bias, wider
+
+    def _mixed_kernel(self, diagonal, rows, coefficients):
+        """The kernel whose conv output is the mix `_mix` describes (without its bias)."""
+        columns = tf.transpose(tf.reshape(self.kernel, [-1, self.filters]))  # [C, k_h * k_w * C_in]
+        taps = tf.reshape(tf.gather(columns, tf.reshape(rows, [-1])), [2, self.filters, -1])
+        mixed = columns * diagonal[:, None] + tf.reduce_sum(taps * coefficients[..., None], axis=0)
+        return tf.reshape(tf.transpose(mixed), tf.shape(self.kernel))
+
+    def _input_moments(self, x):
+        """Per-channel batch mean and variance of a 1x1 conv's output, from its input's covariance."""
+        sampled = x[:, ::self.strides[0], ::self.strides[1], :]
+        flat = tf.reshape(sampled, [-1, tf.shape(x)[-1]])
+        mean = tf.reduce_mean(flat, axis=0)
+        centred = flat - mean
+        covariance = tf.matmul(centred, centred, transpose_a=True) / tf.cast(tf.shape(flat)[0], flat.dtype)
+        kernel = tf.reshape(self.kernel, [-1, self.filters])
+        variance = tf.reduce_sum(kernel * tf.matmul(covariance, kernel), axis=0)
+        return tf.linalg.matvec(kernel, mean, transpose_a=True), tf.maximum(variance, 0.0)
+
     def call(self, inputs, picks, weights):
-        """Returns the mixed output (full width, zero beyond the wider pick) and the wider pick."""
+        """Returns the mixed output (full width, zero beyond the wider pick) and the wider pick's width
+        in channels."""
         x = inputs
         if self.pool_first:
             x = tf.nn.avg_pool2d(x, 2, 2, "SAME")
-        y = tf.nn.conv2d(x, self.kernel, self.strides, "SAME")
-        wider = tf.reduce_max(picks)
-        mix = tf.gather(self.transitions[:, wider], picks)  # [2, C, C]: each pick to the wider width
-        matrix = tf.einsum("k,ki,kij->ij", weights, tf.gather(self.gammas, picks), mix)
-        bias = tf.einsum("k,ki,kij->j", weights, tf.gather(self.betas, picks), mix)
-        mean, variance = tf.nn.moments(y, axes=[0, 1, 2])
-        scale = tf.math.rsqrt(variance + BN_EPSILON)
-        matrix = scale[:, None] * matrix
-        bias = bias - tf.linalg.matvec(matrix, mean, transpose_a=True)
-        y = tf.einsum("bhwc,cd->bhwd", y, matrix) + bias
+        widths = tf.gather(self.candidate_channels, picks)
+        route = self.route(self._positions(x))
+        if route == "kernel":
+            scales = tf.ones([2, self.filters])
+            shifts = tf.broadcast_to(self.bias if self.use_bias else 0.0, [2, self.filters])
+        else:
+            if route == "covariance":
+                mean, variance = self._input_moments(x)
+            else:
+                y = self._conv(x, self.kernel)
+                mean, variance = tf.nn.moments(y, axes=[0, 1, 2])
+            scales = tf.gather(self.gammas, picks) * tf.math.rsqrt(variance + self.epsilon)
+            shifts = tf.gather(self.betas, picks) - scales * mean
+        diagonal, rows, coefficients, bias, wider = self._mix(widths, weights, scales, shifts)
+        if route == "matmul":
+            matrix = tf.linalg.diag(diagonal) + _scatter_columns(rows, coefficients, self.filters)
+            y = tf.einsum("bhwc,cd->bhwd", y, matrix) + bias
+        else:
+            y = self._conv(x, self._mixed_kernel(diagonal, rows, coefficients)) + bias
         if self.relu:
             y = tf.nn.relu(y)
         return y, wider
 
     def get_config(self):
-        return {**super().get_config(), "filters": self.filters, "candidates": list(self.candidates),
-                "kernel_size": self.kernel_size, "strides": self.strides, "relu": self.relu, "own_choice": self.own_choice, "pool_first": self.pool_first,
-                "weight_decay": self.weight_decay}
+        return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
+                "strides": self.strides, "relu": self.relu, "own_choice": self.own_choice,
+                "pool_first": self.pool_first, "weight_decay": self.weight_decay, "padding": self.padding,
+                "dilation_rate": self.dilation_rate, "normalize": self.normalize, "use_bias": self.use_bias,
+                "epsilon": self.epsilon, "kernel_initializer": self.kernel_initializer and
+                keras.initializers.serialize(keras.initializers.get(self.kernel_initializer))}
 
 
 class DepthMixer(keras.Layer):
@@ -155,14 +298,16 @@ class DepthMixer(keras.Layer):
 
     Args:
         depth_choices: the block counts the stage may keep.
-        candidates: the widths a block output of this stage may have (its output conv's candidates).
+        candidates: the widths a block output of this stage may have (the last is the full width).
+        equal_widths: every block output has the same width (their widths are tied), so the CWI is
+            the identity and is skipped.
     """
 
-    def __init__(self, depth_choices, candidates, **kwargs):
+    def __init__(self, depth_choices, candidates, equal_widths=False, **kwargs):
         super().__init__(**kwargs)
         self.depth_choices = tuple(int(d) for d in depth_choices)
         self.candidates = tuple(int(c) for c in candidates)
-        self.transitions = tf.constant(transition_matrices(self.candidates, self.candidates[-1]))
+        self.equal_widths = equal_widths
 
     def build(self, input_shape=None):
         self.beta = self.add_weight(name="beta", shape=(len(self.depth_choices),),
@@ -182,15 +327,18 @@ class DepthMixer(keras.Layer):
         return tf.gather(tf.constant(self.depth_choices, tf.int32), tf.argmax(self.beta, output_type=tf.int32))
 
     def call(self, block_outputs, block_widths, weights):
-        """`block_outputs[b]`/`block_widths[b]`: output and width index after b+1 blocks."""
+        """`block_outputs[b]`/`block_widths[b]`: output and width (channels) after b+1 blocks."""
         chosen = [d - 1 for d in self.depth_choices]
         wider = tf.reduce_max(tf.stack([block_widths[b] for b in chosen]))
         mixed = 0.0
         for j, b in enumerate(chosen):
-            transition = self.transitions[block_widths[b], wider]
-            mixed += weights[j] * tf.einsum("bhwc,cd->bhwd", block_outputs[b], transition)
+            output = block_outputs[b]
+            if not self.equal_widths:
+                output = tf.einsum("bhwc,cd->bhwd", output,
+                                   cwi_transition(block_widths[b], wider, self.candidates[-1]))
+            mixed += weights[j] * output
         return mixed, wider
 
     def get_config(self):
         return {**super().get_config(), "depth_choices": list(self.depth_choices),
-                "candidates": list(self.candidates)}
+                "candidates": list(self.candidates), "equal_widths": self.equal_widths}

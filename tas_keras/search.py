@@ -150,7 +150,7 @@ class TASSearchModel(keras.Model):
     the argmax network costs more than the band, -log E(A) when less, 0 inside.
 
     Args:
-        supernet: a CifarResNetSupernet.
+        supernet: a CifarResNetSupernet or a GraphSupernet.
         target_ratio: R, the fraction of the full network's cost to keep.
         cost_metric: "flops", "params" or "latency" (ms, from `latency_table`).
         cost_weight: lambda.
@@ -183,9 +183,7 @@ class TASSearchModel(keras.Model):
         self.tolerance, self.band, self.arch_weight_decay, self.seed = tolerance, band, arch_weight_decay, seed
         self.sample_per_replica, self.entropy_weight = sample_per_replica, entropy_weight
         self.latency = latency_table and SupernetLatency(supernet, latency_table)
-        full_cost = count_arch(supernet.arch)
-        self.base_cost = (self.latency.full_ms if self.latency else
-                          full_cost.flops if cost_metric == "flops" else full_cost.params)
+        self.base_cost = self.latency.full_ms if self.latency else supernet.full_cost(cost_metric)
         low, high = cost_band(target_ratio, tolerance, band)
         self.cost_low, self.cost_high = low * self.base_cost, high * self.base_cost
         self.tau = keras.Variable(5.0, trainable=False, name="tau")
@@ -195,7 +193,7 @@ class TASSearchModel(keras.Model):
         self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self.valid_accuracy = keras.metrics.SparseCategoricalAccuracy(name="valid_accuracy")
         self.cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        self(tf.zeros((1, *supernet.arch.input_shape)))
+        self(tf.zeros((1, *supernet.image_shape)))
 
     def compile(self, optimizer, arch_optimizer, **kwargs):
         """`arch_optimizer` is built here, so it exists in the distribution scope before fit.

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from tas_keras.cost import count_arch, count_model
-from tas_keras.layers import DepthMixer, SearchableConv, cwi_matrix, sample_two_widths, transition_matrices
+from tas_keras.layers import DepthMixer, SearchableConv, cwi_transition, sample_two_widths
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.cifar_resnet_supernet import CifarResNetSupernet
 from tas_keras.search import (ArchLearningRate, LinearRamp, arch_learning_rate_for, TASSearchModel, convergence, cost_band, init_from_base, run_search,
@@ -45,24 +45,15 @@ def test_hardware_aligned_candidates():
     assert candidate_widths(16, multiple_of=16) == (16,)
 
 
-@pytest.mark.parametrize("in_width, out_width", [(16, 16), (16, 6), (9, 16), (4, 14), (64, 19), (19, 25)])
-def test_cwi_is_adaptive_average_pooling(in_width, out_width):
-    matrix = cwi_matrix(in_width, out_width)
-    np.testing.assert_allclose(matrix.sum(axis=1), 1.0, rtol=1e-6)
-    x = np.random.default_rng(0).normal(size=in_width)
+@pytest.mark.parametrize("in_width, out_width", [(16, 16), (9, 16), (4, 14), (19, 25), (1, 5), (57, 64)])
+def test_cwi_widens_by_adaptive_average_pooling_at_full_width(in_width, out_width):
+    x = np.zeros(64, np.float32)
+    x[:in_width] = np.random.default_rng(0).normal(size=in_width)
+    widened = tf.linalg.matvec(cwi_transition(in_width, out_width, 64), x, transpose_a=True).numpy()
     expected = [x[math.floor(j * in_width / out_width):math.ceil((j + 1) * in_width / out_width)].mean()
                 for j in range(out_width)]
-    np.testing.assert_allclose(matrix @ x, expected, rtol=1e-5)
-
-
-def test_transition_matrices_embed_cwi_at_full_width():
-    candidates = candidate_widths(16)
-    matrices = transition_matrices(candidates, 16)
-    assert matrices.shape == (8, 8, 16, 16)
-    np.testing.assert_array_equal(matrices[7, 7], np.eye(16))
-    a, b = candidates.index(6), candidates.index(11)
-    np.testing.assert_array_equal(matrices[a, b][:6, :11], cwi_matrix(6, 11).T)
-    assert not matrices[a, b][6:].any() and not matrices[a, b][:, 11:].any()
+    np.testing.assert_allclose(widened[:out_width], expected, rtol=1e-5)
+    assert not widened[out_width:].any()
 
 
 @tf.function
@@ -290,7 +281,7 @@ def test_searchable_conv_with_two_different_picks_equals_the_naive_route():
         normalised = (part - part.mean((0, 1, 2))) / np.sqrt(part.var((0, 1, 2)) + 1e-5)
         affine = normalised * conv.gammas.numpy()[pick, :width] + conv.betas.numpy()[pick, :width]
         expected[..., :12] += weight * _naive_cwi(affine, 12)
-    assert int(wider) == 5
+    assert int(wider) == 12
     np.testing.assert_allclose(mixed, np.maximum(expected, 0), atol=1e-4)
     assert np.abs(expected[..., :12]).min() > 0  # both fragments reach the wider width
 
@@ -299,14 +290,14 @@ def test_depth_mixer_with_different_block_widths_equals_the_naive_route():
     candidates = candidate_widths(16)
     mixer = DepthMixer((1, 2, 3), candidates)
     mixer.build()
-    widths = [7, 2, 4]  # the block outputs are 16, 8 and 11 channels wide (zero beyond)
+    widths = [16, 8, 11]  # the block outputs' widths (zero beyond)
     rng = np.random.default_rng(0)
-    outputs = [np.concatenate([rng.normal(size=(2, 3, 3, candidates[w])),
-                               np.zeros((2, 3, 3, 16 - candidates[w]))], -1).astype("float32") for w in widths]
+    outputs = [np.concatenate([rng.normal(size=(2, 3, 3, w)), np.zeros((2, 3, 3, 16 - w))], -1).astype("float32")
+               for w in widths]
     weights = tf.constant([0.2, 0.5, 0.3])
     mixed, wider = mixer([tf.constant(o) for o in outputs], [tf.constant(w) for w in widths], weights)
-    expected = sum(q * _naive_cwi(o[..., :candidates[w]], 16) for q, o, w in zip(weights.numpy(), outputs, widths))
-    assert int(wider) == 7
+    expected = sum(q * _naive_cwi(o[..., :w], 16) for q, o, w in zip(weights.numpy(), outputs, widths))
+    assert int(wider) == 16
     np.testing.assert_allclose(mixed, expected, atol=1e-5)
 
 

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tas_keras.cost import count_arch
 from tas_keras.layers import DepthMixer, SearchableConv
 from tas_keras.models.cifar_resnet import WEIGHT_DECAY, ConvPlan, network_plan
 from tas_keras.search_space import ArchConfig, candidate_widths, depth_choices
@@ -67,6 +68,15 @@ class CifarResNetSupernet(keras.Model):
             0.0, 0.01), kernel_regularizer=decay, bias_regularizer=decay, name="head_fc")
         self.width_choices = [self.stem] + [c for _, convs, _ in self.blocks for c in convs]
         self(tf.zeros((1, *arch.input_shape)), self.uniform_sample())
+
+    @property
+    def image_shape(self):
+        return self.arch.input_shape
+
+    def full_cost(self, metric="flops"):
+        """The cost of the full network: the base of the cost ratios."""
+        full = count_arch(self.arch)
+        return full.flops if metric == "flops" else full.params
 
     @property
     def arch_variables(self):

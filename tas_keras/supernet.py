@@ -1,0 +1,353 @@
+"""The TAS supernet of any model the graph reader supports (DESIGN.md sections 5, 6 and 11).
+
+`GraphSupernet(model, space)` lays the search out on the `GraphSpace` read from `model`
+(`tas_keras.graph.read_model`); `tas_keras.search.TASSearchModel` drives it.
+
+- Widths: one distribution (alpha, a `WidthChoice`) per searchable slot. Every Conv2D that writes a
+  searchable slot follows that slot's sample (the convs of a tied slot share one) and is a
+  `SearchableConv` of the same name: it runs at full width and mixes the two sampled widths by CWI to
+  the wider one. When a BatchNormalization (with centre and scale) is the only reader of the conv's
+  linear output, the BN becomes the conv's per-candidate affines, normalised with batch statistics.
+  Other searchable convs are normalised the same way with `normalize_every_conv` (the reference's
+  search forward normalises every conv, its CIFAR ResNets' stride-2 shortcut conv included, although
+  no BN follows it); otherwise they mix their output (plus bias) as it is, so that the full-width,
+  full-depth sample computes the source model.
+- Every other layer is a copy of the source layer (class, settings, name) and runs at full width on
+  the zero-padded tensors: a depthwise conv and the BN after it follow the width of the slot that
+  feeds them, activations, pooling and padding pass it on, and the classifier reads the first
+  channels of its kernel. Where a layer could make the channels beyond the width non-zero (a BN's
+  beta, a bias, an activation with f(0) != 0, noise), a mask zeroes them again.
+- Merges run at full width: tied inputs share one width; an independent Add is a zero-padded add,
+  where the wider width wins.
+- Depth: every block runs; a stage's output is sum_j q_j * CWI(output after d_j blocks) (`DepthMixer`).
+
+The supernet is only ever trained: batch statistics and dropout are always on.
+
+E(A) (`expected_cost`) and F(A) (`argmax_cost`) apply one per-layer rule (`layer_cost`, the rule of
+`tas_keras.cost.count_shape`): E(A) to the expected widths (softmax(alpha), chained through the slots,
+each droppable block weighted by the probability that its stage keeps it, DESIGN.md section 6), F(A)
+to the argmax shape as `GraphSpace.plan` builds it (dropped blocks left out, their readers handed the
+last kept block, an independent shortcut projected where its widths differ), so F(A) equals
+`count_shape(space, supernet.derive())`.
+"""
+
+import inspect
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tas_keras import cost
+from tas_keras.graph import GraphShape, load_model
+from tas_keras.layers import DepthMixer, SearchableConv, WidthChoice, width_mask
+from tas_keras.models.cifar_resnet import BN_EPSILON, WEIGHT_DECAY
+
+COST_METRICS = ("flops", "params")
+_COSTED_KINDS = ("conv", "depthwise", "dense", "batch_norm")
+_L = keras.layers
+# Weightless layers that leave an all-zero channel zero.
+_KEEP_ZEROS = (_L.MaxPooling2D, _L.AveragePooling2D, _L.GlobalAveragePooling2D, _L.GlobalMaxPooling2D,
+               _L.ZeroPadding2D, _L.Cropping2D, _L.UpSampling2D, _L.Dropout, _L.SpatialDropout2D,
+               _L.GaussianDropout, _L.ActivityRegularization, _L.Identity)
+
+
+def _check_metric(metric):
+    if metric not in COST_METRICS:
+        raise ValueError(f"metric must be one of {COST_METRICS}, got {metric!r}")
+
+
+def _maps_zero_to_zero(function):
+    return not np.any(keras.ops.convert_to_numpy(function(tf.zeros((1, 1)))))
+
+
+def _keeps_zeros(layer):
+    """Whether a pass-through layer leaves all-zero channels zero (else its output is masked)."""
+    if isinstance(layer, _KEEP_ZEROS):
+        return True
+    if isinstance(layer, _L.Rescaling):  # in a searchable slot its offset is a number
+        return layer.offset == 0
+    if isinstance(layer, (_L.Activation, _L.ReLU, _L.LeakyReLU, _L.ELU)):
+        return _maps_zero_to_zero(layer)
+    return False
+
+
+def _copy(source, regularizer):
+    """A new layer of the source layer's class, settings and name (fresh weights), every weight under
+    the supernet's coupled weight decay."""
+    config = source.get_config()
+    for key in config:
+        if key.endswith("_regularizer") and key != "activity_regularizer":
+            config[key] = regularizer
+    return type(source).from_config(config)
+
+
+def layer_cost(layer, in_channels, out_channels, metric):
+    """The cost of a GraphLayer at the given widths (numbers or tensors): FLOPs or parameters."""
+    return getattr(cost.layer_cost(layer.name, layer.kind, in_channels, out_channels, layer.kernel,
+                                   layer.strides, layer.output_size, layer.use_bias, layer.affine), metric)
+
+
+class GraphSupernet(keras.Model):
+    """Args:
+        model: the source model (a keras.Model or a .keras path) that `space` was read from.
+        space: its GraphSpace (`tas_keras.graph.read_model(model, ...)`).
+        normalize_every_conv: batch-normalise every searchable conv, also those no BN follows (the
+            reference's rule for the CIFAR ResNets; see the module docstring).
+        weight_decay: coupled L2 on every weight (not on the architecture parameters).
+    """
+
+    def __init__(self, model, space, normalize_every_conv=False, weight_decay=WEIGHT_DECAY, **kwargs):
+        super().__init__(name=kwargs.pop("name", f"{space.name}_supernet"), **kwargs)
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        model = load_model(model)
+        self.space, self.normalize_every_conv, self.weight_decay = space, normalize_every_conv, weight_decay
+        taken = {layer.name for layer in space.layers}
+
+        def own_name(name):
+            if name in taken:
+                raise ValueError(f"the supernet names a layer {name!r}, which the model already uses")
+            return name
+
+        self.width_choices = [WidthChoice(slot.candidates, name=own_name(f"{slot.name}_width"))
+                              for slot in space.searchable_slots]
+        for choice in self.width_choices:
+            choice.build()
+        self._choice_of_slot = {slot.name: choice.name
+                                for slot, choice in zip(space.searchable_slots, self.width_choices)}
+
+        readers = {layer.name: [] for layer in space.layers}
+        for layer in space.layers:
+            for source in layer.inputs:
+                readers[source].append(layer.name)
+        regularizer = keras.regularizers.L2(weight_decay / 2) if weight_decay else None
+        self.absorbed = {}  # BN name -> the name of the searchable conv that took its affine
+        self._activations, self._masked, self._call_arguments = {}, set(), {}
+        graph_layers = {}
+        for layer in space.layers:
+            if layer.kind == "input" or layer.name in self.absorbed:
+                continue
+            source = model.get_layer(layer.name)
+            searchable = space.slot(layer.out_slot).searchable
+            if layer.kind == "conv" and searchable:
+                graph_layers[layer.name] = self._searchable_conv(layer, source, readers[layer.name], model)
+                continue
+            graph_layers[layer.name] = _copy(source, regularizer)
+            arguments = dict(layer.call_arguments)
+            if "training" in inspect.signature(source.call).parameters:
+                arguments.setdefault("training", True)
+            self._call_arguments[layer.name] = arguments
+            if searchable and (layer.kind == "batch_norm" or (layer.kind == "depthwise" and layer.use_bias) or (
+                    layer.kind == "pass" and not _keeps_zeros(graph_layers[layer.name]))):
+                self._masked.add(layer.name)
+        self.graph_layers = graph_layers
+
+        self.stages, self._mixed_exits = [], {}
+        for index, stage in enumerate(space.stages):
+            outputs = ([stage.blocks[0].entry] if stage.opener else []) + [block.exit for block in stage.blocks]
+            exit_slot = space.slot(space.layer(outputs[-1]).out_slot)
+            mixer = DepthMixer(stage.choices, exit_slot.candidates,
+                               equal_widths=len({space.layer(name).out_slot for name in outputs}) == 1,
+                               name=own_name(f"{stage.name}_depth"))
+            mixer.build()
+            self.stages.append((stage, mixer))
+            self._mixed_exits[outputs[-1]] = (index, outputs)
+        self._full_cost = {}
+        self(tf.zeros((1, *space.input_shape)), self.uniform_sample())
+        for name, layer in self.graph_layers.items():  # constants such as a Normalization's statistics
+            if layer.weights and not layer.trainable_weights:
+                layer.set_weights(model.get_layer(name).get_weights())
+
+    def _searchable_conv(self, layer, source, readers, model):
+        config = source.get_config()
+        activation = config["activation"]
+        batch_norm = None
+        if activation == "linear" and len(readers) == 1 and self.space.layer(readers[0]).kind == "batch_norm":
+            candidate = model.get_layer(readers[0])
+            if candidate.center and candidate.scale:
+                batch_norm = candidate
+                self.absorbed[batch_norm.name] = layer.name
+        normalize = batch_norm is not None or self.normalize_every_conv
+        if activation != "linear":
+            self._activations[layer.name] = keras.activations.get(activation)
+            if not _maps_zero_to_zero(self._activations[layer.name]):
+                self._masked.add(layer.name)
+        return SearchableConv(
+            source.filters, self.space.slot(layer.out_slot).candidates, source.kernel_size, source.strides,
+            relu=False, own_choice=False, weight_decay=self.weight_decay, padding=source.padding,
+            dilation_rate=source.dilation_rate, normalize=normalize, use_bias=source.use_bias and not normalize,
+            epsilon=batch_norm.epsilon if batch_norm else BN_EPSILON,
+            kernel_initializer=keras.initializers.get(config["kernel_initializer"]), name=layer.name)
+
+    @property
+    def image_shape(self):
+        return self.space.input_shape
+
+    @property
+    def arch_variables(self):
+        return ([choice.alpha for choice in self.width_choices if choice.alpha is not None]
+                + [mixer.beta for _, mixer in self.stages])
+
+    @property
+    def weight_variables(self):
+        arch = {id(v) for v in self.arch_variables}
+        return [v for v in self.trainable_variables if id(v) not in arch]
+
+    def uniform_sample(self):
+        """A fixed sample (the two widest candidates, equal weights; uniform depths), for building."""
+        widths = {choice.name: (tf.constant([len(choice.candidates) - 1, max(0, len(choice.candidates) - 2)]),
+                                tf.constant([0.5, 0.5])) for choice in self.width_choices}
+        depths = [tf.fill([len(mixer.depth_choices)], 1.0 / len(mixer.depth_choices)) for _, mixer in self.stages]
+        return widths, depths
+
+    def sample(self, tau, seed):
+        """One architecture sample: two widths + weights per width distribution, soft weights per stage."""
+        widths = {choice.name: choice.sample(tau, tf.random.experimental.stateless_fold_in(seed, i))
+                  for i, choice in enumerate(self.width_choices)}
+        offset = len(self.width_choices)
+        depths = [mixer.sample(tau, tf.random.experimental.stateless_fold_in(seed, offset + s))
+                  for s, (_, mixer) in enumerate(self.stages)]
+        return widths, depths
+
+    def call(self, images, sample):
+        widths, depths = sample
+        tensors = {}  # layer name -> (output at full width, its width in channels)
+        for layer in self.space.layers:
+            if layer.kind == "input":
+                tensors[layer.name] = (images, tf.constant(self.space.slot(layer.out_slot).full_width))
+            elif layer.name in self.absorbed:
+                tensors[layer.name] = tensors[self.absorbed[layer.name]]
+            else:
+                tensors[layer.name] = self._forward(layer, [tensors[name] for name in layer.inputs], widths)
+            if layer.name in self._mixed_exits:
+                index, outputs = self._mixed_exits[layer.name]
+                block_outputs = [tensors[name] for name in outputs]
+                tensors[layer.name] = self.stages[index][1](
+                    [y for y, _ in block_outputs], [width for _, width in block_outputs], depths[index])
+        return tensors[self.space.output][0]
+
+    def _forward(self, layer, inputs, widths):
+        """(output, width) of one layer from its inputs' (output, width)."""
+        keras_layer = self.graph_layers[layer.name]
+        slot = self.space.slot(layer.out_slot)
+        if isinstance(keras_layer, SearchableConv):
+            y, width = keras_layer(inputs[0][0], *widths[self._choice_of_slot[layer.out_slot]])
+            if layer.name in self._activations:
+                y = self._activations[layer.name](y)
+        else:
+            values = [y for y, _ in inputs]
+            y = keras_layer(values if layer.kind in ("merge", "concat") else values[0],
+                            **self._call_arguments[layer.name])
+            # A merge adds zero-padded inputs: the wider width wins.
+            width = inputs[0][1] if len(inputs) == 1 else tf.reduce_max(tf.stack([w for _, w in inputs]))
+        if not slot.searchable:
+            return y, tf.constant(slot.full_width)
+        if layer.name in self._masked:
+            y = y * width_mask(width, slot.full_width)
+        return y, width
+
+    def argmax_widths(self):
+        """The argmax width of every searchable slot, int64."""
+        return {slot: tf.gather(tf.constant(choice.candidates, tf.int64), choice.argmax_index())
+                for slot, choice in zip(self._choice_of_slot, self.width_choices)}
+
+    def derive(self):
+        """The argmax shape."""
+        return GraphShape({slot: int(width) for slot, width in self.argmax_widths().items()},
+                          {stage.name: int(mixer.argmax_depth()) for stage, mixer in self.stages})
+
+    def full_cost(self, metric="flops"):
+        """The cost of the source model (the full shape): the base of the cost ratios."""
+        _check_metric(metric)
+        if metric not in self._full_cost:
+            self._full_cost[metric] = getattr(cost.count_shape(self.space, self.space.full_shape()), metric)
+        return self._full_cost[metric]
+
+    def keep_probabilities(self):
+        """P(the block is kept) under softmax(beta), for every droppable block by name."""
+        keep = {}
+        for stage, mixer in self.stages:
+            at_least = mixer.keep_probabilities(stage.num_blocks)
+            for index, block in enumerate(stage.blocks, start=int(bool(stage.opener))):
+                keep[block.name] = at_least[index]
+        return keep
+
+    def expected_cost(self, metric="flops"):
+        """E(A): the sum over layers of `layer_cost` at the expected widths of the layer's input and
+        output slots (E[C] = sum_k softmax(alpha)_k c_k; fixed slots at full width), a droppable
+        block's layers weighted by the probability that its stage keeps it (DESIGN.md section 6)."""
+        _check_metric(metric)
+        widths = {slot.name: float(slot.full_width) for slot in self.space.slots}
+        widths.update({slot: choice.expected_width()
+                       for slot, choice in zip(self._choice_of_slot, self.width_choices)})
+        keep = self.keep_probabilities()
+        total = 0.0
+        for layer in self.space.layers:
+            if layer.kind in _COSTED_KINDS:
+                layer_total = layer_cost(layer, widths[layer.in_slots[0]], widths[layer.out_slot], metric)
+                total += keep[layer.block] * layer_total if layer.block else layer_total
+        return total
+
+    def argmax_cost(self, metric="flops"):
+        """F(A): the exact cost of the network derived from the argmax shape, an int64 tensor."""
+        _check_metric(metric)
+        widths = {slot.name: tf.constant(slot.full_width, tf.int64) for slot in self.space.slots}
+        widths.update(self.argmax_widths())
+        kept, handed_on = {}, {}  # block -> whether kept; block exit -> (the exits it may hand on, which)
+        for stage, mixer in self.stages:
+            kept_blocks = tf.cast(mixer.argmax_depth(), tf.int64) - int(bool(stage.opener))
+            exits = [stage.blocks[0].entry] + [block.exit for block in stage.blocks]
+            for index, block in enumerate(stage.blocks, start=1):
+                kept[block.name] = index <= kept_blocks
+                handed_on[block.exit] = (exits[:index + 1], tf.minimum(kept_blocks, index))
+        channels = {}
+
+        def read(name):  # the width a reader of `name` sees: a dropped block hands on its entry
+            if name not in handed_on:
+                return channels[name]
+            exits, position = handed_on[name]
+            return tf.gather(tf.stack([channels[exit_] for exit_ in exits]), position)
+
+        shortcuts = {shortcut.add: shortcut for shortcut in self.space.shortcuts}
+        total = tf.constant(0, tf.int64)
+        for layer in self.space.layers:
+            inputs = [read(name) for name in layer.inputs]
+            layer_total = tf.constant(0, tf.int64)
+            if layer.kind in ("conv", "dense", "reshape", "concat", "input"):
+                out = widths[layer.out_slot]
+            elif layer.kind == "depthwise":
+                out = inputs[0] * layer.depth_multiplier
+            elif layer.name in shortcuts:
+                shortcut = shortcuts[layer.name]
+                x = inputs[layer.inputs.index(shortcut.shortcut)]
+                out = inputs[layer.inputs.index(shortcut.residual)]
+                projection = sum(layer_cost(planned.layer, x, out, metric)
+                                 for planned in self.space.projection(shortcut, shortcut.shortcut, 0, 0))
+                layer_total = tf.where(tf.not_equal(x, out), projection, layer_total)
+            else:
+                out = inputs[0]
+            channels[layer.name] = out
+            if layer.kind in _COSTED_KINDS:
+                layer_total += layer_cost(layer, inputs[0], out, metric)
+            total += tf.where(kept[layer.block], layer_total, tf.zeros_like(layer_total)) if layer.block else (
+                layer_total)
+        return total
+
+    def init_from_source(self, model):
+        """Starts from the source model's (trained) weights, matched by layer name: conv kernels and
+        biases, every candidate's affine from the BN its conv absorbed (a searchable conv without one
+        keeps its identity affines), and every other layer's weights."""
+        model = load_model(model)
+        batch_norm_of = {conv: bn for bn, conv in self.absorbed.items()}
+        for name, layer in self.graph_layers.items():
+            source = model.get_layer(name)
+            if not isinstance(layer, SearchableConv):
+                layer.set_weights(source.get_weights())
+                continue
+            layer.kernel.assign(source.kernel)
+            if layer.use_bias:
+                layer.bias.assign(source.bias)
+            if name in batch_norm_of:
+                bn = model.get_layer(batch_norm_of[name])
+                layer.gammas.assign(tf.tile(bn.gamma[None], [len(layer.candidates), 1]))
+                layer.betas.assign(tf.tile(bn.beta[None], [len(layer.candidates), 1]))

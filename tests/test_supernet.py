@@ -1,0 +1,340 @@
+"""The graph supernet: the CIFAR supernet reproduced, exact costs, the source model at the full sample."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tas_keras.cost import count_shape
+from tas_keras.derive import derive_model
+from tas_keras.graph import INDEPENDENT, TIED, GraphShape, arch_from_shape, read_model
+from tas_keras.layers import SearchableConv
+from tas_keras.models.cifar_resnet import CifarResNet
+from tas_keras.models.cifar_resnet_supernet import CifarResNetSupernet
+from tas_keras.models.registry import build_model
+from tas_keras.search import TASSearchModel, convergence
+from tas_keras.search_space import ArchConfig, candidate_widths
+from tas_keras.supernet import GraphSupernet
+
+L = keras.layers
+
+
+def user_cnn():
+    """A small functional CNN: a stage of two identity blocks (a depthwise conv with bias and its BN, a
+    1x1 conv with bias and no BN, a widening 1x1 conv with an activation), a strided conv followed by a
+    sigmoid (non-zero at 0), a Dense head."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = L.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(inputs)
+    x = L.ReLU(name="stem_relu")(L.BatchNormalization(name="stem_bn")(x))
+    y = L.DepthwiseConv2D(3, padding="same", name="b1_dw")(x)
+    y = L.ReLU(6.0, name="b1_dw_relu")(L.BatchNormalization(name="b1_dw_bn")(y))
+    x = L.Add(name="b1_add")([x, L.Conv2D(8, 1, name="b1_project")(y)])
+    y = L.Conv2D(16, 1, activation="relu", name="b2_expand")(x)
+    y = L.BatchNormalization(name="b2_bn")(L.Conv2D(8, 3, padding="same", use_bias=False, name="b2_conv")(y))
+    x = L.Add(name="b2_add")([x, y])
+    x = L.Activation("sigmoid", name="down_gate")(L.Conv2D(12, 3, strides=2, padding="same", name="down")(x))
+    outputs = L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="pool")(x))
+    return keras.Model(inputs, outputs, name="user_cnn")
+
+
+def _source(name):
+    """A source model with non-trivial BN affines and biases, so a wrong copy shows."""
+    keras.utils.set_random_seed(0)
+    if name == "user_cnn":
+        model = user_cnn()
+    elif name == "resnet20":
+        model = CifarResNet(ArchConfig.full("resnet20", input_shape=(8, 8, 3)))
+    else:
+        model = build_model(name, (32, 32, 3), 3)
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape))
+            layer.beta.assign(rng.normal(0, 0.5, layer.beta.shape))
+        elif getattr(layer, "bias", None) is not None:
+            layer.bias.assign(rng.normal(0, 0.5, layer.bias.shape))
+    return model
+
+
+_BUILT = {}
+
+
+def _supernet(name):
+    """(source model, its space, its supernet initialised from it), built once per module; a name ending
+    in "_independent" reads the model in independent mode, as the CIFAR ResNets always are."""
+    if name not in _BUILT:
+        model = _source(name.removesuffix("_independent"))
+        independent = name == "resnet20" or name.endswith("_independent")
+        space = read_model(model, add_mode=INDEPENDENT if independent else TIED)
+        supernet = GraphSupernet(model, space)
+        supernet.init_from_source(model)
+        _BUILT[name] = model, space, supernet
+    return _BUILT[name]
+
+
+def _randomise_architecture(supernet, seed):
+    for i, variable in enumerate(supernet.arch_variables):
+        variable.assign(tf.random.stateless_normal(variable.shape, [seed, i]))
+
+
+def _one_hot_sample(supernet, shape):
+    """The sample of one shape: a single width per slot (weight 1), one-hot depths."""
+    widths = {}
+    for slot, choice in zip(supernet.space.searchable_slots, supernet.width_choices):
+        index = choice.candidates.index(shape.widths[slot.name])
+        widths[choice.name] = (tf.constant([index, index]), tf.constant([1.0, 0.0]))
+    depths = [tf.one_hot(mixer.depth_choices.index(shape.depths[stage.name]), len(mixer.depth_choices))
+              for stage, mixer in supernet.stages]
+    return widths, depths
+
+
+def _log_probabilities(outputs, model):
+    """keras.applications models end in a softmax: compare them in log space, the others as logits."""
+    return np.log(outputs) if model.layers[-1].get_config().get("activation") == "softmax" else outputs
+
+
+# The CIFAR ResNets: the graph supernet of the independent-mode space is the CIFAR supernet.
+
+def _cifar_pair(input_shape=(8, 8, 3)):
+    """The graph supernet of ResNet-20 and the CIFAR supernet, holding the same weights."""
+    arch = ArchConfig.full("resnet20", input_shape=input_shape)
+    model = CifarResNet(arch)
+    graph = GraphSupernet(model, read_model(model, add_mode=INDEPENDENT), normalize_every_conv=True)
+    cifar = CifarResNetSupernet(arch)
+    for variable, reference in _same_weights(graph, cifar):
+        variable.assign(reference)
+    for variable, reference in zip(graph.arch_variables, cifar.arch_variables, strict=True):
+        variable.assign(reference)
+    return graph, cifar
+
+
+def _same_weights(graph, cifar):
+    """(graph supernet variable, CIFAR supernet variable) pairs, matched by layer name."""
+    cifar_layers = {layer.name: layer for layer in [cifar.stem, cifar.head] + [
+        conv for _, convs, shortcut in cifar.blocks for conv in (*convs, shortcut) if conv is not None]}
+    weighted = {name: layer for name, layer in graph.graph_layers.items() if layer.weights}
+    assert sorted(weighted) == sorted(cifar_layers)
+    return [pair for name, layer in weighted.items() for pair in zip(
+        layer.weights, [v for v in cifar_layers[name].weights if v is not getattr(cifar_layers[name], "alpha", None)],
+        strict=True)]
+
+
+@pytest.fixture(scope="module")
+def cifar_pair():
+    return _cifar_pair()
+
+
+def test_cifar_space_has_the_cifar_supernets_choices_and_costs(cifar_pair):
+    graph, cifar = cifar_pair
+    assert [c.name for c in graph.width_choices] == [f"{c.name}_width" for c in cifar.width_choices]
+    assert [c.candidates for c in graph.width_choices] == [c.candidates for c in cifar.width_choices]
+    assert [m.depth_choices for _, m in graph.stages] == [m.depth_choices for _, m in cifar.stages]
+    assert graph.full_cost("flops") == cifar.full_cost("flops")
+    for seed in range(3):
+        for supernet in (graph, cifar):
+            _randomise_architecture(supernet, seed)
+        assert float(graph.expected_cost()) == pytest.approx(float(cifar.expected_cost()), rel=1e-6)
+        assert float(graph.expected_cost("params")) == pytest.approx(float(cifar.expected_cost("params")), rel=1e-6)
+        assert int(graph.argmax_cost()) == int(cifar.argmax_cost())
+        assert int(graph.argmax_cost("params")) == int(cifar.argmax_cost("params"))
+        derived = arch_from_shape(graph.space, graph.derive())
+        assert (derived.widths, derived.stage_blocks) == (cifar.derive().widths, cifar.derive().stage_blocks)
+
+
+def test_cifar_expected_cost_at_uniform_alpha_and_beta():
+    model = CifarResNet(ArchConfig.full("resnet20"))
+    supernet = GraphSupernet(model, read_model(model, add_mode=INDEPENDENT), normalize_every_conv=True)
+    for variable in supernet.arch_variables:
+        variable.assign(tf.zeros_like(variable))
+    # E[16] = 10, E[32] = 20.375, E[64] = 41.25; blocks weighted 1, 2/3, 1/3 (DESIGN.md section 6).
+    assert float(supernet.expected_cost()) / 1e6 == pytest.approx(10.83, abs=0.005)
+
+
+def test_cifar_forward_equals_the_cifar_supernets(cifar_pair):
+    graph, cifar = cifar_pair
+    images = tf.random.stateless_normal((6, 8, 8, 3), [1, 0])
+    for seed in range(2):
+        sample = cifar.sample(tf.constant(1.0), tf.constant([seed, 5], tf.int64))
+        renamed = ({f"{name}_width": picks for name, picks in sample[0].items()}, sample[1])
+        np.testing.assert_allclose(graph(images, renamed), cifar(images, sample), atol=1e-5)
+
+
+def test_cifar_search_steps_equal_the_cifar_supernets():
+    graph, cifar = _cifar_pair()
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(2, 8, 8, 8, 3)).astype("float32")
+    labels = rng.integers(0, 10, (2, 8)).astype("int32")
+    batches = tf.data.Dataset.zip(tuple(tf.data.Dataset.from_tensor_slices((images[i], labels[i])).batch(4)
+                                        for i in range(2)))
+    before = [v.numpy() for v in graph.arch_variables]
+    for supernet in (graph, cifar):
+        search = TASSearchModel(supernet, target_ratio=0.3, seed=3)  # the cost term is active
+        search.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                       arch_optimizer=keras.optimizers.Adam(0.05, beta_1=0.5, beta_2=0.999))
+        for batch in batches:  # eagerly: tracing two supernets would cost a minute
+            search.train_step(batch)
+    for variable, reference in _same_weights(graph, cifar):
+        np.testing.assert_allclose(variable, reference, atol=1e-5, err_msg=variable.path)
+    for variable, reference, start in zip(graph.arch_variables, cifar.arch_variables, before, strict=True):
+        # Adam divides by the gradient's magnitude: the float noise of a near-zero gradient (the two
+        # supernets sum their costs in different orders) reaches ~1e-5, the steps are > 1e-2.
+        np.testing.assert_allclose(variable, reference, atol=2e-5, err_msg=variable.path)
+        assert np.abs(variable.numpy() - start).max() > 0.01, variable.path  # Adam moved every distribution
+
+
+# Any model: exact costs, and the source model at the full sample.
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "resnet50", "user_cnn", "user_cnn_independent"])
+def test_argmax_cost_is_the_count_of_the_derived_shape(name):
+    _, space, supernet = _supernet(name)
+    for seed in range(4):
+        _randomise_architecture(supernet, seed)
+        shape = supernet.derive()
+        counted = count_shape(space, shape)
+        assert (int(supernet.argmax_cost()), int(supernet.argmax_cost("params"))) == (counted.flops,
+                                                                                      counted.params)
+    assert shape != space.full_shape()
+    assert supernet.full_cost("params") == count_shape(space, space.full_shape()).params
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "resnet50", "user_cnn", "user_cnn_independent"])
+def test_full_sample_from_the_source_equals_the_source_in_training_mode(name):
+    model, space, supernet = _supernet(name)  # resnet20 without normalize_every_conv: its stride-2
+    images = tf.random.stateless_normal((8, *space.input_shape), [2, 0])  # shortcuts stay bare
+    expected = _log_probabilities(model(images, training=True), model)
+    actual = _log_probabilities(supernet(images, _one_hot_sample(supernet, space.full_shape())), model)
+    # The tolerance: 1e-4, or twice how far the source's own outputs move when the batch is reversed
+    # (float32 sums of BN statistics over a few values: ResNet-50's last stage is 1x1 at 32 px).
+    reversed_batch = _log_probabilities(model(images[::-1], training=True), model)[::-1]
+    np.testing.assert_allclose(actual, expected, atol=max(1e-4, 2 * np.abs(reversed_batch - expected).max()))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "user_cnn"])
+def test_one_hot_sample_equals_the_derived_network_in_training_mode(name):
+    """At a narrower one-hot sample the supernet is the derived network (tied slots share one width;
+    depthwise convs, BNs and activations follow it; the masks keep the zero channels zero)."""
+    model, space, supernet = _supernet(name)
+    rng = np.random.default_rng(3)
+    shape = GraphShape({s.name: int(rng.choice(s.candidates[:-1])) for s in space.searchable_slots},
+                       {stage.name: int(rng.choice(stage.choices[:-1])) for stage in space.stages})
+    derived = derive_model(model, space, shape)
+    images = tf.random.stateless_normal((8, *space.input_shape), [3, 0])
+    np.testing.assert_allclose(_log_probabilities(supernet(images, _one_hot_sample(supernet, shape)), model),
+                               _log_probabilities(derived(images, training=True), model), atol=1e-4)
+
+
+def test_expected_cost_of_a_user_cnn_by_hand():
+    _, _, supernet = _supernet("user_cnn")
+    for variable in supernet.arch_variables:
+        variable.assign(tf.zeros_like(variable))
+    # Slots: the stem, tied by the Adds to b1_project and b2_conv (candidates of 8: 2, 3, 4, 5, 6, 7, 8,
+    # mean 5), b2_expand (of 16: mean 10), down (of 12: 3, 4, 6, 7, 8, 9, 10, 12, mean 7.375). The stage
+    # keeps b2 with probability 1/2. 8x8 maps, 4x4 after the strided conv.
+    s, e, d = 5, 10, 59 / 8
+    expected = (9 * 3 * s * 64  # stem
+                + (9 * s + s) * 64  # b1_dw, with bias
+                + (s * s + s) * 64  # b1_project, with bias
+                + 0.5 * ((s * e + e) * 64 + 9 * e * s * 64)  # b2_expand (with bias), b2_conv
+                + (9 * s * d + d) * 16  # down, with bias
+                + d * 4 + 4)  # head
+    assert float(supernet.expected_cost()) == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(35541.5)
+
+
+@pytest.mark.parametrize("name, compiled", [("mobilenet_v2", False), ("resnet50", False), ("user_cnn", True)])
+def test_short_search_runs_and_moves_the_architecture(name, compiled):
+    """Two search steps: eagerly for the ImageNet models (tracing them would cost a minute), through a
+    compiled `fit` for the small CNN."""
+    _, space, supernet = _supernet(name)
+    search = TASSearchModel(supernet, target_ratio=0.5)
+    search.compile(optimizer=keras.optimizers.SGD(0.01),
+                   arch_optimizer=keras.optimizers.Adam(0.01, beta_1=0.5, beta_2=0.999))
+    rng = np.random.default_rng(0)
+    halves = [tf.data.Dataset.from_tensor_slices((rng.normal(size=(8, *space.input_shape)).astype("float32"),
+                                                  rng.integers(0, 3, 8).astype("int32"))).batch(4)
+              for _ in range(2)]
+    batches = tf.data.Dataset.zip(tuple(halves))
+    arch = [v.numpy() for v in supernet.arch_variables]
+    weights = [v.numpy() for v in supernet.weight_variables]
+    if compiled:
+        logs = {name: values[-1] for name, values in search.fit(batches, epochs=1, verbose=0).history.items()}
+    else:
+        logs = [search.train_step(batch) for batch in batches][-1]
+    assert all(math.isfinite(float(value)) for value in logs.values()), logs
+    assert all(not np.array_equal(a, v.numpy()) for a, v in zip(arch, supernet.arch_variables))
+    assert sum(not np.array_equal(a, v.numpy()) for a, v in zip(weights, supernet.weight_variables)) > len(weights) / 2
+
+
+def test_search_state_backs_up_and_restores(tmp_path):
+    """A backup (weights, both optimizers) of a search restores into a new supernet of the same model."""
+    model, space, _ = _supernet("user_cnn")
+
+    def search_model():
+        search = TASSearchModel(GraphSupernet(model, space), target_ratio=0.5)
+        search.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                       arch_optimizer=keras.optimizers.Adam(0.01, beta_1=0.5, beta_2=0.999))
+        return search
+
+    trained = search_model()
+    images = tf.random.stateless_normal((4, *space.input_shape), [4, 0])
+    trained.train_step(((images, tf.constant([0, 1, 2, 3])), (images, tf.constant([3, 2, 1, 0]))))
+    trained.save_weights(tmp_path / "backup.weights.h5")
+    restored = search_model()
+    restored.load_weights(tmp_path / "backup.weights.h5")
+    for variable, reference in zip(
+            restored.variables + restored.optimizer.variables + restored.arch_optimizer.variables,
+            trained.variables + trained.optimizer.variables + trained.arch_optimizer.variables, strict=True):
+        np.testing.assert_array_equal(variable, reference, err_msg=variable.path)
+    assert convergence(restored.supernet) == convergence(trained.supernet)
+
+
+# The searchable conv's routes.
+
+def _naive_cwi(x, out_width):
+    width = x.shape[-1]
+    return np.stack([x[..., math.floor(j * width / out_width):math.ceil((j + 1) * width / out_width)].mean(-1)
+                     for j in range(out_width)], axis=-1)
+
+
+@pytest.mark.parametrize("kernel, strides, images, normalize, route", [
+    (1, 1, (4, 7, 7, 5), True, "covariance"), (1, 2, (4, 7, 7, 5), True, "covariance"),
+    (1, 1, (1, 2, 2, 12), True, "second_conv"), (3, 2, (4, 7, 7, 5), True, "matmul"),
+    (3, 1, (4, 7, 7, 5), False, "kernel"), (1, 2, (4, 7, 7, 5), False, "kernel")])
+def test_searchable_conv_routes_equal_the_naive_route(kernel, strides, images, normalize, route):
+    """Every route (statistics from the output or from the input's covariance; the mix as a matmul
+    or folded into the kernel) computes the naive mix of two normalised, widened picks."""
+    candidates = candidate_widths(16)
+    conv = SearchableConv(16, candidates, kernel, strides, relu=False, normalize=normalize, use_bias=not normalize)
+    x = tf.random.stateless_normal(images, [0, 0]) + 1.0
+    picks, weights = tf.constant([5, 2]), tf.constant([0.7, 0.3])  # 12 and 8 channels
+    conv(x, picks, weights)
+    for i, variable in enumerate(conv.trainable_weights[1:]):
+        variable.assign(tf.random.stateless_uniform(variable.shape, [1, i], 0.5, 1.5))
+    mixed, wider = conv(x, picks, weights)
+
+    full = tf.nn.conv2d(x, conv.kernel, strides, "SAME").numpy() + (0 if normalize else conv.bias.numpy())
+    assert conv.route(np.prod(full.shape[:3])) == route
+    expected = np.zeros_like(full)
+    for pick, weight in zip(picks.numpy(), weights.numpy()):
+        part = full[..., :candidates[pick]]
+        if normalize:
+            part = (part - part.mean((0, 1, 2))) / np.sqrt(part.var((0, 1, 2)) + 1e-5)
+            part = part * conv.gammas.numpy()[pick, :part.shape[-1]] + conv.betas.numpy()[pick, :part.shape[-1]]
+        expected[..., :12] += weight * _naive_cwi(part, 12)
+    assert int(wider) == 12
+    np.testing.assert_allclose(mixed, expected, atol=1e-4)
+
+
+def test_supernet_refuses_bad_arguments():
+    inputs = keras.Input((8, 8, 3))
+    x = L.ReLU(name="conv_width")(L.Conv2D(4, 3, name="conv")(inputs))
+    model = keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+    with pytest.raises(ValueError, match="the supernet names a layer 'conv_width', which the model already uses"):
+        GraphSupernet(model, read_model(model))
+    with pytest.raises(ValueError, match="weight_decay must be >= 0, got -1"):
+        GraphSupernet(model, read_model(model), weight_decay=-1)
+    _, _, supernet = _supernet("user_cnn")
+    with pytest.raises(ValueError, match="metric must be one of \\('flops', 'params'\\), got 'latency'"):
+        supernet.expected_cost("latency")
