@@ -16,7 +16,9 @@ import tensorflow as tf
 from export import convert, tfmot_bridge, verify
 from tas_keras import data
 from tas_keras.cost import count_model
+from tas_keras.distill import SHAPE_FILE
 from tas_keras.models import cifar_resnet  # noqa: F401 (registers CifarResNet for load_model)
+from tas_keras.pruned_shape import PrunedShape
 from tas_keras.runs import write_json
 
 REPORT_FILE = "report.json"
@@ -141,7 +143,8 @@ def _export_one(model_path, directory, dataset, quantize, int8_io, float_input, 
     outputs = runtime.predict(pixels)
     cost = count_model(model)
     input_dtype, output_dtype = runtime.io_dtypes
-    provenance = getattr(getattr(model, "arch", None), "provenance", {})
+    shape_file = os.path.join(os.path.dirname(model_path), SHAPE_FILE)  # written beside a pruned model.keras
+    provenance = PrunedShape.load(shape_file).provenance if os.path.exists(shape_file) else {}
     entry = {
         "model_path": os.path.abspath(model_path),
         "name": model.name,

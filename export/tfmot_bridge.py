@@ -1,7 +1,7 @@
 """Quantization-aware training with TensorFlow Model Optimization (optional; DESIGN.md section 9).
 
-TFMOT wraps only tf_keras (Keras 2) models. The bridge rebuilds the plain CIFAR ResNet in tf_keras
-from its ArchConfig with the same layer names, copies the Keras 3 weights by layer name, fine-tunes
+TFMOT wraps only tf_keras (Keras 2) models. The bridge rebuilds the functional Keras 3 model in
+tf_keras layer by layer (same classes, names and settings), copies the Keras 3 weights by layer name, fine-tunes
 with fake quantisation (tfmot.quantization.keras.quantize_model) and converts to an int8 .tflite that
 takes RGB pixels, like every export (export.convert.pixel_input_model).
 
@@ -9,13 +9,14 @@ Needs the packages of requirements-tfmot.txt. Import this module only where QAT 
 TFMOT sets TF_USE_LEGACY_KERAS=1, which changes what `tf.keras` means for the whole process.
 """
 
+import inspect
 import os
 
+import keras
 import tensorflow as tf
 
 from export import convert
 from tas_keras import data
-from tas_keras.models.cifar_resnet import BN_EPSILON, BN_MOMENTUM, network_plan
 
 
 class TfmotMissingError(ValueError):
@@ -45,34 +46,34 @@ def _import_tfmot():
     return tf_keras, tfmot
 
 
-def build_tf_keras(arch):
-    """CifarResNet(arch)'s network in tf_keras: same layers, same names, no regularisers."""
+def _tf_keras_layer(tf_keras, layer):
+    """A tf_keras layer of `layer`'s class and settings. Initialisers, regularisers and constraints
+    are left at their defaults (the weights are copied in afterwards), and Keras 3 settings tf_keras
+    does not take are dropped."""
+    cls = getattr(tf_keras.layers, type(layer).__name__, None)
+    if cls is None:
+        raise ValueError(f"{layer.name} ({type(layer).__name__}): tf_keras has no such layer, so the TFMOT "
+                         "bridge cannot rebuild this model")
+    accepted = inspect.signature(cls.__init__).parameters
+    config = {key: value for key, value in layer.get_config().items()
+              if key in accepted and not key.endswith(("_initializer", "_regularizer", "_constraint"))}
+    return cls(name=layer.name, **config)
+
+
+def build_tf_keras(model):
+    """A functional Keras 3 model's network in tf_keras: the same layers, names and settings, fresh
+    weights, no regularisers."""
     tf_keras, _ = _import_tfmot()
-    layers = tf_keras.layers
-
-    def conv_bn(x, conv, relu):
-        if conv.pool_first:
-            x = layers.AveragePooling2D(2, padding="same", name=conv.name.replace("conv", "pool"))(x)
-        x = layers.Conv2D(conv.out_channels, conv.kernel, strides=conv.stride, padding="same",
-                          use_bias=False, name=conv.name)(x)
-        if conv.batch_norm:
-            x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=conv.bn_name)(x)
-        return layers.ReLU(name=conv.name.replace("conv", "relu"))(x) if relu else x
-
-    plan = network_plan(arch)
-    inputs = tf_keras.Input(shape=arch.input_shape, name="image")
-    x = conv_bn(inputs, plan.stem, relu=True)
-    for block in plan.blocks:
-        shortcut = x
-        for index, conv in enumerate(block.convs):
-            x = conv_bn(x, conv, relu=index < len(block.convs) - 1)
-        if block.shortcut is not None:
-            shortcut = conv_bn(shortcut, block.shortcut, relu=False)
-        x = layers.Add(name=f"{block.name}_add")([shortcut, x])
-        x = layers.ReLU(name=f"{block.name}_out")(x)
-    x = layers.GlobalAveragePooling2D(name="head_pool")(x)
-    outputs = layers.Dense(arch.num_classes, name="head_fc")(x)
-    return tf_keras.Model(inputs, outputs, name=arch.name)
+    tensors = {id(t): tf_keras.Input(shape=t.shape[1:], name=t.name) for t in model.inputs}
+    for layer in model.operations:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        node = layer._inbound_nodes[0]
+        inputs = [tensors[id(t)] for t in node.input_tensors]
+        outputs = _tf_keras_layer(tf_keras, layer)(inputs if len(inputs) > 1 else inputs[0])
+        tensors[id(node.outputs[0])] = outputs
+    return tf_keras.Model([tensors[id(t)] for t in model.inputs], [tensors[id(t)] for t in model.outputs],
+                          name=model.name)
 
 
 def copy_weights(source, target):
@@ -95,7 +96,7 @@ def copy_weights(source, target):
 
 def quantization_aware_int8(model, dataset, epochs=1, max_steps=None, batch_size=128, learning_rate=1e-3,
                             seed=0, int8_io=False, float_input=False, representative=None):
-    """Fine-tunes a trained CifarResNet with fake quantisation; returns the int8 .tflite bytes of it
+    """Fine-tunes a trained functional model with fake quantisation; returns the int8 .tflite bytes of it
     behind the pixel normalisation (`convert.pixel_input_model`).
 
     `max_steps` caps the steps of each epoch (quick runs). The fake-quant ranges learnt in training
@@ -103,11 +104,8 @@ def quantization_aware_int8(model, dataset, epochs=1, max_steps=None, batch_size
     them) calibrate the normalisation in front of it, which training does not see, so that it runs in
     int8 too (without them it stays float).
     """
-    if not hasattr(model, "arch"):
-        raise ValueError("the TFMOT bridge rebuilds a CifarResNet from its ArchConfig; got "
-                         f"{type(model).__name__}")
     tf_keras, tfmot = _import_tfmot()
-    plain = build_tf_keras(model.arch)
+    plain = build_tf_keras(model)
     copy_weights(model, plain)
     qat = tfmot.quantization.keras.quantize_model(plain)
     qat.compile(optimizer=tf_keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True),

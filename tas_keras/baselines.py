@@ -215,7 +215,7 @@ def make_baseline(out, kind, model_name="resnet20", target_ratio=0.5, tolerance=
         dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
                                     seed=seed)
         full = ArchConfig.full(model_name, num_classes=dataset.num_classes, input_shape=dataset.image_shape)
-        check_fits_data(full, dataset)
+        check_fits_data(full.input_shape, full.num_classes, dataset)
     run, finished = prepare_run_dir(out, settings, overwrite, done_file=ARCH_FILE)
     if finished:
         return ArchConfig.load(os.path.join(out, ARCH_FILE))

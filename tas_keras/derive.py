@@ -10,15 +10,17 @@ gamma/beta and moving statistics, depthwise kernels) of the layers both models h
 fresh initialisation.
 """
 
+import logging
+
 import keras
 
-from tas_keras.distill import init_from_teacher
 
 
 def _build_layer(source, planned):
     """A new layer of `source`'s class and settings for the planned layer."""
     config = source.get_config()
-    config["name"] = planned.layer.name
+    # The derived network is trained next: a frozen source (a teacher) must not freeze it.
+    config.update(name=planned.layer.name, trainable=True)
     if planned.layer.kind == "conv":
         config["filters"] = planned.out_channels
         if planned.layer.name != source.name:  # a projection shortcut
@@ -47,3 +49,34 @@ def derive_model(model, space, shape, transfer_weights=True):
     if transfer_weights:
         init_from_teacher(derived, model)
     return derived
+
+
+def _leading(value, shape):
+    return value[tuple(slice(0, n) for n in shape)]
+
+
+def init_from_teacher(student, teacher):
+    """Copies the leading channels (and, for a truncated stage, the first blocks) of every weight of
+    `teacher` into the same-named layer of `student`.
+
+    A projection shortcut that only the pruned network has (an identity block whose widths now differ)
+    keeps its fresh initialisation. Raises ValueError, naming the layer, when the student is wider.
+    """
+    teacher_layers = {layer.name: layer for layer in teacher.layers}
+    fresh = []
+    for layer in student.layers:
+        if not layer.weights:
+            continue
+        if layer.name not in teacher_layers:
+            fresh.append(layer.name)
+            continue
+        values = []
+        for mine, theirs in zip(layer.weights, teacher_layers[layer.name].weights):
+            if any(m > t for m, t in zip(mine.shape, theirs.shape)):
+                raise ValueError(f"cannot init from the teacher: {layer.name} has shape {tuple(mine.shape)}, "
+                                 f"wider than the teacher's {tuple(theirs.shape)}")
+            values.append(_leading(theirs.numpy(), mine.shape))
+        layer.set_weights(values)
+    if fresh:
+        logging.info("layers the teacher does not have, trained from their initialisation: %s", fresh)
+    return fresh

@@ -9,14 +9,15 @@ import tensorflow as tf
 
 from tas_keras import data
 from tas_keras.distribute import in_strategy_scope
-from tas_keras.cost import count_arch
-from tas_keras.models.cifar_resnet import CifarResNet
+from tas_keras.cost import count_model
+from tas_keras.graph import load_model
+from tas_keras.pruned_shape import PrunedShape
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json, write_json
-from tas_keras.search_space import ArchConfig
 from tas_keras.training import (CHECKPOINT_STEPS, MODEL_FILE, METRICS_FILE, check_fits_data,
                                 evaluate_classifier, fit_classifier, save_model)
 
 MODES = ("scratch", "init", "kd", "init_kd")
+SHAPE_FILE = "shape.json"  # beside model.keras: the shape it was built from
 
 
 class KnowledgeDistiller(keras.distillation.Distiller):
@@ -47,58 +48,34 @@ class KnowledgeDistiller(keras.distillation.Distiller):
         return loss + keras.ops.sum(self.student.losses) / replicas
 
 
-def _leading(value, shape):
-    return value[tuple(slice(0, n) for n in shape)]
-
-
-def init_from_teacher(student, teacher):
-    """Copies the leading channels (and, for a truncated stage, the first blocks) of every weight of
-    `teacher` into the same-named layer of `student`.
-
-    A projection shortcut that only the pruned network has (an identity block whose widths now differ)
-    keeps its fresh initialisation. Raises ValueError, naming the layer, when the student is wider.
-    """
-    teacher_layers = {layer.name: layer for layer in teacher.layers}
-    fresh = []
-    for layer in student.layers:
-        if not layer.weights:
-            continue
-        if layer.name not in teacher_layers:
-            fresh.append(layer.name)
-            continue
-        values = []
-        for mine, theirs in zip(layer.weights, teacher_layers[layer.name].weights):
-            if any(m > t for m, t in zip(mine.shape, theirs.shape)):
-                raise ValueError(f"cannot init from the teacher: {layer.name} has shape {tuple(mine.shape)}, "
-                                 f"wider than the teacher's {tuple(theirs.shape)}")
-            values.append(_leading(theirs.numpy(), mine.shape))
-        layer.set_weights(values)
-    if fresh:
-        logging.info("layers the teacher does not have, trained from their initialisation: %s", fresh)
-    return fresh
-
-
 def load_teacher(path):
     if not path or not os.path.exists(path):
         raise ValueError(f"--teacher: no such model file {path!r}")
-    teacher = keras.saving.load_model(path)
+    teacher = load_model(path)
     teacher.trainable = False
     return teacher
 
 
-def check_prunes_teacher(arch, teacher, teacher_path, mode):
+def model_interface(model):
+    """(input shape, classes) of a classifier: what KD needs a teacher to share with its student."""
+    return tuple(model.input_shape[1:]), model.output_shape[-1]
+
+
+def check_prunes_teacher(pruned, teacher, teacher_path, mode):
     """A shape trained from a teacher must fit it: KD compares logits (same classes and input), and
-    init copies the teacher's weights by layer name (the teacher's network: same depth and block
-    type too). KD from a teacher of another depth is allowed."""
-    full = getattr(teacher, "arch", None)
-    if full is None:
-        raise ValueError(f"--teacher {teacher_path} is a {type(teacher).__name__}, not a network of this "
-                         "tool (train.base's model.keras)")
-    described = lambda a: f"{a.name} with {a.num_classes} classes on {a.input_shape} images"  # noqa: E731
-    fields = lambda a: ((a.depth, a.block) if mode.startswith("init") else ()) + (a.num_classes, a.input_shape)  # noqa: E731
-    if fields(arch) != fields(full):
-        raise ValueError(f"the shape is a {described(arch)} but the teacher {teacher_path} is a "
-                         f"{described(full)}: give a shape of the teacher's network")
+    init copies the teacher's weights by layer name, so the shape must be a point of the teacher's own
+    space. KD from a teacher of another depth or family is allowed."""
+    shape, classes = model_interface(teacher)
+    fits = (shape, classes) == (pruned.input_shape, pruned.num_classes)
+    if fits and mode.startswith("init"):
+        try:
+            pruned.space(teacher).validate(pruned.shape)
+        except ValueError:
+            fits = False
+    if not fits:
+        raise ValueError(f"the shape is a {pruned.name} with {pruned.num_classes} classes on {pruned.input_shape} "
+                         f"images but the teacher {teacher_path} is a {teacher.name} with {classes} classes on "
+                         f"{shape} images: give a shape of the teacher's network")
 
 
 @in_strategy_scope
@@ -106,8 +83,10 @@ def check_prunes_teacher(arch, teacher, teacher_path, mode):
 def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUNDLED_DATASET, data_dir=None,
             epochs=10, batch_size=256, learning_rate=0.1, alpha=0.9, temperature=4.0, seed=0,
             max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS):
-    """Builds the plain network of `arch_path` and trains it by `mode`; writes model.keras and
-    metrics.json (test accuracy, FLOPs, params, reduction against the teacher, wall time)."""
+    """Builds the plain network of the shape at `arch_path` (`PrunedShape.load`) and trains it by
+    `mode`; writes model.keras (a plain functional model of stock Keras layers), shape.json (its
+    PrunedShape, with the search's provenance) and metrics.json (test accuracy, FLOPs, params,
+    reduction against the teacher, wall time)."""
     settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps")}
     settings["stage"] = "distill"
     if mode not in MODES:
@@ -116,39 +95,39 @@ def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUND
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     if temperature <= 0:
         raise ValueError(f"KD temperature must be > 0, got {temperature!r}")
-    arch = ArchConfig.load(arch_path)
+    pruned = PrunedShape.load(arch_path)
     if mode != "scratch" and not teacher_path:
         raise ValueError(f"mode {mode!r} needs --teacher")
     teacher = load_teacher(teacher_path) if teacher_path else None
     if teacher is not None:
-        check_prunes_teacher(arch, teacher, teacher_path, mode)
+        check_prunes_teacher(pruned, teacher, teacher_path, mode)
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
                                 seed=seed)
-    check_fits_data(arch, dataset)
+    check_fits_data(pruned.input_shape, pruned.num_classes, dataset)
     run, finished = prepare_run_dir(out, settings, overwrite, done_file=METRICS_FILE)
     if finished:
         logging.info("%s already holds this finished run; nothing to do", out)
         return read_json(os.path.join(out, METRICS_FILE))
 
     keras.utils.set_random_seed(seed)
-    student = CifarResNet(arch)
-    if mode in ("init", "init_kd"):
-        init_from_teacher(student, teacher)
+    initialised = mode.startswith("init")
+    student = pruned.derive(teacher if initialised else None, transfer_weights=initialised)
     trained = KnowledgeDistiller(teacher, student, alpha, temperature) if mode.endswith("kd") else student
     start = time.perf_counter()
     metrics = fit_classifier(trained, dataset, out, epochs, batch_size, learning_rate, seed,
                              checkpoint_steps, stage=f"{mode} training")
     metrics.update(evaluate_classifier(student, dataset, batch_size))
-    cost = count_arch(arch)
-    metrics.update(mode=mode, model=arch.name, dataset=dataset.name, flops=cost.flops, params=cost.params,
-                   arch_provenance=arch.provenance, wall_time_s=round(time.perf_counter() - start, 2))
+    cost = count_model(student)
+    metrics.update(mode=mode, model=pruned.name, dataset=dataset.name, flops=cost.flops, params=cost.params,
+                   arch_provenance=dict(pruned.provenance), wall_time_s=round(time.perf_counter() - start, 2))
     if teacher is not None:
-        teacher_cost = count_arch(teacher.arch)
+        teacher_cost = count_model(teacher)
         metrics.update(evaluate_classifier(teacher, dataset, batch_size, prefix="teacher_"))
         metrics.update(teacher_flops=teacher_cost.flops, teacher_params=teacher_cost.params,
                        flops_reduction=1 - cost.flops / teacher_cost.flops,
                        params_reduction=1 - cost.params / teacher_cost.params)
     save_model(student, os.path.join(run, MODEL_FILE))
+    pruned.save(os.path.join(run, SHAPE_FILE))
     write_json(os.path.join(run, METRICS_FILE), metrics)
     return metrics
 

@@ -6,8 +6,9 @@ GraphShape: the width of every searchable slot, the blocks kept per stage), plus
 search. From it, `space()` reads the space again and `derive(model)` rebuilds the pruned network as a
 plain functional Keras model (`tas_keras.derive.derive_model`).
 
-The CIFAR ResNets' shapes are still written as ArchConfig files (the paper's released shapes use that
-form); `tas_keras.graph.shape_from_arch` maps one onto the other.
+The CIFAR ResNets' shapes are written as ArchConfig files (the form of the paper's released shapes);
+`PrunedShape.load` reads those too, as the GraphShape of the CIFAR ResNet's space they are
+(`from_arch`), so every stage after the search has one way to build and count a pruned network.
 """
 
 import dataclasses
@@ -16,9 +17,9 @@ import os
 from typing import Mapping
 
 from tas_keras.derive import derive_model
-from tas_keras.graph import ADD_MODES, GraphShape, read_model
+from tas_keras.graph import ADD_MODES, INDEPENDENT, GraphShape, read_model, shape_from_arch
 from tas_keras.models.registry import build_model, is_model_file
-from tas_keras.search_space import read_json_file
+from tas_keras.search_space import ArchConfig, read_json_file
 
 FORMAT = "tas_keras.PrunedShape"
 
@@ -93,17 +94,29 @@ class PrunedShape:
                                                                    "depths": config["depths"]}),
                    config.get("provenance", {}))
 
-    @staticmethod
-    def is_pruned_shape(config):
-        return isinstance(config, Mapping) and config.get("format") == FORMAT
+    @classmethod
+    def from_arch(cls, arch):
+        """The CIFAR ResNet shape `arch` in the independent-mode space of its full network."""
+        pruned = cls(arch.name, arch.input_shape, arch.num_classes, INDEPENDENT, 1, GraphShape({}, {}),
+                     arch.provenance)
+        return dataclasses.replace(pruned, shape=shape_from_arch(pruned.space(), arch))
 
     @classmethod
     def load(cls, path):
-        """The shape in `path`; a ValueError naming the file and what is wrong with it."""
+        """The shape in `path` (a PrunedShape, or a CIFAR ResNet's ArchConfig or released shape); a
+        ValueError naming the file and what is wrong with it."""
+        config = read_json_file(path, "shape file")
+        if not (isinstance(config, Mapping) and "format" in config):
+            return cls.from_arch(ArchConfig.load(path))
         try:
-            return cls.from_dict(read_json_file(path, "shape file"))
+            return cls.from_dict(config)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{path}: {error}") from None
+            raise ValueError(f"shape file {os.fspath(path)!r} is not a valid shape: {error}") from None
+
+    @property
+    def name(self):
+        """The source model's name (a .keras file's base name)."""
+        return os.path.splitext(os.path.basename(self.model))[0] if is_model_file(self.model) else self.model
 
     def save(self, path):
         """Writes the JSON atomically: a reader never sees a half-written file."""

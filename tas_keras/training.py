@@ -13,10 +13,10 @@ import tensorflow as tf
 
 from tas_keras import data
 from tas_keras.distribute import in_strategy_scope
-from tas_keras.cost import count_arch
-from tas_keras.models.cifar_resnet import CifarResNet
+from tas_keras.cost import count_model
+from tas_keras.models.registry import build_model, is_cifar_model, is_model_file
+from tas_keras.pruned_shape import PrunedShape
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json, run_dir, write_json
-from tas_keras.search_space import ArchConfig
 
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.keras"
@@ -64,12 +64,12 @@ def throughput(timer, images_per_epoch):
     return images_per_epoch / float(np.median(steady)) if steady else None
 
 
-def check_fits_data(arch, dataset):
-    if arch.num_classes != dataset.num_classes:
-        raise ValueError(f"the shape has {arch.num_classes} classes but {dataset.name} has "
-                         f"{dataset.num_classes}")
-    if arch.input_shape != tuple(dataset.image_shape):
-        raise ValueError(f"the shape takes {arch.input_shape} inputs but {dataset.name} images are "
+def check_fits_data(input_shape, num_classes, dataset):
+    """That a network taking `input_shape` images into `num_classes` classes fits `dataset`."""
+    if num_classes != dataset.num_classes:
+        raise ValueError(f"the shape has {num_classes} classes but {dataset.name} has {dataset.num_classes}")
+    if tuple(input_shape) != tuple(dataset.image_shape):
+        raise ValueError(f"the shape takes {tuple(input_shape)} inputs but {dataset.name} images are "
                          f"{tuple(dataset.image_shape)}")
 
 
@@ -333,8 +333,9 @@ def fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed,
 def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUNDLED_DATASET,
                data_dir=None, epochs=10, batch_size=256, learning_rate=0.1, seed=0,
                max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS):
-    """Trains the full network (or the shape at `arch_path`); writes model.keras and metrics.json,
-    backing the training state up every `checkpoint_steps` steps and every epoch."""
+    """Trains the full network `model_name` (a registry name, `tas_keras.models.registry`) at the
+    dataset's image size and classes, or the shape at `arch_path` (`PrunedShape.load`) from scratch;
+    writes model.keras and metrics.json, backing the training state up every `checkpoint_steps` steps and every epoch."""
     settings = {"stage": "base", "model": model_name, "arch": arch_path, "dataset": dataset_name,
                 "data_dir": data_dir, "epochs": epochs, "batch_size": batch_size,
                 "learning_rate": learning_rate, "seed": seed, "max_train_examples": max_train_examples}
@@ -342,27 +343,28 @@ def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUN
         raise ValueError(f"epochs, batch_size and learning_rate must be positive, got {epochs}, "
                          f"{batch_size}, {learning_rate}")
     if not arch_path:
-        ArchConfig.full(model_name)  # fails on a bad name before any data is read
+        if is_model_file(model_name):
+            raise ValueError(f"{model_name} is a trained model already: give it to train.prune as --model, "
+                             "or train a registry network")
+        is_cifar_model(model_name)  # fails on a bad name before any data is read
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
                                 seed=seed)
-    if arch_path:
-        arch = ArchConfig.load(arch_path)
-    else:
-        arch = ArchConfig.full(model_name, num_classes=dataset.num_classes, input_shape=dataset.image_shape)
-    check_fits_data(arch, dataset)
+    pruned = PrunedShape.load(arch_path) if arch_path else None
+    if pruned:
+        check_fits_data(pruned.input_shape, pruned.num_classes, dataset)
     run, finished = prepare_run_dir(out, settings, overwrite, done_file=METRICS_FILE)
     if finished:
         logging.info("%s already holds this finished run; nothing to do", out)
         return read_json(os.path.join(out, METRICS_FILE))
 
     keras.utils.set_random_seed(seed)
-    model = CifarResNet(arch)
+    model = pruned.derive() if pruned else build_model(model_name, dataset.image_shape, dataset.num_classes)
     start = time.perf_counter()
     metrics = fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed, checkpoint_steps,
                              stage="base training")
     metrics.update(evaluate_classifier(model, dataset, batch_size))
-    cost = count_arch(arch)
-    metrics.update(model=arch.name, dataset=dataset.name, train_examples=len(dataset.train_labels),
+    cost = count_model(model)
+    metrics.update(model=pruned.name if pruned else model_name, dataset=dataset.name, train_examples=len(dataset.train_labels),
                    flops=cost.flops, params=cost.params, wall_time_s=round(time.perf_counter() - start, 2))
     save_model(model, os.path.join(run, MODEL_FILE))
     write_json(os.path.join(run, METRICS_FILE), metrics)

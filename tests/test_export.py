@@ -224,10 +224,11 @@ def test_tfmot_bridge_quantization_aware_int8(trained, tmp_path):
         import json, keras, numpy as np
         from export import convert, tfmot_bridge, verify
         from tas_keras import data
+        from tas_keras.models import cifar_resnet  # registers the trained network's class
         model = keras.saving.load_model({trained!r})
         dataset = data.load_dataset(data.BUNDLED_DATASET)
         images = convert.normalised(dataset.test_images[:300], dataset.mean, dataset.std)
-        plain = tfmot_bridge.build_tf_keras(model.arch)
+        plain = tfmot_bridge.build_tf_keras(model)
         tfmot_bridge.copy_weights(model, plain)
         reference = keras.ops.convert_to_numpy(model(images, training=False))
         convert.write_bytes({str(tmp_path / "qat.tflite")!r}, tfmot_bridge.quantization_aware_int8(

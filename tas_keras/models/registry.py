@@ -11,6 +11,7 @@ keras.applications' ResNet50, not the CIFAR basic-block network of that depth.
 """
 
 import os
+import re
 
 import keras
 
@@ -32,11 +33,10 @@ def is_cifar_model(name):
     """Whether `name` is one of the CIFAR ResNets (the family ArchConfig describes)."""
     if name in IMAGENET_MODELS or is_model_file(name):
         return False
-    try:
-        parse_model_name(name)
-    except ValueError:
+    if not re.fullmatch(r"resnet\d+(_bottleneck)?", name):
         raise ValueError(f"unknown model {name!r}: expected one of {', '.join(IMAGENET_MODELS)}, a CIFAR "
-                         "resnet<depth> (resnet20 ... resnet164) or a .keras file") from None
+                         "resnet<depth> (resnet20 ... resnet164) or a .keras file")
+    parse_model_name(name)  # an invalid depth says which depths are valid
     return True
 
 
