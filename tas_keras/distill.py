@@ -105,10 +105,12 @@ def check_prunes_teacher(arch, teacher, teacher_path, mode):
 @locking_stage
 def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUNDLED_DATASET, data_dir=None,
             epochs=10, batch_size=256, learning_rate=0.1, alpha=0.9, temperature=4.0, seed=0,
-            max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS):
+            max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS, image_size=None,
+            streaming="auto"):
     """Builds the plain network of `arch_path` and trains it by `mode`; writes model.keras and
     metrics.json (test accuracy, FLOPs, params, reduction against the teacher, wall time)."""
-    settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps")}
+    # How the images are read (streaming) does not change the run.
+    settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps", "streaming")}
     settings["stage"] = "distill"
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -123,7 +125,7 @@ def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUND
     if teacher is not None:
         check_prunes_teacher(arch, teacher, teacher_path, mode)
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
-                                seed=seed)
+                                seed=seed, image_size=image_size, streaming=streaming)
     check_fits_data(arch, dataset)
     run, finished = prepare_run_dir(out, settings, overwrite, done_file=METRICS_FILE)
     if finished:
