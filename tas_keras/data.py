@@ -63,7 +63,7 @@ class DatasetError(ValueError):
 
 CIFAR_SIZED = 64  # images of at most this side, used at their own size, take the CIFAR path
 DEFAULT_IMAGE_SIZE = 224  # of the ImageNet path when --image_size is not given
-IMAGE_SIZE_RANGE = (16, 1024)
+IMAGE_SIZE_RANGE = (8, 1024)
 STREAMING = ("auto", "always", "never")
 MEMORY_BUDGET_FRACTION = 0.25  # of the machine's physical memory, for decoded images (memory_budget)
 _STREAMED_TFDS = {  # name -> the split used as the test split
