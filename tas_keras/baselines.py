@@ -2,7 +2,6 @@
 best of N random shapes inside the FLOP band, found by a keras-tuner random search. Both produce
 ArchConfigs, so they go through train.distill exactly like a searched shape."""
 
-import dataclasses
 import itertools
 import logging
 import os
@@ -166,11 +165,7 @@ def random_search(out, full, dataset, target_ratio, count, epochs, batch_size, s
     """Runs `RandomShapeSearch` for `count` trials (or resumes it); writes `out/candidates.json`, every
     trial's shape and valid accuracy, and returns the best shape."""
     base, low, high = _flops_band(full, target_ratio, tolerance, band)
-    train_index, valid_index = data.search_split(dataset.train_labels, seed=seed)
-    split = dataclasses.replace(dataset, train_images=dataset.train_images[train_index],
-                                train_labels=dataset.train_labels[train_index],
-                                test_images=dataset.train_images[valid_index],
-                                test_labels=dataset.train_labels[valid_index])
+    split, _ = dataset.search_halves(seed=seed)  # trains on the search-train half, tests on the other
     tuner = RandomShapeSearch(out, full, (low, high), count, epochs, batch_size, seed,
                               checkpoint_steps=checkpoint_steps)
     tuner.search(split)
@@ -197,10 +192,11 @@ def random_search(out, full, dataset, target_ratio, count, epochs, batch_size, s
 @locking_stage
 def make_baseline(out, kind, model_name="resnet20", target_ratio=0.5, tolerance=0.05, band="code",
                   dataset_name=data.BUNDLED_DATASET, data_dir=None, count=8, epochs=1, batch_size=256,
-                  seed=0, max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS):
+                  seed=0, max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS, image_size=None,
+                  streaming="auto"):
     """Writes `out/arch.json`: the pre-defined shape, or the best of a `count`-trial random search
     (`random_search`; a killed search resumes)."""
-    settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps")}
+    settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps", "streaming")}
     settings["stage"] = "baseline"
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -213,7 +209,7 @@ def make_baseline(out, kind, model_name="resnet20", target_ratio=0.5, tolerance=
     dataset = None
     if kind == "random":
         dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
-                                    seed=seed)
+                                    seed=seed, image_size=image_size, streaming=streaming)
         full = ArchConfig.full(model_name, num_classes=dataset.num_classes, input_shape=dataset.image_shape)
         check_fits_data(full.input_shape, full.num_classes, dataset)
     run, finished = prepare_run_dir(out, settings, overwrite, done_file=ARCH_FILE)

@@ -1,14 +1,26 @@
-"""Datasets as in-memory uint8 arrays, and the tf.data pipelines that feed them to Keras.
+"""Datasets, and the tf.data pipelines that feed them to Keras.
 
-Sources (DESIGN.md section 10): the CIFAR-10 subset bundled with the project, cifar10 / cifar100
-through tensorflow-datasets, and image folders or zips of class folders. Folder and zip sources are
-decoded once and cached as .npz, since decoding dominates start-up time.
+Sources (DESIGN.md sections 10, 11): the CIFAR-10 subset bundled with the project, cifar10 / cifar100,
+imagenette and imagenet2012 through tensorflow-datasets, and image folders or zips of class folders.
+
+Two kinds of dataset share one interface (`train_size`, `test_size`, `train_batches`, `test_batches`,
+`search_halves`, `image_shape`, `num_classes`, `mean`, `std`, `files_skipped`):
+
+- `ImageDataset`, the CIFAR path: small images used at their own size, in memory as uint8 arrays,
+  augmented by pad 4 + random crop + flip. Folder and zip sources are decoded once and cached as .npz,
+  since decoding dominates start-up time.
+- `CroppedImageDataset`, the ImageNet path (any resolution, `image_size` chosen): random resized crops
+  + flip for training, resize + centre crop for evaluation (`image_transforms`), the images' uint8
+  squares held in memory when they fit `memory_budget()`, else decoded from their files (a zip is
+  extracted once into the cache) or tfds records at every epoch.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import os
 import pathlib
+import shutil
 import socket
 import tempfile
 import threading
@@ -19,6 +31,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
+
+from tas_keras import image_transforms
 
 BUNDLED_DATASET = "cifar10_mini"
 _BUNDLED_ZIP = pathlib.Path(__file__).parent / "assets" / f"{BUNDLED_DATASET}.zip"
@@ -35,13 +49,25 @@ _TFDS_STATS = {
     "cifar100": (_scaled(129.3, 124.1, 112.4), _scaled(68.2, 65.4, 70.4)),
 }
 _DOWNLOAD_HOST = "www.cs.toronto.edu"  # tfds fetches both CIFAR archives from here
+# torchvision's ImageNet statistics: the normalisation of every CroppedImageDataset that is not CIFAR.
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+_TEST_FOLDERS = ("val", "validation", "test")  # the first one present is the test split
 _PAD = 4
 _CACHE_VERSION = 2  # bump when the decoded arrays change meaning
 
 
 class DatasetError(ValueError):
     """A dataset that cannot be loaded or used as asked; the message quotes the offending value."""
+
+
+CIFAR_SIZED = 64  # images of at most this side, used at their own size, take the CIFAR path
+DEFAULT_IMAGE_SIZE = 224  # of the ImageNet path when --image_size is not given
+IMAGE_SIZE_RANGE = (8, 1024)
+STREAMING = ("auto", "always", "never")
+MEMORY_BUDGET_FRACTION = 0.25  # of the machine's physical memory, for decoded images (memory_budget)
+_STREAMED_TFDS = {  # name -> the split used as the test split
+    "imagenette": "validation", "imagenet2012": "validation"}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq would compare arrays elementwise and fail
@@ -59,6 +85,7 @@ class ImageDataset:
     # Files of a folder or zip source left out: {"unreadable_images": n, "non_image_files": n}.
     files_skipped: dict = dataclasses.field(default_factory=lambda: {"unreadable_images": 0,
                                                                      "non_image_files": 0})
+    streamed = False
 
     @property
     def num_classes(self):
@@ -68,22 +95,252 @@ class ImageDataset:
     def image_shape(self):
         return tuple(self.train_images.shape[1:])
 
+    @property
+    def train_size(self):
+        return len(self.train_labels)
 
-def load_dataset(name, data_dir=None, max_train_examples=None, seed=0):
-    """Loads `name`: "cifar10_mini" (bundled), "cifar10" / "cifar100" (tfds), or a folder / .zip path.
+    @property
+    def test_size(self):
+        return len(self.test_labels)
 
-    A folder or zip holds either train/<class>/* and test/<class>/*, or just <class>/* (then 10% of
-    each class is held out as the test split, chosen by `seed`); a zip may wrap this in one top-level
-    folder. `max_train_examples` keeps a class-stratified random subset of the training images.
+    def train_batches(self, batch_size, seed=0, epochs=1, start_step=0, steps_per_epoch=None, augment=True):
+        """`train_pipeline` of the training split."""
+        return train_pipeline(self.train_images, self.train_labels, batch_size, self.mean, self.std, seed=seed,
+                              augment=augment, epochs=epochs, start_step=start_step,
+                              steps_per_epoch=steps_per_epoch)
+
+    def test_batches(self, batch_size):
+        """`eval_pipeline` of the test split."""
+        return eval_pipeline(self.test_images, self.test_labels, batch_size, self.mean, self.std)
+
+    def search_halves(self, seed=0):
+        """The training split halved per class (`search_split`): two datasets, each holding one half
+        as its training split and the other as its test split."""
+        first, second = search_split(self.train_labels, seed=seed)
+
+        def half(train, test):
+            return dataclasses.replace(
+                self, train_images=self.train_images[train], train_labels=self.train_labels[train],
+                test_images=self.train_images[test], test_labels=self.train_labels[test])
+
+        return half(first, second), half(second, first)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class IndexedImages:
+    """One split of a CroppedImageDataset that can be read at any index: its images' uint8 squares in
+    memory, or the image files they decode from."""
+
+    labels: np.ndarray  # int32 [N]
+    side: int  # of the squares
+    squares: np.ndarray = None  # uint8 [N, side, side, 3], or
+    files: np.ndarray = None  # str [N]
+
+    streamed = property(lambda self: self.squares is None)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def subset(self, indices):
+        return dataclasses.replace(self, labels=self.labels[indices], **(
+            {"files": self.files[indices]} if self.streamed else {"squares": self.squares[indices]}))
+
+    def examples(self, indices):
+        """Maps a dataset of indices to (uint8 square, int32 label)."""
+        labels = tf.constant(self.labels, tf.int32)
+        if self.streamed:
+            files = tf.constant(self.files)
+            square = lambda i: image_transforms.decode_square(tf.io.read_file(files[i]), self.side)  # noqa: E731
+        else:
+            squares = tf.constant(self.squares)
+            square = lambda i: squares[i]  # noqa: E731
+        return indices.map(lambda i: (square(i), labels[i]), tf.data.AUTOTUNE)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TfdsImages:
+    """One split of a prepared tensorflow-datasets set, read in record order (no random access): the
+    examples [start, stop) of `split`."""
+
+    builder: object
+    split: str
+    start: int
+    stop: int
+    side: int
+    streamed = True
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def halves(self):
+        middle = (self.start + self.stop) // 2
+        return (dataclasses.replace(self, stop=middle), dataclasses.replace(self, start=middle))
+
+    def records(self, shuffle_seed=None):
+        """(uint8 square, int32 label) of every example; shuffled files and a shuffle buffer, both
+        seeded, with `shuffle_seed`."""
+        shuffle = shuffle_seed is not None
+        records = self.builder.as_dataset(
+            split=f"{self.split}[{self.start}:{self.stop}]", shuffle_files=shuffle,
+            decoders={"image": tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False))
+        if shuffle:
+            records = records.shuffle(_TFDS_SHUFFLE_BUFFER, seed=shuffle_seed)
+        return records.map(lambda r: (image_transforms.decode_square(r["image"], self.side),
+                                      tf.cast(r["label"], tf.int32)), tf.data.AUTOTUNE)
+
+
+_TFDS_SHUFFLE_BUFFER = 4096  # examples; tfds also shuffles the order of its record files every epoch
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CroppedImageDataset:
+    """A labelled image set at any resolution, fed as image_size x image_size crops (module docstring).
+
+    `train` and `test` are IndexedImages (folders, zips, tfds sets that fit in memory) or TfdsImages.
+    """
+
+    name: str
+    class_names: tuple
+    image_size: int
+    train: object
+    test: object
+    mean: tuple
+    std: tuple
+    files_skipped: dict = dataclasses.field(default_factory=lambda: {"unreadable_images": 0,
+                                                                     "non_image_files": 0})
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    @property
+    def image_shape(self):
+        return (self.image_size, self.image_size, 3)
+
+    @property
+    def streamed(self):
+        return self.train.streamed
+
+    @property
+    def train_size(self):
+        return len(self.train)
+
+    @property
+    def test_size(self):
+        return len(self.test)
+
+    def train_batches(self, batch_size, seed=0, epochs=1, start_step=0, steps_per_epoch=None, augment=True):
+        """Full batches of (normalised float32 random resized crops, int32 labels) for `epochs` epochs
+        from global step `start_step` on; as in `train_pipeline`, batch `i` of epoch `e` is a function
+        of (seed, e, i) alone, so a resumed run sees the batches an uninterrupted one would."""
+        steps_per_epoch = _check_steps(len(self.train), batch_size, epochs, start_step, steps_per_epoch)
+        epoch_size = steps_per_epoch * batch_size
+        if isinstance(self.train, TfdsImages):
+            # Record order: each epoch is its own seeded stream; a resumed epoch skips what it has seen.
+            first_epoch, skipped = divmod(start_step * batch_size, epoch_size)
+            epochs_data = [self.train.records(shuffle_seed=seed * 100_003 + e).take(epoch_size)
+                           for e in range(first_epoch, epochs)]
+            examples = epochs_data[0].skip(skipped)
+            for later in epochs_data[1:]:
+                examples = examples.concatenate(later)
+            positions = tf.data.Dataset.range(start_step * batch_size, epochs * epoch_size)
+            examples = tf.data.Dataset.zip((positions, examples)).map(
+                lambda position, example: (position, *example))
+        else:
+            def shuffled(position):
+                slot, epoch = position % epoch_size, position // epoch_size
+                return tf.random.experimental.index_shuffle(
+                    slot, tf.stack([tf.constant(seed, tf.int64), epoch]), max_index=len(self.train) - 1)
+
+            positions = tf.data.Dataset.range(start_step * batch_size, epochs * epoch_size)
+            examples = tf.data.Dataset.zip((positions, self.train.examples(positions.map(shuffled))))
+            examples = examples.map(lambda position, example: (position, *example))
+        area_range = image_transforms.crop_area_range(self.image_size)
+        base_seed = tf.constant([seed, 1], tf.int64)
+
+        def crop(position, square, label):
+            if not augment:
+                return self._normalised(image_transforms.centre_crop(square, self.image_size)), label
+            image = image_transforms.random_resized_crop(
+                square, self.image_size, tf.random.experimental.stateless_fold_in(base_seed, position), area_range)
+            return self._normalised(image), label
+
+        return examples.map(crop, tf.data.AUTOTUNE).batch(batch_size, drop_remainder=True).prefetch(
+            tf.data.AUTOTUNE)
+
+    def test_batches(self, batch_size):
+        """All test images in order, resized and centre-cropped, normalised; the last batch may be smaller."""
+        if not 0 < batch_size:
+            raise DatasetError(f"batch_size must be > 0, got {batch_size!r}")
+        examples = (self.test.records() if isinstance(self.test, TfdsImages)
+                    else self.test.examples(tf.data.Dataset.range(len(self.test))))
+        return examples.map(
+            lambda square, label: (self._normalised(image_transforms.centre_crop(square, self.image_size)), label),
+            tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+    def search_halves(self, seed=0):
+        """The training split halved (per class, `search_split`; a tfds stream by record order, which
+        tfds shuffled when it prepared the set): two datasets, each training on one half and testing
+        on the other."""
+        if isinstance(self.train, TfdsImages):
+            first, second = self.train.halves()
+        else:
+            first, second = (self.train.subset(i) for i in search_split(self.train.labels, seed=seed))
+        return (dataclasses.replace(self, train=first, test=second),
+                dataclasses.replace(self, train=second, test=first))
+
+    def _normalised(self, image):
+        return (tf.cast(image, tf.float32) / 255 - tf.constant(self.mean, tf.float32)) / tf.constant(
+            self.std, tf.float32)
+
+
+def memory_budget():
+    """Bytes of decoded images a CroppedImageDataset may hold in memory: MEMORY_BUDGET_FRACTION of
+    the physical memory."""
+    return int(MEMORY_BUDGET_FRACTION * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def load_dataset(name, data_dir=None, max_train_examples=None, seed=0, image_size=None, streaming="auto",
+                 memory_budget_bytes=None):
+    """Loads `name`: "cifar10_mini" (bundled), "cifar10" / "cifar100", "imagenette" / "imagenet2012"
+    (tfds, prepared in `data_dir`; a config may follow, "imagenette/160px-v2"), or a folder / .zip path.
+
+    A folder or zip holds either train/<class>/* and val/<class>/* (or validation/, or test/), or just
+    <class>/* (then 10% of each class is held out as the test split, chosen by `seed`); a zip may wrap
+    this in one top-level folder. `max_train_examples` keeps a class-stratified random subset of the
+    training images (of a tfds stream: its first ones).
+
+    Images of at most CIFAR_SIZED px used at their own size (`image_size` None or theirs) give an
+    ImageDataset (the CIFAR path); anything else a CroppedImageDataset of `image_size` (default
+    DEFAULT_IMAGE_SIZE), held in memory when its squares fit `memory_budget_bytes` (default
+    `memory_budget()`) and `streaming` is "auto", streamed with "always", in memory with "never".
     """
     if max_train_examples is not None and max_train_examples <= 0:
         raise DatasetError(f"max_train_examples must be > 0, got {max_train_examples!r}")
-    if name == BUNDLED_DATASET:
-        dataset = _load_files(_BUNDLED_ZIP, seed, stats=_CIFAR10_STATS)
-    elif name in _TFDS_STATS:
+    low, high = IMAGE_SIZE_RANGE
+    if image_size is not None and (not isinstance(image_size, (int, np.integer)) or not low <= image_size <= high):
+        raise DatasetError(f"image_size must be an integer in [{low}, {high}], got {image_size!r}")
+    if streaming not in STREAMING:
+        raise DatasetError(f"streaming must be one of {', '.join(STREAMING)}, got {streaming!r}")
+    budget = memory_budget() if memory_budget_bytes is None else memory_budget_bytes
+
+    def in_memory(decoded_bytes):
+        return streaming == "never" or (streaming == "auto" and decoded_bytes <= budget)
+
+    tfds_name = name.split("/")[0] if isinstance(name, str) and not os.path.exists(name) else None
+    if tfds_name in _STREAMED_TFDS or (tfds_name in _TFDS_STATS and image_size not in (None, 32)):
+        return _load_cropped_tfds(name, data_dir, image_size or DEFAULT_IMAGE_SIZE, max_train_examples, in_memory)
+    if name in _TFDS_STATS:
         dataset = _load_tfds(name, data_dir)
     else:
-        dataset = _load_files(_existing_path(name), seed)
+        path = _BUNDLED_ZIP if name == BUNDLED_DATASET else _existing_path(name)
+        stats = _CIFAR10_STATS if name == BUNDLED_DATASET else None
+        height, width = _first_image_size(path)
+        if max(height, width) > CIFAR_SIZED or image_size not in (None, height) or image_size not in (None, width):
+            return _load_cropped_files(path, image_size or DEFAULT_IMAGE_SIZE, seed, max_train_examples, in_memory,
+                                       stats=stats or IMAGENET_STATS)
+        dataset = _load_files(path, seed, stats=stats)
     if max_train_examples is not None and max_train_examples < len(dataset.train_labels):
         keep = _stratified_subset(dataset.train_labels, max_train_examples, seed)
         dataset = dataclasses.replace(
@@ -113,15 +370,7 @@ def train_pipeline(images, labels, batch_size, mean, std, seed=0, augment=True, 
     crop back to size + random horizontal flip) runs on whole batches with per-image offsets and flips.
     """
     images, labels = _check_arrays(images, labels)
-    if not 0 < batch_size <= len(images):
-        raise DatasetError(
-            f"batch_size must be in [1, {len(images)}] (the number of training images), got {batch_size!r}")
-    full_batches = len(images) // batch_size
-    steps_per_epoch = steps_per_epoch or full_batches
-    if not 0 < steps_per_epoch <= full_batches:
-        raise DatasetError(f"steps_per_epoch must be in [1, {full_batches}], got {steps_per_epoch!r}")
-    if not 0 <= start_step <= epochs * steps_per_epoch:
-        raise DatasetError(f"start_step must be in [0, {epochs * steps_per_epoch}], got {start_step!r}")
+    steps_per_epoch = _check_steps(len(images), batch_size, epochs, start_step, steps_per_epoch)
     fetch = _batch_fn(images, labels, mean, std)
 
     def batch(step):
@@ -135,6 +384,20 @@ def train_pipeline(images, labels, batch_size, mean, std, seed=0, augment=True, 
 
     steps = tf.data.Dataset.range(start_step, epochs * steps_per_epoch)
     return steps.map(batch, tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def _check_steps(size, batch_size, epochs, start_step, steps_per_epoch):
+    """The steps per epoch (default: all full batches) of a training pipeline, checked."""
+    if not 0 < batch_size <= size:
+        raise DatasetError(
+            f"batch_size must be in [1, {size}] (the number of training images), got {batch_size!r}")
+    full_batches = size // batch_size
+    steps_per_epoch = steps_per_epoch or full_batches
+    if not 0 < steps_per_epoch <= full_batches:
+        raise DatasetError(f"steps_per_epoch must be in [1, {full_batches}], got {steps_per_epoch!r}")
+    if not 0 <= start_step <= epochs * steps_per_epoch:
+        raise DatasetError(f"start_step must be in [0, {epochs * steps_per_epoch}], got {start_step!r}")
+    return steps_per_epoch
 
 
 def eval_pipeline(images, labels, batch_size, mean, std):
@@ -200,7 +463,7 @@ def _existing_path(name):
         return path.resolve()
     if "/" in os.fspath(name) or os.sep in os.fspath(name) or path.suffix:
         raise DatasetError(f"dataset path {os.fspath(name)!r} does not exist")
-    names = ", ".join([BUNDLED_DATASET, *_TFDS_STATS])
+    names = ", ".join([BUNDLED_DATASET, *_TFDS_STATS, *_STREAMED_TFDS])
     raise DatasetError(
         f"unknown dataset {name!r}: expected one of {names}, or the path of an image folder or a .zip "
         f"of class folders")
@@ -275,32 +538,17 @@ def _decode_source(path):
 
     Image files that cannot be decoded are left out and listed ("unreadable"); files that are not
     images (by extension: .txt, .DS_Store, ...) are ignored and counted ("non_images")."""
-    blobs, non_images = _read_image_files(path)
-    if non_images:
-        logging.warning("%s: ignoring %d files that are not images (%s): %s", path, len(non_images),
-                        ", ".join(_IMAGE_EXTENSIONS), _some(non_images))
-    keys = _class_keys(list(blobs))
-    if None in keys:
-        logging.warning("%s: ignoring %d image files outside class folders", path, keys.count(None))
-    kept = [(key, name) for key, name in zip(keys, blobs) if key]
-    if not kept:
-        raise DatasetError(
-            f"no class folders with images ({', '.join(_IMAGE_EXTENSIONS)}) found in {str(path)!r}")
+    names, non_images = _list_files(path)
+    kept = _class_files(path, names, non_images)
     names = [name for _, name in kept]
-    images, decoded = _decode_images(names, [blobs[name] for name in names], path)
+    images, decoded = _decode_images(names, list(_read_files(path, names)), path)
     unreadable = [name for name, ok in zip(names, decoded) if not ok]
-    kept = [entry for entry, ok in zip(kept, decoded) if ok]
-    has_test_split = any(split for (split, _), _ in kept)
-    class_names = sorted({cls for (split, cls), _ in kept if split != "test"})
-    test_classes = sorted({cls for (split, cls), _ in kept if split == "test"})
-    if has_test_split and test_classes != class_names:
-        raise DatasetError(
-            f"{str(path)!r}: test classes {test_classes} differ from train classes {class_names}")
-    index = {cls: i for i, cls in enumerate(class_names)}
+    class_names, labels, test_mask, has_test_split = _labelled(
+        [key for (key, _), ok in zip(kept, decoded) if ok], path)
     return {
         "images": images,
-        "labels": np.array([index[cls] for (_, cls), _ in kept], np.int32),
-        "test_mask": np.array([split == "test" for (split, _), _ in kept]),
+        "labels": labels,
+        "test_mask": test_mask,
         "has_test_split": np.array(has_test_split),
         "class_names": np.array(class_names),
         "unreadable": np.array(unreadable, dtype=str),
@@ -308,38 +556,227 @@ def _decode_source(path):
     }
 
 
-def _read_image_files(path):
-    """({relative posix path: bytes} of the image files of a folder or zip, in sorted order, [the
-    other files' paths]). Hidden files and macOS' __MACOSX folders count as other files."""
+def _class_files(path, names, non_images):
+    """[((split, class), name)] of the image files in class folders (`_class_keys`), warning about the
+    files left out."""
+    if non_images:
+        logging.warning("%s: ignoring %d files that are not images (%s): %s", path, len(non_images),
+                        ", ".join(_IMAGE_EXTENSIONS), _some(non_images))
+    keys = _class_keys(names)
+    if None in keys:
+        logging.warning("%s: ignoring %d image files outside class folders", path, keys.count(None))
+    kept = [(key, name) for key, name in zip(keys, names) if key]
+    if not kept:
+        raise DatasetError(
+            f"no class folders with images ({', '.join(_IMAGE_EXTENSIONS)}) found in {str(path)!r}")
+    return kept
 
-    def is_image(name):
-        parts = name.split("/")
-        return name.lower().endswith(_IMAGE_EXTENSIONS) and not any(
-            p.startswith(".") or p == "__MACOSX" for p in parts)
 
-    try:
+def _labelled(keys, path):
+    """(class names, int32 labels, test mask, whether there is a test split) of the (split, class)
+    keys of the files kept."""
+    has_test_split = any(split for split, _ in keys)
+    class_names = sorted({cls for split, cls in keys if split != "test"})
+    test_classes = sorted({cls for split, cls in keys if split == "test"})
+    if has_test_split and test_classes != class_names:
+        raise DatasetError(
+            f"{str(path)!r}: test classes {test_classes} differ from train classes {class_names}")
+    index = {cls: i for i, cls in enumerate(class_names)}
+    return (class_names, np.array([index[cls] for _, cls in keys], np.int32),
+            np.array([split == "test" for split, _ in keys]), has_test_split)
+
+
+def _is_image(name):
+    """By extension; hidden files and macOS' __MACOSX folders are not images."""
+    return name.lower().endswith(_IMAGE_EXTENSIONS) and not any(
+        part.startswith(".") or part == "__MACOSX" for part in name.split("/"))
+
+
+def _list_files(path):
+    """([relative posix paths of the image files of a folder or zip, sorted], [the other files'])."""
+    with _readable(path):
         if path.is_dir():
             names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
-            read = lambda name: (path / name).read_bytes()  # noqa: E731
-            return {n: read(n) for n in names if is_image(n)}, [n for n in names if not is_image(n)]
-        with zipfile.ZipFile(path) as zf:
-            names = sorted(n for n in zf.namelist() if not n.endswith("/"))
-            return {n: zf.read(n) for n in names if is_image(n)}, [n for n in names if not is_image(n)]
+        else:
+            with zipfile.ZipFile(path) as zf:
+                names = sorted(n for n in zf.namelist() if not n.endswith("/"))
+    return [n for n in names if _is_image(n)], [n for n in names if not _is_image(n)]
+
+
+def _read_files(path, names):
+    """The bytes of files of a folder or zip, lazily, in order."""
+    with _readable(path):
+        if path.is_dir():
+            for name in names:
+                yield (path / name).read_bytes()
+        else:
+            with zipfile.ZipFile(path) as zf:
+                for name in names:
+                    yield zf.read(name)
+
+
+@contextlib.contextmanager
+def _readable(path):
+    try:
+        yield
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         raise DatasetError(f"{str(path)!r} is neither a folder nor a readable zip file ({e})") from e
     except OSError as e:
         raise DatasetError(f"cannot read {e.filename or str(path)!r}: {e.strerror or e}") from e
 
 
+def _first_image_size(path):
+    """(height, width) of the first image file of a folder or zip that decodes."""
+    names, _ = _list_files(path)
+    if not names:
+        raise DatasetError(f"no class folders with images ({', '.join(_IMAGE_EXTENSIONS)}) found in {str(path)!r}")
+    for blob in _read_files(path, names):
+        try:
+            return tuple(tf.io.decode_image(blob, channels=3, expand_animations=False).shape[:2])
+        except tf.errors.InvalidArgumentError:
+            continue
+    raise DatasetError(f"none of the {len(names)} image files in {str(path)!r} can be decoded "
+                       f"({_some(names)})")
+
+
 def _class_keys(names):
-    """(split, class) of every file, split None for a <class>/* tree; None outside class folders."""
+    """(split, class) of every file, split None for a <class>/* tree; None outside class folders.
+
+    With a train/ folder, the first of val/, validation/ and test/ present is the test split ("test")."""
     folders = [name.split("/")[:-1] for name in names]
     # A zip usually wraps everything in one folder (named after it): look inside.
     while all(len(f) >= 2 for f in folders) and len({f[0] for f in folders}) == 1:
         folders = [f[1:] for f in folders]
-    if {"train", "test"} <= {f[0] for f in folders if f}:
-        return [(f[0], f[1]) if len(f) >= 2 and f[0] in ("train", "test") else None for f in folders]
+    tops = {f[0] for f in folders if f}
+    test_folder = next((t for t in _TEST_FOLDERS if t in tops), None)
+    if "train" in tops and test_folder:
+        split = {"train": "train", test_folder: "test"}
+        return [(split[f[0]], f[1]) if len(f) >= 2 and f[0] in split else None for f in folders]
     return [(None, f[0]) if f else None for f in folders]
+
+
+def _load_cropped_files(path, image_size, seed, max_train_examples, in_memory, stats):
+    """A CroppedImageDataset of a folder or zip (a zip is extracted once into the cache), its
+    squares decoded into memory if `in_memory(their bytes)`, else checked once (the unreadable files
+    are cached) and decoded from the files at every epoch."""
+    names, non_images = _list_files(path)
+    kept = _class_files(path, names, non_images)
+    side = image_transforms.square_side(image_size)
+    decoded_bytes = len(kept) * side * side * 3
+    memory = in_memory(decoded_bytes)
+    root = path if path.is_dir() else _extracted(path, [name for _, name in kept])
+    files = np.array([str(root / name) for _, name in kept])
+    unreadable_cache = _cache_file(path, f"-unreadable-{side}")
+    cached = None if memory else _read_cache(unreadable_cache)
+    if cached is None:
+        squares, decoded = _decode_squares(files, side, keep=memory)
+        if not memory:
+            _write_cache(unreadable_cache, {"decoded": decoded})
+    else:
+        squares, decoded = None, cached["decoded"]
+    unreadable = [name for (_, name), ok in zip(kept, decoded) if not ok]
+    if unreadable:
+        logging.warning("%s: skipped %d image files that cannot be decoded: %s", path, len(unreadable),
+                        _some(unreadable))
+    if not decoded.any():
+        raise DatasetError(f"none of the {len(kept)} image files in {str(path)!r} can be decoded "
+                           f"({_some(unreadable)})")
+    class_names, labels, test_mask, has_test_split = _labelled(
+        [key for (key, _), ok in zip(kept, decoded) if ok], path)
+    if not has_test_split:
+        test_mask = _holdout(labels, seed)
+        logging.info("%s has no train/ and val/ (or test/) folders: holding out %d of %d images (10%% per "
+                     "class, seed %d) as the test split", path, test_mask.sum(), len(labels), seed)
+    images = IndexedImages(labels, side, squares=squares) if memory else IndexedImages(
+        labels, side, files=files[decoded])
+    train = images.subset(np.flatnonzero(~test_mask))
+    if max_train_examples is not None and max_train_examples < len(train):
+        train = train.subset(_stratified_subset(train.labels, max_train_examples, seed))
+    logging.info("%s: %d training and %d test images at %d px, %s (%.2f GB decoded)", path, len(train),
+                 test_mask.sum(), image_size, "streamed from files" if train.streamed else "in memory",
+                 decoded_bytes / 1e9)
+    return CroppedImageDataset(
+        path.stem, tuple(class_names), image_size, train, images.subset(np.flatnonzero(test_mask)), *stats,
+        files_skipped={"unreadable_images": len(unreadable), "non_image_files": len(non_images)})
+
+
+def _decode_squares(files, side, keep):
+    """(uint8 [N, side, side, 3] squares of the files that decode, or None without `keep`; a mask of
+    which of `files` did), decoding in parallel."""
+    indexed = tf.data.Dataset.from_tensor_slices((tf.range(len(files)), files))
+    if keep:
+        decode = lambda index, file: (index, image_transforms.decode_square(tf.io.read_file(file), side))  # noqa: E731
+    else:  # only whether it decodes
+        decode = lambda index, file: (index, tf.shape(tf.io.decode_image(  # noqa: E731
+            tf.io.read_file(file), channels=3, expand_animations=False)))
+    # A file that fails to decode drops out of the stream (ignore_errors): its index is then missing.
+    batches = list(indexed.map(decode, tf.data.AUTOTUNE).ignore_errors().batch(1024).as_numpy_iterator())
+    decoded = np.zeros(len(files), bool)
+    decoded[np.concatenate([index for index, _ in batches] or [np.zeros(0, int)])] = True
+    squares = np.concatenate([squares for _, squares in batches]) if keep and batches else None
+    return squares, decoded
+
+
+def _extracted(zip_path, names):
+    """The folder into which the files `names` of a zip are extracted, once: beside the decoded-image
+    caches, keyed like them, so that tf.data reads the files in parallel (a zip is one stream)."""
+    folder = _cache_file(zip_path).with_suffix("")
+    if folder.is_dir():
+        return folder
+    logging.info("Extracting %s to %s (once)", zip_path, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.", suffix=".tmp"))
+    try:
+        with _readable(zip_path), zipfile.ZipFile(zip_path) as zf:
+            zf.extractall(tmp, members=names)
+        os.replace(tmp, folder)  # a killed extraction never looks complete
+    except OSError:
+        if not folder.is_dir():  # else another process extracted it first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _load_cropped_tfds(name, data_dir, image_size, max_train_examples, in_memory):
+    """A CroppedImageDataset of a prepared tensorflow-datasets set (never downloaded), its squares
+    decoded into memory if `in_memory(their bytes)`, else streamed from the records."""
+    base = name.split("/")[0]
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except (ValueError, tfds.core.registered.DatasetNotFoundError) as e:
+        raise DatasetError(f"no tensorflow-datasets set {name!r}: {e}") from e
+    if not builder.is_prepared():
+        raise DatasetError(_not_prepared(base, builder))
+    test_split = _STREAMED_TFDS.get(base, "test")
+    side = image_transforms.square_side(image_size)
+    sizes = {split: builder.info.splits[split].num_examples for split in ("train", test_split)}
+    train = TfdsImages(builder, "train", 0, min(sizes["train"], max_train_examples or sizes["train"]), side)
+    test = TfdsImages(builder, test_split, 0, sizes[test_split], side)
+    decoded_bytes = (len(train) + len(test)) * side * side * 3
+    if in_memory(decoded_bytes):
+        train, test = _tfds_in_memory(train), _tfds_in_memory(test)
+    logging.info("%s: %d training and %d test images at %d px, %s (%.2f GB decoded)", name, len(train),
+                 len(test), image_size, "streamed" if train.streamed else "in memory", decoded_bytes / 1e9)
+    return CroppedImageDataset(base, tuple(builder.info.features["label"].names), image_size, train, test,
+                               *_TFDS_STATS.get(base, IMAGENET_STATS))
+
+
+def _not_prepared(base, builder):
+    root = os.fspath(builder.data_dir_root)
+    if base == "imagenet2012":
+        return (f"imagenet2012 is not prepared in {root!r}: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
+                f"in {os.path.join(root, 'downloads', 'manual')!r} and run `tfds build imagenet2012 "
+                f"--data_dir={root}` (nothing is downloaded), then pass --data_dir={root}")
+    return (f"{base} is not prepared in {root!r} and is never downloaded here: run `tfds build {base} "
+            f"--data_dir=DIR` on a machine online and pass --data_dir=DIR, or pass the downloaded archive's "
+            f"folder or .zip as --dataset")
+
+
+def _tfds_in_memory(split):
+    batches = list(split.records().batch(1024).as_numpy_iterator())
+    return IndexedImages(np.concatenate([labels for _, labels in batches]), split.side,
+                         squares=np.concatenate([squares for squares, _ in batches]))
 
 
 def decode_image(blob, size):
@@ -383,7 +820,7 @@ def _decode_images(names, blobs, path):
     return images, decoded
 
 
-def _cache_file(path):
+def _cache_file(path, kind=""):
     """Where the decoded arrays of `path` are cached: keyed by its path, size and mtime (for a
     folder, those of every file in it), so any change to the source is a cache miss."""
 
@@ -398,7 +835,7 @@ def _cache_file(path):
         listing = [signature(path)]
     key = hashlib.sha256("\n".join([f"v{_CACHE_VERSION}", str(path), *listing]).encode()).hexdigest()
     root = pathlib.Path(os.environ.get("TAS_KERAS_CACHE", "~/.cache/tas_keras")).expanduser()
-    return root / f"{path.stem}-{key[:20]}.npz"
+    return root / f"{path.stem}-{key[:20]}{kind}.npz"
 
 
 def _read_cache(file):

@@ -82,12 +82,15 @@ def check_prunes_teacher(pruned, teacher, teacher_path, mode):
 @locking_stage
 def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUNDLED_DATASET, data_dir=None,
             epochs=10, batch_size=256, learning_rate=0.1, alpha=0.9, temperature=4.0, seed=0,
-            max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS):
+            max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS, image_size=None,
+            streaming="auto"):
     """Builds the plain network of the shape at `arch_path` (`PrunedShape.load`) and trains it by
     `mode`; writes model.keras (a plain functional model of stock Keras layers), shape.json (its
     PrunedShape, with the search's provenance) and metrics.json (test accuracy, FLOPs, params,
-    reduction against the teacher, wall time)."""
-    settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps")}
+    reduction against the teacher, wall time). `image_size` and `streaming`: as `data.load_dataset`
+    takes them."""
+    # How the images are read (streaming) does not change the run.
+    settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps", "streaming")}
     settings["stage"] = "distill"
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -102,7 +105,7 @@ def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUND
     if teacher is not None:
         check_prunes_teacher(pruned, teacher, teacher_path, mode)
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
-                                seed=seed)
+                                seed=seed, image_size=image_size, streaming=streaming)
     check_fits_data(pruned.input_shape, pruned.num_classes, dataset)
     run, finished = prepare_run_dir(out, settings, overwrite, done_file=METRICS_FILE)
     if finished:

@@ -350,15 +350,14 @@ def decision_summary(history, arch):
 def search_batches(dataset, batch_size, epochs, seed):
     """(`batches(start_step)`, steps per epoch): (search-train, search-valid) batch pairs of all
     epochs from a global step on, from the per-class 50/50 split of the training set."""
-    halves = data.search_split(dataset.train_labels, seed=seed)
-    steps = min(len(i) for i in halves) // batch_size
+    halves = dataset.search_halves(seed=seed)
+    steps = min(half.train_size for half in halves) // batch_size
 
     def batches(start_step):
         return tf.data.Dataset.zip(tuple(
-            data.train_pipeline(dataset.train_images[i], dataset.train_labels[i], batch_size, dataset.mean,
-                                dataset.std, seed=seed + offset, epochs=epochs, start_step=start_step,
-                                steps_per_epoch=steps)
-            for offset, i in enumerate(halves)))
+            half.train_batches(batch_size, seed=seed + offset, epochs=epochs, start_step=start_step,
+                               steps_per_epoch=steps)
+            for offset, half in enumerate(halves)))
 
     return batches, steps
 
@@ -385,7 +384,8 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
                band="code", tau_schedule="cosine", tau_max=5.0, tau_min=0.1, width_multiple=1,
                learning_rate=0.1, arch_learning_rate=None, arch_warmup=ARCH_WARMUP, arch_decay="cosine",
                entropy_weight=ENTROPY_WEIGHT, init_from=None, seed=0, max_train_examples=None, overwrite=False,
-               checkpoint_steps=CHECKPOINT_STEPS, latency_table=None, target_latency_ms=None):
+               checkpoint_steps=CHECKPOINT_STEPS, latency_table=None, target_latency_ms=None, image_size=None,
+               streaming="auto"):
     """Searches a shape of `model_name` keeping `target_ratio` of its cost; writes arch.json,
     history.json, search.png, curves.png and TensorBoard logs to `out`, resuming an interrupted run from its
     backup (every `checkpoint_steps` steps and every epoch).
@@ -400,7 +400,7 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     `cost_metric="latency"`: the cost is the latency of `latency_table` (a path, made by
     `python -m tas_keras.latency_table`), and `target_latency_ms`, if given, sets the target ratio
     (ms / the full network's table latency)."""
-    settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps")}
+    settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps", "streaming")}
     settings["stage"] = "search"
     ArchConfig.full(model_name)
     if not 0 < target_ratio < 1:
@@ -429,13 +429,13 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     if init_from and not os.path.exists(init_from):
         raise ValueError(f"--init_from: no such file {init_from!r}")
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
-                                seed=seed)
+                                seed=seed, image_size=image_size, streaming=streaming)
     if table:
         table.check_covers(model_name, dataset.num_classes, dataset.image_shape, width_multiple)
         if target_latency_ms is not None:
             target_ratio = latency_target_ratio(target_latency_ms, model_name, dataset, table)
-    if batch_size > len(dataset.train_labels) // 2:
-        raise ValueError(f"batch_size {batch_size} is larger than a search half ({len(dataset.train_labels) // 2} "
+    if batch_size > dataset.train_size // 2:
+        raise ValueError(f"batch_size {batch_size} is larger than a search half ({dataset.train_size // 2} "
                          "images)")
     run, finished = prepare_run_dir(out, settings, overwrite, done_file=ARCH_FILE)
     if finished:

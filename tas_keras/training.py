@@ -84,8 +84,7 @@ def _accuracy():
 def evaluate_classifier(model, dataset, batch_size, prefix=""):
     """Test-split accuracy and loss (CE + the model's weight decay) of a trained model."""
     model.compile(loss=_cross_entropy(), metrics=[_accuracy()])
-    result = model.evaluate(data.eval_pipeline(dataset.test_images, dataset.test_labels, batch_size,
-                                               dataset.mean, dataset.std), return_dict=True, verbose=0)
+    result = model.evaluate(dataset.test_batches(batch_size), return_dict=True, verbose=0)
     return {f"{prefix}test_accuracy": float(result["accuracy"]), f"{prefix}test_loss": float(result["loss"])}
 
 
@@ -304,14 +303,12 @@ def fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed,
     Returns the per-epoch history (of every epoch, resumed runs included: `out/epochs.json`), the
     epochs, the fit wall time, the training throughput of the epochs run here and the files the
     dataset skipped."""
-    steps = len(dataset.train_labels) // batch_size
+    steps = dataset.train_size // batch_size
 
     def batches(start_step):
-        return data.train_pipeline(dataset.train_images, dataset.train_labels, batch_size, dataset.mean,
-                                   dataset.std, seed=seed, epochs=epochs, start_step=start_step)
+        return dataset.train_batches(batch_size, seed=seed, epochs=epochs, start_step=start_step)
 
-    test = data.eval_pipeline(dataset.test_images, dataset.test_labels, batch_size, dataset.mean,
-                              dataset.std)
+    test = dataset.test_batches(batch_size)
     model.compile(optimizer=sgd(learning_rate, steps * epochs), loss=_cross_entropy(), metrics=[_accuracy()])
     timer, log = EpochTimer(), EpochLog(os.path.join(run_dir(out), EPOCHS_FILE))
     callbacks = [keras.callbacks.TensorBoard(os.path.join(run_dir(out), "tensorboard")), timer, log]
@@ -332,12 +329,14 @@ def fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed,
 @locking_stage
 def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUNDLED_DATASET,
                data_dir=None, epochs=10, batch_size=256, learning_rate=0.1, seed=0,
-               max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS):
+               max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS, image_size=None,
+               streaming="auto"):
     """Trains the full network `model_name` (a registry name, `tas_keras.models.registry`) at the
     dataset's image size and classes, or the shape at `arch_path` (`PrunedShape.load`) from scratch;
-    writes model.keras and metrics.json, backing the training state up every `checkpoint_steps` steps and every epoch."""
+    writes model.keras and metrics.json, backing the training state up every `checkpoint_steps` steps
+    and every epoch. `image_size` and `streaming`: as `data.load_dataset` takes them."""
     settings = {"stage": "base", "model": model_name, "arch": arch_path, "dataset": dataset_name,
-                "data_dir": data_dir, "epochs": epochs, "batch_size": batch_size,
+                "data_dir": data_dir, "image_size": image_size, "epochs": epochs, "batch_size": batch_size,
                 "learning_rate": learning_rate, "seed": seed, "max_train_examples": max_train_examples}
     if epochs < 1 or batch_size < 1 or learning_rate <= 0:
         raise ValueError(f"epochs, batch_size and learning_rate must be positive, got {epochs}, "
@@ -348,7 +347,7 @@ def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUN
                              "or train a registry network")
         is_cifar_model(model_name)  # fails on a bad name before any data is read
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
-                                seed=seed)
+                                seed=seed, image_size=image_size, streaming=streaming)
     pruned = PrunedShape.load(arch_path) if arch_path else None
     if pruned:
         check_fits_data(pruned.input_shape, pruned.num_classes, dataset)
@@ -364,7 +363,7 @@ def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUN
                              stage="base training")
     metrics.update(evaluate_classifier(model, dataset, batch_size))
     cost = count_model(model)
-    metrics.update(model=pruned.name if pruned else model_name, dataset=dataset.name, train_examples=len(dataset.train_labels),
+    metrics.update(model=pruned.name if pruned else model_name, dataset=dataset.name, train_examples=dataset.train_size,
                    flops=cost.flops, params=cost.params, wall_time_s=round(time.perf_counter() - start, 2))
     save_model(model, os.path.join(run, MODEL_FILE))
     write_json(os.path.join(run, METRICS_FILE), metrics)

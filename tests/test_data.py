@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tas_keras import data
+from tas_keras import data, image_transforms
 
 
 @pytest.fixture(scope="module")
@@ -324,3 +324,162 @@ def test_a_folder_of_only_unreadable_images_is_refused_naming_them(tmp_path):
     with pytest.raises(data.DatasetError, match=r"none of the 2 image files .* can be decoded "
                                                 r"\(test/cat/0.jpg, train/cat/0.jpg\)"):
         data.load_dataset(str(tmp_path))
+
+
+# --- The ImageNet path: crops of --image_size from images of any size ---------------------------
+
+def _random_png(rng, shape):
+    image = rng.integers(0, 256, shape, np.uint8)
+    return image, tf.io.encode_png(image).numpy()
+
+
+def _write_large_tree(root, folders, rng, shape=(48, 64, 3), per_class=3):
+    """<root>/<folder>/<class>/<i>.png of random pixels for classes a, b; returns {path: pixels}."""
+    pixels = {}
+    for folder in folders:
+        for cls in ("a", "b"):
+            (root / folder / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                image, png = _random_png(rng, shape)
+                (root / folder / cls / f"{i}.png").write_bytes(png)
+                pixels[f"{folder}/{cls}/{i}.png"] = image
+    return pixels
+
+
+def _pixels(batches, mean, std):
+    """The 0-255 pixels and labels of normalised batches."""
+    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in batches])
+    return np.concatenate(images) * np.array(std) * 255 + np.array(mean) * 255, np.concatenate(labels)
+
+
+@pytest.mark.parametrize("test_folder", ["val", "validation", "test"])
+def test_centre_crop_is_the_evaluation_protocol_and_the_test_split_is_found(tmp_path, test_folder):
+    rng = np.random.default_rng(0)
+    pixels = _write_large_tree(tmp_path, ["train", test_folder], rng)
+    # 42 / 0.875 = 48, the images' shorter side: no resampling, the crop is a plain slice.
+    dataset = data.load_dataset(str(tmp_path), image_size=42)
+    assert isinstance(dataset, data.CroppedImageDataset) and dataset.image_shape == (42, 42, 3)
+    assert dataset.class_names == ("a", "b") and (dataset.train_size, dataset.test_size) == (6, 6)
+    images, labels = _pixels(dataset.test_batches(4), dataset.mean, dataset.std)
+    np.testing.assert_array_equal(labels, [0, 0, 0, 1, 1, 1])
+    expected = [pixels[f"{test_folder}/{cls}/{i}.png"][3:45, 11:53] for cls in "ab" for i in range(3)]
+    np.testing.assert_allclose(images, np.stack(expected), atol=1e-3)
+
+
+def test_small_images_use_the_cifar_path_with_a_validation_folder(tmp_path):
+    _write_tree(tmp_path, {"train/cat": 2, "train/dog": 2, "validation/cat": 1, "validation/dog": 1})
+    dataset = data.load_dataset(str(tmp_path))
+    assert isinstance(dataset, data.ImageDataset)
+    _assert_pets(dataset, 4, 2)
+    assert isinstance(data.load_dataset(str(tmp_path), image_size=8), data.ImageDataset)
+    assert data.load_dataset(str(tmp_path), image_size=16).image_shape == (16, 16, 3)
+
+
+def test_random_resized_crop_has_the_size_and_stays_inside_the_image():
+    square = tf.constant(np.full((55, 55, 3), 200, np.uint8))
+    gradient = tf.constant(np.broadcast_to(np.arange(55, dtype=np.uint8)[None, :, None] * 4, (55, 55, 3)).copy())
+    crops = []
+    for i in range(20):
+        seed = tf.constant([i, 7], tf.int64)
+        flat = image_transforms.random_resized_crop(square, 48, seed, image_transforms.INCEPTION_AREA_RANGE)
+        assert flat.shape == (48, 48, 3)
+        np.testing.assert_allclose(flat.numpy(), 200, atol=1e-3)  # nothing from outside the image
+        crop = image_transforms.random_resized_crop(gradient, 48, seed, image_transforms.INCEPTION_AREA_RANGE)
+        assert crop.numpy().min() >= -1e-3 and crop.numpy().max() <= 54 * 4 + 1e-3
+        crops.append(crop.numpy())
+    assert len({c.tobytes() for c in crops}) == 20  # every seed its own crop
+    # A crop of a horizontal gradient is monotone along a row, rising or (flipped) falling.
+    rows = np.array([c[24, :, 0] for c in crops])
+    rising, falling = (np.diff(rows, axis=1) >= -1e-3).all(1), (np.diff(rows, axis=1) <= 1e-3).all(1)
+    assert (rising | falling).all() and rising.any() and falling.any()
+
+
+def test_crop_area_is_milder_for_small_inputs():
+    assert image_transforms.crop_area_range(96) == (0.25, 1.0)
+    assert image_transforms.crop_area_range(224) == (0.08, 1.0)
+
+
+def test_grayscale_cmyk_and_rgba_images_become_rgb(tmp_path):
+    gray = np.add.outer(np.arange(48), np.arange(48)).astype(np.uint8)[..., None] * 2
+    square = image_transforms.decode_square(tf.io.encode_png(gray), 48).numpy()
+    assert square.shape == (48, 48, 3)
+    np.testing.assert_array_equal(square, np.repeat(gray, 3, -1))
+    rgba = np.random.default_rng(0).integers(0, 256, (48, 48, 4), np.uint8)
+    np.testing.assert_array_equal(image_transforms.decode_square(tf.io.encode_png(rgba), 48), rgba[..., :3])
+    image = pytest.importorskip("PIL.Image")
+    smooth = np.stack([np.add.outer(np.arange(48), np.arange(48)) * 2, np.full((48, 48), 90),
+                       np.full((48, 48), 200)], -1).astype(np.uint8)
+    path = tmp_path / "cmyk.jpg"
+    image.fromarray(smooth).convert("CMYK").save(path, quality=100)
+    cmyk = image_transforms.decode_square(path.read_bytes(), 48).numpy()
+    assert cmyk.shape == (48, 48, 3) and np.abs(cmyk.astype(int) - smooth).mean() < 4
+
+
+def test_streamed_when_the_budget_is_small_in_memory_otherwise_with_the_same_batches(tmp_path):
+    rng = np.random.default_rng(1)
+    _write_large_tree(tmp_path / "src" / "pets", ["train", "val"], rng, shape=(40, 56, 3), per_class=4)
+    (tmp_path / "src" / "pets" / "train" / "a" / "broken.jpg").write_bytes(b"not a jpeg")
+    archive = tmp_path / "pets.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for file in sorted((tmp_path / "src").rglob("*")):
+            zf.write(file, file.relative_to(tmp_path / "src").as_posix())
+    load = lambda **kw: data.load_dataset(str(archive), image_size=32, **kw)  # noqa: E731
+    streamed, held = load(memory_budget_bytes=0), load(memory_budget_bytes=10**9)
+    assert streamed.streamed and not held.streamed
+    assert load(streaming="always", memory_budget_bytes=10**9).streamed
+    assert not load(streaming="never", memory_budget_bytes=0).streamed
+    for dataset in (streamed, held):
+        assert dataset.files_skipped == {"unreadable_images": 1, "non_image_files": 0}
+        assert (dataset.train_size, dataset.test_size, dataset.num_classes) == (8, 8, 2)
+    for batches in (lambda d: d.train_batches(4, seed=3, epochs=2), lambda d: d.test_batches(3)):
+        a, b = (list(batches(d).as_numpy_iterator()) for d in (streamed, held))
+        assert len(a) == len(b) > 0
+        for (xa, ya), (xb, yb) in zip(a, b):
+            np.testing.assert_array_equal(xa, xb)
+            np.testing.assert_array_equal(ya, yb)
+
+
+@pytest.fixture(scope="module")
+def cropped(cache_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cropped")
+    _write_large_tree(root, ["a_class_folder_tree"], np.random.default_rng(2), shape=(40, 40, 3), per_class=10)
+    return data.load_dataset(str(root / "a_class_folder_tree"), image_size=24, seed=0)
+
+
+def test_cropped_training_batches_resume_and_reshuffle(cropped):
+    assert (cropped.train_size, cropped.test_size) == (18, 2)  # a tenth of each class held out
+    run = list(cropped.train_batches(4, seed=5, epochs=2).as_numpy_iterator())
+    assert len(run) == 2 * (18 // 4) and run[0][0].shape == (4, 24, 24, 3)
+    resumed = list(cropped.train_batches(4, seed=5, epochs=2, start_step=3).as_numpy_iterator())
+    for (x, y), (xr, yr) in zip(run[3:], resumed, strict=True):
+        np.testing.assert_array_equal(x, xr)
+        np.testing.assert_array_equal(y, yr)
+    assert not np.array_equal(run[0][0], run[4][0])  # epoch 2: another order and other crops
+
+
+def test_cropped_search_halves_split_every_class(cropped):
+    first, second = cropped.search_halves(seed=0)
+    assert first.train_size + second.train_size == cropped.train_size
+    assert first.test_size == second.train_size and second.test_size == first.train_size
+    for half in (first, second):
+        # 9 per class: the odd one out goes to the first half.
+        np.testing.assert_array_equal(np.bincount(half.train.labels), [5, 5] if half is first else [4, 4])
+
+
+@pytest.mark.parametrize("kwargs, quoted", [
+    ({"image_size": 4}, "got 4"), ({"image_size": 2000}, "got 2000"), ({"streaming": "sometimes"}, "'sometimes'"),
+])
+def test_bad_image_options_raise_one_line_quoting_the_value(kwargs, quoted):
+    with pytest.raises(data.DatasetError, match=quoted) as error:
+        data.load_dataset(data.BUNDLED_DATASET, **kwargs)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name, advice", [("imagenette", "tfds build imagenette"),
+                                          ("imagenet2012", "ILSVRC2012_img_train.tar")])
+def test_unprepared_tfds_sets_fail_in_one_line_saying_where_they_go(tmp_path, name, advice):
+    start = time.monotonic()
+    with pytest.raises(data.DatasetError, match=advice) as error:
+        data.load_dataset(name, data_dir=str(tmp_path))
+    assert time.monotonic() - start < 5
+    assert str(tmp_path) in str(error.value) and "\n" not in str(error.value)

@@ -17,7 +17,8 @@ FLAGS = flags.FLAGS
 
 def main():
     train_base(out=FLAGS.out, model_name=_MODEL.value, arch_path=_ARCH.value, dataset_name=FLAGS.dataset,
-               data_dir=FLAGS.data_dir, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+               data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
+               streaming=FLAGS.streaming, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
                learning_rate=_LEARNING_RATE.value, seed=FLAGS.seed,
                max_train_examples=FLAGS.max_train_examples, overwrite=FLAGS.overwrite,
                checkpoint_steps=FLAGS.checkpoint_steps, strategy=FLAGS.strategy)

@@ -27,7 +27,8 @@ FLAGS = flags.FLAGS
 def main():
     make_baseline(out=FLAGS.out, kind=_KIND.value, model_name=_MODEL.value, target_ratio=_TARGET.value,
                   tolerance=_TOLERANCE.value, band=_BAND.value, dataset_name=FLAGS.dataset,
-                  data_dir=FLAGS.data_dir, count=_COUNT.value, epochs=FLAGS.epochs,
+                  data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
+                  streaming=FLAGS.streaming, count=_COUNT.value, epochs=FLAGS.epochs,
                   batch_size=FLAGS.batch_size, seed=FLAGS.seed, max_train_examples=FLAGS.max_train_examples,
                   overwrite=FLAGS.overwrite,
                   checkpoint_steps=FLAGS.checkpoint_steps, strategy=FLAGS.strategy)

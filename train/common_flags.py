@@ -9,7 +9,7 @@ if "--verbose" not in sys.argv:  # before TensorFlow is imported, or its C++ log
 
 from absl import app, flags  # noqa: E402
 
-from tas_keras.data import BUNDLED_DATASET  # noqa: E402
+from tas_keras.data import BUNDLED_DATASET, STREAMING  # noqa: E402
 from tas_keras.distribute import STRATEGIES  # noqa: E402
 from tas_keras.training import CHECKPOINT_STEPS, DivergenceError  # noqa: E402
 
@@ -23,9 +23,19 @@ def define_common_flags(epochs, batch_size, dataset=BUNDLED_DATASET):
     """The flags of every stage CLI; `epochs=None` for a CLI that runs several stages (no --epochs)."""
     flags.DEFINE_string("out", None, "Run directory: every artifact of the stage goes here.", required=True)
     flags.DEFINE_string("dataset", dataset,
-                        f"cifar10 | cifar100 (tensorflow-datasets) | {BUNDLED_DATASET} (bundled, offline) "
-                        "| a folder or .zip of class folders (train/<class>/*, test/<class>/*).")
-    flags.DEFINE_string("data_dir", None, "Where tensorflow-datasets keeps cifar10/cifar100.")
+                        f"cifar10 | cifar100 | imagenette | imagenet2012 (tensorflow-datasets) | {BUNDLED_DATASET} "
+                        "(bundled, offline) | a folder or .zip of class folders (train/<class>/* and val/<class>/*, "
+                        "validation/ or test/; or just <class>/*).")
+    flags.DEFINE_string("data_dir", None, "Where tensorflow-datasets keeps its prepared sets (never downloaded "
+                        "except cifar10/cifar100).")
+    # No bounds here: load_dataset's check gives the one-line error that quotes the value.
+    flags.DEFINE_integer("image_size", None, "Train and test on image_size x image_size crops: random resized "
+                         "crops + flip for training, resize + centre crop for testing, from images of any size. "
+                         "Default: CIFAR-sized images (<= 64 px) at their own size with the CIFAR augmentation, "
+                         "larger ones and imagenette/imagenet2012 at 224.")
+    flags.DEFINE_enum("streaming", "auto", list(STREAMING), "With the crops of --image_size: auto holds the "
+                      "decoded images in memory when they fit a quarter of the machine's memory, else decodes "
+                      "them from their files at every epoch; always / never force either.")
     flags.DEFINE_integer("batch_size", batch_size, "Global batch size.", lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Seed of data order, augmentation, init and splits.", lower_bound=0)
     if epochs is not None:

@@ -22,7 +22,8 @@ FLAGS = flags.FLAGS
 
 def main():
     distill(out=FLAGS.out, arch_path=_ARCH.value, teacher_path=_TEACHER.value, mode=_MODE.value,
-            dataset_name=FLAGS.dataset, data_dir=FLAGS.data_dir, epochs=FLAGS.epochs,
+            dataset_name=FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
+            streaming=FLAGS.streaming, epochs=FLAGS.epochs,
             batch_size=FLAGS.batch_size, learning_rate=_LR.value, alpha=_ALPHA.value,
             temperature=_TEMPERATURE.value, seed=FLAGS.seed, max_train_examples=FLAGS.max_train_examples,
             overwrite=FLAGS.overwrite,

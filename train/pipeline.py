@@ -108,7 +108,7 @@ class _Progress:
 def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", dataset_name=None, data_dir=None,
               teacher_path=None, base_epochs=None, search_epochs=None, distill_epochs=None, batch_size=None,
               width_multiple=None, seed=0, qat_epochs=0, overwrite=False, strategy="auto", cost_metric=None,
-              latency_table=None, target_latency_ms=None):
+              latency_table=None, target_latency_ms=None, image_size=None, streaming="auto"):
     """Runs every stage into `out` and returns the report (also `out/report.json` and `report.md`).
 
     The training stages run under `strategy`; export and report need one device and run outside it,
@@ -150,7 +150,7 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     if qat_epochs:
         tfmot_bridge.require_tfmot()  # now, not after hours of training
     distribution = make_strategy(strategy)  # a multi-worker strategy must precede other TensorFlow work
-    dataset = data.load_dataset(dataset_name, data_dir=data_dir, seed=seed)
+    dataset = data.load_dataset(dataset_name, data_dir=data_dir, seed=seed, image_size=image_size, streaming=streaming)
     full = ArchConfig.full(model_name, num_classes=dataset.num_classes, input_shape=dataset.image_shape)
     if teacher_path:
         _check_teacher(teacher_path, full)
@@ -159,11 +159,11 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
         if target_latency_ms is not None:
             latency_target_ratio(target_latency_ms, model_name, dataset, table)
     threads = table.threads if table else chosen.threads
-    images = len(dataset.train_labels)
+    images = dataset.train_size
     progress = _Progress([base_epochs * images * (teacher_path is None), 0, search_epochs * images,
                           distill_epochs * images * 1.3, images * len(chosen.quantizations) / 2, 0])
     common = dict(dataset_name=dataset_name, data_dir=data_dir, seed=seed)
-    trained = dict(common, strategy=strategy)
+    trained = dict(common, strategy=strategy, image_size=image_size, streaming=streaming)
     stage_dirs = {stage: os.path.join(out, stage) for stage in ("base", "search", "distill")}
 
     with distribution.scope():

@@ -40,7 +40,8 @@ def main():
     target_ratio, target_ms = common_flags.cost_target(cost)
     run_prune(out=FLAGS.out, model_name=_MODEL.value, target_ratio=target_ratio, preset=_PRESET.value,
               cost_metric=cost, latency_table=FLAGS.latency_table, target_latency_ms=target_ms,
-              dataset_name=FLAGS.dataset, data_dir=FLAGS.data_dir, teacher_path=_TEACHER.value,
+              dataset_name=FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
+              streaming=FLAGS.streaming, teacher_path=_TEACHER.value,
               base_epochs=_BASE_EPOCHS.value, search_epochs=_SEARCH_EPOCHS.value,
               distill_epochs=_DISTILL_EPOCHS.value, batch_size=FLAGS.batch_size,
               width_multiple=_MULTIPLE.value, seed=FLAGS.seed, qat_epochs=_QAT_EPOCHS.value,

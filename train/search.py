@@ -40,6 +40,7 @@ FLAGS = flags.FLAGS
 def main():
     target_ratio, target_ms = common_flags.cost_target(FLAGS.cost)
     run_search(out=FLAGS.out, model_name=_MODEL.value, dataset_name=FLAGS.dataset, data_dir=FLAGS.data_dir,
+               image_size=FLAGS.image_size, streaming=FLAGS.streaming,
                epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, target_ratio=target_ratio,
                cost_metric=FLAGS.cost, latency_table=FLAGS.latency_table, target_latency_ms=target_ms,
                cost_weight=_LAMBDA.value, tolerance=_TOLERANCE.value,
