@@ -11,6 +11,7 @@ from tas_keras import data
 from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_arch
 from tas_keras.models.cifar_resnet import CifarResNet
+from tas_keras.precision import in_dtype_policy
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json, write_json
 from tas_keras.search_space import ArchConfig
 from tas_keras.training import (CHECKPOINT_STEPS, MODEL_FILE, METRICS_FILE, check_fits_data,
@@ -103,11 +104,15 @@ def check_prunes_teacher(arch, teacher, teacher_path, mode):
 
 @in_strategy_scope
 @locking_stage
+@in_dtype_policy
 def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUNDLED_DATASET, data_dir=None,
             epochs=10, batch_size=256, learning_rate=0.1, alpha=0.9, temperature=4.0, seed=0,
-            max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS):
-    """Builds the plain network of `arch_path` and trains it by `mode`; writes model.keras and
-    metrics.json (test accuracy, FLOPs, params, reduction against the teacher, wall time)."""
+            max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS, mixed_precision=None):
+    """Builds the plain network of `arch_path` and trains it by `mode`; writes model.keras (float32) and
+    metrics.json (test accuracy, FLOPs, params, reduction against the teacher, wall time).
+
+    `mixed_precision`: None (float32), "mixed_bfloat16" or "mixed_float16" (`tas_keras.precision`); the
+    teacher is loaded under it too, so it computes in it unless its file fixes its layers' dtypes."""
     settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps")}
     settings["stage"] = "distill"
     if mode not in MODES:
