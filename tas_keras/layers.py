@@ -280,7 +280,7 @@ class SearchableConv(WidthChoice):
                 mean, variance = self._input_moments(x)
             else:
                 y = self._conv(x, self.kernel)
-                # In float32, as Keras' BatchNormalization does: a low-precision mean of squares overflows.
+                # In float32, as Keras' BatchNormalization does: float16 squares overflow, bfloat16 sums lose digits.
                 mean, variance = tf.nn.moments(tf.cast(y, tf.float32), axes=[0, 1, 2])
             scales = tf.gather(self.gammas, picks) * tf.math.rsqrt(variance + self.epsilon)
             shifts = tf.gather(self.betas, picks) - scales * mean

@@ -23,6 +23,7 @@ from tas_keras.search import TASSearchModel
 from tas_keras.search_space import ArchConfig
 from tas_keras.supernet import GraphSupernet
 from tas_keras.training import save_model, train_base
+from train.pipeline import run_prune
 
 from .conftest import REPO
 from .test_supernet import user_cnn
@@ -83,7 +84,7 @@ def _sharpen_head(model, name="head_fc", factor=300.0):
     layer.kernel.assign(layer.kernel * factor)
 
 
-def test_scope_sets_the_policy_and_always_restores_it():
+def test_scope_sets_the_policy_and_always_restores_it(tmp_path):
     with dtype_policy_scope(BF16):
         layer = keras.layers.Dense(2)
         with dtype_policy_scope(None):  # None is float32, whatever the enclosing policy
@@ -94,6 +95,9 @@ def test_scope_sets_the_policy_and_always_restores_it():
     with pytest.raises(ValueError, match="must be one of mixed_bfloat16, mixed_float16 .* got 'float8'"):
         with dtype_policy_scope("float8"):
             pass
+    with pytest.raises(ValueError, match="got 'mixed_float8'"):
+        run_prune(str(tmp_path / "prune"), mixed_precision="mixed_float8")  # before any work
+    assert not (tmp_path / "prune").exists()
     with pytest.raises(ValueError, match="epochs, batch_size and learning_rate must be positive"):
         train_base("unused", epochs=0, mixed_precision=BF16)  # fails inside the stage's scope
     assert keras.config.dtype_policy().name == "float32"
