@@ -2,6 +2,7 @@
 
   python -m bench.search_throughput --model=resnet20 --batch_size=128 --steps=30
   python -m bench.search_throughput --model=mobilenet_v2 --image_size=96 --batch_size=32 --steps=10
+  python -m bench.search_throughput --model=resnet56 --mixed_precision=mixed_bfloat16   # on a GPU
 
 `--model` is any name of the model registry (the CIFAR ResNets, resnet18/34, resnet50, mobilenet_v2)
 or a .keras file; the search runs the graph supernet read from it (`tas_keras.supernet`), in the
@@ -12,7 +13,8 @@ search-train and a search-valid batch; "cost per image" compares seconds per ima
 plain training costs per image. It is given for wall time (the fastest of the interleaved repeats)
 and for the CPU time of the process, which the other jobs of a shared machine disturb less. Also
 times one backup of the whole search state (supernet, both optimizers) and its share of the training
-time at the default interval. Writes bench/results/search_throughput_<model>.json.
+time at the default interval. Writes bench/results/search_throughput_<model>.json
+(search_throughput_<model>_<policy>.json under --mixed_precision, which both run under).
 """
 
 import json
@@ -27,6 +29,7 @@ import tensorflow as tf
 
 from tas_keras.graph import INDEPENDENT, TIED, read_model
 from tas_keras.models.registry import build_model, is_cifar_model, is_model_file
+from tas_keras.precision import MIXED_PRECISION, dtype_policy_scope
 from tas_keras.search import TASSearchModel
 from tas_keras.supernet import GraphSupernet
 from tas_keras.runs import write_json
@@ -38,6 +41,8 @@ _CLASSES = flags.DEFINE_integer("num_classes", 10, "Classes of a registry model.
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per batch (a search step takes two batches).")
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per measurement, after a warm-up epoch.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Interleaved measurements of each (best is kept).")
+_MIXED_PRECISION = flags.DEFINE_enum("mixed_precision", None, list(MIXED_PRECISION),
+                                     "Time both under this dtype policy (default: float32).")
 _OUT = flags.DEFINE_string("out", None, "JSON path (default bench/results/search_throughput_<model>.json).")
 
 
@@ -71,6 +76,11 @@ def _backup_seconds(model, repeats=3):
 
 def main(argv):
     del argv
+    with dtype_policy_scope(_MIXED_PRECISION.value):
+        _bench()
+
+
+def _bench():
     name, batch, steps = _MODEL.value, _BATCH.value, _STEPS.value
     keras.utils.set_random_seed(0)
     if is_model_file(name):
@@ -98,7 +108,8 @@ def main(argv):
     search_rate = 2 * batch * steps / min(search_times)
     backup = _backup_seconds(search)
     result = {
-        "model": name, "image_shape": list(image_shape), "classes": classes, "add_mode": space.add_mode,
+        "model": name, "mixed_precision": _MIXED_PRECISION.value, "image_shape": list(image_shape),
+        "classes": classes, "add_mode": space.add_mode,
         "batch_size": batch, "steps": steps, "repeats": _REPEATS.value,
         "plain_images_per_second": round(plain_rate, 1),
         "search_images_per_second": round(search_rate, 1),
@@ -114,7 +125,8 @@ def main(argv):
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, TF {tf.__version__}, Keras {keras.__version__}",
     }
     path = _OUT.value or os.path.join(os.path.dirname(__file__), "results",
-                                      f"search_throughput_{plain.name if is_model_file(name) else name}.json")
+                                      f"search_throughput_{plain.name if is_model_file(name) else name}"
+                                      f"{'_' + _MIXED_PRECISION.value if _MIXED_PRECISION.value else ''}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_json(path, result)
     print(json.dumps(result, indent=2))

@@ -16,11 +16,15 @@ import keras
 
 
 
-def _build_layer(source, planned):
+def _build_layer(source, planned, output):
     """A new layer of `source`'s class and settings for the planned layer."""
     config = source.get_config()
-    # The derived network is trained next: a frozen source (a teacher) must not freeze it.
+    # The derived network is trained next: a frozen source (a teacher) must not freeze it, and it computes
+    # in the stage's dtype policy (tas_keras.precision), with float32 logits for the losses.
     config.update(name=planned.layer.name, trainable=True)
+    config.pop("dtype", None)
+    if output:
+        config["dtype"] = "float32"
     if planned.layer.kind == "conv":
         config["filters"] = planned.out_channels
         if planned.layer.name != source.name:  # a projection shortcut
@@ -41,7 +45,7 @@ def derive_model(model, space, shape, transfer_weights=True):
                                                       name=planned.layer.name)
             continue
         inputs = [tensors[name] for name in planned.layer.inputs]
-        layer = _build_layer(model.get_layer(planned.source), planned)
+        layer = _build_layer(model.get_layer(planned.source), planned, planned.layer.name == plan.output)
         inputs = inputs if planned.layer.kind in ("merge", "concat") else inputs[0]
         tensors[planned.layer.name] = layer(inputs, **planned.layer.call_arguments)
     input_name = next(p.layer.name for p in plan.layers if p.layer.kind == "input")

@@ -12,6 +12,7 @@ from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_model
 from tas_keras.graph import load_model
 from tas_keras.pruned_shape import PrunedShape
+from tas_keras.precision import in_dtype_policy
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json, write_json
 from tas_keras.training import (CHECKPOINT_STEPS, MODEL_FILE, METRICS_FILE, check_fits_data,
                                 evaluate_classifier, fit_classifier, save_model)
@@ -80,15 +81,19 @@ def check_prunes_teacher(pruned, teacher, teacher_path, mode):
 
 @in_strategy_scope
 @locking_stage
+@in_dtype_policy
 def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUNDLED_DATASET, data_dir=None,
             epochs=10, batch_size=256, learning_rate=0.1, alpha=0.9, temperature=4.0, seed=0,
             max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS, image_size=None,
-            streaming="auto"):
+            streaming="auto", mixed_precision=None):
     """Builds the plain network of the shape at `arch_path` (`PrunedShape.load`) and trains it by
-    `mode`; writes model.keras (a plain functional model of stock Keras layers), shape.json (its
-    PrunedShape, with the search's provenance) and metrics.json (test accuracy, FLOPs, params,
+    `mode`; writes model.keras (a plain functional float32 model of stock Keras layers), shape.json
+    (its PrunedShape, with the search's provenance) and metrics.json (test accuracy, FLOPs, params,
     reduction against the teacher, wall time). `image_size` and `streaming`: as `data.load_dataset`
-    takes them."""
+    takes them.
+
+    `mixed_precision`: None (float32), "mixed_bfloat16" or "mixed_float16" (`tas_keras.precision`); the
+    teacher is loaded under it too, so it computes in it unless its file fixes its layers' dtypes."""
     # How the images are read (streaming) does not change the run.
     settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps", "streaming")}
     settings["stage"] = "distill"

@@ -4,6 +4,11 @@ Every tensor stays at its layer's full width C; a narrower choice is a zero-padd
 (the number of leading channels that may be non-zero) travels beside it as a channel count. There is
 no dynamic slicing, so nothing retraces.
 
+Under a mixed dtype policy (`tas_keras.precision`) the convs and the depth mix run in the compute
+dtype, while the architecture parameters and the per-step mix (batch statistics, BN affines, CWI
+coefficients, mixing weights) stay float32: these layers create their variables without autocasting
+and cast what they hand to a conv or a matmul themselves.
+
 Channel-wise interpolation (CWI) only ever widens in a supernet (a sampled width to the wider of the two
 picks, a block output to the widest depth), and widening from a to b >= a channels averages one or two
 input channels per output channel (`cwi_taps`). So for one step, "two sampled widths, their BN affines,
@@ -105,7 +110,7 @@ class WidthChoice(keras.Layer):
     def build(self, input_shape=None):
         if len(self.candidates) > 1:
             self.alpha = self.add_weight(name="alpha", shape=(len(self.candidates),),
-                                         initializer=keras.initializers.RandomNormal(0.0, 0.01))
+                                         initializer=keras.initializers.RandomNormal(0.0, 0.01), autocast=False)
 
     def sample(self, tau, seed):
         """(two candidate indices, their mixing weights)."""
@@ -172,16 +177,16 @@ class SearchableConv(WidthChoice):
         decay = _coupled_decay(self.weight_decay)
         self.kernel = self.add_weight(name="kernel", shape=(*self.kernel_size, input_shape[-1], self.filters),
                                       initializer=self.kernel_initializer or he_normal_fan_out(),
-                                      regularizer=decay)
+                                      regularizer=decay, autocast=False)
         m = len(self.candidates)
         if self.normalize:
             self.gammas = self.add_weight(name="gammas", shape=(m, self.filters), initializer="ones",
-                                          regularizer=decay)
+                                          regularizer=decay, autocast=False)
             self.betas = self.add_weight(name="betas", shape=(m, self.filters), initializer="zeros",
-                                         regularizer=decay)
+                                         regularizer=decay, autocast=False)
         if self.use_bias:
             self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros",
-                                        regularizer=decay)
+                                        regularizer=decay, autocast=False)
         if self.own_choice:
             super().build()
 
@@ -217,7 +222,9 @@ class SearchableConv(WidthChoice):
         return x.shape[0] * math.prod(sizes)
 
     def _conv(self, x, kernel):
-        return tf.nn.conv2d(x, kernel, self.strides, self.padding.upper(), dilations=self.dilation_rate)
+        """The conv of x by a float32 kernel, in x's (the compute) dtype."""
+        return tf.nn.conv2d(x, tf.cast(kernel, x.dtype), self.strides, self.padding.upper(),
+                            dilations=self.dilation_rate)
 
     def _mix(self, widths, weights, scales, shifts):
         """sum_k weights[k] * CWI_{widths[k] -> wider}(scales[k] * y + shifts[k]) as taps of y: output
@@ -245,8 +252,9 @@ class SearchableConv(WidthChoice):
         return tf.reshape(tf.transpose(mixed), tf.shape(self.kernel))
 
     def _input_moments(self, x):
-        """Per-channel batch mean and variance of a 1x1 conv's output, from its input's covariance."""
-        sampled = x[:, ::self.strides[0], ::self.strides[1], :]
+        """Per-channel batch mean and variance of a 1x1 conv's output, from its input's covariance
+        (in float32)."""
+        sampled = tf.cast(x[:, ::self.strides[0], ::self.strides[1], :], tf.float32)
         flat = tf.reshape(sampled, [-1, tf.shape(x)[-1]])
         mean = tf.reduce_mean(flat, axis=0)
         centred = flat - mean
@@ -261,6 +269,7 @@ class SearchableConv(WidthChoice):
         x = inputs
         if self.pool_first:
             x = tf.nn.avg_pool2d(x, 2, 2, "SAME")
+        weights = tf.cast(weights, tf.float32)  # Keras casts a layer's float arguments to its compute dtype
         widths = tf.gather(self.candidate_channels, picks)
         route = self.route(self._positions(x))
         if route == "kernel":
@@ -271,15 +280,16 @@ class SearchableConv(WidthChoice):
                 mean, variance = self._input_moments(x)
             else:
                 y = self._conv(x, self.kernel)
-                mean, variance = tf.nn.moments(y, axes=[0, 1, 2])
+                # In float32, as Keras' BatchNormalization does: float16 squares overflow, bfloat16 sums lose digits.
+                mean, variance = tf.nn.moments(tf.cast(y, tf.float32), axes=[0, 1, 2])
             scales = tf.gather(self.gammas, picks) * tf.math.rsqrt(variance + self.epsilon)
             shifts = tf.gather(self.betas, picks) - scales * mean
         diagonal, rows, coefficients, bias, wider = self._mix(widths, weights, scales, shifts)
         if route == "matmul":
             matrix = tf.linalg.diag(diagonal) + _scatter_columns(rows, coefficients, self.filters)
-            y = tf.einsum("bhwc,cd->bhwd", y, matrix) + bias
+            y = tf.einsum("bhwc,cd->bhwd", y, tf.cast(matrix, y.dtype)) + tf.cast(bias, y.dtype)
         else:
-            y = self._conv(x, self._mixed_kernel(diagonal, rows, coefficients)) + bias
+            y = self._conv(x, self._mixed_kernel(diagonal, rows, coefficients)) + tf.cast(bias, x.dtype)
         if self.relu:
             y = tf.nn.relu(y)
         return y, wider
@@ -311,7 +321,7 @@ class DepthMixer(keras.Layer):
 
     def build(self, input_shape=None):
         self.beta = self.add_weight(name="beta", shape=(len(self.depth_choices),),
-                                    initializer=keras.initializers.RandomNormal(0.0, 0.01))
+                                    initializer=keras.initializers.RandomNormal(0.0, 0.01), autocast=False)
 
     def sample(self, tau, seed):
         return gumbel_softmax(self.beta, tau, seed)
@@ -334,8 +344,8 @@ class DepthMixer(keras.Layer):
         for j, b in enumerate(chosen):
             output = block_outputs[b]
             if not self.equal_widths:
-                output = tf.einsum("bhwc,cd->bhwd", output,
-                                   cwi_transition(block_widths[b], wider, self.candidates[-1]))
+                output = tf.einsum("bhwc,cd->bhwd", output, tf.cast(
+                    cwi_transition(block_widths[b], wider, self.candidates[-1]), output.dtype))
             mixed += weights[j] * output
         return mixed, wider
 

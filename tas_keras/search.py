@@ -13,6 +13,7 @@ from tas_keras import data, plots
 from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_arch
 from tas_keras.latency import LatencyTable, SupernetLatency, predict_latency
+from tas_keras.precision import in_dtype_policy
 from tas_keras.models.cifar_resnet_supernet import COST_METRICS, CifarResNetSupernet
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json
 from tas_keras.search_space import ArchConfig
@@ -201,6 +202,12 @@ class TASSearchModel(keras.Model):
         No compiled loss: Keras would build it by calling the model on a (train, valid) batch pair.
         """
         super().compile(optimizer=optimizer, **kwargs)
+        # Keras wraps the compiled optimizer in a LossScaleOptimizer under mixed_float16 (float16
+        # gradients underflow); the architecture step backpropagates through the same float16
+        # activations, so its optimizer scales its loss too.
+        if self.dtype_policy.name == "mixed_float16" and not isinstance(arch_optimizer,
+                                                                         keras.optimizers.LossScaleOptimizer):
+            arch_optimizer = keras.optimizers.LossScaleOptimizer(arch_optimizer)
         self.arch_optimizer = arch_optimizer
         # Built on the variables each one updates, so a backup restores into the same layout.
         self.optimizer.build(self.supernet.weight_variables)
@@ -245,14 +252,19 @@ class TASSearchModel(keras.Model):
         weights, arch_variables = self.supernet.weight_variables, self.supernet.arch_variables
 
         with tf.GradientTape() as tape:
-            logits = self.supernet(images, self.supernet.sample(self.tau, self._step_seed(0)))
+            # The losses read float32 logits, whatever the supernet computes in (tas_keras.precision).
+            logits = tf.cast(self.supernet(images, self.supernet.sample(self.tau, self._step_seed(0))),
+                             tf.float32)
             # Keras losses come divided by the replica count (gradients are summed over replicas);
             # the weight decay and the cost term added by hand below must be divided too.
             loss = self.cross_entropy(labels, logits) + keras.ops.sum(self.supernet.losses) / replicas
-        self.optimizer.apply(tape.gradient(self.optimizer.scale_loss(loss), weights), weights)
+            # Scaled inside the tape, or the gradient of the scaled loss is None (a LossScaleOptimizer's).
+            scaled_loss = self.optimizer.scale_loss(loss)
+        self.optimizer.apply(tape.gradient(scaled_loss, weights), weights)
 
         with tf.GradientTape() as tape:
-            valid_logits = self.supernet(valid_images, self.supernet.sample(self.tau, self._step_seed(1)))
+            valid_logits = tf.cast(self.supernet(valid_images, self.supernet.sample(self.tau, self._step_seed(1))),
+                                   tf.float32)
             valid_loss = self.cross_entropy(labels_valid, valid_logits)
             cost_loss, expected, argmax = self.cost_loss()
             decay = 0.5 * self.arch_weight_decay * tf.add_n([tf.reduce_sum(v * v) for v in arch_variables])
@@ -260,7 +272,8 @@ class TASSearchModel(keras.Model):
             if self.entropy_weight is not None:
                 entropy = tf.reduce_mean(entropies(arch_variables))
                 arch_loss += self.entropy_weight(self.arch_optimizer.iterations) * entropy / replicas
-        self.arch_optimizer.apply(tape.gradient(arch_loss, arch_variables), arch_variables)
+            scaled_arch_loss = self.arch_optimizer.scale_loss(arch_loss)
+        self.arch_optimizer.apply(tape.gradient(scaled_arch_loss, arch_variables), arch_variables)
 
         # Losses are per-replica values scaled by 1/replicas: report them unscaled.
         for name, value in (("loss", loss * replicas), ("valid_loss", valid_loss * replicas),
@@ -379,13 +392,14 @@ def init_from_base(supernet, base_model):
 
 @in_strategy_scope
 @locking_stage
+@in_dtype_policy
 def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, data_dir=None, epochs=10,
                batch_size=256, target_ratio=0.5, cost_metric="flops", cost_weight=2.0, tolerance=0.05,
                band="code", tau_schedule="cosine", tau_max=5.0, tau_min=0.1, width_multiple=1,
                learning_rate=0.1, arch_learning_rate=None, arch_warmup=ARCH_WARMUP, arch_decay="cosine",
                entropy_weight=ENTROPY_WEIGHT, init_from=None, seed=0, max_train_examples=None, overwrite=False,
                checkpoint_steps=CHECKPOINT_STEPS, latency_table=None, target_latency_ms=None, image_size=None,
-               streaming="auto"):
+               streaming="auto", mixed_precision=None):
     """Searches a shape of `model_name` keeping `target_ratio` of its cost; writes arch.json,
     history.json, search.png, curves.png and TensorBoard logs to `out`, resuming an interrupted run from its
     backup (every `checkpoint_steps` steps and every epoch).
@@ -399,7 +413,9 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
 
     `cost_metric="latency"`: the cost is the latency of `latency_table` (a path, made by
     `python -m tas_keras.latency_table`), and `target_latency_ms`, if given, sets the target ratio
-    (ms / the full network's table latency)."""
+    (ms / the full network's table latency).
+
+    `mixed_precision`: None (float32), "mixed_bfloat16" or "mixed_float16" (`tas_keras.precision`)."""
     settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps", "streaming")}
     settings["stage"] = "search"
     ArchConfig.full(model_name)

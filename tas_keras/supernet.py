@@ -73,8 +73,10 @@ def _keeps_zeros(layer):
 
 def _copy(source, regularizer):
     """A new layer of the source layer's class, settings and name (fresh weights), every weight under
-    the supernet's coupled weight decay."""
+    the supernet's coupled weight decay, computing in the dtype policy the supernet is built under
+    rather than the source's."""
     config = source.get_config()
+    config["dtype"] = keras.config.dtype_policy()
     for key in config:
         if key.endswith("_regularizer") and key != "activity_regularizer":
             config[key] = regularizer
@@ -243,7 +245,7 @@ class GraphSupernet(keras.Model):
         if not slot.searchable:
             return y, tf.constant(slot.full_width)
         if layer.name in self._masked:
-            y = y * width_mask(width, slot.full_width)
+            y = y * tf.cast(width_mask(width, slot.full_width), y.dtype)
         return y, width
 
     def argmax_widths(self):

@@ -16,6 +16,7 @@ from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_model
 from tas_keras.models.registry import build_model, is_cifar_model, is_model_file
 from tas_keras.pruned_shape import PrunedShape
+from tas_keras.precision import float32_copy, in_dtype_policy
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json, run_dir, write_json
 
 METRICS_FILE = "metrics.json"
@@ -28,8 +29,9 @@ CHECKPOINT_STEPS = 200
 
 
 def save_model(model, path):
+    """Saves `model` as a float32 model, whatever dtype policy it was trained under."""
     tmp = path.removesuffix(".keras") + ".tmp.keras"
-    model.save(tmp)
+    float32_copy(model).save(tmp)
     os.replace(tmp, path)
 
 
@@ -327,17 +329,21 @@ def fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed,
 
 @in_strategy_scope
 @locking_stage
+@in_dtype_policy
 def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUNDLED_DATASET,
                data_dir=None, epochs=10, batch_size=256, learning_rate=0.1, seed=0,
                max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS, image_size=None,
-               streaming="auto"):
+               streaming="auto", mixed_precision=None):
     """Trains the full network `model_name` (a registry name, `tas_keras.models.registry`) at the
     dataset's image size and classes, or the shape at `arch_path` (`PrunedShape.load`) from scratch;
-    writes model.keras and metrics.json, backing the training state up every `checkpoint_steps` steps
-    and every epoch. `image_size` and `streaming`: as `data.load_dataset` takes them."""
+    writes model.keras (float32) and metrics.json, backing the training state up every
+    `checkpoint_steps` steps and every epoch. `image_size` and `streaming`: as `data.load_dataset`
+    takes them. `mixed_precision`: None (float32), "mixed_bfloat16" or "mixed_float16"
+    (`tas_keras.precision`)."""
     settings = {"stage": "base", "model": model_name, "arch": arch_path, "dataset": dataset_name,
                 "data_dir": data_dir, "image_size": image_size, "epochs": epochs, "batch_size": batch_size,
-                "learning_rate": learning_rate, "seed": seed, "max_train_examples": max_train_examples}
+                "learning_rate": learning_rate, "seed": seed, "max_train_examples": max_train_examples,
+                "mixed_precision": mixed_precision}
     if epochs < 1 or batch_size < 1 or learning_rate <= 0:
         raise ValueError(f"epochs, batch_size and learning_rate must be positive, got {epochs}, "
                          f"{batch_size}, {learning_rate}")

@@ -9,6 +9,7 @@ from tas_keras.training import train_base
 from train import common_flags
 
 common_flags.define_common_flags(epochs=10, batch_size=256)
+common_flags.define_mixed_precision_flag()
 _MODEL = flags.DEFINE_string("model", "resnet20", "resnet20 | resnet32 | resnet56 | resnet110 | resnet164.")
 _ARCH = flags.DEFINE_string("arch", None, "Train this shape (arch.json or released-shape file) instead.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.1, "Initial SGD learning rate (cosine to 0).")
@@ -21,7 +22,8 @@ def main():
                streaming=FLAGS.streaming, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
                learning_rate=_LEARNING_RATE.value, seed=FLAGS.seed,
                max_train_examples=FLAGS.max_train_examples, overwrite=FLAGS.overwrite,
-               checkpoint_steps=FLAGS.checkpoint_steps, strategy=FLAGS.strategy)
+               checkpoint_steps=FLAGS.checkpoint_steps, strategy=FLAGS.strategy,
+               mixed_precision=FLAGS.mixed_precision)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from absl import app, flags  # noqa: E402
 
 from tas_keras.data import BUNDLED_DATASET, STREAMING  # noqa: E402
 from tas_keras.distribute import STRATEGIES  # noqa: E402
+from tas_keras.precision import MIXED_PRECISION  # noqa: E402
 from tas_keras.training import CHECKPOINT_STEPS, DivergenceError  # noqa: E402
 
 flags.DEFINE_bool("verbose", False, "Show TensorFlow's own log messages (read before flags are parsed).")
@@ -45,6 +46,13 @@ def define_common_flags(epochs, batch_size, dataset=BUNDLED_DATASET):
         flags.DEFINE_integer("checkpoint_steps", CHECKPOINT_STEPS, "Back the training state up every this "
                              "many steps (and every epoch): a killed run resumes from there.", lower_bound=1)
     flags.DEFINE_bool("overwrite", False, "Replace what --out holds instead of refusing or resuming.")
+
+
+def define_mixed_precision_flag():
+    """--mixed_precision, for the CLIs that train."""
+    flags.DEFINE_enum("mixed_precision", None, list(MIXED_PRECISION),
+                      "Train with float32 variables and bfloat16 or float16 compute (GPUs with tensor cores; "
+                      "mixed_float16 scales the losses). Default: float32. Saved models are float32.")
 
 
 def define_cost_flags(target_help):

@@ -10,6 +10,7 @@ from tas_keras.distill import MODES, distill
 from train import common_flags
 
 common_flags.define_common_flags(epochs=10, batch_size=256)
+common_flags.define_mixed_precision_flag()
 _ARCH = flags.DEFINE_string("arch", None, "The shape: an arch.json (search or baseline) or a released-shape "
                             "file.", required=True)
 _TEACHER = flags.DEFINE_string("teacher", None, "The unpruned network (train.base's model.keras).")
@@ -27,7 +28,8 @@ def main():
             batch_size=FLAGS.batch_size, learning_rate=_LR.value, alpha=_ALPHA.value,
             temperature=_TEMPERATURE.value, seed=FLAGS.seed, max_train_examples=FLAGS.max_train_examples,
             overwrite=FLAGS.overwrite,
-            checkpoint_steps=FLAGS.checkpoint_steps, strategy=FLAGS.strategy)
+            checkpoint_steps=FLAGS.checkpoint_steps, strategy=FLAGS.strategy,
+            mixed_precision=FLAGS.mixed_precision)
 
 
 if __name__ == "__main__":

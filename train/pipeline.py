@@ -18,6 +18,7 @@ from tas_keras.latency import LatencyTable, predict_latency
 from tas_keras.distribute import make_strategy
 from tas_keras.cost import count_arch
 from tas_keras.distill import distill, load_teacher
+from tas_keras.precision import check_mixed_precision
 from tas_keras.runs import (check_overwrite, clear_run_dir, holds_own_files, lock_run_dir, locking_stage,
                             prepare_run_dir, read_json, run_dir, write_json)
 from tas_keras.search import ARCH_FILE, COSTS, CURVES_FILE, LATENCY, PLOT_FILE, latency_target_ratio, run_search
@@ -108,7 +109,7 @@ class _Progress:
 def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", dataset_name=None, data_dir=None,
               teacher_path=None, base_epochs=None, search_epochs=None, distill_epochs=None, batch_size=None,
               width_multiple=None, seed=0, qat_epochs=0, overwrite=False, strategy="auto", cost_metric=None,
-              latency_table=None, target_latency_ms=None, image_size=None, streaming="auto"):
+              latency_table=None, target_latency_ms=None, image_size=None, streaming="auto", mixed_precision=None):
     """Runs every stage into `out` and returns the report (also `out/report.json` and `report.md`).
 
     The training stages run under `strategy`; export and report need one device and run outside it,
@@ -119,6 +120,9 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     (it must measure one of the preset's export quantisations; the exports are then timed at its
     threads); without one, the pipeline measures a table on this machine into `out/latency_table/`
     (int8, the preset's threads). `target_latency_ms` replaces `target_ratio` by a latency.
+
+    `mixed_precision` ("mixed_bfloat16" or "mixed_float16"; None: float32) is the dtype policy of the
+    training stages (`tas_keras.precision`); the models they save, and so the exports, are float32.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -147,6 +151,7 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
         if target_latency_ms is None and target_ratio < floor:
             raise ValueError(f"target ratio {target_ratio} is below the smallest {model_name} the search space "
                              f"can express ({floor:.3f} of the {'latency' if table else 'FLOPs'})")
+    check_mixed_precision(mixed_precision)
     if qat_epochs:
         tfmot_bridge.require_tfmot()  # now, not after hours of training
     distribution = make_strategy(strategy)  # a multi-worker strategy must precede other TensorFlow work
@@ -163,7 +168,8 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     progress = _Progress([base_epochs * images * (teacher_path is None), 0, search_epochs * images,
                           distill_epochs * images * 1.3, images * len(chosen.quantizations) / 2, 0])
     common = dict(dataset_name=dataset_name, data_dir=data_dir, seed=seed)
-    trained = dict(common, strategy=strategy, image_size=image_size, streaming=streaming)
+    trained = dict(common, strategy=strategy, image_size=image_size, streaming=streaming,
+                   mixed_precision=mixed_precision)
     stage_dirs = {stage: os.path.join(out, stage) for stage in ("base", "search", "distill")}
 
     with distribution.scope():
@@ -180,7 +186,8 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
             "model": model_name, "target_ratio": target_ratio, "preset": preset, "dataset": dataset_name,
             "seed": seed, "cost": cost_metric, "width_multiple": width_multiple,
             **({"latency_table": latency_table, "target_latency_ms": target_latency_ms}
-               if cost_metric == LATENCY else {})})
+               if cost_metric == LATENCY else {}),
+            **({"mixed_precision": mixed_precision} if mixed_precision else {})})
 
         progress.banner(0, "base network" + (f": given {teacher_path}" if teacher_path else ""))
         if not teacher_path:

@@ -16,6 +16,7 @@ from train import common_flags
 from train.pipeline import PRESETS, run_prune
 
 common_flags.define_common_flags(epochs=None, batch_size=None, dataset=None)
+common_flags.define_mixed_precision_flag()
 _MODEL = flags.DEFINE_string("model", "resnet20", "resnet20 | resnet32 | resnet56 | resnet110 | resnet164.")
 common_flags.define_cost_flags("Keep this fraction of the network's FLOPs (or parameters).")
 _PRESET = flags.DEFINE_enum("preset", "quick", sorted(PRESETS),
@@ -45,7 +46,8 @@ def main():
               base_epochs=_BASE_EPOCHS.value, search_epochs=_SEARCH_EPOCHS.value,
               distill_epochs=_DISTILL_EPOCHS.value, batch_size=FLAGS.batch_size,
               width_multiple=_MULTIPLE.value, seed=FLAGS.seed, qat_epochs=_QAT_EPOCHS.value,
-              overwrite=FLAGS.overwrite, strategy=FLAGS.strategy)
+              overwrite=FLAGS.overwrite, strategy=FLAGS.strategy,
+              mixed_precision=FLAGS.mixed_precision)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from tas_keras.search import ARCH_DECAYS, ARCH_WARMUP, COST_BANDS, ENTROPY_WEIGH
 from train import common_flags
 
 common_flags.define_common_flags(epochs=10, batch_size=256)
+common_flags.define_mixed_precision_flag()
 _MODEL = flags.DEFINE_string("model", "resnet20", "resnet20 | resnet32 | resnet56 | resnet110 | resnet164.")
 common_flags.define_cost_flags("R: keep this fraction of the full network's cost (FLOPs or params).")
 _LAMBDA = flags.DEFINE_float("cost_weight", 2.0, "lambda, the weight of the cost loss.")
@@ -49,7 +50,8 @@ def main():
                arch_warmup=_ARCH_WARMUP.value, arch_decay=_ARCH_DECAY.value, entropy_weight=_ENTROPY.value,
                init_from=_INIT.value, seed=FLAGS.seed, max_train_examples=FLAGS.max_train_examples,
                overwrite=FLAGS.overwrite,
-               checkpoint_steps=FLAGS.checkpoint_steps, strategy=FLAGS.strategy)
+               checkpoint_steps=FLAGS.checkpoint_steps, strategy=FLAGS.strategy,
+               mixed_precision=FLAGS.mixed_precision)
 
 
 if __name__ == "__main__":
