@@ -88,9 +88,7 @@ def pixel_input_model(model, mean, std, float_input=False, keras_module=keras):
 
 def representative_images(dataset, size, seed=0, float_input=False):
     """`size` training images drawn at random (fixed seed), as pixels, for int8 calibration."""
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(dataset.train_images), min(size, len(dataset.train_images)), replace=False))
-    return dataset.train_images[pick].astype(pixel_dtype(float_input))
+    return dataset.sample_train_pixels(size, seed).astype(pixel_dtype(float_input))
 
 
 def export_saved_model(model, path):

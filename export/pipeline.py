@@ -71,6 +71,8 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
     export = dict(quantize=quantize, int8_io=int8_io, float_input=float_input, qat_epochs=qat_epochs,
                   representative=representative, threads=threads, seed=seed)
 
+    test_images, test_labels = dataset.test_pixels()
+    export["test"] = (test_images, test_labels)
     jobs = [("model", model_path, out)]
     if compare_with:
         jobs.append(("compare_with", compare_with, os.path.join(out, COMPARE_DIR)))
@@ -82,7 +84,7 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
         metrics = {**entry["tflite"], "saved_model_max_abs_diff": entry["saved_model"]["max_abs_diff"]}
         checks += verify.checks(metrics, tolerances, prefix=f"{role}.")
 
-    pixels = dataset.test_images[0].astype(convert.pixel_dtype(float_input))
+    pixels = test_images[0].astype(convert.pixel_dtype(float_input))
     latencies = verify.interleaved_latency(runtimes, pixels, latency_runs)
     for entry, samples in zip(entries, latencies):
         entry["latency_ms"] = verify.latency_summary(samples)
@@ -97,7 +99,7 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
         "input": {"pixels": f"RGB, {convert.pixel_dtype(float_input)} 0-255",
                   "normalisation_mean": list(dataset.mean), "normalisation_std": list(dataset.std)},
         "dataset": dataset.name,
-        "test_images": len(dataset.test_labels),
+        "test_images": len(test_labels),
         "latency": {"batch": 1, "threads": threads, "runs": latency_runs, "interleaved": len(jobs) > 1,
                     "runtime": "LiteRT, XNNPACK"},
         "tolerances": tolerances,
@@ -113,15 +115,16 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
 
 
 def _export_one(model_path, directory, dataset, quantize, int8_io, float_input, qat_epochs, representative,
-                threads, seed):
+                threads, seed, test):
     """Exports one model. Its .tflite, fed the test images' pixels, is compared with the Keras model
     fed the images normalised by the data pipeline, as in training; the reloaded SavedModel with the
     Keras graph it was exported from (the pixel-input wrapper: the two normalisations round apart
     by about 1e-7)."""
     model = keras.saving.load_model(model_path)
     _check_fits(model, dataset, model_path)
-    reference = _keras_outputs(model, convert.normalised(dataset.test_images, dataset.mean, dataset.std))
-    pixels = dataset.test_images.astype(convert.pixel_dtype(float_input))
+    test_images, test_labels = test
+    reference = _keras_outputs(model, convert.normalised(test_images, dataset.mean, dataset.std))
+    pixels = test_images.astype(convert.pixel_dtype(float_input))
 
     exported = convert.pixel_input_model(model, dataset.mean, dataset.std, float_input)
     saved_model = os.path.join(directory, SAVED_MODEL_DIR)
@@ -155,7 +158,7 @@ def _export_one(model_path, directory, dataset, quantize, int8_io, float_input, 
         "labels": os.path.abspath(labels),
         "tflite": {"path": os.path.abspath(tflite), "size_bytes": os.path.getsize(tflite),
                    "input_dtype": input_dtype, "output_dtype": output_dtype,
-                   **verify.parity(reference, outputs, dataset.test_labels)},
+                   **verify.parity(reference, outputs, test_labels)},
     }
     if "latency_ms" in provenance:  # a latency search's shape: its table's prediction, to set beside the measurement
         entry["predicted_latency"] = {"ms": provenance["latency_ms"], "table": provenance["latency_table"]}

@@ -16,7 +16,6 @@ import keras
 import tensorflow as tf
 
 from export import convert
-from tas_keras import data
 
 
 class TfmotMissingError(ValueError):
@@ -110,9 +109,8 @@ def quantization_aware_int8(model, dataset, epochs=1, max_steps=None, batch_size
     qat = tfmot.quantization.keras.quantize_model(plain)
     qat.compile(optimizer=tf_keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True),
                 loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    steps = min(max_steps or len(dataset.train_labels), len(dataset.train_labels) // batch_size)
-    train = data.train_pipeline(dataset.train_images, dataset.train_labels, batch_size, dataset.mean,
-                                dataset.std, seed=seed, epochs=epochs, steps_per_epoch=steps)
+    steps = min(max_steps or dataset.train_size, dataset.train_size // batch_size)
+    train = dataset.train_batches(batch_size, seed=seed, epochs=epochs, steps_per_epoch=steps)
     qat.fit(train, epochs=epochs, steps_per_epoch=steps, verbose=0)
     exported = convert.pixel_input_model(qat, dataset.mean, dataset.std, float_input, keras_module=tf_keras)
     converter = tf.lite.TFLiteConverter.from_keras_model(exported)

@@ -113,6 +113,15 @@ class ImageDataset:
         """`eval_pipeline` of the test split."""
         return eval_pipeline(self.test_images, self.test_labels, batch_size, self.mean, self.std)
 
+    def test_pixels(self):
+        """(uint8 images [N, H, W, 3], int32 labels [N]): the test split as a deployed model sees it."""
+        return self.test_images, self.test_labels
+
+    def sample_train_pixels(self, size, seed=0):
+        """`size` training images drawn at random (fixed seed), uint8, in the order of the split."""
+        pick = np.sort(np.random.default_rng(seed).choice(self.train_size, min(size, self.train_size), replace=False))
+        return self.train_images[pick]
+
     def search_halves(self, seed=0):
         """The training split halved per class (`search_split`): two datasets, each holding one half
         as its training split and the other as its test split."""
@@ -278,6 +287,30 @@ class CroppedImageDataset:
         return examples.map(
             lambda square, label: (self._normalised(image_transforms.centre_crop(square, self.image_size)), label),
             tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+    def test_pixels(self):
+        """(uint8 images [N, H, W, 3], int32 labels [N]): the test split resized and centre-cropped, as a
+        deployed model sees it. All of it in memory: meant for test splits of thousands of images."""
+        examples = (self.test.records() if isinstance(self.test, TfdsImages)
+                    else self.test.examples(tf.data.Dataset.range(len(self.test))))
+        images, labels = [], []
+        for square, label in examples.map(
+                lambda square, label: (image_transforms.centre_crop(square, self.image_size), label),
+                tf.data.AUTOTUNE).batch(256):
+            images.append(square.numpy())
+            labels.append(label.numpy())
+        return np.concatenate(images).astype(np.uint8), np.concatenate(labels).astype(np.int32)
+
+    def sample_train_pixels(self, size, seed=0):
+        """`size` training images drawn at random (fixed seed), resized and centre-cropped, uint8."""
+        if isinstance(self.train, TfdsImages):
+            examples = self.train.records(shuffle_seed=seed).take(size)
+        else:
+            pick = np.sort(np.random.default_rng(seed).choice(len(self.train), min(size, len(self.train)),
+                                                              replace=False))
+            examples = self.train.examples(tf.data.Dataset.from_tensor_slices(pick.astype(np.int64)))
+        squares = examples.map(lambda square, _: image_transforms.centre_crop(square, self.image_size))
+        return np.concatenate([batch.numpy() for batch in squares.batch(256)]).astype(np.uint8)
 
     def search_halves(self, seed=0):
         """The training split halved (per class, `search_split`; a tfds stream by record order, which
