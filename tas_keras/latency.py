@@ -270,10 +270,10 @@ class SupernetLatency:
     def __init__(self, supernet, table):
         space = supernet.space
         try:
-            self.full = arch_from_shape(space, space.full_shape())
+            self.full = space.add_mode == INDEPENDENT and arch_from_shape(space, space.full_shape())
         except ValueError:  # not a CIFAR ResNet's space
             self.full = None
-        if self.full is None or space.add_mode != INDEPENDENT:
+        if not self.full:
             raise ValueError(f"the latency cost covers the CIFAR ResNets read with independent Adds (the layer "
                              f"geometries latency tables hold), not {space.name} read with {space.add_mode} Adds")
         self.supernet, self.table = supernet, table

@@ -413,7 +413,8 @@ def decision_summary(history, arch):
                                       if now != before],
         f"argmax_stable_last_{STABLE_EPOCHS}_epochs": stable,
         "flops_ratio": round(ratio, 4), "in_band": in_band, "chosen_epoch": provenance["epoch"] + 1,
-        **{key: arch[key] for key in SHAPE_KEYS[1:] if key in arch}, "supernet_valid_accuracy": round(last["valid_accuracy"], 4),
+        **{key: arch[key] for key in SHAPE_KEYS[1:] if key in arch},  # stage_blocks, or a PrunedShape's depths
+        "supernet_valid_accuracy": round(last["valid_accuracy"], 4),
         "arch_learning_rate": provenance["arch_learning_rate"], "wall_time_s": provenance["search_wall_time_s"],
         "decides": bool(last["width_top1"] >= 0.5 and stable and in_band),
     }

@@ -142,6 +142,19 @@ def test_table_lookup_names_what_is_missing():
         LatencyTable({**table.content, "complete": False})
 
 
+def test_latency_cost_refuses_a_space_its_tables_do_not_cover(tmp_path):
+    full = ArchConfig.full("resnet8", input_shape=(8, 8, 3))
+    tied = build_supernet("resnet8", CifarResNet(full), add_mode="tied", width_multiple=32)
+    with pytest.raises(ValueError, match="the latency cost covers the CIFAR ResNets read with independent Adds "
+                                         r"\(the layer geometries latency tables hold\), not resnet8 read with tied"):
+        SupernetLatency(tied, LatencyTable(synthetic_table(full, 32)))
+    with pytest.raises(ValueError, match="the latency cost covers the CIFAR ResNets with independent Adds .*, not "
+                                         "mobilenet_v2 with tied Adds"):
+        run_search(str(tmp_path / "search"), model_name="mobilenet_v2", cost_metric="latency",
+                   latency_table="/no/table.json")
+    assert not (tmp_path / "search").exists()
+
+
 class _Interrupt(Exception):
     pass
 

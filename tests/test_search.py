@@ -14,8 +14,8 @@ from tas_keras.graph import arch_from_shape
 from tas_keras.layers import DepthMixer, cwi_transition, sample_two_widths
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.pruned_shape import PrunedShape
-from tas_keras.search import (ArchLearningRate, LinearRamp, arch_learning_rate_for, TASSearchModel, convergence, cost_band,
-                              decision_summary, run_search, tau_at)
+from tas_keras.search import (ArchLearningRate, LinearRamp, arch_learning_rate_for, TASSearchModel, convergence,
+                              cost_band, decision_summary, run_search, tau_at)
 from tas_keras.search_space import ArchConfig, candidate_widths
 from tas_keras.supernet import build_supernet
 
