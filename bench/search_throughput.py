@@ -5,8 +5,8 @@
   python -m bench.search_throughput --model=resnet56 --mixed_precision=mixed_bfloat16   # on a GPU
 
 `--model` is any name of the model registry (the CIFAR ResNets, resnet18/34, resnet50, mobilenet_v2)
-or a .keras file; the search runs the graph supernet read from it (`tas_keras.supernet`), in the
-reference's independent mode with every conv normalised for the CIFAR ResNets, tied otherwise. Both
+or a .keras file; the search runs the supernet `train.search` runs (`tas_keras.supernet.build_supernet`:
+the reference's independent Adds with every conv normalised for the CIFAR ResNets, tied otherwise). Both
 run on synthetic in-memory batches, so only the model's compute is timed. A search step consumes a
 search-train and a search-valid batch; "cost per image" compares seconds per image of the search
 (train + valid images) with seconds per image of plain training: 1.0 means the search costs what
@@ -27,11 +27,10 @@ from absl import app, flags
 import keras
 import tensorflow as tf
 
-from tas_keras.graph import INDEPENDENT, TIED, read_model
-from tas_keras.models.registry import build_model, is_cifar_model, is_model_file
+from tas_keras.models.registry import build_model, is_model_file
 from tas_keras.precision import MIXED_PRECISION, dtype_policy_scope
 from tas_keras.search import TASSearchModel
-from tas_keras.supernet import GraphSupernet
+from tas_keras.supernet import build_supernet
 from tas_keras.runs import write_json
 from tas_keras.training import CHECKPOINT_STEPS, TrainingCheckpoint, sgd
 
@@ -89,12 +88,10 @@ def _bench():
         size = _IMAGE_SIZE.value
         plain = build_model(name, size and (size, size, 3), _CLASSES.value)
     image_shape, classes = tuple(plain.inputs[0].shape[1:]), plain.outputs[0].shape[-1]
-    cifar = not is_model_file(name) and is_cifar_model(name)
     plain.compile(optimizer=sgd(0.1, 10_000), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     plain_data = _batches(image_shape, classes, batch, steps + 2, 0)
 
-    space = read_model(plain, add_mode=INDEPENDENT if cifar else TIED)
-    search = TASSearchModel(GraphSupernet(plain, space, normalize_every_conv=cifar), target_ratio=0.5)
+    search = TASSearchModel(build_supernet(name, plain), target_ratio=0.5)
     search.compile(optimizer=sgd(0.1, 10_000), arch_optimizer=keras.optimizers.Adam(1e-3, 0.5, 0.999))
     search_data = tf.data.Dataset.zip((_batches(image_shape, classes, batch, steps + 2, 1),
                                        _batches(image_shape, classes, batch, steps + 2, 2)))
@@ -109,7 +106,7 @@ def _bench():
     backup = _backup_seconds(search)
     result = {
         "model": name, "mixed_precision": _MIXED_PRECISION.value, "image_shape": list(image_shape),
-        "classes": classes, "add_mode": space.add_mode,
+        "classes": classes, "add_mode": search.supernet.space.add_mode,
         "batch_size": batch, "steps": steps, "repeats": _REPEATS.value,
         "plain_images_per_second": round(plain_rate, 1),
         "search_images_per_second": round(search_rate, 1),

@@ -12,7 +12,8 @@ layers read and write width slots with categorical distributions, the expected l
 (`expected_latency`): per layer, sum over candidate pairs (a, b) of p_in(a) * p_out(b) * t(a, b),
 weighted by the probability that the layer exists (its stage keeps its block). The functions over
 (layer terms, slot distributions, keep probabilities) know nothing of the CIFAR ResNet; `SupernetLatency`
-lays a CIFAR ResNet supernet out as such terms.
+lays the graph supernet of a CIFAR ResNet out as such terms (the tables hold the layer geometries of
+the CIFAR ResNets only: what the converter fuses in them, DESIGN.md section 3).
 """
 
 import dataclasses
@@ -21,6 +22,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from tas_keras.graph import INDEPENDENT, arch_from_shape
 from tas_keras.models.cifar_resnet import network_plan
 from tas_keras.search_space import ArchConfig, candidate_widths, read_json_file
 
@@ -255,49 +257,75 @@ def expected_latency(terms, slot_probs, keep_probs, fixed_ms):
 
 
 class SupernetLatency:
-    """E(A) and F(A) of a CIFAR ResNet supernet's architecture in latency (ms), from a table.
+    """E(A) and F(A) in latency (ms) of the architecture of a CIFAR ResNet's GraphSupernet, from a table.
 
-    Slots: "image" (fixed), the output of every searchable conv (a shortcut writes its block's slot),
-    and "s<k>_output", the output of stage k: the output of its last kept block, so its distribution is
-    sum_d P(depth d) * p(output of block d). Both costs are `expected_latency` of the same terms: E(A)
-    under softmax(alpha) and softmax(beta), F(A) under their one-hot argmax, which is the table's
-    latency of the plain network the argmax shape builds.
+    The terms are the layers of the CIFAR search space (`search_space_layout`); their slots are the
+    graph space's: "image" (fixed), the output of every searchable conv (named after the conv; a
+    shortcut writes its block's slot), and "s<k>_output", the output of stage k: the output of its last
+    kept block, so its distribution is sum_d P(depth d) * p(output of block d). Both costs are
+    `expected_latency` of the same terms: E(A) under softmax(alpha) and softmax(beta), F(A) under their
+    one-hot argmax, which is the table's latency of the plain network the argmax shape builds.
     """
 
     def __init__(self, supernet, table):
+        space = supernet.space
+        try:
+            self.full = space.add_mode == INDEPENDENT and arch_from_shape(space, space.full_shape())
+        except ValueError:  # not a CIFAR ResNet's space
+            self.full = None
+        if not self.full:
+            raise ValueError(f"the latency cost covers the CIFAR ResNets read with independent Adds (the layer "
+                             f"geometries latency tables hold), not {space.name} read with {space.add_mode} Adds")
         self.supernet, self.table = supernet, table
-        arch = supernet.arch
-        table.check_covers(arch.name, arch.num_classes, arch.input_shape, supernet.width_multiple)
-        candidates = {IMAGE_SLOT: (arch.input_shape[-1],), "classes": (arch.num_classes,), **supernet.candidates}
-        for stage, (members, _) in enumerate(supernet.stages, start=1):
-            candidates[f"s{stage}_output"] = members[-1][1][-1].candidates
+        table.check_covers(self.full.name, self.full.num_classes, self.full.input_shape, space.multiple_of)
+        candidates = {IMAGE_SLOT: (self.full.input_shape[-1],), "classes": (self.full.num_classes,),
+                      **{slot.name: slot.candidates for slot in space.searchable_slots}}
+        mixers = {stage.first_block: mixer for stage, mixer in supernet.stages}
+        # Per CIFAR stage: the slot of its output after 1, 2, ... blocks, and its depth distribution
+        # (None: the stage has a single block).
+        self.stage_outputs = []
+        for stage in range(1, len(self.full.stage_blocks) + 1):
+            blocks = [block for block in network_plan(self.full).blocks if block.name.startswith(f"s{stage}_")]
+            self.stage_outputs.append(([block.convs[-1].name for block in blocks], mixers.get(f"s{stage}_b1")))
+            candidates[f"s{stage}_output"] = candidates[blocks[-1].convs[-1].name]
         self.terms = [LatencyTerm(position.name, tf.constant(table.grid(
             position.geometry, candidates[position.input_slot], candidates[position.output_slot],
             skip_equal=position.projection)), position.input_slot, position.output_slot, position.keep)
-            for position, _, _ in search_space_layout(arch)]
-        self.full_ms = predict_latency(arch, table)
+            for position, _, _ in search_space_layout(self.full)]
+        self.full_ms = predict_latency(self.full, table)
 
     def _latency(self, width_probs, depth_probs):
+        """`width_probs`: {slot: probabilities}; `depth_probs`: {mixer name: probabilities}."""
         slot_probs = {IMAGE_SLOT: tf.ones([1]), "classes": tf.ones([1]), **width_probs}
         keep_probs = {}
-        for stage, ((members, mixer), probs) in enumerate(zip(self.supernet.stages, depth_probs), start=1):
-            choices = mixer.depth_choices
-            for index in range(1, len(members) + 1):
+        for stage, (output_slots, mixer) in enumerate(self.stage_outputs, start=1):
+            if mixer is None:
+                choices, probs = (len(output_slots),), tf.ones([1])
+            else:
+                choices, probs = mixer.depth_choices, depth_probs[mixer.name]
+            for index in range(1, len(output_slots) + 1):
                 keep_probs[(stage, index)] = tf.reduce_sum(
                     tf.stack([p for p, depth in zip(tf.unstack(probs), choices) if depth >= index]))
             slot_probs[f"s{stage}_output"] = tf.add_n(
-                [p * width_probs[members[depth - 1][1][-1].name] for p, depth in zip(tf.unstack(probs), choices)])
+                [p * width_probs[output_slots[depth - 1]] for p, depth in zip(tf.unstack(probs), choices)])
         return expected_latency(self.terms, slot_probs, keep_probs, self.table.fixed_ms)
+
+    def _slots_and_choices(self):
+        return zip(self.supernet.space.searchable_slots, self.supernet.width_choices)
 
     def expected(self):
         """E(A): the expected latency under softmax(alpha) and softmax(beta)."""
-        widths = {conv.name: tf.nn.softmax(conv.alpha) if conv.alpha is not None else tf.ones([1])
-                  for conv in self.supernet.width_choices}
-        return self._latency(widths, [tf.nn.softmax(mixer.beta) for _, mixer in self.supernet.stages])
+        widths = {slot.name: tf.nn.softmax(choice.alpha) if choice.alpha is not None else tf.ones([1])
+                  for slot, choice in self._slots_and_choices()}
+        return self._latency(widths, {mixer.name: tf.nn.softmax(mixer.beta) for _, mixer in self.supernet.stages})
 
     def argmax(self):
         """F(A): the latency of the plain network of the argmax shape."""
-        widths = {conv.name: tf.one_hot(conv.argmax_index(), len(conv.candidates))
-                  for conv in self.supernet.width_choices}
-        return self._latency(widths, [tf.one_hot(tf.argmax(mixer.beta), len(mixer.depth_choices))
-                                      for _, mixer in self.supernet.stages])
+        widths = {slot.name: tf.one_hot(choice.argmax_index(), len(choice.candidates))
+                  for slot, choice in self._slots_and_choices()}
+        return self._latency(widths, {mixer.name: tf.one_hot(tf.argmax(mixer.beta), len(mixer.depth_choices))
+                                      for _, mixer in self.supernet.stages})
+
+    def shape_ms(self, shape):
+        """The table's latency of the plain network of a GraphShape of the supernet's space."""
+        return predict_latency(arch_from_shape(self.supernet.space, shape), self.table)

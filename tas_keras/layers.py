@@ -93,18 +93,21 @@ def _pair(value):
     return (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
 
 
+def _checked_candidates(name, candidates):
+    candidates = tuple(int(c) for c in candidates)
+    if not candidates or list(candidates) != sorted(set(candidates)) or candidates[0] < 1:
+        raise ValueError(f"{name}: candidates must be sorted, distinct and >= 1, got {candidates!r}")
+    return candidates
+
+
 class WidthChoice(keras.Layer):
     """A width distribution: logits alpha over sorted candidate widths, or none when there is a single
     candidate (the width is then fixed). `build()` creates alpha; the layer is never called."""
 
     def __init__(self, candidates, **kwargs):
         super().__init__(**kwargs)
-        candidates = tuple(int(c) for c in candidates)
-        if not candidates or list(candidates) != sorted(set(candidates)) or candidates[0] < 1:
-            raise ValueError(f"{self.name}: candidates must be sorted, distinct and >= 1, got {candidates!r}")
-        self.candidates = candidates
-        self.candidate_widths = tf.constant(candidates, tf.float32)
-        self.candidate_channels = tf.constant(candidates, tf.int32)
+        self.candidates = _checked_candidates(self.name, candidates)
+        self.candidate_widths = tf.constant(self.candidates, tf.float32)
         self.alpha = None
 
     def build(self, input_shape=None):
@@ -132,32 +135,31 @@ class WidthChoice(keras.Layer):
         return {**super().get_config(), "candidates": list(self.candidates)}
 
 
-class SearchableConv(WidthChoice):
+class SearchableConv(keras.Layer):
     """A conv whose output width is searched: it runs at full width and mixes the two sampled widths
-    by CWI to the wider one, each normalised with batch statistics and its own BN affine.
+    (the sample of its slot's `WidthChoice`) by CWI to the wider one, each normalised with batch
+    statistics and its own BN affine.
 
     The supernet is only ever trained, so a searchable conv normalises with batch statistics; the
-    stride-2 shortcut too: the reference's search forward applies its per-candidate BN to every conv,
-    although the derived network's stride-2 shortcut has no BN.
+    CIFAR ResNets' stride-2 shortcut too: the reference's search forward applies its per-candidate BN
+    to every conv, although the derived network's stride-2 shortcut has no BN.
 
     Args:
         filters: the full width C.
         candidates: sorted candidate widths (the last is C).
         kernel_size, strides, padding, dilation_rate: of the conv (an int or a pair for the first two).
-        relu: apply ReLU after the mix.
-        own_choice: hold a width distribution (alpha, if there are two candidates or more); False
-            when the sample comes from elsewhere (a shortcut conv, the convs of a graph slot).
-        pool_first: 2x2 average pooling before the conv (the stride-2 shortcut).
         normalize: batch-normalise, with an affine per candidate (gammas, betas); False mixes the
             conv's output (plus its bias) as it is.
         use_bias: a bias on the conv; only without `normalize`, where batch statistics cancel it.
         epsilon: of the normalisation.
     """
 
-    def __init__(self, filters, candidates, kernel_size=3, strides=1, relu=True, own_choice=True,
-                 pool_first=False, weight_decay=0.0, padding="same", dilation_rate=1, normalize=True,
-                 use_bias=False, epsilon=BN_EPSILON, kernel_initializer=None, **kwargs):
-        super().__init__(candidates, **kwargs)
+    def __init__(self, filters, candidates, kernel_size=3, strides=1, weight_decay=0.0, padding="same",
+                 dilation_rate=1, normalize=True, use_bias=False, epsilon=BN_EPSILON, kernel_initializer=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.candidates = _checked_candidates(self.name, candidates)
+        self.candidate_channels = tf.constant(self.candidates, tf.int32)
         if self.candidates[-1] != filters:
             raise ValueError(f"{self.name}: the candidates must end at the full width {filters}, got "
                              f"{self.candidates!r}")
@@ -168,7 +170,7 @@ class SearchableConv(WidthChoice):
         self.filters = filters
         self.kernel_size, self.strides, self.dilation_rate = (_pair(kernel_size), _pair(strides),
                                                               _pair(dilation_rate))
-        self.padding, self.relu, self.own_choice, self.pool_first = padding, relu, own_choice, pool_first
+        self.padding = padding
         self.normalize, self.use_bias, self.epsilon = normalize, use_bias, epsilon
         self.weight_decay = weight_decay
         self.kernel_initializer = kernel_initializer  # None: He normal (fan out), made in build()
@@ -187,8 +189,6 @@ class SearchableConv(WidthChoice):
         if self.use_bias:
             self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros",
                                         regularizer=decay, autocast=False)
-        if self.own_choice:
-            super().build()
 
     def route(self, positions):
         """The cheapest exact way to run a step with `positions` output pixels in the batch (None when
@@ -267,8 +267,6 @@ class SearchableConv(WidthChoice):
         """Returns the mixed output (full width, zero beyond the wider pick) and the wider pick's width
         in channels."""
         x = inputs
-        if self.pool_first:
-            x = tf.nn.avg_pool2d(x, 2, 2, "SAME")
         weights = tf.cast(weights, tf.float32)  # Keras casts a layer's float arguments to its compute dtype
         widths = tf.gather(self.candidate_channels, picks)
         route = self.route(self._positions(x))
@@ -290,14 +288,12 @@ class SearchableConv(WidthChoice):
             y = tf.einsum("bhwc,cd->bhwd", y, tf.cast(matrix, y.dtype)) + tf.cast(bias, y.dtype)
         else:
             y = self._conv(x, self._mixed_kernel(diagonal, rows, coefficients)) + tf.cast(bias, x.dtype)
-        if self.relu:
-            y = tf.nn.relu(y)
         return y, wider
 
     def get_config(self):
-        return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
-                "strides": self.strides, "relu": self.relu, "own_choice": self.own_choice,
-                "pool_first": self.pool_first, "weight_decay": self.weight_decay, "padding": self.padding,
+        return {**super().get_config(), "filters": self.filters, "candidates": list(self.candidates),
+                "kernel_size": self.kernel_size, "strides": self.strides, "weight_decay": self.weight_decay,
+                "padding": self.padding,
                 "dilation_rate": self.dilation_rate, "normalize": self.normalize, "use_bias": self.use_bias,
                 "epsilon": self.epsilon, "kernel_initializer": self.kernel_initializer and
                 keras.initializers.serialize(keras.initializers.get(self.kernel_initializer))}

@@ -8,8 +8,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
 import numpy as np  # noqa: E402
 
-from tas_keras.cost import count_arch  # noqa: E402
-
 
 def _save(fig, path):
     """Atomically: a killed run never leaves a half-written picture."""
@@ -20,32 +18,38 @@ def _save(fig, path):
     os.replace(tmp, path)
 
 
-def _kept(full_arch, stage_blocks):
-    """Per conv slot: whether its block survives the stage depths."""
-    return np.array([slot.stage == 0 or slot.block <= stage_blocks[slot.stage - 1] for slot in full_arch.slots])
+def _kept(space, shape):
+    """Per searchable slot of `space`: whether a conv writing it survives the shape's stage depths."""
+    dropped = {block.name for stage in space.stages for block in stage.blocks
+               if block not in stage.kept_blocks(shape.depths[stage.name])}
+    return np.array([any(layer.block not in dropped for layer in space.layers
+                         if layer.kind == "conv" and layer.out_slot == slot.name) for slot in space.searchable_slots])
 
 
-def plot_search(history, full_arch, path):
-    """Writes a PNG: final widths vs full (dropped blocks hatched), width ratio per layer per epoch,
-    and the argmax FLOPs ratio and tau per epoch. Written atomically."""
-    slots = full_arch.slots
+def plot_search(history, space, shapes, full_flops, path):
+    """Writes a PNG: final widths vs full (dropped blocks hatched), width ratio per searchable slot per
+    epoch, and the argmax FLOPs ratio and tau per epoch. `shapes`: the GraphShape of every history entry
+    in `space`; `full_flops`: the full network's. Written atomically."""
+    slots = space.searchable_slots
     full = np.array([s.full_width for s in slots], float)
+    widths = np.array([[shape.widths[s.name] for s in slots] for shape in shapes], float)
     last = history[-1]
-    kept = _kept(full_arch, last["stage_blocks"])
-    ratios = np.array([np.array(e["widths"]) / full * _kept(full_arch, e["stage_blocks"]) for e in history])
+    kept = _kept(space, shapes[-1])
+    ratios = np.array([w / full * _kept(space, shape) for w, shape in zip(widths, shapes)])
     epochs = [e["epoch"] + 1 for e in history]
+    depths = list(shapes[-1].depths.values())
 
     fig, axes = plt.subplots(3, 1, figsize=(max(8, 0.28 * len(slots)), 11),
                              gridspec_kw={"height_ratios": [3, 3, 2]})
     x = np.arange(len(slots))
     axes[0].bar(x, full, color="#d9d9d9", label="original")
-    axes[0].bar(x[kept], np.array(last["widths"])[kept], color="#1f77b4", label="searched")
-    axes[0].bar(x[~kept], np.array(last["widths"])[~kept], color="white", edgecolor="#1f77b4",
+    axes[0].bar(x[kept], widths[-1][kept], color="#1f77b4", label="searched")
+    axes[0].bar(x[~kept], widths[-1][~kept], color="white", edgecolor="#1f77b4",
                 hatch="//", label="block dropped")
     axes[0].set_xticks(x, [s.name.replace("_conv", "") for s in slots], rotation=90, fontsize=7)
     axes[0].set_ylabel("channels")
-    axes[0].set_title(f"{full_arch.name}: searched shape after epoch {epochs[-1]}, blocks per stage "
-                      f"{last['stage_blocks']}, {last['flops'] / 1e6:.2f} MFLOPs")
+    axes[0].set_title(f"{space.name}: searched shape after epoch {epochs[-1]}, blocks per stage "
+                      f"{depths}, {last['flops'] / 1e6:.2f} MFLOPs")
     axes[0].legend(fontsize=8)
 
     image = axes[1].imshow(ratios.T, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest",
@@ -56,7 +60,6 @@ def plot_search(history, full_arch, path):
     axes[1].set_title("width / original per epoch (0: block dropped)")
     fig.colorbar(image, ax=axes[1], fraction=0.03)
 
-    full_flops = count_arch(full_arch).flops
     axes[2].plot(epochs, [e["flops"] / full_flops for e in history], marker="o", label="argmax FLOPs / full")
     axes[2].plot(epochs, [e["tau"] for e in history], marker=".", label="tau", color="#ff7f0e")
     axes[2].set_xlabel("epoch")
@@ -64,7 +67,6 @@ def plot_search(history, full_arch, path):
     axes[2].set_yscale("log")
     axes[2].legend(fontsize=8)
     _save(fig, path)
-
 
 
 def plot_search_curves(history, path):

@@ -11,12 +11,15 @@ import tensorflow as tf
 
 from tas_keras import data, plots
 from tas_keras.distribute import in_strategy_scope
-from tas_keras.cost import count_arch
+from tas_keras.cost import count_shape
+from tas_keras.graph import ADD_MODES, INDEPENDENT, GraphShape, arch_from_shape, shape_from_arch
 from tas_keras.latency import LatencyTable, SupernetLatency, predict_latency
 from tas_keras.precision import in_dtype_policy
-from tas_keras.models.cifar_resnet_supernet import COST_METRICS, CifarResNetSupernet
+from tas_keras.models.registry import build_model, is_cifar_model, is_model_file
+from tas_keras.pruned_shape import PrunedShape
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json
 from tas_keras.search_space import ArchConfig
+from tas_keras.supernet import COST_METRICS, build_supernet
 from tas_keras.training import CHECKPOINT_STEPS, EpochLog, fit_resumable, sgd
 
 ARCH_FILE = "arch.json"
@@ -128,6 +131,8 @@ def entropies(logit_vectors):
 
 
 def _entropy_and_top1(logit_vectors):
+    if not logit_vectors:  # nothing to choose (a network without droppable blocks): decided
+        return 0.0, 1.0
     top1 = [float(tf.reduce_max(tf.nn.softmax(v))) for v in logit_vectors]
     return float(tf.reduce_mean(entropies(logit_vectors))), float(np.mean(top1))
 
@@ -151,7 +156,7 @@ class TASSearchModel(keras.Model):
     the argmax network costs more than the band, -log E(A) when less, 0 inside.
 
     Args:
-        supernet: a CifarResNetSupernet or a GraphSupernet.
+        supernet: a GraphSupernet.
         target_ratio: R, the fraction of the full network's cost to keep.
         cost_metric: "flops", "params" or "latency" (ms, from `latency_table`).
         cost_weight: lambda.
@@ -298,27 +303,93 @@ class TauSchedule(keras.callbacks.Callback):
         self.model.tau.assign(tau_at(epoch, self.epochs, self.schedule, self.tau_max, self.tau_min))
 
 
+class CifarShapes:
+    """The shapes of a CIFAR ResNet's reference space (independent Adds) as ArchConfig widths (one per
+    conv, in ArchConfig's order) and stage_blocks, the form every reader of CIFAR shapes takes (distill,
+    export, the baselines, the paper's released shapes): history.json entries and an ArchConfig arch.json."""
+
+    depth_key = "stage_blocks"
+
+    def __init__(self, space):
+        self.space, self.full = space, arch_from_shape(space, space.full_shape())
+
+    def entry(self, shape):
+        arch = arch_from_shape(self.space, shape)
+        return {"widths": list(arch.widths), "stage_blocks": list(arch.stage_blocks)}
+
+    def shape(self, entry):
+        return shape_from_arch(self.space, self.shape_file(entry, {}))
+
+    def shape_file(self, entry, provenance):
+        return self.full.replace(widths=entry["widths"], stage_blocks=entry["stage_blocks"], provenance=provenance)
+
+
+class GraphShapes:
+    """The shapes of any other space as GraphShape widths (by slot) and depths (by stage): history.json
+    entries and a PrunedShape arch.json."""
+
+    depth_key = "depths"
+
+    def __init__(self, space, model_name):
+        self.space = space
+        self.model = os.path.abspath(model_name) if is_model_file(model_name) else model_name
+
+    def entry(self, shape):
+        return shape.to_dict()
+
+    def shape(self, entry):
+        return GraphShape.from_dict({"widths": entry["widths"], "depths": entry["depths"]})
+
+    def shape_file(self, entry, provenance):
+        space = self.space
+        classes = space.slot(space.layer(space.output).out_slot).full_width
+        return PrunedShape(self.model, space.input_shape, classes, space.add_mode, space.multiple_of,
+                           self.shape(entry), provenance)
+
+
+def searched_shapes(model_name, space):
+    """How a search of `model_name` in `space` records its shapes: `CifarShapes` for a CIFAR ResNet in
+    the reference's space, else `GraphShapes`."""
+    if is_cifar_model(model_name) and space.add_mode == INDEPENDENT:
+        return CifarShapes(space)
+    return GraphShapes(space, model_name)
+
+
+def _changes(now, before):
+    """How many widths or depths (a list, or a dict by name) differ between two recorded shapes."""
+    if isinstance(now, dict):
+        return sum(now[name] != before[name] for name in now)
+    return sum(a != b for a, b in zip(now, before))
+
+
 class ArchHistory(EpochLog):
-    """Records the argmax shape and the epoch's logs after every epoch into `history.json`.
+    """Records the argmax shape (as `shapes` records it) and the epoch's logs after every epoch into
+    `history.json`.
 
     The logs gain how decided the architecture is (`convergence`, and how many widths and depths
     changed their argmax since the previous epoch), so the callbacks after this one (TensorBoard)
     record them too."""
 
+    def __init__(self, path, shapes):
+        super().__init__(path)
+        self.shapes = shapes
+
     def entry(self, epoch, logs):
-        arch = self.model.supernet.derive()
-        cost = count_arch(arch)
+        supernet = self.model.supernet
+        shape = supernet.derive()
+        cost = count_shape(supernet.space, shape)
+        recorded = self.shapes.entry(shape)
         previous = self.entries.get(epoch - 1)
-        decided = convergence(self.model.supernet)
+        decided = convergence(supernet)
         if previous is not None:
-            decided["width_changes"] = sum(a != b for a, b in zip(arch.widths, previous["widths"]))
-            decided["depth_changes"] = sum(a != b for a, b in zip(arch.stage_blocks, previous["stage_blocks"]))
+            depth_key = self.shapes.depth_key
+            decided["width_changes"] = _changes(recorded["widths"], previous["widths"])
+            decided["depth_changes"] = _changes(recorded[depth_key], previous[depth_key])
         if logs is not None:
             logs.update(decided)
         latency = self.model.latency
-        return {"epoch": epoch, "widths": list(arch.widths), "stage_blocks": list(arch.stage_blocks),
-                "flops": cost.flops, "params": cost.params, "tau": float(self.model.tau.numpy()),
-                **({LATENCY: predict_latency(arch, latency.table)} if latency else {}),
+        return {"epoch": epoch, **recorded, "flops": cost.flops, "params": cost.params,
+                "tau": float(self.model.tau.numpy()), **({LATENCY: latency.shape_ms(shape)} if latency else {}),
                 **super().entry(epoch, logs)}
 
 
@@ -333,6 +404,7 @@ def select_epoch(history, model, cost_metric):
 
 
 STABLE_EPOCHS = 3
+SHAPE_KEYS = ("widths", CifarShapes.depth_key, GraphShapes.depth_key)
 
 
 def decision_summary(history, arch):
@@ -341,7 +413,7 @@ def decision_summary(history, arch):
     distributions, the epochs after which the argmax changed, whether it held over the last
     STABLE_EPOCHS epochs, and whether the chosen shape is inside the band."""
     last = history[-1]["logs"]
-    shapes = [(e["widths"], e["stage_blocks"]) for e in history]
+    shapes = [{key: e[key] for key in SHAPE_KEYS if key in e} for e in history]
     provenance = arch["provenance"]
     low, high = cost_band(provenance["target_ratio"], provenance["tolerance"], provenance["band"])
     ratio = provenance["flops_ratio"]
@@ -350,11 +422,12 @@ def decision_summary(history, arch):
     return {
         "width_top1": round(last["width_top1"], 4), "width_entropy": round(last["width_entropy"], 4),
         "depth_top1": round(last["depth_top1"], 4), "depth_entropy": round(last["depth_entropy"], 4),
-        "epochs_with_argmax_change": [e["epoch"] + 1 for e, before in zip(history[1:], shapes)
-                                      if (e["widths"], e["stage_blocks"]) != before],
+        "epochs_with_argmax_change": [e["epoch"] + 1 for e, now, before in zip(history[1:], shapes[1:], shapes)
+                                      if now != before],
         f"argmax_stable_last_{STABLE_EPOCHS}_epochs": stable,
         "flops_ratio": round(ratio, 4), "in_band": in_band, "chosen_epoch": provenance["epoch"] + 1,
-        "stage_blocks": arch["stage_blocks"], "supernet_valid_accuracy": round(last["valid_accuracy"], 4),
+        **{key: arch[key] for key in SHAPE_KEYS[1:] if key in arch},  # stage_blocks, or a PrunedShape's depths
+        "supernet_valid_accuracy": round(last["valid_accuracy"], 4),
         "arch_learning_rate": provenance["arch_learning_rate"], "wall_time_s": provenance["search_wall_time_s"],
         "decides": bool(last["width_top1"] >= 0.5 and stable and in_band),
     }
@@ -375,19 +448,18 @@ def search_batches(dataset, batch_size, epochs, seed):
     return batches, steps
 
 
-def init_from_base(supernet, base_model):
-    """Copies a trained full network into the supernet: conv kernels, every candidate's BN affine
-    from the base BN, and the classifier, matched by layer name. The stride-2 shortcut has no BN in
-    the base network: its supernet affines keep their identity start."""
-    base_layers = {layer.name for layer in base_model.layers}
-    for conv in [supernet.stem] + [c for _, convs, shortcut in supernet.blocks for c in (*convs, shortcut)
-                                   if c is not None]:
-        conv.kernel.assign(base_model.get_layer(conv.name).kernel)
-        if conv.name.replace("conv", "bn") in base_layers:
-            bn = base_model.get_layer(conv.name.replace("conv", "bn"))
-            conv.gammas.assign(tf.tile(bn.gamma[None], [len(conv.candidates), 1]))
-            conv.betas.assign(tf.tile(bn.beta[None], [len(conv.candidates), 1]))
-    supernet.head.set_weights(base_model.get_layer("head_fc").get_weights())
+def source_model(model_name, dataset):
+    """The full network a search prunes: the registry network `model_name` at the dataset's image shape
+    and classes, or the model of a .keras file, which must take the dataset's images and classes."""
+    if not is_model_file(model_name):
+        return build_model(model_name, dataset.image_shape, dataset.num_classes)
+    model = build_model(model_name)
+    image_shape, classes = tuple(model.inputs[0].shape[1:]), model.outputs[0].shape[-1]
+    if (image_shape, classes) != (tuple(dataset.image_shape), dataset.num_classes):
+        size = "x".join(map(str, image_shape))
+        raise ValueError(f"{model_name} takes {size} images and gives {classes} classes; the dataset {dataset.name} "
+                         f"has {'x'.join(map(str, dataset.image_shape))} images and {dataset.num_classes} classes")
+    return model
 
 
 @in_strategy_scope
@@ -399,10 +471,18 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
                learning_rate=0.1, arch_learning_rate=None, arch_warmup=ARCH_WARMUP, arch_decay="cosine",
                entropy_weight=ENTROPY_WEIGHT, init_from=None, seed=0, max_train_examples=None, overwrite=False,
                checkpoint_steps=CHECKPOINT_STEPS, latency_table=None, target_latency_ms=None, image_size=None,
-               streaming="auto", mixed_precision=None):
+               streaming="auto", mixed_precision=None, add_mode=None):
     """Searches a shape of `model_name` keeping `target_ratio` of its cost; writes arch.json,
     history.json, search.png, curves.png and TensorBoard logs to `out`, resuming an interrupted run from its
     backup (every `checkpoint_steps` steps and every epoch).
+
+    `model_name` is a registry name (`tas_keras.models.registry`: built at the dataset's image size and
+    classes) or a .keras file (the model as saved, which must fit the dataset). The supernet is
+    `build_supernet(model_name, model, add_mode, width_multiple)`: the CIFAR ResNets with the
+    reference's independent Adds, other models with tied Adds, unless `add_mode` says otherwise.
+    `init_from`: a trained full network (.keras) the supernet starts from. arch.json is an ArchConfig
+    for a CIFAR ResNet searched with independent Adds, else a PrunedShape
+    (`tas_keras.pruned_shape`).
 
     The architecture optimizer is Adam with `ArchLearningRate(arch_learning_rate, warm-up of
     `arch_warmup` of the steps, `arch_decay`)`; `arch_learning_rate=None` scales it to the run's length
@@ -418,7 +498,13 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     `mixed_precision`: None (float32), "mixed_bfloat16" or "mixed_float16" (`tas_keras.precision`)."""
     settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps", "streaming")}
     settings["stage"] = "search"
-    ArchConfig.full(model_name)
+    if add_mode is None:  # only when given, so the runs made before it was a setting still match
+        del settings["add_mode"]
+    elif add_mode not in ADD_MODES:
+        raise ValueError(f"add mode must be one of {ADD_MODES}, got {add_mode!r}")
+    if is_model_file(model_name) and not os.path.exists(model_name):
+        raise ValueError(f"model file {model_name!r} does not exist")
+    cifar = is_cifar_model(model_name)  # refuses an unknown name
     if not 0 < target_ratio < 1:
         raise ValueError(f"target ratio must be in (0, 1), got {target_ratio!r}")
     if not 0 <= tolerance < target_ratio:
@@ -429,6 +515,9 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
         raise ValueError("the latency cost needs a latency table (make one with `python -m tas_keras.latency_table`)")
     if cost_metric != LATENCY and (latency_table or target_latency_ms):
         raise ValueError(f"a latency table or target is for the latency cost, got cost {cost_metric!r}")
+    if cost_metric == LATENCY and not (cifar and add_mode in (None, INDEPENDENT)):
+        raise ValueError("the latency cost covers the CIFAR ResNets with independent Adds (the layer geometries "
+                         f"latency tables hold), not {model_name} with {add_mode or 'tied'} Adds")
     table = latency_table and LatencyTable.load(latency_table)
     cost_band(target_ratio, tolerance, band)
     tau_at(0, epochs, tau_schedule)
@@ -446,6 +535,7 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
         raise ValueError(f"--init_from: no such file {init_from!r}")
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
                                 seed=seed, image_size=image_size, streaming=streaming)
+    model = source_model(model_name, dataset)
     if table:
         table.check_covers(model_name, dataset.num_classes, dataset.image_shape, width_multiple)
         if target_latency_ms is not None:
@@ -458,42 +548,44 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
         logging.info("%s already holds this finished search; nothing to do", out)
         return read_json(os.path.join(out, ARCH_FILE))
 
-    keras.utils.set_random_seed(seed)
-    full = ArchConfig.full(model_name, num_classes=dataset.num_classes, input_shape=dataset.image_shape)
-    supernet = CifarResNetSupernet(full, width_multiple=width_multiple)
+    keras.utils.set_random_seed(seed)  # after the source model: the seed fixes the supernet's start
+    supernet = build_supernet(model_name, model, add_mode, width_multiple)
     if init_from:
-        init_from_base(supernet, keras.saving.load_model(init_from))
+        supernet.init_from_source(init_from)
+    shapes = searched_shapes(model_name, supernet.space)
     batches, steps = search_batches(dataset, batch_size, epochs, seed)
     total = steps * epochs
     warmup_steps = round(total * arch_warmup)
-    model = TASSearchModel(supernet, target_ratio, cost_metric, cost_weight, tolerance, band, seed=seed,
-                           entropy_weight=LinearRamp(entropy_weight, total, warmup_steps) if entropy_weight else None,
-                           latency_table=table)
+    search = TASSearchModel(supernet, target_ratio, cost_metric, cost_weight, tolerance, band, seed=seed,
+                            entropy_weight=LinearRamp(entropy_weight, total, warmup_steps) if entropy_weight else None,
+                            latency_table=table)
     peak = arch_learning_rate if arch_learning_rate is not None else arch_learning_rate_for(
         total, arch_warmup, ARCH_TRAVEL)
     arch_rate = ArchLearningRate(peak, total, warmup_steps, arch_decay)
-    model.compile(optimizer=sgd(learning_rate, total),
-                  arch_optimizer=keras.optimizers.Adam(arch_rate, beta_1=0.5, beta_2=0.999))
-    history = ArchHistory(os.path.join(run, HISTORY_FILE))
+    search.compile(optimizer=sgd(learning_rate, total),
+                   arch_optimizer=keras.optimizers.Adam(arch_rate, beta_1=0.5, beta_2=0.999))
+    history = ArchHistory(os.path.join(run, HISTORY_FILE), shapes)
     start = time.perf_counter()
-    fit_resumable(model, batches, steps, epochs, out, [
+    fit_resumable(search, batches, steps, epochs, out, [
         TauSchedule(epochs, tau_schedule, tau_max, tau_min), history,
         keras.callbacks.TensorBoard(os.path.join(run, "tensorboard"))], checkpoint_steps, stage="search",
         advice=f"Try a lower --learning_rate ({learning_rate:g}) or --arch_learning_rate (this run: {peak:g})")
     wall = time.perf_counter() - start
 
-    chosen = select_epoch(history.history, model, cost_metric)
-    arch = full.replace(widths=chosen["widths"], stage_blocks=chosen["stage_blocks"], provenance={
+    chosen = select_epoch(history.history, search, cost_metric)
+    full_flops = supernet.full_cost("flops")
+    arch = shapes.shape_file(chosen, {
         "source": "tas_search", "target_ratio": target_ratio, "cost_metric": cost_metric, "band": band,
         "tolerance": tolerance,
         "epoch": chosen["epoch"], "flops": chosen["flops"], "params": chosen["params"],
-        "flops_ratio": chosen["flops"] / count_arch(full).flops, "epochs": epochs, "seed": seed,
+        "flops_ratio": chosen["flops"] / full_flops, "epochs": epochs, "seed": seed,
         "model": model_name, "dataset": dataset.name, "width_multiple": width_multiple,
         "arch_learning_rate": peak, "arch_warmup": arch_warmup, "arch_decay": arch_decay,
         "entropy_weight": entropy_weight,
         "search_wall_time_s": round(wall, 2),
-        **(latency_provenance(chosen[LATENCY], model.latency, latency_table) if table else {})})
-    plots.plot_search(history.history, full, os.path.join(run, PLOT_FILE))
+        **(latency_provenance(chosen[LATENCY], search.latency, latency_table) if table else {})})
+    plots.plot_search(history.history, supernet.space, [shapes.shape(e) for e in history.history], full_flops,
+                      os.path.join(run, PLOT_FILE))
     plots.plot_search_curves(history.history, os.path.join(run, CURVES_FILE))
     arch.save(os.path.join(run, ARCH_FILE))
     return arch.to_dict()

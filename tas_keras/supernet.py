@@ -38,9 +38,10 @@ import numpy as np
 import tensorflow as tf
 
 from tas_keras import cost
-from tas_keras.graph import GraphShape, load_model
+from tas_keras.graph import INDEPENDENT, TIED, GraphShape, load_model, read_model
 from tas_keras.layers import DepthMixer, SearchableConv, WidthChoice, width_mask
 from tas_keras.models.cifar_resnet import BN_EPSILON, WEIGHT_DECAY
+from tas_keras.models.registry import is_cifar_model
 
 COST_METRICS = ("flops", "params")
 _COSTED_KINDS = ("conv", "depthwise", "dense", "batch_norm")
@@ -89,6 +90,16 @@ def layer_cost(layer, in_channels, out_channels, metric):
                                    layer.strides, layer.output_size, layer.use_bias, layer.affine), metric)
 
 
+def build_supernet(model_name, model, add_mode=None, width_multiple=1):
+    """The supernet a search of `model_name` (a registry name or a .keras path; `model` is that network)
+    runs on. The CIFAR ResNets follow the reference: Adds independent and every searchable conv
+    normalised; other models keep their own layers: Adds tied. `add_mode` overrides the Add rule.
+    Candidate widths are multiples of `width_multiple`."""
+    cifar = is_cifar_model(model_name)
+    space = read_model(model, add_mode or (INDEPENDENT if cifar else TIED), multiple_of=width_multiple)
+    return GraphSupernet(model, space, normalize_every_conv=cifar)
+
+
 class GraphSupernet(keras.Model):
     """Args:
         model: the source model (a keras.Model or a .keras path) that `space` was read from.
@@ -111,64 +122,81 @@ class GraphSupernet(keras.Model):
                 raise ValueError(f"the supernet names a layer {name!r}, which the model already uses")
             return name
 
-        self.width_choices = [WidthChoice(slot.candidates, name=own_name(f"{slot.name}_width"))
-                              for slot in space.searchable_slots]
-        for choice in self.width_choices:
-            choice.build()
-        self._choice_of_slot = {slot.name: choice.name
-                                for slot, choice in zip(space.searchable_slots, self.width_choices)}
-
         readers = {layer.name: [] for layer in space.layers}
         for layer in space.layers:
             for source in layer.inputs:
                 readers[source].append(layer.name)
+        # BN name -> the name of the searchable conv that takes its affine
+        self.absorbed = {bn: layer.name for layer in space.layers
+                         if (bn := self._absorbable_batch_norm(layer, readers[layer.name], model))}
         regularizer = keras.regularizers.L2(weight_decay / 2) if weight_decay else None
-        self.absorbed = {}  # BN name -> the name of the searchable conv that took its affine
         self._activations, self._masked, self._call_arguments = {}, set(), {}
-        graph_layers = {}
+        # Weights draw their random seeds where their initializers are made, so the order below fixes
+        # the initial supernet of a seed: the copies of the source layers first, then in graph order
+        # each searchable conv's kernel, its slot's width distribution where the slot is first written,
+        # and a stage's depth distribution after the stage's exit. (It is the order in which the
+        # project's first, CIFAR-only supernet drew them: a seed's CIFAR search stays what it was.)
+        made = {}
         for layer in space.layers:
-            if layer.kind == "input" or layer.name in self.absorbed:
+            searchable = space.slot(layer.out_slot).searchable
+            if layer.kind == "input" or layer.name in self.absorbed or (layer.kind == "conv" and searchable):
                 continue
             source = model.get_layer(layer.name)
-            searchable = space.slot(layer.out_slot).searchable
-            if layer.kind == "conv" and searchable:
-                graph_layers[layer.name] = self._searchable_conv(layer, source, readers[layer.name], model)
-                continue
-            graph_layers[layer.name] = _copy(source, regularizer)
+            made[layer.name] = _copy(source, regularizer)
             arguments = dict(layer.call_arguments)
             if "training" in inspect.signature(source.call).parameters:
                 arguments.setdefault("training", True)
             self._call_arguments[layer.name] = arguments
             if searchable and (layer.kind == "batch_norm" or (layer.kind == "depthwise" and layer.use_bias) or (
-                    layer.kind == "pass" and not _keeps_zeros(graph_layers[layer.name]))):
+                    layer.kind == "pass" and not _keeps_zeros(made[layer.name]))):
                 self._masked.add(layer.name)
-        self.graph_layers = graph_layers
 
-        self.stages, self._mixed_exits = [], {}
-        for index, stage in enumerate(space.stages):
+        stage_outputs = {}  # the exit a stage mixes -> (stage, the outputs after 1, 2, ... blocks)
+        for stage in space.stages:
             outputs = ([stage.blocks[0].entry] if stage.opener else []) + [block.exit for block in stage.blocks]
-            exit_slot = space.slot(space.layer(outputs[-1]).out_slot)
-            mixer = DepthMixer(stage.choices, exit_slot.candidates,
-                               equal_widths=len({space.layer(name).out_slot for name in outputs}) == 1,
-                               name=own_name(f"{stage.name}_depth"))
-            mixer.build()
-            self.stages.append((stage, mixer))
-            self._mixed_exits[outputs[-1]] = (index, outputs)
+            stage_outputs[outputs[-1]] = stage, outputs
+        choices, self.stages, self._mixed_exits = {}, [], {}
+        for layer in space.layers:
+            slot = space.slot(layer.out_slot)
+            if layer.kind == "conv" and slot.searchable:
+                made[layer.name] = self._searchable_conv(layer, model)
+                if slot.name not in choices:
+                    choices[slot.name] = WidthChoice(slot.candidates, name=own_name(f"{slot.name}_width"))
+                    choices[slot.name].build()
+            if layer.name in stage_outputs:
+                stage, outputs = stage_outputs[layer.name]
+                mixer = DepthMixer(stage.choices, slot.candidates,
+                                   equal_widths=len({space.layer(name).out_slot for name in outputs}) == 1,
+                                   name=own_name(f"{stage.name}_depth"))
+                mixer.build()
+                self._mixed_exits[layer.name] = (len(self.stages), outputs)
+                self.stages.append((stage, mixer))
+        self.width_choices = [choices[slot.name] for slot in space.searchable_slots]
+        self._choice_of_slot = {slot.name: choice.name
+                                for slot, choice in zip(space.searchable_slots, self.width_choices)}
+        self.graph_layers = {layer.name: made[layer.name] for layer in space.layers if layer.name in made}
         self._full_cost = {}
         self(tf.zeros((1, *space.input_shape)), self.uniform_sample())
         for name, layer in self.graph_layers.items():  # constants such as a Normalization's statistics
             if layer.weights and not layer.trainable_weights:
                 layer.set_weights(model.get_layer(name).get_weights())
 
-    def _searchable_conv(self, layer, source, readers, model):
+    def _absorbable_batch_norm(self, layer, readers, model):
+        """The name of the BN (with centre and scale) that is the only reader of a searchable conv's
+        linear output, whose affine the conv takes as its per-candidate affines; else None."""
+        if layer.kind != "conv" or not self.space.slot(layer.out_slot).searchable or len(readers) != 1:
+            return None
+        source, reader = model.get_layer(layer.name), self.space.layer(readers[0])
+        if source.get_config()["activation"] != "linear" or reader.kind != "batch_norm":
+            return None
+        batch_norm = model.get_layer(reader.name)
+        return batch_norm.name if batch_norm.center and batch_norm.scale else None
+
+    def _searchable_conv(self, layer, model):
+        source = model.get_layer(layer.name)
         config = source.get_config()
         activation = config["activation"]
-        batch_norm = None
-        if activation == "linear" and len(readers) == 1 and self.space.layer(readers[0]).kind == "batch_norm":
-            candidate = model.get_layer(readers[0])
-            if candidate.center and candidate.scale:
-                batch_norm = candidate
-                self.absorbed[batch_norm.name] = layer.name
+        batch_norm = next((model.get_layer(bn) for bn, conv in self.absorbed.items() if conv == layer.name), None)
         normalize = batch_norm is not None or self.normalize_every_conv
         if activation != "linear":
             self._activations[layer.name] = keras.activations.get(activation)
@@ -176,7 +204,7 @@ class GraphSupernet(keras.Model):
                 self._masked.add(layer.name)
         return SearchableConv(
             source.filters, self.space.slot(layer.out_slot).candidates, source.kernel_size, source.strides,
-            relu=False, own_choice=False, weight_decay=self.weight_decay, padding=source.padding,
+            weight_decay=self.weight_decay, padding=source.padding,
             dilation_rate=source.dilation_rate, normalize=normalize, use_bias=source.use_bias and not normalize,
             epsilon=batch_norm.epsilon if batch_norm else BN_EPSILON,
             kernel_initializer=keras.initializers.get(config["kernel_initializer"]), name=layer.name)

@@ -24,9 +24,9 @@ keras.config.set_floatx("float64" if STEP == "base" else "float32")
 import numpy as np  # noqa: E402
 
 from tas_keras.models.cifar_resnet import CifarResNet  # noqa: E402
-from tas_keras.models.cifar_resnet_supernet import CifarResNetSupernet  # noqa: E402
 from tas_keras.search import TASSearchModel  # noqa: E402
 from tas_keras.search_space import ArchConfig  # noqa: E402
+from tas_keras.supernet import build_supernet  # noqa: E402
 
 ARCH = ArchConfig.full("resnet20", input_shape=(8, 8, 3))
 rng = np.random.default_rng(0)
@@ -43,7 +43,7 @@ def plain():
 
 
 def search():
-    model = TASSearchModel(CifarResNetSupernet(ARCH), target_ratio=0.3, sample_per_replica=False)
+    model = TASSearchModel(build_supernet(ARCH.name, CifarResNet(ARCH)), target_ratio=0.3, sample_per_replica=False)
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
                   arch_optimizer=keras.optimizers.Adam(0.01, beta_1=0.5, beta_2=0.999))
     return model, tf.data.Dataset.from_tensors((batch, batch))

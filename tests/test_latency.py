@@ -9,10 +9,12 @@ import pytest
 import tensorflow as tf
 
 from export import layer_latency
+from tas_keras.graph import GraphShape, arch_from_shape
 from tas_keras.latency import TABLE_FORMAT, LatencyTable, SupernetLatency, predict_latency, required_entries
-from tas_keras.models.cifar_resnet_supernet import CifarResNetSupernet
+from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search import run_search
 from tas_keras.search_space import ArchConfig
+from tas_keras.supernet import build_supernet
 from train.pipeline import run_prune
 
 from .conftest import REPO
@@ -58,6 +60,11 @@ def table_latency(table, arch):
     return total + t(f"head/{size}x{size}", width, arch.num_classes)
 
 
+def _supernet(full, width_multiple):
+    """The search's supernet of the CIFAR ResNet `full` (independent Adds, every conv normalised)."""
+    return build_supernet(full.name, CifarResNet(full), width_multiple=width_multiple)
+
+
 def _randomise(supernet, seed):
     rng = np.random.default_rng(seed)
     for variable in supernet.arch_variables:
@@ -71,18 +78,19 @@ def _softmax(x):
 
 def _brute_force_expectation(supernet, table):
     """sum over every width and depth combination of P(combination) * its table latency."""
-    full = supernet.arch
-    widths = [(conv.candidates, _softmax(conv.alpha.numpy()) if conv.alpha is not None else np.ones(1))
-              for conv in supernet.width_choices]
+    space = supernet.space
+    widths = [(choice.candidates, _softmax(choice.alpha.numpy()) if choice.alpha is not None else np.ones(1))
+              for choice in supernet.width_choices]
     depths = [(mixer.depth_choices, _softmax(mixer.beta.numpy())) for _, mixer in supernet.stages]
     expected = 0.0
     for width_pick in itertools.product(*[range(len(c)) for c, _ in widths]):
         p_widths = np.prod([p[i] for (_, p), i in zip(widths, width_pick)])
-        arch_widths = [c[i] for (c, _), i in zip(widths, width_pick)]
+        shape_widths = {slot.name: c[i] for slot, (c, _), i in zip(space.searchable_slots, widths, width_pick)}
         for depth_pick in itertools.product(*[range(len(c)) for c, _ in depths]):
             p = p_widths * np.prod([p[i] for (_, p), i in zip(depths, depth_pick)])
-            arch = full.replace(widths=arch_widths, stage_blocks=[c[i] for (c, _), i in zip(depths, depth_pick)])
-            expected += p * table_latency(table, arch)
+            shape = GraphShape(shape_widths, {stage.name: c[i] for (stage, _), (c, _), i in zip(
+                supernet.stages, depths, depth_pick)})
+            expected += p * table_latency(table, arch_from_shape(space, shape))
     return expected
 
 
@@ -92,7 +100,7 @@ def test_expected_latency_equals_the_brute_force_expectation(model, multiple):
     # in stage 1; resnet14: 2 depths per stage, 16 width combinations of stage 3 whose stage output
     # reaches the classifier through the depth mixture.
     full = ArchConfig.full(model, input_shape=(8, 8, 3))
-    supernet = CifarResNetSupernet(full, width_multiple=multiple)
+    supernet = _supernet(full, multiple)
     content = synthetic_table(full, multiple)
     _randomise(supernet, seed=1)
     latency = SupernetLatency(supernet, LatencyTable(content))
@@ -100,8 +108,9 @@ def test_expected_latency_equals_the_brute_force_expectation(model, multiple):
 
 
 def test_expected_latency_is_differentiable_in_alpha_and_beta():
-    supernet = CifarResNetSupernet(ArchConfig.full("resnet14", input_shape=(8, 8, 3)), width_multiple=16)
-    latency = SupernetLatency(supernet, LatencyTable(synthetic_table(supernet.arch, 16)))
+    full = ArchConfig.full("resnet14", input_shape=(8, 8, 3))
+    supernet = _supernet(full, 16)
+    latency = SupernetLatency(supernet, LatencyTable(synthetic_table(full, 16)))
     with tf.GradientTape() as tape:
         expected = latency.expected()
     gradients = tape.gradient(expected, supernet.arch_variables)
@@ -111,12 +120,13 @@ def test_expected_latency_is_differentiable_in_alpha_and_beta():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_argmax_latency_is_the_table_latency_of_the_derived_network(seed):
     full = ArchConfig.full("resnet14", input_shape=(8, 8, 3))
-    supernet = CifarResNetSupernet(full, width_multiple=8)
+    supernet = _supernet(full, 8)
     content = synthetic_table(full, 8, seed=seed)
     _randomise(supernet, seed)
     latency = SupernetLatency(supernet, LatencyTable(content))
-    derived = supernet.derive()
+    derived = arch_from_shape(supernet.space, supernet.derive())
     assert float(latency.argmax()) == pytest.approx(table_latency(content, derived), rel=1e-5)
+    assert latency.shape_ms(supernet.derive()) == pytest.approx(table_latency(content, derived))
     assert predict_latency(derived, LatencyTable(content)) == pytest.approx(table_latency(content, derived))
     assert latency.full_ms == pytest.approx(table_latency(content, full))
 
@@ -130,6 +140,19 @@ def test_table_lookup_names_what_is_missing():
         table.check_covers("resnet8", input_shape=(8, 8, 3), width_multiple=8)
     with pytest.raises(ValueError, match="is unfinished"):
         LatencyTable({**table.content, "complete": False})
+
+
+def test_latency_cost_refuses_a_space_its_tables_do_not_cover(tmp_path):
+    full = ArchConfig.full("resnet8", input_shape=(8, 8, 3))
+    tied = build_supernet("resnet8", CifarResNet(full), add_mode="tied", width_multiple=32)
+    with pytest.raises(ValueError, match="the latency cost covers the CIFAR ResNets read with independent Adds "
+                                         r"\(the layer geometries latency tables hold\), not resnet8 read with tied"):
+        SupernetLatency(tied, LatencyTable(synthetic_table(full, 32)))
+    with pytest.raises(ValueError, match="the latency cost covers the CIFAR ResNets with independent Adds .*, not "
+                                         "mobilenet_v2 with tied Adds"):
+        run_search(str(tmp_path / "search"), model_name="mobilenet_v2", cost_metric="latency",
+                   latency_table="/no/table.json")
+    assert not (tmp_path / "search").exists()
 
 
 class _Interrupt(Exception):

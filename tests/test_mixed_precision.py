@@ -11,7 +11,6 @@ import zipfile
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from export.pipeline import export_and_verify
 from tas_keras.baselines import predefined_shape

@@ -11,6 +11,7 @@ from absl import app, flags  # noqa: E402
 
 from tas_keras.data import BUNDLED_DATASET, STREAMING  # noqa: E402
 from tas_keras.distribute import STRATEGIES  # noqa: E402
+from tas_keras.graph import ADD_MODES  # noqa: E402
 from tas_keras.precision import MIXED_PRECISION  # noqa: E402
 from tas_keras.training import CHECKPOINT_STEPS, DivergenceError  # noqa: E402
 
@@ -66,6 +67,12 @@ def define_cost_flags(target_help):
                        "network's latency in the table (default 0.5).")
     flags.DEFINE_float("target_latency_ms", None, "With --cost=latency: the target latency in ms instead of a "
                        "ratio.")
+
+
+def define_add_mode_flag():
+    flags.DEFINE_enum("add_mode", None, list(ADD_MODES), "How the inputs of an Add are searched: tied (one width, "
+                      "no layer added to the model) or independent (free widths, a 1x1 projection where they "
+                      "differ). Default: independent for the CIFAR ResNets (the reference), tied for other models.")
 
 
 def cost_target(cost):

@@ -2,6 +2,7 @@
 
   python -m train.search --out=runs/search --model=resnet56 --dataset=cifar10 --target_flops_ratio=0.47
   python -m train.search --out=runs/search --cost=latency --latency_table=table.json --target_latency_ratio=0.6
+  python -m train.search --out=runs/search --model=my_model.keras --dataset=DIR --add_mode=tied
 """
 
 from absl import flags
@@ -11,7 +12,10 @@ from train import common_flags
 
 common_flags.define_common_flags(epochs=10, batch_size=256)
 common_flags.define_mixed_precision_flag()
-_MODEL = flags.DEFINE_string("model", "resnet20", "resnet20 | resnet32 | resnet56 | resnet110 | resnet164.")
+_MODEL = flags.DEFINE_string("model", "resnet20", "A registry name (the CIFAR resnet20 | resnet32 | resnet56 | "
+                             "resnet110 | resnet164, resnet18 | resnet34 | resnet50 | mobilenet_v2) or a .keras file "
+                             "(its images and classes must be the dataset's).")
+common_flags.define_add_mode_flag()
 common_flags.define_cost_flags("R: keep this fraction of the full network's cost (FLOPs or params).")
 _LAMBDA = flags.DEFINE_float("cost_weight", 2.0, "lambda, the weight of the cost loss.")
 _TOLERANCE = flags.DEFINE_float("tolerance", 0.05, "t, the width of the accepted band.")
@@ -50,7 +54,7 @@ def main():
                arch_warmup=_ARCH_WARMUP.value, arch_decay=_ARCH_DECAY.value, entropy_weight=_ENTROPY.value,
                init_from=_INIT.value, seed=FLAGS.seed, max_train_examples=FLAGS.max_train_examples,
                overwrite=FLAGS.overwrite,
-               checkpoint_steps=FLAGS.checkpoint_steps, strategy=FLAGS.strategy,
+               checkpoint_steps=FLAGS.checkpoint_steps, add_mode=FLAGS.add_mode, strategy=FLAGS.strategy,
                mixed_precision=FLAGS.mixed_precision)
 
 
