@@ -307,7 +307,7 @@ def test_run_search_refuses_a_keras_file_that_does_not_fit_the_data(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--target_flops_ratio=1.5"], "error: target ratio must be in (0, 1), got 1.5"),
-    (["--model=resnet23"], "error: unknown model 'resnet23'"),
+    (["--model=resnet23"], "error: depth 23 is not valid for basic blocks"),
     (["--model=/no/model.keras"], "error: model file '/no/model.keras' does not exist"),
     (["--add_mode=wide"], "--add_mode=wide"),
     (["--init_from=/no/base.keras"], "error: --init_from: no such file '/no/base.keras'"),
