@@ -90,14 +90,20 @@ def layer_cost(layer, in_channels, out_channels, metric):
                                    layer.strides, layer.output_size, layer.use_bias, layer.affine), metric)
 
 
+def search_space(model_name, model, add_mode=None, width_multiple=1):
+    """The space a search of `model_name` (a registry name or a .keras path; `model` is that network)
+    explores. The CIFAR ResNets follow the reference: Adds independent; other models keep their own
+    layers: Adds tied. `add_mode` overrides the Add rule. Candidate widths are multiples of
+    `width_multiple`."""
+    default = INDEPENDENT if is_cifar_model(model_name) else TIED
+    return read_model(model, add_mode or default, multiple_of=width_multiple)
+
+
 def build_supernet(model_name, model, add_mode=None, width_multiple=1):
-    """The supernet a search of `model_name` (a registry name or a .keras path; `model` is that network)
-    runs on. The CIFAR ResNets follow the reference: Adds independent and every searchable conv
-    normalised; other models keep their own layers: Adds tied. `add_mode` overrides the Add rule.
-    Candidate widths are multiples of `width_multiple`."""
-    cifar = is_cifar_model(model_name)
-    space = read_model(model, add_mode or (INDEPENDENT if cifar else TIED), multiple_of=width_multiple)
-    return GraphSupernet(model, space, normalize_every_conv=cifar)
+    """The supernet of `search_space(...)`; the CIFAR ResNets' normalise every searchable conv, as the
+    reference's search forward does."""
+    return GraphSupernet(model, search_space(model_name, model, add_mode, width_multiple),
+                         normalize_every_conv=is_cifar_model(model_name))
 
 
 class GraphSupernet(keras.Model):

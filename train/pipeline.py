@@ -16,13 +16,17 @@ from export.pipeline import REPORT_FILE, TFLITE_FILE, export_and_verify
 from tas_keras import data
 from tas_keras.latency import LatencyTable, predict_latency
 from tas_keras.distribute import make_strategy
-from tas_keras.cost import count_arch
 from tas_keras.distill import distill, load_teacher
 from tas_keras.precision import check_mixed_precision
 from tas_keras.runs import (check_overwrite, clear_run_dir, holds_own_files, lock_run_dir, locking_stage,
                             prepare_run_dir, read_json, run_dir, write_json)
-from tas_keras.search import ARCH_FILE, COSTS, CURVES_FILE, LATENCY, PLOT_FILE, latency_target_ratio, run_search
-from tas_keras.search_space import ArchConfig, candidate_widths, depth_choices
+from tas_keras.search import (ARCH_FILE, COSTS, CURVES_FILE, LATENCY, PLOT_FILE, latency_target_ratio, run_search,
+                              source_model)
+from tas_keras.cost import count_shape
+from tas_keras.graph import INDEPENDENT, GraphShape, arch_from_shape, read_model
+from tas_keras.models.registry import is_cifar_model, is_model_file
+from tas_keras.pruned_shape import PrunedShape
+from tas_keras.supernet import search_space
 from tas_keras.training import MODEL_FILE, train_base
 
 PIPELINE_FILE = "pipeline.json"
@@ -67,24 +71,30 @@ PRESETS = {
 }
 
 
-def smallest_ratio(full, width_multiple=1, table=None):
+def smallest_ratio(space, table=None):
     """FLOPs (or with a latency table, latency) of the smallest network the search space can express, as
     a fraction of the full one's."""
-    smallest = full.replace(widths=[candidate_widths(s.full_width, width_multiple)[0] for s in full.slots],
-                            stage_blocks=[depth_choices(full.num_blocks)[0]] * len(full.stage_blocks))
+    full = space.full_shape()
+    smallest = GraphShape({slot.name: slot.candidates[0] for slot in space.searchable_slots},
+                          {stage.name: stage.choices[0] for stage in space.stages})
     if table is not None:
-        return predict_latency(smallest, table) / predict_latency(full, table)
-    return count_arch(smallest).flops / count_arch(full).flops
+        return predict_latency(arch_from_shape(space, smallest), table) / predict_latency(
+            arch_from_shape(space, full), table)
+    return count_shape(space, smallest).flops / count_shape(space, full).flops
 
 
-def _check_teacher(path, full):
+def _check_teacher(path, space):
+    """The given base network must be the full network the search prunes (the report compares the two)."""
     teacher = load_teacher(path)
-    arch = getattr(teacher, "arch", None)
-    if arch is None or not arch.is_full() or (arch.depth, arch.block, arch.num_classes, arch.input_shape) != (
-            full.depth, full.block, full.num_classes, full.input_shape):
-        shape = arch.name if arch is not None else type(teacher).__name__
-        raise ValueError(f"--teacher {path} is not the full {full.name} for this data "
-                         f"(it is {shape}{'' if arch is None else f', {arch.num_classes} classes'})")
+    try:
+        fits = read_model(teacher, space.add_mode, space.multiple_of).full_shape() == space.full_shape()
+    except ValueError:
+        fits = False
+    fits = fits and tuple(teacher.input_shape[1:]) == space.input_shape and (
+        teacher.output_shape[-1] == space.slot(space.layer(space.output).out_slot).full_width)
+    if not fits:
+        raise ValueError(f"--teacher {path} is not the full {space.name} for this data (it is {teacher.name}, "
+                         f"{teacher.output_shape[-1]} classes on {tuple(teacher.input_shape[1:])} images)")
 
 
 class _Progress:
@@ -109,7 +119,8 @@ class _Progress:
 def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", dataset_name=None, data_dir=None,
               teacher_path=None, base_epochs=None, search_epochs=None, distill_epochs=None, batch_size=None,
               width_multiple=None, seed=0, qat_epochs=0, overwrite=False, strategy="auto", cost_metric=None,
-              latency_table=None, target_latency_ms=None, image_size=None, streaming="auto", mixed_precision=None):
+              latency_table=None, target_latency_ms=None, image_size=None, streaming="auto", mixed_precision=None,
+              add_mode=None):
     """Runs every stage into `out` and returns the report (also `out/report.json` and `report.md`).
 
     The training stages run under `strategy`; export and report need one device and run outside it,
@@ -123,6 +134,9 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
 
     `mixed_precision` ("mixed_bfloat16" or "mixed_float16"; None: float32) is the dtype policy of the
     training stages (`tas_keras.precision`); the models they save, and so the exports, are float32.
+
+    `model_name` is a registry name (trained from scratch as the base network) or a trained .keras
+    model, which is then the base network and the teacher; `add_mode` as `run_search` takes it.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -146,19 +160,30 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     if table and table.quantize not in chosen.quantizations:
         raise ValueError(f"latency table {latency_table!r} was measured with quantize={table.quantize}, but the "
                          f"{preset} preset exports {', '.join(chosen.quantizations)}")
-    if cost_metric != LATENCY or table:
-        floor = smallest_ratio(ArchConfig.full(model_name), width_multiple, table)
-        if target_latency_ms is None and target_ratio < floor:
-            raise ValueError(f"target ratio {target_ratio} is below the smallest {model_name} the search space "
-                             f"can express ({floor:.3f} of the {'latency' if table else 'FLOPs'})")
+    if is_model_file(model_name):
+        if teacher_path:
+            raise ValueError(f"{model_name} is the base network and the teacher: do not give --teacher too")
+        if not os.path.isfile(model_name):
+            raise ValueError(f"model file {model_name!r} does not exist")
+    cifar = is_cifar_model(model_name)  # refuses an unknown name before any data is read
+    if cost_metric == LATENCY and not (cifar and add_mode in (None, INDEPENDENT)):
+        raise ValueError(f"the latency cost needs a latency table of the model's layers, which the project "
+                         f"measures for the CIFAR ResNets with independent Adds only, not {model_name}")
     check_mixed_precision(mixed_precision)
     if qat_epochs:
         tfmot_bridge.require_tfmot()  # now, not after hours of training
     distribution = make_strategy(strategy)  # a multi-worker strategy must precede other TensorFlow work
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, seed=seed, image_size=image_size, streaming=streaming)
-    full = ArchConfig.full(model_name, num_classes=dataset.num_classes, input_shape=dataset.image_shape)
+    space = search_space(model_name, source_model(model_name, dataset), add_mode, width_multiple)
+    if cost_metric != LATENCY or table:
+        floor = smallest_ratio(space, table)
+        if target_latency_ms is None and target_ratio < floor:
+            raise ValueError(f"target ratio {target_ratio} is below the smallest {space.name} the search space "
+                             f"can express ({floor:.3f} of the {'latency' if table else 'FLOPs'})")
     if teacher_path:
-        _check_teacher(teacher_path, full)
+        _check_teacher(teacher_path, space)
+    elif is_model_file(model_name):
+        teacher_path = model_name
     if table:
         table.check_covers(model_name, dataset.num_classes, dataset.image_shape, width_multiple)
         if target_latency_ms is not None:
@@ -187,7 +212,8 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
             "seed": seed, "cost": cost_metric, "width_multiple": width_multiple,
             **({"latency_table": latency_table, "target_latency_ms": target_latency_ms}
                if cost_metric == LATENCY else {}),
-            **({"mixed_precision": mixed_precision} if mixed_precision else {})})
+            **({"mixed_precision": mixed_precision} if mixed_precision else {}),
+            **({"add_mode": add_mode} if add_mode else {})})
 
         progress.banner(0, "base network" + (f": given {teacher_path}" if teacher_path else ""))
         if not teacher_path:
@@ -211,7 +237,7 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
         run_search(stage_dirs["search"], model_name=model_name, epochs=search_epochs,
                    batch_size=search_batch_size, target_ratio=target_ratio, width_multiple=width_multiple,
                    cost_metric=cost_metric, latency_table=latency_table, target_latency_ms=target_latency_ms,
-                   **chosen.arch_step,
+                   add_mode=add_mode, **chosen.arch_step,
                    **trained)
         search_dir = run_dir(stage_dirs["search"])
 
@@ -312,7 +338,7 @@ def build_report(out, model_name, target_ratio, distilled, exports, search_dir):
     files = ", ".join(f"`export/{q}/{TFLITE_FILE}`" for q in e)
     lines += ["", f"Export checks: {'all passed' if report['checks_passed'] else 'SOME FAILED, see export/*/report.json'}."
               f" Files: {files}.", "",
-              f"## Searched shape: blocks per stage {shape['stage_blocks']}", "",
+              f"## Searched shape: blocks kept per stage {dict(PrunedShape.load(os.path.join(search_dir, ARCH_FILE)).shape.depths)}", "",
               f"![searched shape](search/{PLOT_FILE})", "", "## Search", "", f"![search curves](search/{CURVES_FILE})", ""]
     tmp = os.path.join(out, "report.md.tmp")
     with open(tmp, "w") as f:

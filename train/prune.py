@@ -17,7 +17,11 @@ from train.pipeline import PRESETS, run_prune
 
 common_flags.define_common_flags(epochs=None, batch_size=None, dataset=None)
 common_flags.define_mixed_precision_flag()
-_MODEL = flags.DEFINE_string("model", "resnet20", "resnet20 | resnet32 | resnet56 | resnet110 | resnet164.")
+_MODEL = flags.DEFINE_string("model", "resnet20", "A registry name, trained from scratch as the base network (the "
+                             "CIFAR resnet20 | resnet32 | resnet56 | resnet110 | resnet164, resnet18 | resnet34 | "
+                             "resnet50 | mobilenet_v2), or your trained .keras model, which is then the base network "
+                             "and the teacher.")
+common_flags.define_add_mode_flag()
 common_flags.define_cost_flags("Keep this fraction of the network's FLOPs (or parameters).")
 _PRESET = flags.DEFINE_enum("preset", "quick", sorted(PRESETS),
                             "quick: bundled data, minutes on a CPU; paper: the reference schedule (600 search "
@@ -47,7 +51,7 @@ def main():
               distill_epochs=_DISTILL_EPOCHS.value, batch_size=FLAGS.batch_size,
               width_multiple=_MULTIPLE.value, seed=FLAGS.seed, qat_epochs=_QAT_EPOCHS.value,
               overwrite=FLAGS.overwrite, strategy=FLAGS.strategy,
-              mixed_precision=FLAGS.mixed_precision)
+              mixed_precision=FLAGS.mixed_precision, add_mode=FLAGS.add_mode)
 
 
 if __name__ == "__main__":

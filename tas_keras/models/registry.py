@@ -45,7 +45,7 @@ def build_model(name, input_shape=None, num_classes=None):
     if is_model_file(name):
         if input_shape is not None or num_classes is not None:
             raise ValueError(f"{name!r} brings its own input shape and classes; do not give them")
-        return load_model(name)
+        return _outputting_logits(load_model(name), name)
     default_shape, default_classes = CIFAR_DEFAULTS if is_cifar_model(name) else IMAGENET_DEFAULTS
     input_shape = tuple(input_shape or default_shape)
     num_classes = default_classes if num_classes is None else num_classes
@@ -58,7 +58,18 @@ def build_model(name, input_shape=None, num_classes=None):
                        "mobilenet_v2": keras.applications.MobileNetV2}[name]
         # A named input, as the project's own models have, instead of a session-numbered "input_layer_N".
         image = keras.Input(shape=input_shape, name="image")
-        model = application(weights=None, input_tensor=image, classes=num_classes)
+        # Logits, as every network here outputs (the losses and KD take logits), not softmax probabilities.
+        model = application(weights=None, input_tensor=image, classes=num_classes, classifier_activation=None)
         # keras.applications lists an input_tensor's model inputs ([image]); one tensor, as the others take.
         return keras.Model(image, model.outputs[0], name=model.name)
     return CifarResNet(ArchConfig.full(name, num_classes=num_classes, input_shape=input_shape))
+
+
+def _outputting_logits(model, path):
+    """The model, if it outputs logits: the search's and KD's losses take logits, not probabilities."""
+    last = model.outputs[0]._keras_history[0]
+    activation = getattr(last, "activation", None)
+    if isinstance(last, keras.layers.Softmax) or getattr(activation, "__name__", "") == "softmax":
+        raise ValueError(f"{path} ends in a softmax (layer {last.name!r}); tas-keras trains on logits: save the "
+                         "model without its final softmax (keras.applications: classifier_activation=None)")
+    return model
