@@ -7,7 +7,8 @@ run and returns at once when `out` holds the finished run; it returns Keras obje
 - `model` / `teacher`: a keras.Model, a .keras path or a registry name (`tas_keras.models.registry`).
   A keras.Model is saved into `out` first (source.keras, teacher.keras: the stages read models from
   files, and the run's settings name that file); an `out` holding another model is refused unless
-  `overwrite=True`.
+  `overwrite=True`. `export`, which has no run to resume, saves them as model.keras and
+  compare_with.keras, replacing what `out` held.
 - `data`: a dataset name or path as the CLIs' --dataset takes it, a loaded dataset
   (`data.load_dataset`), or data held in memory: `from_arrays` (numpy) or `from_tf_data` (tf.data).
 
@@ -75,7 +76,6 @@ def export(model, data, out, quantize="int8", compare_with=None, **export_option
     SavedModel and a .tflite in `out`, verified with LiteRT, beside `compare_with` if given
     (`export_and_verify`, its other settings as `export_options`); returns the report (`out`/report.json)."""
     dataset = _dataset(data)
-    os.makedirs(out, exist_ok=True)
     return export_and_verify(
         _model_file(model, out, EXPORTED_FILE, overwrite=True), out, quantize=quantize,
         compare_with=None if compare_with is None else _model_file(compare_with, out, COMPARED_FILE, overwrite=True),
