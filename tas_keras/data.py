@@ -13,6 +13,8 @@ Two kinds of dataset share one interface (`train_size`, `test_size`, `train_batc
   + flip for training, resize + centre crop for evaluation (`image_transforms`), the images' uint8
   squares held in memory when they fit `memory_budget()`, else decoded from their files (a zip is
   extracted once into the cache) or tfds records at every epoch.
+
+Data a caller already holds becomes an ImageDataset through `from_arrays` (numpy) or `from_tf_data`.
 """
 
 import contextlib
@@ -348,9 +350,14 @@ def load_dataset(name, data_dir=None, max_train_examples=None, seed=0, image_siz
     ImageDataset (the CIFAR path); anything else a CroppedImageDataset of `image_size` (default
     DEFAULT_IMAGE_SIZE), held in memory when its squares fit `memory_budget_bytes` (default
     `memory_budget()`) and `streaming` is "auto", streamed with "always", in memory with "never".
+
+    A dataset object (this function's result, or `from_arrays`) given as `name` is returned as it is
+    (`_given_dataset`), so the stages take one wherever they take a name.
     """
     if max_train_examples is not None and max_train_examples <= 0:
         raise DatasetError(f"max_train_examples must be > 0, got {max_train_examples!r}")
+    if isinstance(name, (ImageDataset, CroppedImageDataset)):
+        return _given_dataset(name, max_train_examples, seed, image_size)
     low, high = IMAGE_SIZE_RANGE
     if image_size is not None and (not isinstance(image_size, (int, np.integer)) or not low <= image_size <= high):
         raise DatasetError(f"image_size must be an integer in [{low}, {high}], got {image_size!r}")
@@ -374,11 +381,121 @@ def load_dataset(name, data_dir=None, max_train_examples=None, seed=0, image_siz
             return _load_cropped_files(path, image_size or DEFAULT_IMAGE_SIZE, seed, max_train_examples, in_memory,
                                        stats=stats or IMAGENET_STATS)
         dataset = _load_files(path, seed, stats=stats)
-    if max_train_examples is not None and max_train_examples < len(dataset.train_labels):
-        keep = _stratified_subset(dataset.train_labels, max_train_examples, seed)
-        dataset = dataclasses.replace(
-            dataset, train_images=dataset.train_images[keep], train_labels=dataset.train_labels[keep])
-    return dataset
+    return _with_max_train_examples(dataset, max_train_examples, seed)
+
+
+def _with_max_train_examples(dataset, max_train_examples, seed):
+    """An ImageDataset keeping a class-stratified random subset of `max_train_examples` training images."""
+    if max_train_examples is None or max_train_examples >= len(dataset.train_labels):
+        return dataset
+    keep = _stratified_subset(dataset.train_labels, max_train_examples, seed)
+    return dataclasses.replace(
+        dataset, train_images=dataset.train_images[keep], train_labels=dataset.train_labels[keep])
+
+
+def _given_dataset(dataset, max_train_examples, seed, image_size):
+    """A dataset already loaded (or built by `from_arrays`), passed where a name is expected: used as
+    it is; `max_train_examples` subsets an in-memory ImageDataset, `image_size` must be its own."""
+    if image_size is not None and dataset.image_shape[:2] != (image_size, image_size):
+        raise DatasetError(f"image_size {image_size!r} differs from the given dataset {dataset.name!r}'s images "
+                           f"{dataset.image_shape}: a loaded dataset is used at its own size")
+    if max_train_examples is not None and not isinstance(dataset, ImageDataset):
+        raise DatasetError(f"max_train_examples ({max_train_examples!r}) applies to an in-memory ImageDataset, "
+                           f"not to the given {type(dataset).__name__} {dataset.name!r}: load it with "
+                           f"max_train_examples instead")
+    return dataset if max_train_examples is None else _with_max_train_examples(dataset, max_train_examples, seed)
+
+
+def recorded_name(dataset):
+    """What a run's settings record of a dataset given by name, path or as a loaded object: the name or
+    path as given, or the object's `name` (JSON, and the same for the same data: `from_arrays`)."""
+    return dataset.name if isinstance(dataset, (ImageDataset, CroppedImageDataset)) else dataset
+
+
+def from_arrays(train_images, train_labels, test_images, test_labels, class_names=None, name=None):
+    """An ImageDataset (the CIFAR path: used at its own size, pad-4 crop and flip augmentation) of
+    uint8 RGB images [N, H, W, 3] and integer labels [N] in [0, classes), held in memory. Normalised
+    with the training images' per-channel mean/std, as image folders are.
+
+    `class_names` default to "0", "1", ... up to the largest label. `name` is what the runs record in
+    their settings (run.json), so that a run directory given other data refuses to resume; by default
+    one derived from the arrays' contents ("arrays-" and 12 hex digits of their SHA-256)."""
+    splits = {"train": (train_images, train_labels), "test": (test_images, test_labels)}
+    arrays = {}
+    for split, (images, labels) in splits.items():
+        images, labels = np.asarray(images), np.asarray(labels)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or not len(images):
+            raise DatasetError(f"{split}_images must be uint8 RGB images [N, H, W, 3] with N > 0, got "
+                               f"{images.dtype} {list(images.shape)}")
+        if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (len(images),):
+            raise DatasetError(f"{split}_labels must be {len(images)} integers (one per image, shape "
+                               f"[{len(images)}]), got {labels.dtype} {list(labels.shape)}")
+        arrays[split] = (images, labels.astype(np.int32))
+    (train_images, train_labels), (test_images, test_labels) = arrays["train"], arrays["test"]
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise DatasetError(f"train and test images differ in size: {list(train_images.shape[1:])} and "
+                           f"{list(test_images.shape[1:])}")
+    labels = np.concatenate([train_labels, test_labels])
+    classes = len(class_names) if class_names is not None else int(labels.max()) + 1
+    if labels.min() < 0 or labels.max() >= classes:
+        bad = labels[(labels < 0) | (labels >= classes)][0]
+        expected = f"in [0, {classes}) (one class per name)" if class_names is not None else "non-negative"
+        raise DatasetError(f"labels must be {expected}, got {bad}")
+    class_names = tuple(str(c) for c in class_names) if class_names is not None else tuple(map(str, range(classes)))
+    if name is None:
+        digest = hashlib.sha256()
+        for array in (train_images, train_labels, test_images, test_labels):
+            digest.update(np.ascontiguousarray(array).data)
+        digest.update("\n".join(class_names).encode())
+        name = f"arrays-{digest.hexdigest()[:12]}"
+    return ImageDataset(name, class_names, train_images, train_labels, test_images, test_labels,
+                        *_channel_stats(train_images))
+
+
+def from_tf_data(train, test, class_names=None, name=None):
+    """`from_arrays` of two finite tf.data datasets of (image, integer label) pairs, batched or not:
+    images uint8, or float 0-255 (rounded; [0, 1] floats are refused), all of one size. Both are read
+    once into memory, so this suits sets that fit in it (a CIFAR-sized set does); larger image sets
+    are better given as a folder or zip path, which the ImageNet path streams."""
+    return from_arrays(*_materialised(train, "train"), *_materialised(test, "test"), class_names=class_names,
+                       name=name)
+
+
+def _materialised(dataset, split):
+    """(uint8 images [N, H, W, 3], int labels [N]) of a finite tf.data dataset of (image, label) pairs."""
+    if not isinstance(dataset, tf.data.Dataset):
+        raise DatasetError(f"{split} must be a tf.data.Dataset, got {type(dataset).__name__}")
+    spec = dataset.element_spec
+    if not (isinstance(spec, tuple) and len(spec) == 2):
+        raise DatasetError(f"{split} must yield (image, label) pairs, got elements {spec}")
+    if dataset.cardinality() == tf.data.INFINITE_CARDINALITY:
+        raise DatasetError(f"{split} is infinite (a .repeat() without a count?): give one pass over the data")
+    batched = spec[0].shape.rank == 4
+    if not batched and spec[0].shape.is_fully_defined():
+        dataset, batched = dataset.batch(1024), True  # many images per step: much faster than one by one
+    images, labels = [], []
+    for image, label in dataset.as_numpy_iterator():
+        image, label = (image, label) if batched else (image[None], np.reshape(label, (1, -1)))
+        if image.ndim != 4 or (images and image.shape[1:] != images[0].shape[1:]):
+            raise DatasetError(f"{split} images must all be [H, W, 3] of one size, got {list(image.shape[1:])} "
+                               f"after {list(images[0].shape[1:]) if images else 'none'}")
+        images.append(image)
+        labels.append(np.reshape(label, (len(image), -1)))
+    if not images:
+        raise DatasetError(f"{split} is empty")
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    if labels.shape[1] != 1:
+        raise DatasetError(f"{split} labels must be one integer per image (not one-hot), got {labels.shape[1]} "
+                           "values per image")
+    if images.dtype != np.uint8:
+        if not np.issubdtype(images.dtype, np.floating) or images.min() < 0 or images.max() > 255:
+            raise DatasetError(f"{split} images must be uint8 or float 0-255, got {images.dtype} in "
+                               f"[{images.min()}, {images.max()}]")
+        if images.max() <= 1:
+            raise DatasetError(f"{split} images are floats in [0, {images.max()}]: give pixels 0-255 "
+                               "(multiply by 255)")
+        images = np.rint(images).astype(np.uint8)
+    return images, labels[:, 0]
 
 
 def search_split(labels, seed=0):

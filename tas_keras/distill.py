@@ -96,7 +96,7 @@ def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUND
     teacher is loaded under it too, so it computes in it unless its file fixes its layers' dtypes."""
     # How the images are read (streaming) does not change the run.
     settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps", "streaming")}
-    settings["stage"] = "distill"
+    settings.update(stage="distill", dataset_name=data.recorded_name(dataset_name))
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if epochs < 1 or batch_size < 1:

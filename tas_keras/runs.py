@@ -24,6 +24,9 @@ from tas_keras.distribute import is_chief, is_multi_worker
 RUN_FILE = "run.json"
 LOCK_FILE = "run.lock"
 WORKERS_DIR = "workers"
+# What tas_keras.api saves into a run directory before the run starts, from the objects a caller gave
+# (the run's settings name these files): an input of the run, so neither its output nor a stranger's file.
+GIVEN_FILES = ("source.keras", "teacher.keras", "given_shape.json")
 
 
 def write_json(path, payload):
@@ -66,19 +69,20 @@ def check_overwrite(overwrite):
 
 
 def holds_own_files(directory):
-    """Whether `directory` holds any file besides run locks, outside the other workers' directories."""
+    """Whether `directory` holds any file besides run locks and given inputs (GIVEN_FILES), outside the
+    other workers' directories."""
     for _, subdirectories, files in os.walk(directory):
-        if set(files) - {LOCK_FILE}:
+        if set(files) - {LOCK_FILE, *GIVEN_FILES}:
             return True
         subdirectories[:] = [d for d in subdirectories if d != WORKERS_DIR]
     return False
 
 
 def clear_run_dir(directory):
-    """Deletes everything in `directory` but its lock: the run clearing it holds that lock, and a
-    deleted lock file would let a second run lock a new one."""
+    """Deletes everything in `directory` but its lock and given inputs (GIVEN_FILES): the run clearing
+    it holds that lock, and a deleted lock file would let a second run lock a new one."""
     for entry in os.scandir(directory):
-        if entry.name == LOCK_FILE:
+        if entry.name in (LOCK_FILE, *GIVEN_FILES):
             continue
         if entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path)

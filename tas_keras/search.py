@@ -497,7 +497,7 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
 
     `mixed_precision`: None (float32), "mixed_bfloat16" or "mixed_float16" (`tas_keras.precision`)."""
     settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps", "streaming")}
-    settings["stage"] = "search"
+    settings.update(stage="search", dataset_name=data.recorded_name(dataset_name))
     if add_mode is None:  # only when given, so the runs made before it was a setting still match
         del settings["add_mode"]
     elif add_mode not in ADD_MODES:

@@ -340,7 +340,8 @@ def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUN
     `checkpoint_steps` steps and every epoch. `image_size` and `streaming`: as `data.load_dataset`
     takes them. `mixed_precision`: None (float32), "mixed_bfloat16" or "mixed_float16"
     (`tas_keras.precision`)."""
-    settings = {"stage": "base", "model": model_name, "arch": arch_path, "dataset": dataset_name,
+    settings = {"stage": "base", "model": model_name, "arch": arch_path,
+                "dataset": data.recorded_name(dataset_name),
                 "data_dir": data_dir, "image_size": image_size, "epochs": epochs, "batch_size": batch_size,
                 "learning_rate": learning_rate, "seed": seed, "max_train_examples": max_train_examples,
                 "mixed_precision": mixed_precision}

@@ -208,7 +208,8 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
             raise ValueError(f"{out} is not empty and holds no train.prune run; use another --out or "
                              "--overwrite")
         write_json(os.path.join(written, PIPELINE_FILE), {
-            "model": model_name, "target_ratio": target_ratio, "preset": preset, "dataset": dataset_name,
+            "model": model_name, "target_ratio": target_ratio, "preset": preset,
+            "dataset": data.recorded_name(dataset_name),
             "seed": seed, "cost": cost_metric, "width_multiple": width_multiple,
             **({"latency_table": latency_table, "target_latency_ms": target_latency_ms}
                if cost_metric == LATENCY else {}),
@@ -254,7 +255,8 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     for quantize in chosen.quantizations:
         export_dir = os.path.join(out, "export", quantize)
         settings = {"model": os.path.abspath(os.path.join(stage_dirs["distill"], MODEL_FILE)),
-                    "compare_with": os.path.abspath(teacher_path), "quantize": quantize, **common,
+                    "compare_with": os.path.abspath(teacher_path), "quantize": quantize,
+                    **common, "dataset_name": data.recorded_name(dataset_name),
                     # only when not the default, so the exports of runs made before it was a setting still match
                     **({} if threads == EXPORT_THREADS else {"threads": threads})}
         qat = qat_epochs if quantize == "int8" else 0

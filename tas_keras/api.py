@@ -1,0 +1,145 @@
+"""The stages as one call each, for a notebook holding a Keras model and its data.
+
+Every call takes an `out` directory and runs the stage the CLI runs (`run_search`, `distill`,
+`export_and_verify`, `run_prune`) into it, so it writes the same artifacts, resumes an interrupted
+run and returns at once when `out` holds the finished run; it returns Keras objects besides.
+
+- `model` / `teacher`: a keras.Model, a .keras path or a registry name (`tas_keras.models.registry`).
+  A keras.Model is saved into `out` first (source.keras, teacher.keras: the stages read models from
+  files, and the run's settings name that file); an `out` holding another model is refused unless
+  `overwrite=True`. `export`, which has no run to resume, saves them as model.keras and
+  compare_with.keras, replacing what `out` held.
+- `data`: a dataset name or path as the CLIs' --dataset takes it, a loaded dataset
+  (`data.load_dataset`), or data held in memory: `from_arrays` (numpy) or `from_tf_data` (tf.data).
+
+    shape = api.search(model, dataset, 0.5, "runs/search", epochs=10)
+    pruned, metrics = api.distill(shape, model, dataset, "runs/distill", epochs=10)
+    report = api.export("runs/distill/model.keras", dataset, "runs/export", compare_with=model)
+"""
+
+import os
+
+import keras
+import numpy as np
+
+from export.pipeline import export_and_verify
+from tas_keras import distill as distill_stage
+from tas_keras.data import CroppedImageDataset, ImageDataset, from_arrays, from_tf_data
+from tas_keras.graph import load_model
+from tas_keras.pruned_shape import PrunedShape
+from tas_keras.runs import GIVEN_FILES
+from tas_keras.search import ARCH_FILE, run_search
+from tas_keras.training import MODEL_FILE, save_model
+from train.pipeline import run_prune
+
+__all__ = ["search", "derive", "distill", "export", "prune", "from_arrays", "from_tf_data"]
+
+SOURCE_FILE, TEACHER_FILE, GIVEN_SHAPE_FILE = GIVEN_FILES  # the run directory keeps them (`runs.clear_run_dir`)
+# Export has no run directory to resume: its given models are saved under the roles the report names.
+EXPORTED_FILE, COMPARED_FILE = "model.keras", "compare_with.keras"
+
+
+def search(model, data, target_flops_ratio, out, epochs=10, batch_size=256, overwrite=False, **search_options):
+    """Searches a shape of `model` keeping `target_flops_ratio` of its FLOPs (`run_search`; its other
+    settings as `search_options`, e.g. add_mode, width_multiple, seed); returns the PrunedShape that
+    `out`/arch.json holds."""
+    dataset = _dataset(data)  # checked before anything is written
+    run_search(out, model_name=_model_file(model, out, SOURCE_FILE, overwrite), dataset_name=dataset,
+               epochs=epochs, batch_size=batch_size, target_ratio=target_flops_ratio, overwrite=overwrite,
+               **search_options)
+    return PrunedShape.load(os.path.join(out, ARCH_FILE))
+
+
+def derive(model, shape, transfer_weights=False):
+    """The pruned network of `shape` (a PrunedShape or its file) as a plain functional keras.Model,
+    built from the layers of `model` (None: the shape's source model); with `transfer_weights`,
+    initialised from `model`'s leading channels."""
+    return _shape(shape).derive(model, transfer_weights=transfer_weights)
+
+
+def distill(shape, teacher, data, out, mode="kd", epochs=10, batch_size=256, overwrite=False, **distill_options):
+    """Trains the pruned network of `shape` (a PrunedShape or its file) by `mode` ("kd", "init_kd",
+    "init" from `teacher`; "scratch" without one), `tas_keras.distill.distill`'s other settings as
+    `distill_options`; returns (the trained model as `out`/model.keras holds it, a plain functional
+    keras.Model, not compiled; its metrics)."""
+    dataset = _dataset(data)
+    if isinstance(shape, PrunedShape):
+        shape = _shape_file(shape, out, overwrite)
+    teacher = None if teacher is None else _model_file(teacher, out, TEACHER_FILE, overwrite)
+    metrics = distill_stage.distill(out, shape, teacher, mode=mode, dataset_name=dataset, epochs=epochs,
+                                    batch_size=batch_size, overwrite=overwrite, **distill_options)
+    return load_model(os.path.join(out, MODEL_FILE)), metrics
+
+
+def export(model, data, out, quantize="int8", compare_with=None, **export_options):
+    """Exports `model` (trained on `data`, whose mean/std the exported model applies to its pixels) to a
+    SavedModel and a .tflite in `out`, verified with LiteRT, beside `compare_with` if given
+    (`export_and_verify`, its other settings as `export_options`); returns the report (`out`/report.json)."""
+    dataset = _dataset(data)
+    return export_and_verify(
+        _model_file(model, out, EXPORTED_FILE, overwrite=True), out, quantize=quantize,
+        compare_with=None if compare_with is None else _model_file(compare_with, out, COMPARED_FILE, overwrite=True),
+        dataset_name=dataset, **export_options)
+
+
+def prune(model, data, target_flops_ratio, out, overwrite=False, **prune_options):
+    """The main job (`run_prune`, its other settings as `prune_options`, e.g. preset, search_epochs):
+    a trained `model` (keras.Model or .keras file) is the base network and teacher, a registry name is
+    trained first; searched, distilled, exported; returns the report (`out`/report.json)."""
+    dataset = _dataset(data)
+    return run_prune(out, model_name=_model_file(model, out, SOURCE_FILE, overwrite),
+                     target_ratio=target_flops_ratio, dataset_name=dataset, overwrite=overwrite,
+                     **prune_options)
+
+
+def _dataset(data):
+    if isinstance(data, (ImageDataset, CroppedImageDataset)):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        return os.fspath(data)
+    raise ValueError(f"data must be a dataset name or path, a loaded dataset, or the result of from_arrays "
+                     f"(numpy arrays) or from_tf_data (tf.data), got {type(data).__name__}")
+
+
+def _model_file(model, out, file_name, overwrite):
+    """A registry name or .keras path as given; a keras.Model saved as `out`/`file_name`, unless that
+    file holds it already (a resumed run), refusing a file of another model without `overwrite`."""
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model)
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"a model must be a keras.Model, a .keras path or a registry name, got "
+                         f"{type(model).__name__}")
+    path = os.path.abspath(os.path.join(out, file_name))
+    if os.path.exists(path) and not overwrite:
+        if _same_model(model, load_model(path)):
+            return path
+        raise ValueError(f"{path} holds another model than the one given, so {out} holds another run: use "
+                         "another out, or overwrite=True to start afresh")
+    os.makedirs(out, exist_ok=True)
+    save_model(model, path)
+    return path
+
+
+def _same_model(model, saved):
+    """Same layers (class and name, in order) and the same weights, exactly."""
+    layers = lambda m: [(type(layer).__name__, layer.name) for layer in m.layers]  # noqa: E731
+    weights, saved_weights = model.get_weights(), saved.get_weights()
+    return layers(model) == layers(saved) and len(weights) == len(saved_weights) and all(
+        np.array_equal(a, b) for a, b in zip(weights, saved_weights))
+
+
+def _shape(shape):
+    return shape if isinstance(shape, PrunedShape) else PrunedShape.load(shape)
+
+
+def _shape_file(shape, out, overwrite):
+    """`shape` saved as `out`/given_shape.json for the distill stage to read, as `_model_file` saves a model."""
+    path = os.path.abspath(os.path.join(out, GIVEN_SHAPE_FILE))
+    if os.path.exists(path) and not overwrite:
+        if PrunedShape.load(path).to_dict() == shape.to_dict():
+            return path
+        raise ValueError(f"{path} holds another shape than the one given, so {out} holds another run: use "
+                         "another out, or overwrite=True to start afresh")
+    os.makedirs(out, exist_ok=True)
+    shape.save(path)
+    return path
