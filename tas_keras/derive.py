@@ -20,11 +20,11 @@ def _build_layer(source, planned, output):
     """A new layer of `source`'s class and settings for the planned layer."""
     config = source.get_config()
     # The derived network is trained next: a frozen source (a teacher) must not freeze it, and it computes
-    # in the stage's dtype policy (tas_keras.precision), with float32 logits for the losses.
+    # in the stage's dtype policy (tas_keras.precision), with floatx (float32) logits for the losses.
     config.update(name=planned.layer.name, trainable=True)
     config.pop("dtype", None)
     if output:
-        config["dtype"] = "float32"
+        config["dtype"] = keras.config.floatx()
     if planned.layer.kind == "conv":
         config["filters"] = planned.out_channels
         if planned.layer.name != source.name:  # a projection shortcut

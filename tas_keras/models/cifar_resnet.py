@@ -152,11 +152,11 @@ class CifarResNet(keras.Model):
             x = keras.layers.ReLU(name=f"{block.name}_out")(x)
         x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
         reg = _regularizer(weight_decay)
-        # float32 under a mixed dtype policy too (Keras' advice for a model's output layer): the losses'
+        # floatx (float32) under a mixed dtype policy too (Keras' advice for a model's output layer): the losses'
         # softmax, KD's included, must not read low-precision logits.
         outputs = keras.layers.Dense(
             arch.num_classes, kernel_initializer=keras.initializers.RandomNormal(0.0, 0.01),
-            kernel_regularizer=reg, bias_regularizer=reg, dtype="float32", name="head_fc")(x)
+            kernel_regularizer=reg, bias_regularizer=reg, dtype=keras.config.floatx(), name="head_fc")(x)
         kwargs.setdefault("name", arch.name)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
         self.arch = arch
