@@ -16,7 +16,7 @@ import re
 import keras
 
 from tas_keras.graph import load_model
-from tas_keras.models.cifar_resnet import CifarResNet
+from tas_keras.models.cifar_resnet import BN_MOMENTUM, CifarResNet
 from tas_keras.models.imagenet_resnet import imagenet_resnet
 from tas_keras.search_space import ArchConfig, parse_model_name
 
@@ -60,6 +60,13 @@ def build_model(name, input_shape=None, num_classes=None):
         image = keras.Input(shape=input_shape, name="image")
         # Logits, as every network here outputs (the losses and KD take logits), not softmax probabilities.
         model = application(weights=None, input_tensor=image, classes=num_classes, classifier_activation=None)
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                # The project's BN momentum (models/cifar_resnet.py): keras.applications' 0.999
+                # (MobileNetV2) and 0.99 (ResNet50) suit ImageNet-long schedules; after the few hundred
+                # steps of a short run their moving statistics are still far off and evaluation is
+                # near chance (MobileNetV2 on Imagenette: 10% test accuracy at 42% training accuracy).
+                layer.momentum = BN_MOMENTUM
         # keras.applications lists an input_tensor's model inputs ([image]); one tensor, as the others take.
         return keras.Model(image, model.outputs[0], name=model.name)
     return CifarResNet(ArchConfig.full(name, num_classes=num_classes, input_shape=input_shape))
