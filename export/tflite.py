@@ -16,7 +16,8 @@ from train import common_flags  # first: it quiets TensorFlow's logging before T
 from absl import flags  # noqa: E402
 
 from export.convert import QUANTIZATIONS  # noqa: E402
-from export.pipeline import export_and_verify, format_report  # noqa: E402
+from export.pipeline import format_report  # noqa: E402
+from tas_keras import api  # noqa: E402
 from tas_keras.data import BUNDLED_DATASET  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", None, "The trained model (.keras) to export.", required=True)
@@ -44,12 +45,11 @@ _COMPARE_WITH = flags.DEFINE_string("compare_with", None, "Another model (.keras
 
 
 def main(tolerances=None):
-    report = export_and_verify(
-        _MODEL.value, _OUT.value, quantize=_QUANTIZE.value, int8_io=_INT8_IO.value,
-        float_input=_FLOAT_INPUT.value, qat_epochs=_QAT_EPOCHS.value,
-        representative_size=_REPRESENTATIVE_SIZE.value, dataset_name=_DATASET.value,
-        data_dir=_DATA_DIR.value, threads=_THREADS.value, latency_runs=_LATENCY_RUNS.value,
-        compare_with=_COMPARE_WITH.value, tolerances=tolerances)
+    report = api.export(_MODEL.value, _DATASET.value, _OUT.value, quantize=_QUANTIZE.value,
+                        compare_with=_COMPARE_WITH.value, int8_io=_INT8_IO.value, float_input=_FLOAT_INPUT.value,
+                        qat_epochs=_QAT_EPOCHS.value, representative_size=_REPRESENTATIVE_SIZE.value,
+                        data_dir=_DATA_DIR.value, threads=_THREADS.value, latency_runs=_LATENCY_RUNS.value,
+                        tolerances=tolerances)
     print(format_report(report))
     failed = [check["name"] for check in report["checks"] if not check["passed"]]
     if failed:

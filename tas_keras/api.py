@@ -1,8 +1,10 @@
 """The stages as one call each, for a notebook holding a Keras model and its data.
 
-Every call takes an `out` directory and runs the stage the CLI runs (`run_search`, `distill`,
-`export_and_verify`, `run_prune`) into it, so it writes the same artifacts, resumes an interrupted
-run and returns at once when `out` holds the finished run; it returns Keras objects besides.
+Every call takes an `out` directory and runs one stage (`train_base`, `run_search`, `distill`,
+`export_and_verify`, `run_prune`) into it, so it writes the artifacts its CLI writes (the CLIs
+`train.base`, `train.search`, `train.distill`, `export.tflite` and `train.prune` call these
+functions), resumes an interrupted run and returns at once when `out` holds the finished run; it
+returns Keras objects besides.
 
 - `model` / `teacher`: a keras.Model, a .keras path or a registry name (`tas_keras.models.registry`).
   A keras.Model is saved into `out` first (source.keras, teacher.keras: the stages read models from
@@ -27,27 +29,44 @@ from tas_keras import distill as distill_stage
 from tas_keras.data import CroppedImageDataset, ImageDataset, from_arrays, from_tf_data
 from tas_keras.graph import load_model
 from tas_keras.pruned_shape import PrunedShape
-from tas_keras.runs import GIVEN_FILES
-from tas_keras.search import ARCH_FILE, run_search
-from tas_keras.training import MODEL_FILE, save_model
+from tas_keras.distribute import make_strategy
+from tas_keras.runs import GIVEN_FILES, run_dir
+from tas_keras.search import run_search
+from tas_keras.training import MODEL_FILE, save_model, train_base
 from train.pipeline import run_prune
 
-__all__ = ["search", "derive", "distill", "export", "prune", "from_arrays", "from_tf_data"]
+__all__ = ["train", "search", "derive", "distill", "export", "prune", "from_arrays", "from_tf_data"]
 
 SOURCE_FILE, TEACHER_FILE, GIVEN_SHAPE_FILE = GIVEN_FILES  # the run directory keeps them (`runs.clear_run_dir`)
 # Export has no run directory to resume: its given models are saved under the roles the report names.
 EXPORTED_FILE, COMPARED_FILE = "model.keras", "compare_with.keras"
 
 
-def search(model, data, target_flops_ratio, out, epochs=10, batch_size=256, overwrite=False, **search_options):
-    """Searches a shape of `model` keeping `target_flops_ratio` of its FLOPs (`run_search`; its other
-    settings as `search_options`, e.g. add_mode, width_multiple, seed); returns the PrunedShape that
-    `out`/arch.json holds."""
+def train(model, data, out, epochs=10, batch_size=256, overwrite=False, **train_options):
+    """Trains from scratch `model`: a registry name (at the data's image size and classes), or a shape
+    (a PrunedShape or its file), whose pruned network is trained (`train_base`, its other settings as
+    `train_options`, e.g. learning_rate, seed); returns (the trained model as `out`/model.keras holds it,
+    not compiled; its metrics)."""
+    dataset = _dataset(data)
+    if isinstance(model, PrunedShape):
+        model = _shape_file(model, out, overwrite)
+    if not isinstance(model, (str, os.PathLike)):
+        raise ValueError(f"train takes a registry name or a shape (a PrunedShape or its file), got "
+                         f"{type(model).__name__}")
+    shape_file = os.fspath(model) if str(model).endswith(".json") else None
+    metrics = train_base(out, model_name=None if shape_file else model, arch_path=shape_file, dataset_name=dataset,
+                         epochs=epochs, batch_size=batch_size, overwrite=overwrite, **train_options)
+    return _trained_model(out, train_options), metrics
+
+
+def search(model, data, target_ratio, out, epochs=10, batch_size=256, overwrite=False, **search_options):
+    """Searches a shape of `model` keeping `target_ratio` of its FLOPs (or of the cost `cost_metric`
+    names) (`run_search`; its other settings as `search_options`, e.g. add_mode, width_multiple, seed);
+    returns the PrunedShape that `out`/arch.json holds."""
     dataset = _dataset(data)  # checked before anything is written
-    run_search(out, model_name=_model_file(model, out, SOURCE_FILE, overwrite), dataset_name=dataset,
-               epochs=epochs, batch_size=batch_size, target_ratio=target_flops_ratio, overwrite=overwrite,
-               **search_options)
-    return PrunedShape.load(os.path.join(out, ARCH_FILE))
+    return PrunedShape.from_search(run_search(
+        out, model_name=_model_file(model, out, SOURCE_FILE, overwrite), dataset_name=dataset, epochs=epochs,
+        batch_size=batch_size, target_ratio=target_ratio, overwrite=overwrite, **search_options))
 
 
 def derive(model, shape, transfer_weights=False):
@@ -68,7 +87,7 @@ def distill(shape, teacher, data, out, mode="kd", epochs=10, batch_size=256, ove
     teacher = None if teacher is None else _model_file(teacher, out, TEACHER_FILE, overwrite)
     metrics = distill_stage.distill(out, shape, teacher, mode=mode, dataset_name=dataset, epochs=epochs,
                                     batch_size=batch_size, overwrite=overwrite, **distill_options)
-    return load_model(os.path.join(out, MODEL_FILE)), metrics
+    return _trained_model(out, distill_options), metrics
 
 
 def export(model, data, out, quantize="int8", compare_with=None, **export_options):
@@ -82,14 +101,21 @@ def export(model, data, out, quantize="int8", compare_with=None, **export_option
         dataset_name=dataset, **export_options)
 
 
-def prune(model, data, target_flops_ratio, out, overwrite=False, **prune_options):
+def prune(model, data, target_ratio, out, overwrite=False, **prune_options):
     """The main job (`run_prune`, its other settings as `prune_options`, e.g. preset, search_epochs):
     a trained `model` (keras.Model or .keras file) is the base network and teacher, a registry name is
-    trained first; searched, distilled, exported; returns the report (`out`/report.json)."""
-    dataset = _dataset(data)
-    return run_prune(out, model_name=_model_file(model, out, SOURCE_FILE, overwrite),
-                     target_ratio=target_flops_ratio, dataset_name=dataset, overwrite=overwrite,
-                     **prune_options)
+    trained first; searched to `target_ratio` of its FLOPs (or of the preset's or `cost_metric`'s cost),
+    distilled, exported; returns the report (`out`/report.json; None on a cluster's other workers).
+    `data` None: the preset's dataset."""
+    dataset = None if data is None else _dataset(data)
+    return run_prune(out, model_name=_model_file(model, out, SOURCE_FILE, overwrite), target_ratio=target_ratio,
+                     dataset_name=dataset, overwrite=overwrite, **prune_options)
+
+
+def _trained_model(out, stage_options):
+    """The model a training stage saved: on a cluster's other workers their own copy (`runs.run_dir`)."""
+    with make_strategy(stage_options.get("strategy", "auto")).scope():
+        return load_model(os.path.join(run_dir(out), MODEL_FILE))
 
 
 def _dataset(data):

@@ -102,6 +102,13 @@ class PrunedShape:
         return dataclasses.replace(pruned, shape=shape_from_arch(pruned.space(), arch))
 
     @classmethod
+    def from_search(cls, config):
+        """The shape a search returned (`run_search`: a PrunedShape's dict, or a CIFAR ResNet's ArchConfig's)."""
+        if isinstance(config, Mapping) and "format" in config:
+            return cls.from_dict(config)
+        return cls.from_arch(ArchConfig.from_dict(config))
+
+    @classmethod
     def load(cls, path):
         """The shape in `path` (a PrunedShape, or a CIFAR ResNet's ArchConfig or released shape); a
         ValueError naming the file and what is wrong with it."""

@@ -78,6 +78,18 @@ def test_distilled_model_is_the_saved_functional_model(pruned_end_to_end):
     assert again_metrics == metrics and os.path.getmtime(root / "distill" / "model.keras") == mtime
 
 
+def test_train_from_scratch_a_registry_network_or_a_searched_shape(pruned_end_to_end):
+    root, source, dataset, shape, *_ = pruned_end_to_end
+    full, metrics = api.train("resnet8", dataset, str(root / "train_full"), epochs=1, batch_size=8)
+    assert full.input_shape == (None, 8, 8, 3) and full.output_shape == (None, CLASSES)
+    assert metrics["flops"] == count_model(full).flops and metrics["model"] == "resnet8"
+    pruned, metrics = api.train(shape, dataset, str(root / "train_pruned"), epochs=1, batch_size=8)
+    assert count_model(pruned).flops == shape.provenance["flops"] == metrics["flops"]
+    assert PrunedShape.load(root / "train_pruned" / "given_shape.json") == shape
+    with pytest.raises(ValueError, match="train takes a registry name or a shape .* got Functional"):
+        api.train(source, dataset, str(root / "train_model"))
+
+
 def test_export_report_and_its_files(pruned_end_to_end):
     root, *_, report = pruned_end_to_end
     assert report == json.loads((root / "export" / "report.json").read_text())

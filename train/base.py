@@ -5,25 +5,24 @@
 
 from absl import flags
 
-from tas_keras.training import train_base
+from tas_keras import api
 from train import common_flags
 
 common_flags.define_common_flags(epochs=10, batch_size=256)
 common_flags.define_mixed_precision_flag()
-_MODEL = flags.DEFINE_string("model", "resnet20", "resnet20 | resnet32 | resnet56 | resnet110 | resnet164.")
+_MODEL = flags.DEFINE_string("model", "resnet20", "A registry name: the CIFAR resnet20 | resnet32 | resnet56 | "
+                             "resnet110 | resnet164, resnet18 | resnet34 | resnet50 | mobilenet_v2.")
 _ARCH = flags.DEFINE_string("arch", None, "Train this shape (arch.json or released-shape file) instead.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.1, "Initial SGD learning rate (cosine to 0).")
 FLAGS = flags.FLAGS
 
 
 def main():
-    train_base(out=FLAGS.out, model_name=_MODEL.value, arch_path=_ARCH.value, dataset_name=FLAGS.dataset,
-               data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
-               streaming=FLAGS.streaming, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-               learning_rate=_LEARNING_RATE.value, seed=FLAGS.seed,
-               max_train_examples=FLAGS.max_train_examples, overwrite=FLAGS.overwrite,
-               checkpoint_steps=FLAGS.checkpoint_steps, strategy=FLAGS.strategy,
-               mixed_precision=FLAGS.mixed_precision)
+    api.train(_ARCH.value or _MODEL.value, FLAGS.dataset, FLAGS.out, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+              overwrite=FLAGS.overwrite, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
+              streaming=FLAGS.streaming, learning_rate=_LEARNING_RATE.value, seed=FLAGS.seed,
+              max_train_examples=FLAGS.max_train_examples, checkpoint_steps=FLAGS.checkpoint_steps,
+              strategy=FLAGS.strategy, mixed_precision=FLAGS.mixed_precision)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ distillation from the teacher (kd), or both (init_kd).
 
 from absl import flags
 
-from tas_keras.distill import MODES, distill
+from tas_keras import api
+from tas_keras.distill import MODES
 from train import common_flags
 
 common_flags.define_common_flags(epochs=10, batch_size=256)
@@ -22,14 +23,12 @@ FLAGS = flags.FLAGS
 
 
 def main():
-    distill(out=FLAGS.out, arch_path=_ARCH.value, teacher_path=_TEACHER.value, mode=_MODE.value,
-            dataset_name=FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
-            streaming=FLAGS.streaming, epochs=FLAGS.epochs,
-            batch_size=FLAGS.batch_size, learning_rate=_LR.value, alpha=_ALPHA.value,
-            temperature=_TEMPERATURE.value, seed=FLAGS.seed, max_train_examples=FLAGS.max_train_examples,
-            overwrite=FLAGS.overwrite,
-            checkpoint_steps=FLAGS.checkpoint_steps, strategy=FLAGS.strategy,
-            mixed_precision=FLAGS.mixed_precision)
+    api.distill(_ARCH.value, _TEACHER.value, FLAGS.dataset, FLAGS.out, mode=_MODE.value, epochs=FLAGS.epochs,
+                batch_size=FLAGS.batch_size, overwrite=FLAGS.overwrite, data_dir=FLAGS.data_dir,
+                image_size=FLAGS.image_size, streaming=FLAGS.streaming, learning_rate=_LR.value,
+                alpha=_ALPHA.value, temperature=_TEMPERATURE.value, seed=FLAGS.seed,
+                max_train_examples=FLAGS.max_train_examples, checkpoint_steps=FLAGS.checkpoint_steps,
+                strategy=FLAGS.strategy, mixed_precision=FLAGS.mixed_precision)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ report.md / report.json. Re-running resumes; a finished stage is not redone.
 from absl import flags
 
 from train import common_flags
-from train.pipeline import PRESETS, run_prune
+from tas_keras import api
+from train.pipeline import PRESETS
 
 common_flags.define_common_flags(epochs=None, batch_size=None, dataset=None)
 common_flags.define_mixed_precision_flag()
@@ -43,14 +44,12 @@ FLAGS = flags.FLAGS
 def main():
     cost = FLAGS.cost if FLAGS["cost"].present else PRESETS[_PRESET.value].cost
     target_ratio, target_ms = common_flags.cost_target(cost)
-    run_prune(out=FLAGS.out, model_name=_MODEL.value, target_ratio=target_ratio, preset=_PRESET.value,
+    api.prune(_MODEL.value, FLAGS.dataset, target_ratio, FLAGS.out, overwrite=FLAGS.overwrite, preset=_PRESET.value,
               cost_metric=cost, latency_table=FLAGS.latency_table, target_latency_ms=target_ms,
-              dataset_name=FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
-              streaming=FLAGS.streaming, teacher_path=_TEACHER.value,
-              base_epochs=_BASE_EPOCHS.value, search_epochs=_SEARCH_EPOCHS.value,
-              distill_epochs=_DISTILL_EPOCHS.value, batch_size=FLAGS.batch_size,
-              width_multiple=_MULTIPLE.value, seed=FLAGS.seed, qat_epochs=_QAT_EPOCHS.value,
-              overwrite=FLAGS.overwrite, strategy=FLAGS.strategy,
+              data_dir=FLAGS.data_dir, image_size=FLAGS.image_size, streaming=FLAGS.streaming,
+              teacher_path=_TEACHER.value, base_epochs=_BASE_EPOCHS.value, search_epochs=_SEARCH_EPOCHS.value,
+              distill_epochs=_DISTILL_EPOCHS.value, batch_size=FLAGS.batch_size, width_multiple=_MULTIPLE.value,
+              seed=FLAGS.seed, qat_epochs=_QAT_EPOCHS.value, strategy=FLAGS.strategy,
               mixed_precision=FLAGS.mixed_precision, add_mode=FLAGS.add_mode)
 
 

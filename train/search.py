@@ -7,7 +7,8 @@
 
 from absl import flags
 
-from tas_keras.search import ARCH_DECAYS, ARCH_WARMUP, COST_BANDS, ENTROPY_WEIGHT, TAU_SCHEDULES, run_search
+from tas_keras import api
+from tas_keras.search import ARCH_DECAYS, ARCH_WARMUP, COST_BANDS, ENTROPY_WEIGHT, TAU_SCHEDULES
 from train import common_flags
 
 common_flags.define_common_flags(epochs=10, batch_size=256)
@@ -44,16 +45,14 @@ FLAGS = flags.FLAGS
 
 def main():
     target_ratio, target_ms = common_flags.cost_target(FLAGS.cost)
-    run_search(out=FLAGS.out, model_name=_MODEL.value, dataset_name=FLAGS.dataset, data_dir=FLAGS.data_dir,
-               image_size=FLAGS.image_size, streaming=FLAGS.streaming,
-               epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, target_ratio=target_ratio,
-               cost_metric=FLAGS.cost, latency_table=FLAGS.latency_table, target_latency_ms=target_ms,
+    api.search(_MODEL.value, FLAGS.dataset, target_ratio, FLAGS.out, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+               overwrite=FLAGS.overwrite, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
+               streaming=FLAGS.streaming, cost_metric=FLAGS.cost, latency_table=FLAGS.latency_table, target_latency_ms=target_ms,
                cost_weight=_LAMBDA.value, tolerance=_TOLERANCE.value,
                band=_BAND.value, tau_schedule=_TAU.value, tau_max=_TAU_MAX.value, tau_min=_TAU_MIN.value,
                width_multiple=_MULTIPLE.value, learning_rate=_LR.value, arch_learning_rate=_ARCH_LR.value,
                arch_warmup=_ARCH_WARMUP.value, arch_decay=_ARCH_DECAY.value, entropy_weight=_ENTROPY.value,
                init_from=_INIT.value, seed=FLAGS.seed, max_train_examples=FLAGS.max_train_examples,
-               overwrite=FLAGS.overwrite,
                checkpoint_steps=FLAGS.checkpoint_steps, add_mode=FLAGS.add_mode, strategy=FLAGS.strategy,
                mixed_precision=FLAGS.mixed_precision)
 
