@@ -33,7 +33,8 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
     """Exports `model_path` (a .keras file) into `out` and writes `out`/report.json; returns the report.
 
     The exported models take RGB pixels (uint8, or float32 0-255 with `float_input`) and normalise
-    them with the mean/std of `dataset_name` (the data the model was trained on); labels.txt beside
+    them with the mean/std of `dataset_name` (the data the model was trained on, read at the model's
+    input size as training read it: `data.load_dataset`'s `image_size`); labels.txt beside
     model.tflite names their outputs. `qat_epochs` > 0 (int8 only) fine-tunes with quantization-aware
     training (the optional TFMOT bridge) instead of calibrating post-training. `dataset`, an
     ImageDataset, replaces loading `dataset_name`.
@@ -64,8 +65,13 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
     report_path = os.path.join(out, REPORT_FILE)
     if os.path.exists(report_path):
         os.remove(report_path)  # a stale report must not vouch for files this run replaces
+    jobs = [("model", model_path, out)]
+    if compare_with:
+        jobs.append(("compare_with", compare_with, os.path.join(out, COMPARE_DIR)))
+    models = {path: keras.saving.load_model(path) for _, path, _ in jobs}
     if dataset is None:
-        dataset = data.load_dataset(dataset_name, data_dir=data_dir, seed=seed)
+        dataset = data.load_dataset(dataset_name, data_dir=data_dir, seed=seed,
+                                    image_size=_square_side(models[model_path]))
     representative = (convert.representative_images(dataset, representative_size, seed, float_input)
                       if quantize == "int8" else None)
     export = dict(quantize=quantize, int8_io=int8_io, float_input=float_input, qat_epochs=qat_epochs,
@@ -73,12 +79,9 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
 
     test_images, test_labels = dataset.test_pixels()
     export["test"] = (test_images, test_labels)
-    jobs = [("model", model_path, out)]
-    if compare_with:
-        jobs.append(("compare_with", compare_with, os.path.join(out, COMPARE_DIR)))
     entries, runtimes, checks = [], [], []
     for role, path, directory in jobs:
-        entry, runtime = _export_one(path, directory, dataset, **export)
+        entry, runtime = _export_one(models[path], path, directory, dataset, **export)
         entries.append({"role": role, **entry})
         runtimes.append(runtime)
         metrics = {**entry["tflite"], "saved_model_max_abs_diff": entry["saved_model"]["max_abs_diff"]}
@@ -114,13 +117,12 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
     return report
 
 
-def _export_one(model_path, directory, dataset, quantize, int8_io, float_input, qat_epochs, representative,
+def _export_one(model, model_path, directory, dataset, quantize, int8_io, float_input, qat_epochs, representative,
                 threads, seed, test):
     """Exports one model. Its .tflite, fed the test images' pixels, is compared with the Keras model
     fed the images normalised by the data pipeline, as in training; the reloaded SavedModel with the
     Keras graph it was exported from (the pixel-input wrapper: the two normalisations round apart
     by about 1e-7)."""
-    model = keras.saving.load_model(model_path)
     _check_fits(model, dataset, model_path)
     test_images, test_labels = test
     reference = _keras_outputs(model, convert.normalised(test_images, dataset.mean, dataset.std))
@@ -169,6 +171,14 @@ def _keras_outputs(model, images, batch_size=256):
     # Eager calls: model.predict would trace a new function for every model a process loads.
     return np.concatenate([keras.ops.convert_to_numpy(model(images[start:start + batch_size], training=False))
                            for start in range(0, len(images), batch_size)])
+
+
+def _square_side(model):
+    """The side the data is read at for `model`: its input's; None (the data's own) for an input that
+    no image size gives (`_check_fits` then names the mismatch)."""
+    height, width = model.input_shape[1:3]
+    low, high = data.IMAGE_SIZE_RANGE
+    return height if height == width and low <= height <= high else None
 
 
 def _check_fits(model, dataset, path):

@@ -143,16 +143,17 @@ def _tiny_folder(root, size, classes=3, train=24, test=8):
 def test_any_model_goes_through_the_pipeline(tmp_path, model):
     """Every family the graph reader supports is searched, distilled, exported and reported like the CIFAR
     ResNets: keras.applications networks and the project's ImageNet ResNet trained from scratch as the
-    base network, and a user's .keras model (the test's functional CNN) taken as base and teacher."""
-    size = 8 if model == "user_cnn" else 32
-    dataset = _tiny_folder(tmp_path / "data", size, classes=4 if model == "user_cnn" else 3)
+    base network, and a user's .keras model (the test's functional CNN) taken as base and teacher, its
+    8 px images read from larger ones (--image_size: every stage, the export too, reads them at 8 px)."""
+    image_size = 8 if model == "user_cnn" else None
+    dataset = _tiny_folder(tmp_path / "data", 12 if image_size else 32, classes=4 if model == "user_cnn" else 3)
     if model == "user_cnn":
         keras.utils.set_random_seed(0)
         model = str(tmp_path / "mine.keras")
         user_cnn().save(model)
     out = tmp_path / "run"
     report = run_prune(str(out), model_name=model, target_ratio=0.6, dataset_name=dataset, batch_size=8,
-                       base_epochs=1, search_epochs=1, distill_epochs=1)
+                       base_epochs=1, search_epochs=1, distill_epochs=1, image_size=image_size)
     assert (out / "base").exists() != model.endswith(".keras")
     pruned = PrunedShape.load(out / "search" / "arch.json")
     full_flops = count_model(keras.models.load_model(
