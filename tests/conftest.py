@@ -20,3 +20,14 @@ def released_shapes():
 def _cache_dir(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TAS_KERAS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     os.makedirs(os.environ["TAS_KERAS_CACHE"], exist_ok=True)
+
+
+def pytest_collection_modifyitems(items):
+    """pytest-xdist (pytest.ini: two workers, --dist loadgroup) spreads the tests over the workers, but a
+    module-scoped fixture (a trained run several tests inspect) must be built once, so the tests that
+    share one run on the same worker."""
+    for item in items:
+        shared = sorted(name for name, definitions in item._fixtureinfo.name2fixturedefs.items()
+                        if definitions[-1].scope == "module")
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{','.join(shared)}"))
