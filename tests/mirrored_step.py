@@ -28,7 +28,7 @@ from tas_keras.search import TASSearchModel  # noqa: E402
 from tas_keras.search_space import ArchConfig  # noqa: E402
 from tas_keras.supernet import build_supernet  # noqa: E402
 
-ARCH = ArchConfig.full("resnet20", input_shape=(8, 8, 3))
+ARCH = ArchConfig.full("resnet14", input_shape=(8, 8, 3))  # two blocks a stage: a depth choice
 rng = np.random.default_rng(0)
 half = rng.normal(size=(8, 8, 8, 3)).astype("float32"), rng.integers(0, 10, 8).astype("int32")
 batch = tuple(np.concatenate([a, a]) for a in half)

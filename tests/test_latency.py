@@ -262,7 +262,7 @@ def test_mobile_preset_searches_latency_and_reports_predicted_beside_measured(tm
         json.dump({**synthetic_table(full, 16, quantize="int8"), "threads": 1}, f)
     out = str(tmp_path / "run")
     report = run_prune(out, preset="mobile", latency_table=table_path, target_ratio=0.6, base_epochs=1,
-                       search_epochs=2, distill_epochs=1)
+                       search_epochs=2, distill_epochs=1, max_train_examples=512)
     shape = ArchConfig.from_dict(report["searched_shape"])
     assert all(w % 16 == 0 for w in shape.widths)
     assert sorted(os.listdir(os.path.join(out, "export"))) == ["int8"]

@@ -18,7 +18,7 @@ from train.pipeline import run_prune, smallest_ratio
 from .conftest import REPO
 from .test_supernet import user_cnn
 
-SHORT = dict(base_epochs=1, search_epochs=2, distill_epochs=1)
+SHORT = dict(base_epochs=1, search_epochs=2, distill_epochs=1, max_train_examples=512)
 
 
 def _cli(*args, timeout=60, env=None):
@@ -51,6 +51,10 @@ def test_quick_pipeline_end_to_end(finished_run):
     assert int8["model"]["size_bytes"] < report["exports"]["none"]["model"]["size_bytes"]
     markdown = open(os.path.join(out, "report.md")).read()
     assert "| MFLOPs | 40.81 |" in markdown and "search/search.png" in markdown
+    # Every training stage read the first 512 of the 5,000 training images (its settings say so).
+    for stage in ("base", "search", "distill"):
+        assert json.load(open(os.path.join(out, stage, "run.json")))["max_train_examples"] == 512, stage
+    assert json.load(open(os.path.join(out, "base", "metrics.json")))["train_examples"] == 512
     assert json.load(open(os.path.join(out, "report.json"))) == report
 
 
@@ -88,6 +92,10 @@ def test_smallest_expressible_network():
     (["--dataset=/no/such/data.zip"], "/no/such/data.zip"),
     (["--teacher=/no/teacher.keras"], "--teacher: no such model file '/no/teacher.keras'"),
     (["--preset=huge"], "--preset"),
+    (["--quantize=int8,int9"], "error: exports must be distinct ones of none, float16, dynamic, int8, got "
+                               "['int8', 'int9']"),
+    (["--quantize=int8,int8"], "got ['int8', 'int8']"),
+    (["--max_train_examples=0"], "--max_train_examples"),
 ])
 def test_bad_input_fails_fast_with_one_line(tmp_path, args, message):
     start = time.perf_counter()
@@ -146,6 +154,8 @@ def test_any_model_goes_through_the_pipeline(tmp_path, model):
     base network, and a user's .keras model (the test's functional CNN) taken as base and teacher, its
     8 px images read from larger ones (--image_size: every stage, the export too, reads them at 8 px)."""
     image_size = 8 if model == "user_cnn" else None
+    # Conversion dominates the export: int8 for the phone network and the user's CNN, fp32 for all.
+    quantizations = ("none", "int8") if model in ("mobilenet_v2", "user_cnn") else ("none",)
     dataset = _tiny_folder(tmp_path / "data", 12 if image_size else 32, classes=4 if model == "user_cnn" else 3)
     if model == "user_cnn":
         keras.utils.set_random_seed(0)
@@ -153,7 +163,8 @@ def test_any_model_goes_through_the_pipeline(tmp_path, model):
         user_cnn().save(model)
     out = tmp_path / "run"
     report = run_prune(str(out), model_name=model, target_ratio=0.6, dataset_name=dataset, batch_size=8,
-                       base_epochs=1, search_epochs=1, distill_epochs=1, image_size=image_size)
+                       base_epochs=1, search_epochs=1, distill_epochs=1, image_size=image_size,
+                       quantizations=quantizations)
     assert (out / "base").exists() != model.endswith(".keras")
     pruned = PrunedShape.load(out / "search" / "arch.json")
     full_flops = count_model(keras.models.load_model(
@@ -164,7 +175,8 @@ def test_any_model_goes_through_the_pipeline(tmp_path, model):
     assert report["pruned"]["flops"] == count_model(derived).flops == pruned.provenance["flops"] < full_flops
     assert report["exports"]["none"]["model"]["accuracy"] == pytest.approx(report["keras_accuracy"]["pruned"],
                                                                             abs=1e-6)
-    assert os.path.exists(out / "export" / "int8" / "model.tflite")
+    assert sorted(os.listdir(out / "export")) == sorted(quantizations)
+    assert all(os.path.exists(out / "export" / q / "model.tflite") for q in quantizations)
 
 
 def test_a_model_ending_in_softmax_is_refused_in_one_line(tmp_path):

@@ -122,7 +122,7 @@ def test_architecture_loss_reaches_every_alpha_and_beta():
 
 @pytest.mark.parametrize("frozen", ["architecture", "weights"])
 def test_each_step_updates_only_its_own_variables(frozen):
-    search = _search_model(weight_lr=0.0 if frozen == "weights" else 0.1,
+    search = _search_model("resnet14", weight_lr=0.0 if frozen == "weights" else 0.1,
                            arch_lr=0.0 if frozen == "architecture" else 0.01, target=0.1)
     weights = [v.numpy() for v in search.supernet.weight_variables]
     arch = [v.numpy() for v in search.supernet.arch_variables]
@@ -347,7 +347,7 @@ def test_depth_mixer_with_different_block_widths_equals_the_naive_route():
 def test_architecture_step_inside_the_band_follows_the_cross_entropy_alone(entropy_weight):
     """Inside the band the cost term is 0: the step is the cross-entropy's gradient (plus, when the
     entropy term is on, its weight times the gradient of the distributions' mean entropy)."""
-    supernet = _cifar_supernet("resnet20", (8, 8, 3))
+    supernet = _cifar_supernet("resnet14", (8, 8, 3))
     for i, variable in enumerate(supernet.arch_variables):  # not uniform, where the entropy's gradient is 0
         variable.assign(tf.random.stateless_normal(variable.shape, [7, i]))
     search = TASSearchModel(supernet, target_ratio=0.5, arch_weight_decay=0.0,

@@ -40,10 +40,10 @@ def define_common_flags(epochs, batch_size, dataset=BUNDLED_DATASET):
                       "them from their files at every epoch; always / never force either.")
     flags.DEFINE_integer("batch_size", batch_size, "Global batch size.", lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Seed of data order, augmentation, init and splits.", lower_bound=0)
+    flags.DEFINE_integer("max_train_examples", None, "Use at most this many training images (quick runs).",
+                         lower_bound=1)
     if epochs is not None:
         flags.DEFINE_integer("epochs", epochs, "Training epochs.", lower_bound=1)
-        flags.DEFINE_integer("max_train_examples", None, "Use at most this many training images (quick "
-                             "runs).", lower_bound=1)
         flags.DEFINE_integer("checkpoint_steps", CHECKPOINT_STEPS, "Back the training state up every this "
                              "many steps (and every epoch): a killed run resumes from there.", lower_bound=1)
     flags.DEFINE_bool("overwrite", False, "Replace what --out holds instead of refusing or resuming.")

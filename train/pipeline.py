@@ -11,6 +11,7 @@ import os
 import time
 
 from export import tfmot_bridge
+from export.convert import QUANTIZATIONS
 from export.layer_latency import make_table
 from export.pipeline import REPORT_FILE, TFLITE_FILE, export_and_verify
 from tas_keras import data
@@ -120,7 +121,7 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
               teacher_path=None, base_epochs=None, search_epochs=None, distill_epochs=None, batch_size=None,
               width_multiple=None, seed=0, qat_epochs=0, overwrite=False, strategy="auto", cost_metric=None,
               latency_table=None, target_latency_ms=None, image_size=None, streaming="auto", mixed_precision=None,
-              add_mode=None):
+              add_mode=None, max_train_examples=None, quantizations=None):
     """Runs every stage into `out` and returns the report (also `out/report.json` and `report.md`).
 
     The training stages run under `strategy`; export and report need one device and run outside it,
@@ -137,6 +138,8 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
 
     `model_name` is a registry name (trained from scratch as the base network) or a trained .keras
     model, which is then the base network and the teacher; `add_mode` as `run_search` takes it.
+    `max_train_examples` trains every stage on that many training images (a trial run of the pipeline);
+    `quantizations` replaces the preset's exports, e.g. ("int8",).
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -149,6 +152,11 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     batch_size = batch_size or chosen.batch_size
     search_batch_size = min(batch_size, chosen.search_batch_size)
     cost_metric = cost_metric or chosen.cost
+    given, exporter = quantizations, "this run" if quantizations else f"the {preset} preset"
+    quantizations = tuple(quantizations or chosen.quantizations)
+    unknown = [q for q in quantizations if q not in QUANTIZATIONS]
+    if unknown or len(set(quantizations)) != len(quantizations):
+        raise ValueError(f"exports must be distinct ones of {', '.join(QUANTIZATIONS)}, got {given!r}")
     width_multiple = width_multiple or chosen.width_multiple
     if cost_metric not in COSTS:
         raise ValueError(f"cost must be one of {COSTS}, got {cost_metric!r}")
@@ -157,9 +165,9 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     if not 0 < target_ratio < 1:
         raise ValueError(f"target ratio must be in (0, 1), got {target_ratio!r}")
     table = latency_table and LatencyTable.load(latency_table)
-    if table and table.quantize not in chosen.quantizations:
-        raise ValueError(f"latency table {latency_table!r} was measured with quantize={table.quantize}, but the "
-                         f"{preset} preset exports {', '.join(chosen.quantizations)}")
+    if table and table.quantize not in quantizations:
+        raise ValueError(f"latency table {latency_table!r} was measured with quantize={table.quantize}, but "
+                         f"{exporter} exports {', '.join(quantizations)}")
     if is_model_file(model_name):
         if teacher_path:
             raise ValueError(f"{model_name} is the base network and the teacher: do not give --teacher too")
@@ -173,7 +181,8 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     if qat_epochs:
         tfmot_bridge.require_tfmot()  # now, not after hours of training
     distribution = make_strategy(strategy)  # a multi-worker strategy must precede other TensorFlow work
-    dataset = data.load_dataset(dataset_name, data_dir=data_dir, seed=seed, image_size=image_size, streaming=streaming)
+    dataset = data.load_dataset(dataset_name, data_dir=data_dir, seed=seed, image_size=image_size, streaming=streaming,
+                                max_train_examples=max_train_examples)
     space = search_space(model_name, source_model(model_name, dataset), add_mode, width_multiple)
     if cost_metric != LATENCY or table:
         floor = smallest_ratio(space, table)
@@ -191,10 +200,10 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     threads = table.threads if table else chosen.threads
     images = dataset.train_size
     progress = _Progress([base_epochs * images * (teacher_path is None), 0, search_epochs * images,
-                          distill_epochs * images * 1.3, images * len(chosen.quantizations) / 2, 0])
+                          distill_epochs * images * 1.3, images * len(quantizations) / 2, 0])
     common = dict(dataset_name=dataset_name, data_dir=data_dir, seed=seed)
     trained = dict(common, strategy=strategy, image_size=image_size, streaming=streaming,
-                   mixed_precision=mixed_precision)
+                   mixed_precision=mixed_precision, max_train_examples=max_train_examples)
     stage_dirs = {stage: os.path.join(out, stage) for stage in ("base", "search", "distill")}
 
     with distribution.scope():
@@ -214,6 +223,7 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
             **({"latency_table": latency_table, "target_latency_ms": target_latency_ms}
                if cost_metric == LATENCY else {}),
             **({"mixed_precision": mixed_precision} if mixed_precision else {}),
+            **({"max_train_examples": max_train_examples} if max_train_examples else {}),
             **({"add_mode": add_mode} if add_mode else {})})
 
         progress.banner(0, "base network" + (f": given {teacher_path}" if teacher_path else ""))
@@ -250,9 +260,9 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
         logging.info("training done; the chief exports and writes the report")
         return None
 
-    progress.banner(4, f"export to SavedModel and .tflite ({', '.join(chosen.quantizations)}), verified with LiteRT")
+    progress.banner(4, f"export to SavedModel and .tflite ({', '.join(quantizations)}), verified with LiteRT")
     exports = {}
-    for quantize in chosen.quantizations:
+    for quantize in quantizations:
         export_dir = os.path.join(out, "export", quantize)
         settings = {"model": os.path.abspath(os.path.join(stage_dirs["distill"], MODEL_FILE)),
                     "compare_with": os.path.abspath(teacher_path), "quantize": quantize,

@@ -6,7 +6,7 @@
   python -m train.prune --out=runs/phone --preset=mobile --target_latency_ratio=0.6   # int8 latency on this machine
 
 Stages (sub-directories of --out): base (skipped with --teacher), latency_table (a latency search
-without --latency_table), search, distill, export/{none,int8} (int8 only with --preset=mobile), then
+without --latency_table), search, distill, export/{none,int8} (int8 only with --preset=mobile; --quantize), then
 report.md / report.json. Re-running resumes; a finished stage is not redone.
 """
 
@@ -36,6 +36,8 @@ _SEARCH_EPOCHS = flags.DEFINE_integer("search_epochs", None, "Override the prese
 _DISTILL_EPOCHS = flags.DEFINE_integer("distill_epochs", None, "Override the preset.", lower_bound=1)
 _MULTIPLE = flags.DEFINE_integer("width_multiple", None, "Search widths in multiples of this (8 or 16; "
                                  "default: the preset's, 1 or 16 for mobile).", lower_bound=1)
+_QUANTIZE = flags.DEFINE_list("quantize", None, "The exports, comma-separated: none (fp32), float16, dynamic, int8. "
+                              "Default: the preset's (none,int8; int8 for mobile).")
 _QAT_EPOCHS = flags.DEFINE_integer("qat_epochs", 0, "Make the int8 export quantization-aware: fine-tune this "
                                    "many epochs (needs requirements-tfmot.txt).", lower_bound=0)
 FLAGS = flags.FLAGS
@@ -50,7 +52,8 @@ def main():
               teacher_path=_TEACHER.value, base_epochs=_BASE_EPOCHS.value, search_epochs=_SEARCH_EPOCHS.value,
               distill_epochs=_DISTILL_EPOCHS.value, batch_size=FLAGS.batch_size, width_multiple=_MULTIPLE.value,
               seed=FLAGS.seed, qat_epochs=_QAT_EPOCHS.value, strategy=FLAGS.strategy,
-              mixed_precision=FLAGS.mixed_precision, add_mode=FLAGS.add_mode)
+              mixed_precision=FLAGS.mixed_precision, add_mode=FLAGS.add_mode,
+              max_train_examples=FLAGS.max_train_examples, quantizations=_QUANTIZE.value)
 
 
 if __name__ == "__main__":
