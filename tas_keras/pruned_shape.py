@@ -104,17 +104,15 @@ class PrunedShape:
     @classmethod
     def from_search(cls, config):
         """The shape a search returned (`run_search`: a PrunedShape's dict, or a CIFAR ResNet's ArchConfig's)."""
-        if isinstance(config, Mapping) and "format" in config:
-            return cls.from_dict(config)
-        return cls.from_arch(ArchConfig.from_dict(config))
+        return cls.from_dict(config) if _holds_pruned_shape(config) else cls.from_arch(ArchConfig.from_dict(config))
 
     @classmethod
     def load(cls, path):
         """The shape in `path` (a PrunedShape, or a CIFAR ResNet's ArchConfig or released shape); a
         ValueError naming the file and what is wrong with it."""
         config = read_json_file(path, "shape file")
-        if not (isinstance(config, Mapping) and "format" in config):
-            return cls.from_arch(ArchConfig.load(path))
+        if not _holds_pruned_shape(config):
+            return cls.from_arch(ArchConfig.load(path))  # also reads the paper's released shape files
         try:
             return cls.from_dict(config)
         except (TypeError, ValueError) as error:
@@ -131,3 +129,8 @@ class PrunedShape:
         with open(tmp, "w") as f:
             f.write(json.dumps(self.to_dict(), indent=2) + "\n")
         os.replace(tmp, path)
+
+
+def _holds_pruned_shape(config):
+    """A PrunedShape's dict carries its format; a CIFAR ResNet's ArchConfig does not."""
+    return isinstance(config, Mapping) and "format" in config

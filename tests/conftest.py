@@ -25,16 +25,14 @@ def _cache_dir(tmp_path_factory, monkeypatch):
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(items):
     """pytest-xdist (pytest.ini: two workers, --dist loadgroup) spreads the tests over the workers, but a
-    module-scoped fixture (a trained run several tests inspect) must be built once, so the tests that
-    share one run on the same worker. Slow groups go out first, so that the two workers finish together
-    rather than one waiting for the other's last end-to-end run; a group stays in one block, so that a
-    serial run (-n 0) builds its fixture once too."""
+    module-scoped fixture (a trained model or run several tests inspect, one fixture often built on
+    another) must be built once, so a module's tests that use one run on the same worker. Slow groups go
+    out first, so that the two workers finish together rather than one waiting for the other's last
+    end-to-end run; a group stays in one block, so that a serial run (-n 0) builds its fixtures once too."""
     groups = {}
     for item in items:
-        shared = sorted(name for name, definitions in item._fixtureinfo.name2fixturedefs.items()
-                        if definitions[-1].scope == "module")
-        if shared:
-            groups[item] = f"{item.module.__name__}:{','.join(shared)}"
+        if any(definitions[-1].scope == "module" for definitions in item._fixtureinfo.name2fixturedefs.values()):
+            groups[item] = item.module.__name__
             item.add_marker(pytest.mark.xdist_group(groups[item]))
     slow_groups = {groups.get(item, item) for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: groups.get(item, item) not in slow_groups)

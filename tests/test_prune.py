@@ -11,6 +11,7 @@ import pytest
 from tas_keras.cost import count_model
 from tas_keras.graph import INDEPENDENT, read_model
 from tas_keras.models.cifar_resnet import CifarResNet
+from tas_keras.models.registry import build_model
 from tas_keras.pruned_shape import PrunedShape
 from tas_keras.search_space import ArchConfig
 from train.pipeline import run_prune, smallest_ratio
@@ -150,25 +151,32 @@ def _tiny_folder(root, size, classes=3, train=24, test=8):
 @pytest.mark.parametrize("model", ["mobilenet_v2", "resnet18", "resnet50", "user_cnn"])
 def test_any_model_goes_through_the_pipeline(tmp_path, model):
     """Every family the graph reader supports is searched, distilled, exported and reported like the CIFAR
-    ResNets: keras.applications networks and the project's ImageNet ResNet trained from scratch as the
-    base network, and a user's .keras model (the test's functional CNN) taken as base and teacher, its
-    8 px images read from larger ones (--image_size: every stage, the export too, reads them at 8 px)."""
+    ResNets: keras.applications' MobileNetV2 and the project's ImageNet ResNet-18 trained from scratch as
+    the base network, ResNet-50 given its base network (--teacher), and a user's .keras model (the test's
+    functional CNN) taken as base and teacher, its 8 px images read from larger ones (--image_size: every
+    stage, the export too, reads them at 8 px)."""
     image_size = 8 if model == "user_cnn" else None
     # Conversion dominates the export: int8 for the phone network and the user's CNN, fp32 for all.
     quantizations = ("none", "int8") if model in ("mobilenet_v2", "user_cnn") else ("none",)
-    dataset = _tiny_folder(tmp_path / "data", 12 if image_size else 32, classes=4 if model == "user_cnn" else 3)
+    classes = 4 if model == "user_cnn" else 3
+    dataset = _tiny_folder(tmp_path / "data", 12 if image_size else 32, classes=classes)
+    teacher = None
     if model == "user_cnn":
         keras.utils.set_random_seed(0)
         model = str(tmp_path / "mine.keras")
         user_cnn().save(model)
+    elif model == "resnet50":
+        teacher = str(tmp_path / "resnet50.keras")
+        build_model(model, (32, 32, 3), classes).save(teacher)
     out = tmp_path / "run"
     report = run_prune(str(out), model_name=model, target_ratio=0.6, dataset_name=dataset, batch_size=8,
                        base_epochs=1, search_epochs=1, distill_epochs=1, image_size=image_size,
-                       quantizations=quantizations)
-    assert (out / "base").exists() != model.endswith(".keras")
+                       quantizations=quantizations, teacher_path=teacher)
+    trained_base = teacher is None and not model.endswith(".keras")
+    base = out / "base" / "model.keras" if trained_base else teacher or model
+    assert (out / "base").exists() == trained_base
     pruned = PrunedShape.load(out / "search" / "arch.json")
-    full_flops = count_model(keras.models.load_model(
-        model if model.endswith(".keras") else out / "base" / "model.keras")).flops
+    full_flops = count_model(keras.models.load_model(base)).flops
     derived = keras.models.load_model(out / "distill" / "model.keras")  # a plain functional model
     assert type(derived).__name__ == "Functional"
     assert report["base"]["flops"] == full_flops

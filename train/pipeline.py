@@ -15,18 +15,18 @@ from export.convert import QUANTIZATIONS
 from export.layer_latency import make_table
 from export.pipeline import REPORT_FILE, TFLITE_FILE, export_and_verify
 from tas_keras import data
-from tas_keras.latency import LatencyTable, predict_latency
-from tas_keras.distribute import make_strategy
+from tas_keras.cost import count_shape
 from tas_keras.distill import distill, load_teacher
+from tas_keras.distribute import make_strategy
+from tas_keras.graph import INDEPENDENT, GraphShape, arch_from_shape, read_model
+from tas_keras.latency import LatencyTable, predict_latency
+from tas_keras.models.registry import is_cifar_model, is_model_file
 from tas_keras.precision import check_mixed_precision
+from tas_keras.pruned_shape import PrunedShape
 from tas_keras.runs import (check_overwrite, clear_run_dir, holds_own_files, lock_run_dir, locking_stage,
                             prepare_run_dir, read_json, run_dir, write_json)
 from tas_keras.search import (ARCH_FILE, COSTS, CURVES_FILE, LATENCY, PLOT_FILE, latency_target_ratio, run_search,
                               source_model)
-from tas_keras.cost import count_shape
-from tas_keras.graph import INDEPENDENT, GraphShape, arch_from_shape, read_model
-from tas_keras.models.registry import is_cifar_model, is_model_file
-from tas_keras.pruned_shape import PrunedShape
 from tas_keras.supernet import search_space
 from tas_keras.training import MODEL_FILE, train_base
 
@@ -199,7 +199,10 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
             latency_target_ratio(target_latency_ms, model_name, dataset, table)
     threads = table.threads if table else chosen.threads
     images = dataset.train_size
-    progress = _Progress([base_epochs * images * (teacher_path is None), 0, search_epochs * images,
+    # Stage workloads in base-training images: a search image costs about 1.3 (bench.search_throughput),
+    # a KD image 1.3 (the teacher's forward pass too), an export about half an epoch. The rate is the last
+    # stage's, timed.
+    progress = _Progress([base_epochs * images * (teacher_path is None), 0, search_epochs * images * 1.3,
                           distill_epochs * images * 1.3, images * len(quantizations) / 2, 0])
     common = dict(dataset_name=dataset_name, data_dir=data_dir, seed=seed)
     trained = dict(common, strategy=strategy, image_size=image_size, streaming=streaming,
@@ -245,12 +248,13 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
                        input_shape=dataset.image_shape, note=f"made by train.prune --preset={preset}")
         target = f"{target_latency_ms} ms" if target_latency_ms else f"{target_ratio:.0%} of the {cost_metric}"
         progress.banner(2, f"TAS search of {model_name} at {target}")
-        run_search(stage_dirs["search"], model_name=model_name, epochs=search_epochs,
+        searched = run_search(stage_dirs["search"], model_name=model_name, epochs=search_epochs,
                    batch_size=search_batch_size, target_ratio=target_ratio, width_multiple=width_multiple,
                    cost_metric=cost_metric, latency_table=latency_table, target_latency_ms=target_latency_ms,
                    add_mode=add_mode, **chosen.arch_step,
                    **trained)
         search_dir = run_dir(stage_dirs["search"])
+        progress.measured(progress.workloads[2] / searched["provenance"]["search_wall_time_s"])
 
         progress.banner(3, "training the searched shape with KD from the base network")
         distilled = distill(stage_dirs["distill"], os.path.join(search_dir, ARCH_FILE), teacher_path,
