@@ -249,10 +249,9 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
         target = f"{target_latency_ms} ms" if target_latency_ms else f"{target_ratio:.0%} of the {cost_metric}"
         progress.banner(2, f"TAS search of {model_name} at {target}")
         searched = run_search(stage_dirs["search"], model_name=model_name, epochs=search_epochs,
-                   batch_size=search_batch_size, target_ratio=target_ratio, width_multiple=width_multiple,
-                   cost_metric=cost_metric, latency_table=latency_table, target_latency_ms=target_latency_ms,
-                   add_mode=add_mode, **chosen.arch_step,
-                   **trained)
+                              batch_size=search_batch_size, target_ratio=target_ratio, width_multiple=width_multiple,
+                              cost_metric=cost_metric, latency_table=latency_table,
+                              target_latency_ms=target_latency_ms, add_mode=add_mode, **chosen.arch_step, **trained)
         search_dir = run_dir(stage_dirs["search"])
         progress.measured(progress.workloads[2] / searched["provenance"]["search_wall_time_s"])
 
