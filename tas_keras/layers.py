@@ -116,10 +116,14 @@ class WidthChoice(keras.Layer):
                                          initializer=keras.initializers.RandomNormal(0.0, 0.01), autocast=False)
 
     def sample(self, tau, seed):
-        """(two candidate indices, their mixing weights)."""
+        """(two candidate indices, the wider first, and their mixing weights)."""
         if self.alpha is None:  # a single candidate: the width is fixed
             return tf.zeros([2], tf.int32), tf.constant([1.0, 0.0])
-        return sample_two_widths(self.alpha, tau, seed)
+        picks, weights = sample_two_widths(self.alpha, tau, seed)
+        # Wider first: the convs of the slot then split a sample by unstacking it, not by slicing at a
+        # tensor index, whose ops and gradient ops made most of the search step's graph.
+        wider_first = tf.math.top_k(picks, k=2).indices
+        return tf.gather(picks, wider_first), tf.gather(weights, wider_first)
 
     def expected_width(self):
         if self.alpha is None:
@@ -227,21 +231,22 @@ class SearchableConv(keras.Layer):
                             dilations=self.dilation_rate)
 
     def _mix(self, widths, weights, scales, shifts):
-        """sum_k weights[k] * CWI_{widths[k] -> wider}(scales[k] * y + shifts[k]) as taps of y: output
-        channel j is diagonal[j] * y[j] + sum_t coefficients[t, j] * y[rows[t, j]] + bias[j], zero
-        beyond the wider width. The wider pick's CWI is the identity (the diagonal); the narrower's
-        two taps are rows [2, C] and coefficients [2, C]. Returns (diagonal, rows, coefficients, bias,
-        wider)."""
-        wider_pick = tf.argmax(widths, output_type=tf.int32)
-        narrower_pick = 1 - wider_pick  # the same width when both picks are equal: identity taps too
-        wider, narrower = widths[wider_pick], widths[narrower_pick]
+        """sum_k weights[k] * CWI_{widths[k] -> wider}(scales[k] * y + shifts[k]) as taps of y, the
+        wider pick first: output channel j is diagonal[j] * y[j] + sum_t coefficients[t, j] *
+        y[rows[t, j]] + bias[j], zero beyond the wider width. The wider pick's CWI is the identity (the
+        diagonal); the narrower's two taps are rows [2, C] and coefficients [2, C] (identity taps too
+        when both picks are equal). Returns (diagonal, rows, coefficients, bias, wider)."""
+        wider, narrower = tf.unstack(widths)
+        wider_weight, narrower_weight = tf.unstack(weights)
+        wider_scale, narrower_scale = tf.unstack(scales)
+        wider_shift, narrower_shift = tf.unstack(shifts)
         mask = width_mask(wider, self.filters)
-        diagonal = weights[wider_pick] * mask * scales[wider_pick]
+        diagonal = wider_weight * mask * wider_scale
         rows = tf.stack(cwi_taps(narrower, wider, self.filters))
-        tap_weight = 0.5 * weights[narrower_pick] * mask
-        coefficients = tap_weight * tf.gather(scales[narrower_pick], rows)
-        bias = (weights[wider_pick] * mask * shifts[wider_pick]
-                + tf.reduce_sum(tap_weight * tf.gather(shifts[narrower_pick], rows), axis=0))
+        tap_weight = 0.5 * narrower_weight * mask
+        coefficients = tap_weight * tf.gather(narrower_scale, rows)
+        bias = (wider_weight * mask * wider_shift
+                + tf.reduce_sum(tap_weight * tf.gather(narrower_shift, rows), axis=0))
         return diagonal, rows, coefficients, bias, wider
 
     def _mixed_kernel(self, diagonal, rows, coefficients):
@@ -264,8 +269,9 @@ class SearchableConv(keras.Layer):
         return tf.linalg.matvec(kernel, mean, transpose_a=True), tf.maximum(variance, 0.0)
 
     def call(self, inputs, picks, weights):
-        """Returns the mixed output (full width, zero beyond the wider pick) and the wider pick's width
-        in channels."""
+        """`picks`: two candidate indices, the wider first (as `WidthChoice.sample` draws them), and
+        their mixing `weights`. Returns the mixed output (full width, zero beyond the wider pick) and
+        the wider pick's width in channels."""
         x = inputs
         weights = tf.cast(weights, tf.float32)  # Keras casts a layer's float arguments to its compute dtype
         widths = tf.gather(self.candidate_channels, picks)

@@ -256,7 +256,10 @@ class TASSearchModel(keras.Model):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         weights, arch_variables = self.supernet.weight_variables, self.supernet.arch_variables
 
-        with tf.GradientTape() as tape:
+        # Each tape watches only the variables its step updates: a tape records, and differentiates, every
+        # op that reads a watched variable, and the other step's half made a third of the step's graph.
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch([v.value for v in weights])
             # The losses read float32 logits, whatever the supernet computes in (tas_keras.precision).
             logits = tf.cast(self.supernet(images, self.supernet.sample(self.tau, self._step_seed(0))),
                              tf.float32)
@@ -267,7 +270,8 @@ class TASSearchModel(keras.Model):
             scaled_loss = self.optimizer.scale_loss(loss)
         self.optimizer.apply(tape.gradient(scaled_loss, weights), weights)
 
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch([v.value for v in arch_variables])
             valid_logits = tf.cast(self.supernet(valid_images, self.supernet.sample(self.tau, self._step_seed(1))),
                                    tf.float32)
             valid_loss = self.cross_entropy(labels_valid, valid_logits)

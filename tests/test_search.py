@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from tas_keras.cost import count_arch, count_model
 from tas_keras.graph import arch_from_shape
-from tas_keras.layers import DepthMixer, cwi_transition, sample_two_widths
+from tas_keras.layers import DepthMixer, WidthChoice, cwi_transition, sample_two_widths
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.pruned_shape import PrunedShape
 from tas_keras.search import (ArchLearningRate, LinearRamp, arch_learning_rate_for, TASSearchModel, convergence,
@@ -93,6 +93,23 @@ def test_two_distinct_draws_follow_the_distribution():
     flat, _ = _draw(tf.math.log(probs), tf.constant(100.0), seeds)
     np.testing.assert_allclose(np.bincount(flat.numpy().ravel(), minlength=5) / flat.numpy().size, 0.2,
                                atol=0.03)
+
+
+def test_a_width_choice_hands_its_two_draws_over_wider_first():
+    """The convs of a slot take the first pick as the wider one: the choice reorders the two draws,
+    each keeping its own weight."""
+    choice = WidthChoice([4, 8, 12, 16])
+    choice.build()
+    choice.alpha.assign([0.3, -0.2, 0.1, 0.0])
+    reordered = 0
+    for index in range(40):
+        seed = tf.constant([index, 7], tf.int64)
+        picks, weights = (t.numpy() for t in choice.sample(tf.constant(2.0), seed))
+        drawn_picks, drawn_weights = (t.numpy() for t in sample_two_widths(choice.alpha, tf.constant(2.0), seed))
+        assert picks[0] > picks[1]
+        assert dict(zip(picks, weights)) == dict(zip(drawn_picks, drawn_weights))
+        reordered += drawn_picks[0] < drawn_picks[1]
+    assert 0 < reordered < 40  # both orders were drawn
 
 
 @pytest.mark.parametrize("model, multiple", [("resnet20", 1), ("resnet20", 8), ("resnet29_bottleneck", 1)])
