@@ -141,17 +141,22 @@ def _cli(module, *args):
                           timeout=60)
 
 
-def test_distill_cli_errors(tmp_path):
+def test_distill_refuses_bad_input_before_any_work(tmp_path):
     shape = tmp_path / "arch.json"
     ArchConfig.full("resnet8").save(shape)
-    no_teacher = _cli("train.distill", f"--out={tmp_path / 'a'}", f"--arch={shape}", "--mode=kd")
-    assert no_teacher.returncode == 2 and "error: mode 'kd' needs --teacher" in no_teacher.stderr
-    missing = _cli("train.distill", f"--out={tmp_path / 'b'}", "--arch=nope.json", "--mode=scratch")
-    assert missing.returncode == 2 and "cannot read shape file 'nope.json'" in missing.stderr
-    teacher = _cli("train.distill", f"--out={tmp_path / 'c'}", f"--arch={shape}", "--teacher=none.keras")
-    assert teacher.returncode == 2 and "--teacher: no such model file 'none.keras'" in teacher.stderr
-    far = _cli("train.baseline", f"--out={tmp_path / 'd'}", "--target_flops_ratio=0", "--kind=predefined")
-    assert far.returncode == 2 and "target ratio must be in (0, 1), got 0.0" in far.stderr
+    for options, message in ((dict(arch_path=shape, mode="kd"), "mode 'kd' needs --teacher"),
+                             (dict(arch_path="nope.json", mode="scratch"), "cannot read shape file 'nope.json'"),
+                             (dict(arch_path=shape, teacher_path="none.keras"),
+                              "--teacher: no such model file 'none.keras'")):
+        with pytest.raises(ValueError, match=message):
+            distill(str(tmp_path / "run"), **options)
+        assert not (tmp_path / "run").exists()
+
+
+def test_baseline_cli_refuses_a_target_outside_the_unit_interval(tmp_path):
+    far = _cli("train.baseline", f"--out={tmp_path / 'run'}", "--target_flops_ratio=0", "--kind=predefined")
+    assert far.returncode == 2 and "error: target ratio must be in (0, 1), got 0.0" in far.stderr
+    assert "Traceback" not in far.stderr
 
 
 def test_distill_refuses_a_file_that_is_not_a_shape_in_one_line(tmp_path):

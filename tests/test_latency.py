@@ -212,26 +212,37 @@ def table_files(tmp_path_factory):
     return paths
 
 
-@pytest.mark.parametrize("command, args, message", [
-    ("train.search", ["--cost=latency", "--latency_table=/no/table.json"],
-     "error: cannot read latency table '/no/table.json': No such file or directory"),
-    ("train.search", ["--cost=latency", "--latency_table={resnet8_8x8}", "--width_multiple=16"],
+def test_cli_refuses_cost_flags_that_do_not_say_one_target_in_one_line(tmp_path, table_files):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "train.search", f"--out={out}", "--cost=latency",
+                             f"--latency_table={table_files['resnet20_fp32']}", "--target_flops_ratio=0.4"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in result.stderr and errors == [
+        "error: --cost=latency takes --target_latency_ratio or --target_latency_ms, not --target_flops_ratio"]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("stage, options, message", [
+    ("search", dict(latency_table="/no/table.json"),
+     "cannot read latency table '/no/table.json': No such file or directory"),
+    ("search", dict(latency_table="{resnet8_8x8}", width_multiple=16),
      "has no time for conv3x3/s1/32x32/bn/relu with 3 -> 16 channels; it was made for resnet8 at 8x8x3"),
-    ("train.search", ["--cost=latency", "--latency_table={resnet20_fp32}", "--width_multiple=16",
-                      "--target_latency_ms=1000"], "error: target latency 1000.0 ms must be in (0, "),
-    ("train.search", ["--cost=latency", "--latency_table={resnet20_fp32}", "--target_flops_ratio=0.4"],
-     "error: --cost=latency takes --target_latency_ratio or --target_latency_ms, not --target_flops_ratio"),
-    ("train.prune", ["--preset=mobile", "--latency_table={resnet20_fp32}"],
+    ("search", dict(latency_table="{resnet20_fp32}", width_multiple=16, target_latency_ms=1000.0),
+     r"target latency 1000.0 ms must be in \(0, "),
+    ("prune", dict(preset="mobile", latency_table="{resnet20_fp32}"),
      "was measured with quantize=none, but the mobile preset exports int8"),
 ])
-def test_cli_refuses_a_bad_latency_table_with_one_line(tmp_path, table_files, command, args, message):
-    out = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", command, f"--out={out}", *[a.format(**table_files) for a in args]],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert "Traceback" not in result.stderr and len(errors) == 1, result.stderr
-    assert not out.exists()
+def test_a_bad_latency_table_or_target_is_refused_before_any_work(tmp_path, table_files, stage, options, message):
+    out = str(tmp_path / "run")
+    options = {**options, "latency_table": options["latency_table"].format(**table_files)}
+    with pytest.raises(ValueError, match=message):
+        if stage == "search":
+            run_search(out, cost_metric="latency", **options)
+        else:
+            run_prune(out, **options)
+    assert not os.path.exists(out)
 
 
 @pytest.mark.slow

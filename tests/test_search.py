@@ -323,19 +323,29 @@ def test_run_search_refuses_a_keras_file_that_does_not_fit_the_data(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--target_flops_ratio=1.5"], "error: target ratio must be in (0, 1), got 1.5"),
     (["--model=resnet23"], "error: depth 23 is not valid for basic blocks"),
-    (["--model=/no/model.keras"], "error: model file '/no/model.keras' does not exist"),
     (["--add_mode=wide"], "--add_mode=wide"),
-    (["--init_from=/no/base.keras"], "error: --init_from: no such file '/no/base.keras'"),
     (["--band=wide"], "--band"),
 ])
 def test_search_cli_rejects_bad_input_before_any_work(tmp_path, args, message):
+    """What run_search refuses (below) and flag values absl's parser refuses."""
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, "-m", "train.search", f"--out={out}", *args], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and message in result.stderr
+    assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(target_ratio=1.5), r"target ratio must be in \(0, 1\), got 1.5"),
+    (dict(model_name="/no/model.keras"), "model file '/no/model.keras' does not exist"),
+    (dict(init_from="/no/base.keras"), "--init_from: no such file '/no/base.keras'"),
+])
+def test_run_search_refuses_bad_input_before_any_work(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        run_search(str(tmp_path / "run"), **options)
+    assert not (tmp_path / "run").exists()
 
 
 def _naive_cwi(x, out_width):

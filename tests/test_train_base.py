@@ -24,18 +24,27 @@ def _cli(*args, timeout=60):
 
 @pytest.mark.parametrize("args, message", [
     (["--model=vgg16"], "error: unknown model 'vgg16'"),
-    (["--model=resnet22"], "error: depth 22 is not valid for basic blocks"),
     (["--epochs=-1"], "--epochs=-1"),
-    (["--dataset=/no/such/folder"], "/no/such/folder"),
     (["stray"], "unexpected arguments: stray"),
 ])
 def test_bad_flags_fail_fast_with_one_line(tmp_path, args, message):
+    """What train_base refuses (below), a flag value absl's parser refuses, and a stray argument."""
     start = time.perf_counter()
     result = _cli(f"--out={tmp_path / 'run'}", *args)
     assert time.perf_counter() - start < 10
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(model_name="resnet22"), "depth 22 is not valid for basic blocks"),
+    (dict(dataset_name="/no/such/folder"), "/no/such/folder"),
+])
+def test_train_base_refuses_bad_input_before_any_work(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        train_base(str(tmp_path / "run"), **options)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
