@@ -12,8 +12,9 @@ search-train and a search-valid batch; "cost per image" compares seconds per ima
 (train + valid images) with seconds per image of plain training: 1.0 means the search costs what
 plain training costs per image. It is given for wall time (the fastest of the interleaved repeats)
 and for the CPU time of the process, which the other jobs of a shared machine disturb less. Also
-times one backup of the whole search state (supernet, both optimizers) and its share of the training
-time at the default interval. Writes bench/results/search_throughput_<model>.json
+times the first fit of each (tracing and graph optimisation, before the first step runs), and one
+backup of the whole search state (supernet, both optimizers) and its share of the training time at
+the default interval. Writes bench/results/search_throughput_<model>.json
 (search_throughput_<model>_<policy>.json under --mixed_precision, which both run under).
 """
 
@@ -49,6 +50,14 @@ def _batches(image_shape, classes, batch_size, steps, seed):
     images = tf.random.stateless_normal((batch_size, *image_shape), [seed, 0])
     labels = tf.random.stateless_uniform((batch_size,), [seed, 1], maxval=classes, dtype=tf.int32)
     return tf.data.Dataset.from_tensors((images, labels)).repeat(steps)
+
+
+def _first_fit_seconds(model, dataset):
+    """Wall seconds of a model's first fit (two steps): tracing the step and optimising its graph, what a
+    run waits for before its first step."""
+    start = time.perf_counter()
+    model.fit(dataset.take(2), epochs=1, verbose=0)
+    return time.perf_counter() - start
 
 
 def _timed_fit(model, dataset, steps):
@@ -96,6 +105,7 @@ def _bench():
     search_data = tf.data.Dataset.zip((_batches(image_shape, classes, batch, steps + 2, 1),
                                        _batches(image_shape, classes, batch, steps + 2, 2)))
 
+    plain_first_fit, search_first_fit = _first_fit_seconds(plain, plain_data), _first_fit_seconds(search, search_data)
     plain_runs, search_runs = [], []
     for _ in range(_REPEATS.value):  # interleaved, so background load hits both alike
         plain_runs.append(_timed_fit(plain, plain_data, steps))
@@ -117,6 +127,8 @@ def _bench():
         "search_cpu_cost_per_image_vs_plain": round(min(search_cpu) / (2 * min(plain_cpu)), 3),
         "plain_cpu_seconds": [round(t, 2) for t in plain_cpu],
         "search_cpu_seconds": [round(t, 2) for t in search_cpu],
+        "plain_first_fit_seconds": round(plain_first_fit, 2),
+        "search_first_fit_seconds": round(search_first_fit, 2),
         "backup_seconds": round(backup, 3),
         "backup_share_at_default_interval": round(backup / (CHECKPOINT_STEPS * min(search_times) / steps), 4),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, TF {tf.__version__}, Keras {keras.__version__}",
