@@ -61,8 +61,8 @@ def _first_fit_seconds(model, dataset):
 
 
 def _timed_fit(model, dataset, steps):
-    """(wall seconds, CPU seconds of this process) for `steps` steps of model.fit, excluding the first
-    (tracing) epoch."""
+    """(wall seconds, CPU seconds of this process) for `steps` steps of model.fit, after a two-step
+    warm-up fit (so every repeat starts alike)."""
     model.fit(dataset.take(2), epochs=1, verbose=0)
     start, start_cpu = time.perf_counter(), time.process_time()
     model.fit(dataset.take(steps), epochs=1, verbose=0)

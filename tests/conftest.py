@@ -8,6 +8,14 @@ SHARED = REPO.parent / "shared"
 RELEASED_SHAPES = SHARED / "reference" / "tas-released-shapes"
 
 
+def assert_refused_before_any_work(stage, out, message, **options):
+    """`stage(out, **options)` (a stage function: run_prune, run_search, train_base, ...) raises a
+    ValueError matching `message` and leaves `out` unmade."""
+    with pytest.raises(ValueError, match=message):
+        stage(str(out), **options)
+    assert not os.path.exists(out)
+
+
 @pytest.fixture
 def released_shapes():
     """The paper's released shape files; the tests that read them need ../shared beside the checkout."""

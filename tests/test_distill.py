@@ -15,7 +15,7 @@ from tas_keras.distill import KnowledgeDistiller, distill
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search_space import ArchConfig
 
-from .conftest import REPO
+from .conftest import REPO, assert_refused_before_any_work
 
 
 def _softmax(z):
@@ -148,9 +148,7 @@ def test_distill_refuses_bad_input_before_any_work(tmp_path):
                              (dict(arch_path="nope.json", mode="scratch"), "cannot read shape file 'nope.json'"),
                              (dict(arch_path=shape, teacher_path="none.keras"),
                               "--teacher: no such model file 'none.keras'")):
-        with pytest.raises(ValueError, match=message):
-            distill(str(tmp_path / "run"), **options)
-        assert not (tmp_path / "run").exists()
+        assert_refused_before_any_work(distill, tmp_path / "run", message, **options)
 
 
 def test_baseline_cli_refuses_a_target_outside_the_unit_interval(tmp_path):

@@ -16,7 +16,7 @@ from tas_keras.pruned_shape import PrunedShape
 from tas_keras.search_space import ArchConfig
 from train.pipeline import run_prune, smallest_ratio
 
-from .conftest import REPO
+from .conftest import REPO, assert_refused_before_any_work
 from .test_supernet import user_cnn
 
 SHORT = dict(base_epochs=1, search_epochs=2, distill_epochs=1, max_train_examples=512)
@@ -111,9 +111,7 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, args, message, status):
     (dict(quantizations=("int8", "int8")), r"exports must be distinct ones of .* got \('int8', 'int8'\)"),
 ])
 def test_bad_input_is_refused_before_any_work(tmp_path, options, message):
-    with pytest.raises(ValueError, match=message):
-        run_prune(str(tmp_path / "run"), **options)
-    assert not (tmp_path / "run").exists()
+    assert_refused_before_any_work(run_prune, tmp_path / "run", message, **options)
 
 
 def test_teacher_of_another_network_and_foreign_out_dir(tmp_path):

@@ -19,7 +19,7 @@ from tas_keras.search import (ArchLearningRate, LinearRamp, arch_learning_rate_f
 from tas_keras.search_space import ArchConfig, candidate_widths
 from tas_keras.supernet import build_supernet
 
-from .conftest import REPO
+from .conftest import REPO, assert_refused_before_any_work
 
 
 def _cifar_supernet(model, input_shape=(32, 32, 3), width_multiple=1):
@@ -343,9 +343,7 @@ def test_search_cli_rejects_bad_input_before_any_work(tmp_path, args, message):
     (dict(init_from="/no/base.keras"), "--init_from: no such file '/no/base.keras'"),
 ])
 def test_run_search_refuses_bad_input_before_any_work(tmp_path, options, message):
-    with pytest.raises(ValueError, match=message):
-        run_search(str(tmp_path / "run"), **options)
-    assert not (tmp_path / "run").exists()
+    assert_refused_before_any_work(run_search, tmp_path / "run", message, **options)
 
 
 def _naive_cwi(x, out_width):

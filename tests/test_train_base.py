@@ -14,7 +14,7 @@ from tas_keras.search_space import ArchConfig
 from tas_keras.runs import RunMismatchError
 from tas_keras.training import train_base
 
-from .conftest import REPO
+from .conftest import REPO, assert_refused_before_any_work
 
 
 def _cli(*args, timeout=60):
@@ -42,9 +42,7 @@ def test_bad_flags_fail_fast_with_one_line(tmp_path, args, message):
     (dict(dataset_name="/no/such/folder"), "/no/such/folder"),
 ])
 def test_train_base_refuses_bad_input_before_any_work(tmp_path, options, message):
-    with pytest.raises(ValueError, match=message):
-        train_base(str(tmp_path / "run"), **options)
-    assert not (tmp_path / "run").exists()
+    assert_refused_before_any_work(train_base, tmp_path / "run", message, **options)
 
 
 @pytest.mark.slow
