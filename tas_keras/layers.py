@@ -13,9 +13,10 @@ Channel-wise interpolation (CWI) only ever widens in a supernet (a sampled width
 picks, a block output to the widest depth), and widening from a to b >= a channels averages one or two
 input channels per output channel (`cwi_taps`). So for one step, "two sampled widths, their BN affines,
 their CWI to the wider one and the mixing weights" is a per-channel sum of four taps of the conv's
-output. A searchable conv applies it the cheapest way for its shape (`SearchableConv.route`): as one
-(C, C) channel matmul after the conv, or folded into the conv's kernel (a gather on the kernel), which
-costs a second conv, or none when the batch statistics come from the covariance of a 1x1 conv's input.
+output. A searchable conv applies it the cheapest way for its shape (`SearchableConv.cheapest_route`):
+after the conv, as one (C, C) channel matmul or as two channel gathers of its output; or folded into the
+conv's kernel (a gather on the kernel), which costs a second conv, or none when the batch statistics come
+from the covariance of a 1x1 conv's input.
 """
 
 import math
@@ -25,6 +26,16 @@ import numpy as np
 import tensorflow as tf
 
 from tas_keras.models.cifar_resnet import BN_EPSILON, he_normal_fan_out
+
+
+# The ways a searchable conv can run its step (`SearchableConv.cheapest_route`): with normalisation, and
+# without it (no batch statistics: the mix applies to the conv's output plus bias).
+NORMALIZED_ROUTES = ("matmul", "gather", "second_conv", "covariance")
+UNNORMALIZED_ROUTES = ("kernel", "matmul", "gather")
+# What one element of a memory-bound pass (a gather, an elementwise op, and their gradients) costs, in
+# multiply-adds of a conv or a matmul: oneDNN's convs and matmuls run that much faster per operation on
+# a CPU. Fitted to the route times `python -m bench.conv_routes` measures on this project's 2-core CPU.
+ELEMENT_COST = 128
 
 
 def width_mask(width, full_width):
@@ -156,11 +167,13 @@ class SearchableConv(keras.Layer):
             conv's output (plus its bias) as it is.
         use_bias: a bias on the conv; only without `normalize`, where batch statistics cancel it.
         epsilon: of the normalisation.
+        route: None runs every call the cheapest way for its batch (`cheapest_route`); a name of
+            NORMALIZED_ROUTES (UNNORMALIZED_ROUTES without `normalize`) runs every call that way.
     """
 
     def __init__(self, filters, candidates, kernel_size=3, strides=1, weight_decay=0.0, padding="same",
                  dilation_rate=1, normalize=True, use_bias=False, epsilon=BN_EPSILON, kernel_initializer=None,
-                 **kwargs):
+                 route=None, **kwargs):
         super().__init__(**kwargs)
         self.candidates = _checked_candidates(self.name, candidates)
         self.candidate_channels = tf.constant(self.candidates, tf.int32)
@@ -174,6 +187,11 @@ class SearchableConv(keras.Layer):
         self.filters = filters
         self.kernel_size, self.strides, self.dilation_rate = (_pair(kernel_size), _pair(strides),
                                                               _pair(dilation_rate))
+        routes = NORMALIZED_ROUTES if normalize else UNNORMALIZED_ROUTES
+        if route is not None and (route not in routes or route == "covariance" and self.kernel_size != (1, 1)):
+            raise ValueError(f"{self.name}: route must be None or one of {routes} (covariance for 1x1 convs "
+                             f"only), got {route!r}")
+        self.route = route
         self.padding = padding
         self.normalize, self.use_bias, self.epsilon = normalize, use_bias, epsilon
         self.weight_decay = weight_decay
@@ -194,28 +212,36 @@ class SearchableConv(keras.Layer):
             self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros",
                                         regularizer=decay, autocast=False)
 
-    def route(self, positions):
+    def cheapest_route(self, positions):
         """The cheapest exact way to run a step with `positions` output pixels in the batch (None when
         the batch size is not static: the costs per pixel decide). In multiply-adds, with N = positions,
-        C the full width and P = k_h * k_w * C_in:
-          kernel (no normalisation, so no statistics): one conv with the mix folded into its kernel;
-          matmul: the conv, its batch statistics, then a (C, C) channel matmul: N * (P * C + C^2);
-          second_conv: the conv for the statistics, then a conv with the mixed kernel: 2 * N * P * C;
-          covariance (1x1 convs): the statistics from the covariance of the input and the kernel, then
-              one conv with the mixed kernel: N * (C_in^2 + C_in * C) + C_in^2 * C.
+        C the full width, P = k_h * k_w * C_in and E = ELEMENT_COST, the cost of an element that a
+        memory-bound op passes over, beyond the conv every route runs:
+          matmul: the conv's batch statistics, then a (C, C) channel matmul: N * C^2;
+          gather: the statistics, then the mix as two gathered taps of every output channel: N * 2E * C;
+          second_conv: the statistics, then a conv with the mix folded into its kernel, whose two gathered
+              taps pass over the kernel: N * P * C + 2E * P * C;
+          covariance (1x1 convs): the statistics from the input's covariance and the kernel, then one
+              conv with the mixed kernel: N * C_in^2 + C_in^2 * C + 2E * P * C;
+          kernel (no normalisation, so no statistics): one conv with the mixed kernel: 2E * P * C.
+        The matmul wins on wide batches of narrow convs, the gather on the narrow batches of wide ones
+        (the last stages of an ImageNet network), the kernel routes where C_out is large against P and N.
         """
-        if not self.normalize:
-            return "kernel"
         in_channels, full = self.kernel.shape[2], self.filters
-        per_position = in_channels * math.prod(self.kernel_size) * full
-        costs = {"matmul": (per_position + full * full, 0), "second_conv": (2 * per_position, 0)}
-        if self.kernel_size == (1, 1):
-            costs["covariance"] = (in_channels * in_channels + per_position, in_channels * in_channels * full)
+        kernel_size = in_channels * math.prod(self.kernel_size) * full
+        costs = {"matmul": (full * full, 0), "gather": (2 * ELEMENT_COST * full, 0)}  # (per position, fixed)
+        if not self.normalize:
+            costs["kernel"] = (0, 2 * ELEMENT_COST * kernel_size)
+        else:
+            costs["second_conv"] = (kernel_size, 2 * ELEMENT_COST * kernel_size)
+            if self.kernel_size == (1, 1):
+                costs["covariance"] = (in_channels * in_channels,
+                                       in_channels * in_channels * full + 2 * ELEMENT_COST * kernel_size)
         if positions is None:
             return min(costs, key=costs.get)
         return min(costs, key=lambda route: costs[route][0] * positions + costs[route][1])
 
-    def _positions(self, x):
+    def output_positions(self, x):
         """The output pixels of the batch x, or None when its size is not static."""
         if x.shape[0] is None:
             return None
@@ -275,15 +301,18 @@ class SearchableConv(keras.Layer):
         x = inputs
         weights = tf.cast(weights, tf.float32)  # Keras casts a layer's float arguments to its compute dtype
         widths = tf.gather(self.candidate_channels, picks)
-        route = self.route(self._positions(x))
-        if route == "kernel":
+        route = self.route or self.cheapest_route(self.output_positions(x))
+        if route in ("kernel", "covariance"):
+            y = None  # the conv runs once, with the mixed kernel
+        else:
+            y = self._conv(x, self.kernel)
+        if not self.normalize:
             scales = tf.ones([2, self.filters])
             shifts = tf.broadcast_to(self.bias if self.use_bias else 0.0, [2, self.filters])
         else:
             if route == "covariance":
                 mean, variance = self._input_moments(x)
             else:
-                y = self._conv(x, self.kernel)
                 # In float32, as Keras' BatchNormalization does: float16 squares overflow, bfloat16 sums lose digits.
                 mean, variance = tf.nn.moments(tf.cast(y, tf.float32), axes=[0, 1, 2])
             scales = tf.gather(self.gammas, picks) * tf.math.rsqrt(variance + self.epsilon)
@@ -291,10 +320,15 @@ class SearchableConv(keras.Layer):
         diagonal, rows, coefficients, bias, wider = self._mix(widths, weights, scales, shifts)
         if route == "matmul":
             matrix = tf.linalg.diag(diagonal) + _scatter_columns(rows, coefficients, self.filters)
-            y = tf.einsum("bhwc,cd->bhwd", y, tf.cast(matrix, y.dtype)) + tf.cast(bias, y.dtype)
+            y = tf.einsum("bhwc,cd->bhwd", y, tf.cast(matrix, y.dtype))
+        elif route == "gather":
+            taps = tf.gather(y, tf.reshape(rows, [-1]), axis=-1)  # [..., 2 * C]: both taps of every channel
+            taps = tf.reshape(taps, tf.concat([tf.shape(y)[:-1], [2, self.filters]], axis=0))
+            y = (y * tf.cast(diagonal, y.dtype)
+                 + tf.reduce_sum(taps * tf.cast(coefficients, y.dtype), axis=-2))
         else:
-            y = self._conv(x, self._mixed_kernel(diagonal, rows, coefficients)) + tf.cast(bias, x.dtype)
-        return y, wider
+            y = self._conv(x, self._mixed_kernel(diagonal, rows, coefficients))
+        return y + tf.cast(bias, y.dtype), wider
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "candidates": list(self.candidates),
@@ -302,7 +336,7 @@ class SearchableConv(keras.Layer):
                 "padding": self.padding,
                 "dilation_rate": self.dilation_rate, "normalize": self.normalize, "use_bias": self.use_bias,
                 "epsilon": self.epsilon, "kernel_initializer": self.kernel_initializer and
-                keras.initializers.serialize(keras.initializers.get(self.kernel_initializer))}
+                keras.initializers.serialize(keras.initializers.get(self.kernel_initializer)), "route": self.route}
 
 
 class DepthMixer(keras.Layer):

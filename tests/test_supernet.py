@@ -331,16 +331,16 @@ def _naive_cwi(x, out_width):
                      for j in range(out_width)], axis=-1)
 
 
-@pytest.mark.parametrize("kernel, strides, images, normalize, route", [
-    (1, 1, (4, 7, 7, 5), True, "covariance"), (1, 2, (4, 7, 7, 5), True, "covariance"),
-    (1, 1, (1, 2, 2, 12), True, "second_conv"), (3, 2, (4, 7, 7, 5), True, "matmul"),
-    (3, 1, (4, 7, 7, 5), False, "kernel"), (1, 2, (4, 7, 7, 5), False, "kernel")])
-def test_searchable_conv_routes_equal_the_naive_route(kernel, strides, images, normalize, route):
-    """Every route (statistics from the output or from the input's covariance; the mix as a matmul
-    or folded into the kernel) computes the naive mix of two normalised, widened picks."""
+@pytest.mark.parametrize("kernel, strides, normalize, route", [
+    (1, 1, True, "covariance"), (1, 2, True, "covariance"), (1, 1, True, "second_conv"), (3, 2, True, "second_conv"),
+    (3, 2, True, "matmul"), (1, 2, True, "gather"), (3, 1, True, "gather"),
+    (3, 1, False, "kernel"), (1, 2, False, "kernel"), (3, 2, False, "matmul"), (3, 1, False, "gather")])
+def test_searchable_conv_routes_equal_the_naive_route(kernel, strides, normalize, route):
+    """Every route (statistics from the output or from the input's covariance; the mix as a matmul,
+    as gathered taps or folded into the kernel) computes the naive mix of two normalised, widened picks."""
     candidates = candidate_widths(16)
-    conv = SearchableConv(16, candidates, kernel, strides, normalize=normalize, use_bias=not normalize)
-    x = tf.random.stateless_normal(images, [0, 0]) + 1.0
+    conv = SearchableConv(16, candidates, kernel, strides, normalize=normalize, use_bias=not normalize, route=route)
+    x = tf.random.stateless_normal((4, 7, 7, 5), [0, 0]) + 1.0
     picks, weights = tf.constant([5, 2]), tf.constant([0.7, 0.3])  # 12 and 8 channels
     conv(x, picks, weights)
     for i, variable in enumerate(conv.trainable_weights[1:]):
@@ -348,7 +348,6 @@ def test_searchable_conv_routes_equal_the_naive_route(kernel, strides, images, n
     mixed, wider = conv(x, picks, weights)
 
     full = tf.nn.conv2d(x, conv.kernel, strides, "SAME").numpy() + (0 if normalize else conv.bias.numpy())
-    assert conv.route(np.prod(full.shape[:3])) == route
     expected = np.zeros_like(full)
     for pick, weight in zip(picks.numpy(), weights.numpy()):
         part = full[..., :candidates[pick]]
@@ -358,6 +357,55 @@ def test_searchable_conv_routes_equal_the_naive_route(kernel, strides, images, n
         expected[..., :12] += weight * _naive_cwi(part, 12)
     assert int(wider) == 12
     np.testing.assert_allclose(mixed, expected, atol=1e-4)
+
+
+def test_the_routes_give_one_gradient():
+    """The gradients a search step takes (kernel, affines, mixing weights, input) agree between routes."""
+    x = tf.random.stateless_normal((4, 7, 7, 8), [0, 0]) + 1.0
+    picks, weights = tf.constant([5, 2]), tf.Variable([0.7, 0.3])
+    gradients = {}
+    for route in ("matmul", "gather", "second_conv", "covariance"):
+        keras.utils.set_random_seed(0)
+        conv = SearchableConv(16, candidate_widths(16), 1, 2, route=route)
+        conv(x, picks, weights)
+        for i, variable in enumerate(conv.trainable_weights[1:]):
+            variable.assign(tf.random.stateless_uniform(variable.shape, [1, i], 0.5, 1.5))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            mixed, _ = conv(x, picks, weights)
+            loss = tf.reduce_sum(mixed * tf.random.stateless_normal(mixed.shape, [2, 0]))
+        gradients[route] = tape.gradient(loss, [x, weights, *conv.trainable_weights])
+    for route, gradient in gradients.items():
+        for got, want in zip(gradient, gradients["matmul"], strict=True):
+            np.testing.assert_allclose(tf.convert_to_tensor(got), tf.convert_to_tensor(want), rtol=1e-4, atol=1e-4,
+                                       err_msg=route)
+
+
+@pytest.mark.parametrize("kernel, in_channels, filters, positions, route", [
+    # 1x1, 512 -> 2048 at 64 pixels (ResNet-50's last stage, 64 px, batch 16), in multiply-adds: matmul
+    # 64 * 2048^2 = 268M; gather 64 * 256 * 2048 = 34M; second conv 64 * 512 * 2048 + 256 * 1M = 336M;
+    # covariance 64 * 512^2 + 512^2 * 2048 + 256 * 1M = 822M.
+    (1, 512, 2048, 64, "gather"),
+    # The same conv at 16384 pixels: matmul 69G; gather 8.6G; second conv 17.5G; covariance 4.3G + 0.8G.
+    (1, 512, 2048, 16384, "covariance"),
+    # 3x3, 64 -> 64 at 65536 pixels: matmul 65536 * 4096 = 268M; gather 65536 * 256 * 64 = 1.1G; second
+    # conv 65536 * 576 * 64 + 256 * 36864 = 2.4G.
+    (3, 64, 64, 65536, "matmul"),
+    # Batch size unknown, per pixel: 1x1, 512 -> 2048: covariance 512^2 below second conv 512 * 2048.
+    (1, 512, 2048, None, "covariance")])
+def test_the_cheapest_route_follows_the_hand_counted_costs(kernel, in_channels, filters, positions, route):
+    conv = SearchableConv(filters, (filters // 2, filters), kernel)
+    conv.build((None, 8, 8, in_channels))
+    assert conv.cheapest_route(positions) == route
+
+
+def test_searchable_conv_refuses_a_route_it_cannot_run():
+    for route, normalize, kernel in (("covariance", True, 3), ("kernel", True, 1), ("second_conv", False, 1),
+                                     ("slice", True, 1)):
+        with pytest.raises(ValueError, match=f"conv: route must be None or one of .*, got '{route}'"):
+            SearchableConv(8, (4, 8), kernel, normalize=normalize, use_bias=not normalize, route=route, name="conv")
+    config = SearchableConv(8, (4, 8), 3, route="gather").get_config()
+    assert SearchableConv.from_config(config).route == "gather"
 
 
 def test_supernet_refuses_bad_arguments():
