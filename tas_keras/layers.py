@@ -224,8 +224,8 @@ class SearchableConv(keras.Layer):
           covariance (1x1 convs): the statistics from the input's covariance and the kernel, then one
               conv with the mixed kernel: N * C_in^2 + C_in^2 * C + 2E * P * C;
           kernel (no normalisation, so no statistics): one conv with the mixed kernel: 2E * P * C.
-        The matmul wins on wide batches of narrow convs, the gather on the narrow batches of wide ones
-        (the last stages of an ImageNet network), the kernel routes where C_out is large against P and N.
+        The matmul wins on many pixels of narrow convs, the gather on few pixels of wide ones (the last
+        stages of an ImageNet network), the covariance on 1x1 convs that widen, over many pixels.
         """
         in_channels, full = self.kernel.shape[2], self.filters
         kernel_size = in_channels * math.prod(self.kernel_size) * full

@@ -98,6 +98,12 @@ def _check_teacher(path, space):
                          f"{teacher.output_shape[-1]} classes on {tuple(teacher.input_shape[1:])} images)")
 
 
+# What a search image and a KD image cost in base-training images, for the ETA: a search step costs
+# 0.9-1.1x a plain step per image (bench.search_throughput), KD adds the teacher's forward pass.
+SEARCH_IMAGE_COST = 1.0
+KD_IMAGE_COST = 1.3
+
+
 class _Progress:
     """Stage banners with the elapsed time and a rough ETA for the rest of the pipeline."""
 
@@ -199,11 +205,9 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
             latency_target_ratio(target_latency_ms, model_name, dataset, table)
     threads = table.threads if table else chosen.threads
     images = dataset.train_size
-    # Stage workloads in base-training images: a search image costs about 1.3 (bench.search_throughput),
-    # a KD image 1.3 (the teacher's forward pass too), an export about half an epoch. The rate is the last
-    # stage's, timed.
-    progress = _Progress([base_epochs * images * (teacher_path is None), 0, search_epochs * images * 1.3,
-                          distill_epochs * images * 1.3, images * len(quantizations) / 2, 0])
+    # Stage workloads in base-training images, an export about half an epoch. The rate is the last stage's, timed.
+    progress = _Progress([base_epochs * images * (teacher_path is None), 0, search_epochs * images * SEARCH_IMAGE_COST,
+                          distill_epochs * images * KD_IMAGE_COST, images * len(quantizations) / 2, 0])
     common = dict(dataset_name=dataset_name, data_dir=data_dir, seed=seed)
     trained = dict(common, strategy=strategy, image_size=image_size, streaming=streaming,
                    mixed_precision=mixed_precision, max_train_examples=max_train_examples)
@@ -258,7 +262,7 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
         progress.banner(3, "training the searched shape with KD from the base network")
         distilled = distill(stage_dirs["distill"], os.path.join(search_dir, ARCH_FILE), teacher_path,
                             mode="kd", epochs=distill_epochs, batch_size=batch_size, **trained)
-        progress.measured(distilled["train_images_per_second"] / 1.3)
+        progress.measured(distilled["train_images_per_second"] / KD_IMAGE_COST)
     if not distribution.extended.should_checkpoint:
         logging.info("training done; the chief exports and writes the report")
         return None
