@@ -201,6 +201,10 @@ class TASSearchModel(keras.Model):
         self.cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         self(tf.zeros((1, *supernet.image_shape)))
 
+    def build(self, input_shape):
+        """Nothing to do: the supernet is built (see `GraphSupernet.build`)."""
+        del input_shape
+
     def compile(self, optimizer, arch_optimizer, **kwargs):
         """`arch_optimizer` is built here, so it exists in the distribution scope before fit.
 

@@ -187,6 +187,11 @@ class GraphSupernet(keras.Model):
             if layer.weights and not layer.trainable_weights:
                 layer.set_weights(model.get_layer(name).get_weights())
 
+    def build(self, input_shape):
+        """Nothing to do: the first call builds every layer. (Without a build method, Keras would first
+        trace the whole call symbolically to find unbuilt state: 10 s for a ResNet-164 supernet.)"""
+        del input_shape
+
     def _absorbable_batch_norm(self, layer, readers, model):
         """The name of the BN (with centre and scale) that is the only reader of a searchable conv's
         linear output, whose affine the conv takes as its per-candidate affines; else None."""
