@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tas_keras.layers import NORMALIZED_ROUTES, UNNORMALIZED_ROUTES, SearchableConv
+from tas_keras.layers import SearchableConv
 from tas_keras.models.registry import build_model
 from tas_keras.runs import write_json
 from tas_keras.supernet import build_supernet
@@ -74,15 +74,14 @@ def plain_step_ms(conv, inputs, calls):
     """A weight step of the plain conv (and BN when the searchable conv normalises) on `inputs`."""
     plain = keras.layers.Conv2D(conv.filters, conv.kernel_size, conv.strides, conv.padding,
                                 dilation_rate=conv.dilation_rate, use_bias=conv.use_bias)
-    layers = [plain] + ([keras.layers.BatchNormalization()] if conv.normalize else [])
+    batch_norm = keras.layers.BatchNormalization() if conv.normalize else None
 
     def forward(x):
-        for layer in layers:
-            x = layer(x, training=True) if isinstance(layer, keras.layers.BatchNormalization) else layer(x)
-        return x
+        x = plain(x)
+        return batch_norm(x, training=True) if batch_norm else x
     forward(inputs)
-    return _median_ms(_gradient_step(forward, [v for layer in layers for v in layer.trainable_weights]), inputs,
-                      calls)
+    variables = plain.trainable_weights + (batch_norm.trainable_weights if batch_norm else [])
+    return _median_ms(_gradient_step(forward, variables), inputs, calls)
 
 
 def main(argv):
@@ -98,16 +97,13 @@ def main(argv):
             input_shape = tuple(model.get_layer(conv.name).input.shape[1:])
             geometries[(input_shape, conv.kernel_size, conv.strides, conv.filters, conv.normalize)].append(conv)
     rows, totals = [], collections.Counter()
-    for (input_shape, kernel, strides, filters, normalize), convs in geometries.items():
+    for (input_shape, kernel, strides, filters, _), convs in geometries.items():
         inputs = tf.random.stateless_normal((batch, *input_shape), [0, len(rows)])
         conv = convs[0]
         positions = conv.output_positions(inputs)
         picked = conv.cheapest_route(positions)
-        routes = NORMALIZED_ROUTES if normalize else UNNORMALIZED_ROUTES
         times = {}
-        for route in routes:
-            if route == "covariance" and kernel != (1, 1):
-                continue
+        for route in conv.routes:
             routed = SearchableConv.from_config({**conv.get_config(), "route": route, "name": f"{conv.name}_{route}"})
             routed(inputs, tf.constant([0, 0]), tf.constant([1.0, 0.0]))
             times[route] = round(search_step_ms(routed, inputs, calls), 2)

@@ -28,10 +28,6 @@ import tensorflow as tf
 from tas_keras.models.cifar_resnet import BN_EPSILON, he_normal_fan_out
 
 
-# The ways a searchable conv can run its step (`SearchableConv.cheapest_route`): with normalisation, and
-# without it (no batch statistics: the mix applies to the conv's output plus bias).
-NORMALIZED_ROUTES = ("matmul", "gather", "second_conv", "covariance")
-UNNORMALIZED_ROUTES = ("kernel", "matmul", "gather")
 # What one element of a memory-bound pass (a gather, an elementwise op, and their gradients) costs, in
 # multiply-adds of a conv or a matmul: oneDNN's convs and matmuls run that much faster per operation on
 # a CPU. Fitted to the route times `python -m bench.conv_routes` measures on this project's 2-core CPU.
@@ -167,8 +163,8 @@ class SearchableConv(keras.Layer):
             conv's output (plus its bias) as it is.
         use_bias: a bias on the conv; only without `normalize`, where batch statistics cancel it.
         epsilon: of the normalisation.
-        route: None runs every call the cheapest way for its batch (`cheapest_route`); a name of
-            NORMALIZED_ROUTES (UNNORMALIZED_ROUTES without `normalize`) runs every call that way.
+        route: None runs every call the cheapest way for its batch (`cheapest_route`); one of `routes`
+            runs every call that way.
     """
 
     def __init__(self, filters, candidates, kernel_size=3, strides=1, weight_decay=0.0, padding="same",
@@ -187,10 +183,11 @@ class SearchableConv(keras.Layer):
         self.filters = filters
         self.kernel_size, self.strides, self.dilation_rate = (_pair(kernel_size), _pair(strides),
                                                               _pair(dilation_rate))
-        routes = NORMALIZED_ROUTES if normalize else UNNORMALIZED_ROUTES
-        if route is not None and (route not in routes or route == "covariance" and self.kernel_size != (1, 1)):
-            raise ValueError(f"{self.name}: route must be None or one of {routes} (covariance for 1x1 convs "
-                             f"only), got {route!r}")
+        # The ways this conv can run its step: the statistics need normalisation, the covariance a 1x1 kernel.
+        self.routes = (("matmul", "gather", "second_conv") + ("covariance",) * (self.kernel_size == (1, 1))
+                       if normalize else ("matmul", "gather", "kernel"))
+        if route is not None and route not in self.routes:
+            raise ValueError(f"{self.name}: route must be None or one of {self.routes}, got {route!r}")
         self.route = route
         self.padding = padding
         self.normalize, self.use_bias, self.epsilon = normalize, use_bias, epsilon
@@ -229,17 +226,13 @@ class SearchableConv(keras.Layer):
         """
         in_channels, full = self.kernel.shape[2], self.filters
         kernel_size = in_channels * math.prod(self.kernel_size) * full
-        costs = {"matmul": (full * full, 0), "gather": (2 * ELEMENT_COST * full, 0)}  # (per position, fixed)
-        if not self.normalize:
-            costs["kernel"] = (0, 2 * ELEMENT_COST * kernel_size)
-        else:
-            costs["second_conv"] = (kernel_size, 2 * ELEMENT_COST * kernel_size)
-            if self.kernel_size == (1, 1):
-                costs["covariance"] = (in_channels * in_channels,
-                                       in_channels * in_channels * full + 2 * ELEMENT_COST * kernel_size)
+        mixed_kernel = 2 * ELEMENT_COST * kernel_size
+        costs = {"matmul": (full * full, 0), "gather": (2 * ELEMENT_COST * full, 0),  # (per position, fixed)
+                 "second_conv": (kernel_size, mixed_kernel), "kernel": (0, mixed_kernel),
+                 "covariance": (in_channels * in_channels, in_channels * in_channels * full + mixed_kernel)}
         if positions is None:
-            return min(costs, key=costs.get)
-        return min(costs, key=lambda route: costs[route][0] * positions + costs[route][1])
+            return min(self.routes, key=costs.get)
+        return min(self.routes, key=lambda route: costs[route][0] * positions + costs[route][1])
 
     def output_positions(self, x):
         """The output pixels of the batch x, or None when its size is not static."""
