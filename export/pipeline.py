@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from export import convert, tfmot_bridge, verify
 from tas_keras import data
+from tas_keras import input_convention as conventions
 from tas_keras.cost import count_model
 from tas_keras.distill import SHAPE_FILE
 from tas_keras.models import cifar_resnet  # noqa: F401 (registers CifarResNet for load_model)
@@ -29,12 +30,15 @@ COMPARE_DIR = "compare"
 
 def export_and_verify(model_path, out, quantize="none", int8_io=False, float_input=False, qat_epochs=0,
                       representative_size=300, dataset_name=data.BUNDLED_DATASET, data_dir=None, threads=2,
-                      latency_runs=200, compare_with=None, tolerances=None, seed=0, dataset=None):
+                      latency_runs=200, compare_with=None, tolerances=None, seed=0, dataset=None,
+                      input_convention=None):
     """Exports `model_path` (a .keras file) into `out` and writes `out`/report.json; returns the report.
 
     The exported models take RGB pixels (uint8, or float32 0-255 with `float_input`) and normalise
-    them with the mean/std of `dataset_name` (the data the model was trained on, read at the model's
-    input size as training read it: `data.load_dataset`'s `image_size`); labels.txt beside
+    them as the model was trained (`tas_keras.input_convention`: by default with the mean/std of
+    `dataset_name`, the data the model was trained on, read at the model's input size as training read
+    it: `data.load_dataset`'s `image_size`; raw pixels for a model holding its own preprocessing, a
+    named convention with `input_convention`); labels.txt beside
     model.tflite names their outputs. `qat_epochs` > 0 (int8 only) fine-tunes with quantization-aware
     training (the optional TFMOT bridge) instead of calibrating post-training. `dataset`, an
     ImageDataset, replaces loading `dataset_name`.
@@ -72,6 +76,7 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
     if dataset is None:
         dataset = data.load_dataset(dataset_name, data_dir=data_dir, seed=seed,
                                     image_size=_square_side(models[model_path]))
+    dataset = conventions.feed(dataset, models[model_path], input_convention)
     representative = (convert.representative_images(dataset, representative_size, seed, float_input)
                       if quantize == "int8" else None)
     export = dict(quantize=quantize, int8_io=int8_io, float_input=float_input, qat_epochs=qat_epochs,
@@ -100,6 +105,7 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
         "qat_epochs": qat_epochs,
         "representative_size": len(representative) if representative is not None else None,
         "input": {"pixels": f"RGB, {convert.pixel_dtype(float_input)} 0-255",
+                  "convention": conventions.resolve(models[model_path], input_convention),
                   "normalisation_mean": list(dataset.mean), "normalisation_std": list(dataset.std)},
         "dataset": dataset.name,
         "test_images": len(test_labels),

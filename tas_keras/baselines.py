@@ -8,10 +8,13 @@ import os
 
 import keras
 import keras_tuner
+import numpy as np
 
 from tas_keras import data
 from tas_keras.distribute import in_strategy_scope
-from tas_keras.cost import count_arch
+from tas_keras.cost import count_arch, count_shape
+from tas_keras.graph import INDEPENDENT, GraphShape, arch_from_shape, read_model
+from tas_keras.importance import slot_groups
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.runs import locking_stage, prepare_run_dir, run_dir, write_json
 from tas_keras.search import cost_band
@@ -33,27 +36,72 @@ def _flops_band(full, target_ratio, tolerance, band):
     return base, low * base, high * base
 
 
-def uniform_shape(full, ratio):
-    """Every conv at round(C * ratio) channels (at least 1), all blocks kept."""
-    return full.replace(widths=[max(1, round(s.full_width * ratio)) for s in full.slots],
-                        provenance={"source": "predefined", "width_ratio": ratio})
+def _graph_band(space, target_ratio, tolerance, band):
+    base = count_shape(space, space.full_shape()).flops
+    low, high = cost_band(target_ratio, tolerance, band)
+    return base, low * base, high * base
 
 
-def predefined_shape(full, target_ratio, tolerance=0.05, band="code"):
-    """The widest uniformly shrunk shape whose FLOPs do not exceed the band's top; ValueError if the
-    widths' rounding makes the band unreachable."""
-    base, low, high = _flops_band(full, target_ratio, tolerance, band)
+def uniform_shape(space, ratio):
+    """Every searchable slot of a GraphSpace at round(C * ratio) channels (at least 1), all blocks kept."""
+    full = space.full_shape()
+    return GraphShape({slot.name: max(1, round(slot.full_width * ratio)) for slot in space.searchable_slots},
+                      full.depths)
+
+
+def _widest_within(space, shapes, high):
+    """The last shape of the monotone family `shapes(x)`, x in [0, 1], whose FLOPs do not exceed `high`."""
     lo, hi = 0.0, 1.0
-    for _ in range(40):  # FLOPs grow with the ratio; bisection to float precision
+    for _ in range(40):  # FLOPs grow with x; bisection to float precision
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if count_arch(uniform_shape(full, mid)).flops <= high else (lo, mid)
-    shape = uniform_shape(full, lo)
-    flops = count_arch(shape).flops
+        lo, hi = (mid, hi) if count_shape(space, shapes(mid)).flops <= high else (lo, mid)
+    return lo
+
+
+def predefined_shape(space, target_ratio, tolerance=0.05, band="code"):
+    """(the widest uniformly shrunk GraphShape whose FLOPs do not exceed the band's top, its provenance);
+    ValueError if the widths' rounding makes the band unreachable."""
+    base, low, high = _graph_band(space, target_ratio, tolerance, band)
+    ratio = _widest_within(space, lambda r: uniform_shape(space, r), high)
+    shape = uniform_shape(space, ratio)
+    flops = count_shape(space, shape).flops
     if flops < low:
-        raise ValueError(f"no uniform width ratio of {full.name} lands in the FLOP band "
+        raise ValueError(f"no uniform width ratio of {space.name} lands in the FLOP band "
                          f"[{low / base:.3f}, {high / base:.3f}]; widen --tolerance")
-    return shape.replace(provenance={**shape.provenance, "target_ratio": target_ratio, "flops": flops,
-                                     "flops_ratio": flops / base})
+    return shape, {"source": "predefined", "width_ratio": ratio, "target_ratio": target_ratio, "flops": flops,
+                   "flops_ratio": flops / base}
+
+
+def predefined_arch(full, target_ratio, tolerance=0.05, band="code"):
+    """`predefined_shape` of a CIFAR ResNet, as the ArchConfig of its independent-mode space."""
+    space = read_model(CifarResNet(full), INDEPENDENT)
+    shape, provenance = predefined_shape(space, target_ratio, tolerance, band)
+    return arch_from_shape(space, shape).replace(provenance=provenance)
+
+
+def magnitude_shape(space, scores, target_ratio, tolerance=0.05, band="code"):
+    """(the magnitude-pruning GraphShape, its provenance): every channel of the searchable slots ranked
+    globally by its importance score (`tas_keras.importance.magnitude_scores`, which makes the scores of
+    different slots comparable), the least important removed until the FLOPs reach the band's top,
+    each slot keeping at least its smallest candidate width; all blocks kept. The channels are taken
+    as `importance.order_channels` orders them: a slot of width k keeps its k most important."""
+    base, low, high = _graph_band(space, target_ratio, tolerance, band)
+    groups = slot_groups(space)
+    ranked = np.sort(np.concatenate([scores[groups[slot.name]] for slot in space.searchable_slots]))
+
+    def shape_above(threshold):
+        return GraphShape({slot.name: max(slot.candidates[0], int(np.sum(scores[groups[slot.name]] >= threshold)))
+                           for slot in space.searchable_slots}, space.full_shape().depths)
+
+    def kept_fraction(x):  # x = 1 keeps every channel, x = 0 only the slots' smallest candidates
+        return shape_above(ranked[min(len(ranked) - 1, int((1 - x) * len(ranked)))] if x < 1 else -np.inf)
+
+    shape = kept_fraction(_widest_within(space, kept_fraction, high))
+    flops = count_shape(space, shape).flops
+    if not low <= flops <= high:
+        raise ValueError(f"magnitude pruning of {space.name} cannot land in the FLOP band [{low / base:.3f}, "
+                         f"{high / base:.3f}] (it reaches {flops / base:.3f}); widen --tolerance")
+    return shape, {"source": "magnitude", "target_ratio": target_ratio, "flops": flops, "flops_ratio": flops / base}
 
 
 def depth_name(stage):
@@ -216,7 +264,7 @@ def make_baseline(out, kind, model_name="resnet20", target_ratio=0.5, tolerance=
     if finished:
         return ArchConfig.load(os.path.join(out, ARCH_FILE))
     if kind == "predefined":
-        arch = predefined_shape(full, target_ratio, tolerance, band)
+        arch = predefined_arch(full, target_ratio, tolerance, band)
     else:
         arch = random_search(out, full, dataset, target_ratio, count, epochs, batch_size, seed=seed,
                              tolerance=tolerance, band=band, checkpoint_steps=checkpoint_steps)

@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 
 from tas_keras import data
+from tas_keras import input_convention as conventions
 from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_model
 from tas_keras.graph import load_model
@@ -85,7 +86,7 @@ def check_prunes_teacher(pruned, teacher, teacher_path, mode):
 def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUNDLED_DATASET, data_dir=None,
             epochs=10, batch_size=256, learning_rate=0.1, alpha=0.9, temperature=4.0, seed=0,
             max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS, image_size=None,
-            streaming="auto", mixed_precision=None):
+            streaming="auto", mixed_precision=None, input_convention=None):
     """Builds the plain network of the shape at `arch_path` (`PrunedShape.load`) and trains it by
     `mode`; writes model.keras (a plain functional float32 model of stock Keras layers), shape.json
     (its PrunedShape, with the search's provenance) and metrics.json (test accuracy, FLOPs, params,
@@ -93,10 +94,15 @@ def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUND
     takes them.
 
     `mixed_precision`: None (float32), "mixed_bfloat16" or "mixed_float16" (`tas_keras.precision`); the
-    teacher is loaded under it too, so it computes in it unless its file fixes its layers' dtypes."""
+    teacher is loaded under it too, so it computes in it unless its file fixes its layers' dtypes.
+    `input_convention`: how the images are fed (`tas_keras.input_convention`; the pruned network keeps
+    the source model's layers, so a model holding its own preprocessing is fed raw pixels)."""
     # How the images are read (streaming) does not change the run.
     settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps", "streaming")}
     settings.update(stage="distill", dataset_name=data.recorded_name(dataset_name))
+    if input_convention is None:  # only when given, so the runs made before it was a setting still match
+        del settings["input_convention"]
+    conventions.check(input_convention)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if epochs < 1 or batch_size < 1:
@@ -120,6 +126,7 @@ def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUND
     keras.utils.set_random_seed(seed)
     initialised = mode.startswith("init")
     student = pruned.derive(teacher if initialised else None, transfer_weights=initialised)
+    dataset = conventions.feed(dataset, student, input_convention)
     trained = KnowledgeDistiller(teacher, student, alpha, temperature) if mode.endswith("kd") else student
     start = time.perf_counter()
     metrics = fit_classifier(trained, dataset, out, epochs, batch_size, learning_rate, seed,

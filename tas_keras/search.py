@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from tas_keras import data, plots
+from tas_keras import input_convention as conventions
 from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_shape
 from tas_keras.graph import ADD_MODES, INDEPENDENT, GraphShape, arch_from_shape, shape_from_arch
@@ -479,7 +480,7 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
                learning_rate=0.1, arch_learning_rate=None, arch_warmup=ARCH_WARMUP, arch_decay="cosine",
                entropy_weight=ENTROPY_WEIGHT, init_from=None, seed=0, max_train_examples=None, overwrite=False,
                checkpoint_steps=CHECKPOINT_STEPS, latency_table=None, target_latency_ms=None, image_size=None,
-               streaming="auto", mixed_precision=None, add_mode=None):
+               streaming="auto", mixed_precision=None, add_mode=None, input_convention=None):
     """Searches a shape of `model_name` keeping `target_ratio` of its cost; writes arch.json,
     history.json, search.png, curves.png and TensorBoard logs to `out`, resuming an interrupted run from its
     backup (every `checkpoint_steps` steps and every epoch).
@@ -503,12 +504,15 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     `python -m tas_keras.latency_table`), and `target_latency_ms`, if given, sets the target ratio
     (ms / the full network's table latency).
 
-    `mixed_precision`: None (float32), "mixed_bfloat16" or "mixed_float16" (`tas_keras.precision`)."""
+    `mixed_precision`: None (float32), "mixed_bfloat16" or "mixed_float16" (`tas_keras.precision`).
+    `input_convention`: how the images are fed (`tas_keras.input_convention`)."""
     settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps", "streaming")}
     settings.update(stage="search", dataset_name=data.recorded_name(dataset_name))
-    if add_mode is None:  # only when given, so the runs made before it was a setting still match
-        del settings["add_mode"]
-    elif add_mode not in ADD_MODES:
+    for key in ("add_mode", "input_convention"):  # only when given, so the runs made before they were settings match
+        if settings[key] is None:
+            del settings[key]
+    conventions.check(input_convention)
+    if add_mode is not None and add_mode not in ADD_MODES:
         raise ValueError(f"add mode must be one of {ADD_MODES}, got {add_mode!r}")
     if is_model_file(model_name) and not os.path.exists(model_name):
         raise ValueError(f"model file {model_name!r} does not exist")
@@ -544,6 +548,7 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
                                 seed=seed, image_size=image_size, streaming=streaming)
     model = source_model(model_name, dataset)
+    dataset = conventions.feed(dataset, model, input_convention)
     if table:
         table.check_covers(model_name, dataset.num_classes, dataset.image_shape, width_multiple)
         if target_latency_ms is not None:

@@ -14,7 +14,8 @@ import tensorflow as tf
 from tas_keras import data
 from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_model
-from tas_keras.models.registry import build_model, is_cifar_model, is_model_file
+from tas_keras import input_convention as conventions
+from tas_keras.models.registry import build_model, check_weights, is_cifar_model, is_model_file
 from tas_keras.pruned_shape import PrunedShape
 from tas_keras.precision import float32_copy, in_dtype_policy
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json, run_dir, write_json
@@ -333,9 +334,13 @@ def fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed,
 def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUNDLED_DATASET,
                data_dir=None, epochs=10, batch_size=256, learning_rate=0.1, seed=0,
                max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS, image_size=None,
-               streaming="auto", mixed_precision=None):
+               streaming="auto", mixed_precision=None, weights=None, input_convention=None):
     """Trains the full network `model_name` (a registry name, `tas_keras.models.registry`) at the
     dataset's image size and classes, or the shape at `arch_path` (`PrunedShape.load`) from scratch;
+    with `weights` (e.g. "imagenet", `registry.PRETRAINED`) it starts from those pretrained weights and a
+    fresh classifier for the dataset's classes instead (transfer learning: fine-tuning, at a
+    fine-tuning `learning_rate` such as 0.01). The images are fed as `input_convention` says
+    (`tas_keras.input_convention`; a model holding its own preprocessing takes raw pixels);
     writes model.keras (float32) and metrics.json, backing the training state up every
     `checkpoint_steps` steps and every epoch. `image_size` and `streaming`: as `data.load_dataset`
     takes them. `mixed_precision`: None (float32), "mixed_bfloat16" or "mixed_float16"
@@ -345,6 +350,11 @@ def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUN
                 "data_dir": data_dir, "image_size": image_size, "epochs": epochs, "batch_size": batch_size,
                 "learning_rate": learning_rate, "seed": seed, "max_train_examples": max_train_examples,
                 "mixed_precision": mixed_precision}
+    # only when given, so the runs made before they were settings still match
+    settings.update({k: v for k, v in (("weights", weights), ("input_convention", input_convention)) if v})
+    conventions.check(input_convention)
+    if weights and arch_path:
+        raise ValueError(f"pretrained weights ({weights!r}) are for a registry network, not the shape {arch_path}")
     if epochs < 1 or batch_size < 1 or learning_rate <= 0:
         raise ValueError(f"epochs, batch_size and learning_rate must be positive, got {epochs}, "
                          f"{batch_size}, {learning_rate}")
@@ -353,6 +363,7 @@ def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUN
             raise ValueError(f"{model_name} is a trained model already: give it to train.prune as --model, "
                              "or train a registry network")
         is_cifar_model(model_name)  # fails on a bad name before any data is read
+        check_weights(model_name, weights)
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
                                 seed=seed, image_size=image_size, streaming=streaming)
     pruned = PrunedShape.load(arch_path) if arch_path else None
@@ -364,13 +375,16 @@ def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUN
         return read_json(os.path.join(out, METRICS_FILE))
 
     keras.utils.set_random_seed(seed)
-    model = pruned.derive() if pruned else build_model(model_name, dataset.image_shape, dataset.num_classes)
+    model = pruned.derive() if pruned else build_model(model_name, dataset.image_shape, dataset.num_classes,
+                                                       weights=weights)
+    dataset = conventions.feed(dataset, model, input_convention)
     start = time.perf_counter()
     metrics = fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed, checkpoint_steps,
                              stage="base training")
     metrics.update(evaluate_classifier(model, dataset, batch_size))
     cost = count_model(model)
-    metrics.update(model=pruned.name if pruned else model_name, dataset=dataset.name, train_examples=dataset.train_size,
+    metrics.update(model=pruned.name if pruned else model_name, dataset=dataset.name,
+                   input_convention=conventions.resolve(model, input_convention), weights=weights, train_examples=dataset.train_size,
                    flops=cost.flops, params=cost.params, wall_time_s=round(time.perf_counter() - start, 2))
     save_model(model, os.path.join(run, MODEL_FILE))
     write_json(os.path.join(run, METRICS_FILE), metrics)

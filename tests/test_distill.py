@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tas_keras.baselines import make_baseline, predefined_shape
+from tas_keras.baselines import make_baseline, predefined_arch
 from tas_keras.cost import count_arch
 from tas_keras.derive import init_from_teacher
 from tas_keras.distill import KnowledgeDistiller, distill
@@ -25,7 +25,7 @@ def _softmax(z):
 
 def test_kd_loss_matches_hand_computation():
     teacher = CifarResNet(ArchConfig.full("resnet8", input_shape=(8, 8, 3)))
-    student = CifarResNet(predefined_shape(ArchConfig.full("resnet8", input_shape=(8, 8, 3)), 0.5, 0.2))
+    student = CifarResNet(predefined_arch(ArchConfig.full("resnet8", input_shape=(8, 8, 3)), 0.5, 0.2))
     distiller = KnowledgeDistiller(teacher, student, alpha=0.9, temperature=4.0)
     distiller.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     rng = np.random.default_rng(0)
@@ -95,7 +95,7 @@ def test_init_copies_leading_channels_and_first_blocks():
                                   teacher.get_layer("s2_b1_conv_a").kernel.numpy()[:, :, :12, :])
     np.testing.assert_array_equal(student.get_layer("head_fc").kernel.numpy(),
                                   teacher.get_layer("head_fc").kernel.numpy())
-    narrow = CifarResNet(predefined_shape(full, 0.3))
+    narrow = CifarResNet(predefined_arch(full, 0.3))
     with pytest.raises(ValueError, match="cannot init from the teacher: stem_conv has shape"):
         init_from_teacher(teacher, narrow)
 
@@ -103,7 +103,7 @@ def test_init_copies_leading_channels_and_first_blocks():
 @pytest.mark.parametrize("model, target", [("resnet20", 0.55), ("resnet56", 0.47), ("resnet164", 0.5)])
 def test_predefined_meets_the_flop_target(model, target):
     full = ArchConfig.full(model)
-    shape = predefined_shape(full, target)
+    shape = predefined_arch(full, target)
     assert target - 0.05 <= count_arch(shape).flops / count_arch(full).flops <= target
     assert shape.stage_blocks == full.stage_blocks
     ratio = shape.provenance["width_ratio"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from export.pipeline import export_and_verify
-from tas_keras.baselines import predefined_shape
+from tas_keras.baselines import predefined_arch
 from tas_keras.distill import KnowledgeDistiller
 from tas_keras.graph import INDEPENDENT, TIED, read_model
 from tas_keras.models.cifar_resnet import CifarResNet
@@ -168,7 +168,7 @@ def test_search_steps_match_float32(name):
 def test_kd_steps_match_float32():
     full = ArchConfig.full("resnet8", input_shape=(16, 16, 3))
     keras.utils.set_random_seed(0)
-    references = CifarResNet(full), CifarResNet(predefined_shape(full, 0.5, 0.2))
+    references = CifarResNet(full), CifarResNet(predefined_arch(full, 0.5, 0.2))
     _sharpen_head(references[0])  # a confident teacher: the KL term matters
     images, labels = _images(full.input_shape)
     alpha, temperature = 0.9, 4.0

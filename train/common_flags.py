@@ -12,6 +12,7 @@ from absl import app, flags  # noqa: E402
 from tas_keras.data import BUNDLED_DATASET, STREAMING  # noqa: E402
 from tas_keras.distribute import STRATEGIES  # noqa: E402
 from tas_keras.graph import ADD_MODES  # noqa: E402
+from tas_keras.input_convention import CONVENTIONS  # noqa: E402
 from tas_keras.precision import MIXED_PRECISION  # noqa: E402
 from tas_keras.training import CHECKPOINT_STEPS, DivergenceError  # noqa: E402
 
@@ -67,6 +68,14 @@ def define_cost_flags(target_help):
                        "network's latency in the table (default 0.5).")
     flags.DEFINE_float("target_latency_ms", None, "With --cost=latency: the target latency in ms instead of a "
                        "ratio.")
+
+
+def define_input_convention_flag():
+    flags.DEFINE_enum("input_convention", None, list(CONVENTIONS),
+                      "The pixels the model was trained on: dataset (the data's mean/std, how this project trains "
+                      "from scratch) | raw (0-255) | unit ([0, 1]) | symmetric ([-1, 1]) | lite ((x - 127) / 128) | "
+                      "imagenet (ImageNet mean/std). Default: raw for a model that starts with a Rescaling or "
+                      "Normalization layer, else dataset.")
 
 
 def define_add_mode_flag():

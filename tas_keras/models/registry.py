@@ -4,6 +4,7 @@
                    the CIFAR ResNets (DESIGN.md section 3), 32x32 and 10 classes by default
   resnet18, resnet34   the ImageNet basic-block ResNets (models/imagenet_resnet.py)
   resnet50, mobilenet_v2   keras.applications' ResNet50 and MobileNetV2 (alpha 1.0), weights=None
+  efficientnet_lite0   EfficientNet-Lite0 (models/efficientnet_lite.py), random or ImageNet weights
   a path to a .keras file   the user's model, as saved
 
 The ImageNet models default to 224x224 and 1000 classes and take any size from 32 px. `resnet50` is
@@ -17,10 +18,12 @@ import keras
 
 from tas_keras.graph import load_model
 from tas_keras.models.cifar_resnet import BN_MOMENTUM, CifarResNet
+from tas_keras.models.efficientnet_lite import efficientnet_lite0
 from tas_keras.models.imagenet_resnet import imagenet_resnet
 from tas_keras.search_space import ArchConfig, parse_model_name
 
-IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
+IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "efficientnet_lite0")
+PRETRAINED = {"efficientnet_lite0": ("imagenet",)}  # the weights a registry network can start from
 CIFAR_DEFAULTS = ((32, 32, 3), 10)
 IMAGENET_DEFAULTS = ((224, 224, 3), 1000)
 
@@ -40,8 +43,17 @@ def is_cifar_model(name):
     return True
 
 
-def build_model(name, input_shape=None, num_classes=None):
-    """The full (unpruned) network `name`, randomly initialised, or the model saved in a .keras file."""
+def check_weights(name, weights):
+    """ValueError unless `weights` is None or pretrained weights the registry offers for `name`."""
+    if weights is not None and weights not in PRETRAINED.get(name, ()):
+        offered = ", ".join(f"{model} ({', '.join(w)})" for model, w in PRETRAINED.items())
+        raise ValueError(f"no {weights!r} weights for {name!r}: pretrained weights exist for {offered}")
+
+
+def build_model(name, input_shape=None, num_classes=None, weights=None):
+    """The full (unpruned) network `name`, randomly initialised or with the pretrained `weights` it offers
+    (`PRETRAINED`), or the model saved in a .keras file."""
+    check_weights(name, weights)
     if is_model_file(name):
         if input_shape is not None or num_classes is not None:
             raise ValueError(f"{name!r} brings its own input shape and classes; do not give them")
@@ -51,6 +63,8 @@ def build_model(name, input_shape=None, num_classes=None):
     num_classes = default_classes if num_classes is None else num_classes
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
+    if name == "efficientnet_lite0":
+        return efficientnet_lite0(input_shape, num_classes, weights)
     if name in ("resnet18", "resnet34"):
         return imagenet_resnet(int(name[len("resnet"):]), input_shape, num_classes)
     if name in IMAGENET_MODELS:

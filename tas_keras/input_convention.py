@@ -1,0 +1,65 @@
+"""What pixels a model was trained on, and feeding it exactly those (DESIGN.md section 12).
+
+Every pipeline normalises RGB pixels p in 0-255 as `(p / 255 - mean) / std` per channel; a convention is
+the (mean, std) that gives a model the inputs it was trained on:
+
+  dataset    the data's own per-channel statistics: how this project trains a network from scratch
+  raw        p, 0-255 (a model that holds its own preprocessing, such as a leading Rescaling)
+  unit       p / 255, in [0, 1]
+  symmetric  (p - 127.5) / 127.5, in [-1, 1] (keras.applications' MobileNets, "tf" mode)
+  lite       (p - 127) / 128 (TensorFlow's EfficientNet-Lite)
+  imagenet   (p / 255 - ImageNet mean) / ImageNet std (torchvision's models, keras "torch" mode)
+
+A model whose first layer after its input is a Rescaling or a Normalization holds its convention: it is
+fed raw pixels, and a different convention given for it is refused. Otherwise the given convention
+applies, `dataset` by default. The exports take uint8 RGB pixels with the convention inside.
+"""
+
+import dataclasses
+
+import keras
+
+from tas_keras.data import IMAGENET_STATS
+
+DATASET = "dataset"
+RAW = "raw"
+CONVENTIONS = {
+    DATASET: None,
+    RAW: ((0.0, 0.0, 0.0), (1 / 255,) * 3),
+    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "lite": ((127 / 255,) * 3, (128 / 255,) * 3),
+    "imagenet": IMAGENET_STATS,
+}
+_PREPROCESSING = (keras.layers.Rescaling, keras.layers.Normalization)
+
+
+def held_by(model):
+    """RAW when the model's first layer after its input is a Rescaling or Normalization, else None."""
+    first = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)][:1]
+    return RAW if first and isinstance(first[0], _PREPROCESSING) else None
+
+
+def check(convention):
+    """ValueError unless `convention` is None or a name of CONVENTIONS."""
+    if convention is not None and convention not in CONVENTIONS:
+        raise ValueError(f"input convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
+
+
+def resolve(model, convention=None):
+    """The convention `model` is fed: the one it holds, else `convention` (default DATASET)."""
+    check(convention)
+    held = held_by(model)
+    if held and convention not in (None, held):
+        raise ValueError(f"{model.name} starts with its own preprocessing ({model.layers[1].name}) and takes raw "
+                         f"0-255 pixels; input convention {convention!r} does not apply to it")
+    return held or convention or DATASET
+
+
+def feed(dataset, model, convention=None):
+    """`dataset`, normalising its pixels as `model` expects them (`resolve`)."""
+    stats = CONVENTIONS[resolve(model, convention)]
+    if stats is None:
+        return dataset
+    mean, std = stats
+    return dataclasses.replace(dataset, mean=tuple(mean), std=tuple(std))

