@@ -57,7 +57,7 @@ def _count(shape):
 def main(argv):
     if len(argv) != 2:
         raise app.UsageError("give one SHAPE: a model name (resnet20 ... resnet164, resnet18, resnet34, "
-                             "resnet50, mobilenet_v2), a .keras file, an arch.json or a released-shape file")
+                             "resnet50, mobilenet_v2, efficientnet_lite0), a .keras file, an arch.json or a released-shape file")
     try:
         header, report = _count(argv[1])
     except ValueError as error:

@@ -420,12 +420,13 @@ def decision_summary(history, arch):
     """Whether a finished search decided (issue 12's criteria), from its history.json entries and
     arch.json dict: the final mean top-1 probability and entropy of the width and depth
     distributions, the epochs after which the argmax changed, whether it held over the last
-    STABLE_EPOCHS epochs, and whether the chosen shape is inside the band."""
+    STABLE_EPOCHS epochs, and whether the chosen shape is inside the band of the cost searched (FLOPs,
+    parameters or latency)."""
     last = history[-1]["logs"]
     shapes = [{key: e[key] for key in SHAPE_KEYS if key in e} for e in history]
     provenance = arch["provenance"]
     low, high = cost_band(provenance["target_ratio"], provenance["tolerance"], provenance["band"])
-    ratio = provenance["flops_ratio"]
+    ratio = provenance[f"{provenance['cost_metric']}_ratio"]  # the band bounds the cost that was searched
     stable = len(history) >= STABLE_EPOCHS and all(s == shapes[-1] for s in shapes[-STABLE_EPOCHS:])
     in_band = low - 1e-9 <= ratio <= high + 1e-9
     return {
@@ -434,7 +435,8 @@ def decision_summary(history, arch):
         "epochs_with_argmax_change": [e["epoch"] + 1 for e, now, before in zip(history[1:], shapes[1:], shapes)
                                       if now != before],
         f"argmax_stable_last_{STABLE_EPOCHS}_epochs": stable,
-        "flops_ratio": round(ratio, 4), "in_band": in_band, "chosen_epoch": provenance["epoch"] + 1,
+        "flops_ratio": round(provenance["flops_ratio"], 4), "cost": provenance["cost_metric"],
+        "cost_ratio": round(ratio, 4), "in_band": in_band, "chosen_epoch": provenance["epoch"] + 1,
         **{key: arch[key] for key in SHAPE_KEYS[1:] if key in arch},  # stage_blocks, or a PrunedShape's depths
         "supernet_valid_accuracy": round(last["valid_accuracy"], 4),
         "arch_learning_rate": provenance["arch_learning_rate"], "wall_time_s": provenance["search_wall_time_s"],
@@ -591,7 +593,8 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
         "source": "tas_search", "target_ratio": target_ratio, "cost_metric": cost_metric, "band": band,
         "tolerance": tolerance,
         "epoch": chosen["epoch"], "flops": chosen["flops"], "params": chosen["params"],
-        "flops_ratio": chosen["flops"] / full_flops, "epochs": epochs, "seed": seed,
+        "flops_ratio": chosen["flops"] / full_flops, "params_ratio": chosen["params"] / supernet.full_cost("params"),
+        "epochs": epochs, "seed": seed,
         "model": model_name, "dataset": dataset.name, "width_multiple": width_multiple,
         "arch_learning_rate": peak, "arch_warmup": arch_warmup, "arch_decay": arch_decay,
         "entropy_weight": entropy_weight,

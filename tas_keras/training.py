@@ -91,6 +91,28 @@ def evaluate_classifier(model, dataset, batch_size, prefix=""):
     return {f"{prefix}test_accuracy": float(result["accuracy"]), f"{prefix}test_loss": float(result["loss"])}
 
 
+def chance_threshold(labels):
+    """The accuracy a classifier that ignores its images reaches on `labels` (always the most frequent
+    class), plus three standard errors of that rate over len(labels) images: a model at or below it is
+    at chance."""
+    counts = np.bincount(np.asarray(labels))
+    rate = counts.max() / counts.sum()
+    return rate + 3 * math.sqrt(rate * (1 - rate) / counts.sum())
+
+
+def check_above_chance(model, dataset, batch_size, source, convention):
+    """ValueError naming the likely causes when `model` scores at chance on the test split."""
+    accuracy = evaluate_classifier(model, dataset, batch_size)["test_accuracy"]
+    _, labels = dataset.test_pixels()
+    if accuracy <= chance_threshold(labels):
+        raise ValueError(
+            f"{source} scores {accuracy:.1%} on the {len(labels)} test images of {dataset.name}, no better than "
+            f"chance: check how its images are fed (--input_convention; it was fed {convention!r}), the class "
+            f"order (the data's classes in sorted order: {', '.join(dataset.class_names[:3])}, ...) and the image "
+            f"size (--image_size); --nocheck_base prunes it anyway")
+    return accuracy
+
+
 class EpochLog(keras.callbacks.Callback):
     """Every epoch's logs, in a JSON list kept across resumed runs (`history`).
 

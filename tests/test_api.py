@@ -107,7 +107,7 @@ def test_prune_runs_the_main_job_on_a_model_object_and_a_tf_data_set(tmp_path):
     keras.utils.set_random_seed(0)
     source = user_cnn()
     report = api.prune(source, dataset, 0.6, str(tmp_path), batch_size=8, search_epochs=1, distill_epochs=1,
-                       quantizations=("none",))
+                       quantizations=("none",), check_base=False)  # an untrained model: at chance
     assert report == json.loads((tmp_path / "report.json").read_text())
     assert not (tmp_path / "base").exists()  # the model given is the base network and the teacher
     assert report["base"]["flops"] == count_model(source).flops > report["pruned"]["flops"]

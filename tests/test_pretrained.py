@@ -173,3 +173,32 @@ def test_a_model_holding_its_preprocessing_is_fed_raw_pixels():
         input_convention.resolve(holds, "imagenet")
     with pytest.raises(ValueError, match="input convention must be one of .* got 'bgr'"):
         input_convention.resolve(plain, "bgr")
+
+
+def _colour_cue_data(classes=3, per_class=40):
+    """8x8 images whose class is the channel darkened to a quarter."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(classes * per_class) % classes
+    images = rng.integers(128, 256, (len(labels), 8, 8, 3), dtype=np.uint8)
+    images[np.arange(len(labels)), :, :, labels] //= 4
+    return from_arrays(images, labels, images, labels)
+
+
+def _darkest_channel_classifier(classes=3):
+    """A hand-set model trained, as it were, on raw 0-255 pixels: the darkest channel wins; on pixels of
+    another scale its first class's bias wins every time."""
+    image = keras.Input((8, 8, 3))
+    dense = keras.layers.Dense(classes)
+    outputs = dense(keras.layers.GlobalAveragePooling2D()(image))
+    dense.set_weights([-10 / 255 * np.eye(3, classes, dtype="float32"), np.eye(1, classes, dtype="float32")[0]])
+    return keras.Model(image, outputs)
+
+
+def test_a_base_at_chance_stops_with_one_line_naming_the_causes():
+    from tas_keras.training import check_above_chance
+    dataset, model = _colour_cue_data(), _darkest_channel_classifier()
+    raw = input_convention.feed(dataset, model, "raw")
+    assert check_above_chance(model, raw, 40, "the base", "raw") == 1.0
+    with pytest.raises(ValueError, match=r"the base scores 33\.3% on the 120 test images .* no better than chance: "
+                                         r"check how its images are fed \(--input_convention; it was fed 'dataset'\)"):
+        check_above_chance(model, input_convention.feed(dataset, model), 40, "the base", "dataset")

@@ -178,7 +178,7 @@ def test_any_model_goes_through_the_pipeline(tmp_path, model):
     out = tmp_path / "run"
     report = run_prune(str(out), model_name=model, target_ratio=0.6, dataset_name=dataset, batch_size=8,
                        base_epochs=1, search_epochs=1, distill_epochs=1, image_size=image_size,
-                       quantizations=quantizations, teacher_path=teacher)
+                       quantizations=quantizations, teacher_path=teacher, check_base=False)
     trained_base = teacher is None and not model.endswith(".keras")
     base = out / "base" / "model.keras" if trained_base else teacher or model
     assert (out / "base").exists() == trained_base
@@ -190,6 +190,12 @@ def test_any_model_goes_through_the_pipeline(tmp_path, model):
     assert report["pruned"]["flops"] == count_model(derived).flops == pruned.provenance["flops"] < full_flops
     assert report["exports"]["none"]["model"]["accuracy"] == pytest.approx(report["keras_accuracy"]["pruned"],
                                                                             abs=1e-6)
+    # A given (here untrained) base network is ordered by importance, and the supernet and the pruned
+    # network start from that copy; a base trained here from scratch is not.
+    assert (out / "ordered" / "model.keras").exists() == (not trained_base)
+    # 8 test images per class: chance is 1/classes plus three standard errors.
+    chance = 1 / classes + 3 * np.sqrt((1 / classes) * (1 - 1 / classes) / (8 * classes))
+    assert report["base_at_chance"] == (report["keras_accuracy"]["base"] <= chance)
     assert sorted(os.listdir(out / "export")) == sorted(quantizations)
     assert all(os.path.exists(out / "export" / q / "model.tflite") for q in quantizations)
 

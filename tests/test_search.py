@@ -464,3 +464,14 @@ def test_convergence_measures_entropy_top1_and_changes():
     assert decided["width_top1"] == pytest.approx((0.5 + (alphas - 1) / 8) / alphas)
     stem_entropy = -(0.5 * math.log(0.5) + 7 / 14 * math.log(1 / 14))
     assert decided["width_entropy"] == pytest.approx((stem_entropy + (alphas - 1) * math.log(8)) / alphas)
+
+
+def test_decision_summary_bounds_the_cost_that_was_searched():
+    from tas_keras.search import decision_summary
+    logs = {"width_top1": 0.9, "width_entropy": 0.1, "depth_top1": 0.9, "depth_entropy": 0.1, "valid_accuracy": 0.5}
+    history = [{"epoch": e, "logs": logs, "widths": [4]} for e in range(3)]
+    provenance = {"target_ratio": 0.5, "tolerance": 0.05, "band": "code", "epoch": 2, "arch_learning_rate": 0.1,
+                  "search_wall_time_s": 1.0, "flops_ratio": 0.7, "params_ratio": 0.47, "latency_ratio": 0.6}
+    for cost, in_band in (("params", True), ("flops", False), ("latency", False)):
+        summary = decision_summary(history, {"provenance": {**provenance, "cost_metric": cost}})
+        assert (summary["in_band"], summary["decides"], summary["cost"]) == (in_band, in_band, cost)

@@ -15,12 +15,14 @@ from export.convert import QUANTIZATIONS
 from export.layer_latency import make_table
 from export.pipeline import REPORT_FILE, TFLITE_FILE, export_and_verify
 from tas_keras import data
+from tas_keras import input_convention as conventions
 from tas_keras.cost import count_shape
 from tas_keras.distill import distill, load_teacher
 from tas_keras.distribute import make_strategy
 from tas_keras.graph import INDEPENDENT, GraphShape, arch_from_shape, read_model
 from tas_keras.latency import LatencyTable, predict_latency
-from tas_keras.models.registry import is_cifar_model, is_model_file
+from tas_keras.importance import order_channels
+from tas_keras.models.registry import check_weights, is_cifar_model, is_model_file
 from tas_keras.precision import check_mixed_precision
 from tas_keras.pruned_shape import PrunedShape
 from tas_keras.runs import (check_overwrite, clear_run_dir, holds_own_files, lock_run_dir, locking_stage,
@@ -28,9 +30,14 @@ from tas_keras.runs import (check_overwrite, clear_run_dir, holds_own_files, loc
 from tas_keras.search import (ARCH_FILE, COSTS, CURVES_FILE, LATENCY, PLOT_FILE, latency_target_ratio, run_search,
                               source_model)
 from tas_keras.supernet import search_space
-from tas_keras.training import MODEL_FILE, train_base
+from tas_keras.training import MODEL_FILE, chance_threshold, check_above_chance, save_model, train_base
 
 PIPELINE_FILE = "pipeline.json"
+ORDERED_DIR = "ordered"
+# The weight learning rate of a search and of KD that start from a trained network, and of fine-tuning a
+# base from pretrained weights: the reference's 0.1 would first undo the training
+# (bench/results/pretrained_lite0.json used it).
+FROM_TRAINED_LEARNING_RATE = 0.01
 STAGES = ("base", "latency table", "search", "distill", "export", "report")
 LATENCY_TABLE_FILE = os.path.join("latency_table", "table.json")
 EXPORT_THREADS = 2
@@ -127,7 +134,8 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
               teacher_path=None, base_epochs=None, search_epochs=None, distill_epochs=None, batch_size=None,
               width_multiple=None, seed=0, qat_epochs=0, overwrite=False, strategy="auto", cost_metric=None,
               latency_table=None, target_latency_ms=None, image_size=None, streaming="auto", mixed_precision=None,
-              add_mode=None, max_train_examples=None, quantizations=None):
+              add_mode=None, max_train_examples=None, quantizations=None, weights=None, input_convention=None,
+              check_base=True):
     """Runs every stage into `out` and returns the report (also `out/report.json` and `report.md`).
 
     The training stages run under `strategy`; export and report need one device and run outside it,
@@ -145,7 +153,16 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     `model_name` is a registry name (trained from scratch as the base network) or a trained .keras
     model, which is then the base network and the teacher; `add_mode` as `run_search` takes it.
     `max_train_examples` trains every stage on that many training images (a trial run of the pipeline);
-    `quantizations` replaces the preset's exports, e.g. ("int8",).
+    `quantizations` replaces the preset's exports, e.g. ("int8",). `weights` ("imagenet", for the registry
+    networks that offer them) fine-tunes the base network from those pretrained weights.
+
+    A trained base network (a .keras model, `teacher_path`, or one fine-tuned from `weights`) is scored
+    on the test split first (`check_base`: one line naming the likely causes when it is at chance); its
+    channels are then ordered by importance (`tas_keras.importance`, in `ordered/`), the supernet starts
+    from those weights (trained at FROM_TRAINED_LEARNING_RATE) and the searched shape is initialised
+    from them before KD. A base trained from scratch here keeps the reference's search from a random
+    supernet and KD without Init. `input_convention` says how the images are fed
+    (`tas_keras.input_convention`).
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -180,6 +197,8 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
         if not os.path.isfile(model_name):
             raise ValueError(f"model file {model_name!r} does not exist")
     cifar = is_cifar_model(model_name)  # refuses an unknown name before any data is read
+    check_weights(model_name, weights)
+    conventions.check(input_convention)
     if cost_metric == LATENCY and not (cifar and add_mode in (None, INDEPENDENT)):
         raise ValueError(f"the latency cost needs a latency table of the model's layers, which the project "
                          f"measures for the CIFAR ResNets with independent Adds only, not {model_name}")
@@ -199,6 +218,7 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
         _check_teacher(teacher_path, space)
     elif is_model_file(model_name):
         teacher_path = model_name
+    from_trained = bool(teacher_path or weights)
     if table:
         table.check_covers(model_name, dataset.num_classes, dataset.image_shape, width_multiple)
         if target_latency_ms is not None:
@@ -208,7 +228,8 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     # Stage workloads in base-training images, an export about half an epoch. The rate is the last stage's, timed.
     progress = _Progress([base_epochs * images * (teacher_path is None), 0, search_epochs * images * SEARCH_IMAGE_COST,
                           distill_epochs * images * KD_IMAGE_COST, images * len(quantizations) / 2, 0])
-    common = dict(dataset_name=dataset_name, data_dir=data_dir, seed=seed)
+    common = dict(dataset_name=dataset_name, data_dir=data_dir, seed=seed,
+                  **({"input_convention": input_convention} if input_convention else {}))
     trained = dict(common, strategy=strategy, image_size=image_size, streaming=streaming,
                    mixed_precision=mixed_precision, max_train_examples=max_train_examples)
     stage_dirs = {stage: os.path.join(out, stage) for stage in ("base", "search", "distill")}
@@ -231,16 +252,24 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
                if cost_metric == LATENCY else {}),
             **({"mixed_precision": mixed_precision} if mixed_precision else {}),
             **({"max_train_examples": max_train_examples} if max_train_examples else {}),
-            **({"add_mode": add_mode} if add_mode else {})})
+            **({"add_mode": add_mode} if add_mode else {}),
+            **({"weights": weights} if weights else {}),
+            **({"input_convention": input_convention} if input_convention else {})})
 
         progress.banner(0, "base network" + (f": given {teacher_path}" if teacher_path else ""))
         if not teacher_path:
             base = train_base(stage_dirs["base"], model_name=model_name, epochs=base_epochs,
-                              batch_size=batch_size, **trained)
+                              batch_size=batch_size, **trained, **({"weights": weights, "learning_rate":
+                                                                   FROM_TRAINED_LEARNING_RATE} if weights else {}))
             teacher_path = os.path.join(run_dir(stage_dirs["base"]), MODEL_FILE)
             progress.measured(base["train_images_per_second"])
         else:
             progress.measured(300.0)  # a first guess, until a stage is timed
+        kd_teacher, from_trained_settings = teacher_path, {}
+        if from_trained:
+            kd_teacher = ordered_base(written, teacher_path, space, dataset, batch_size, input_convention,
+                                      check_base)
+            from_trained_settings = {"init_from": kd_teacher, "learning_rate": FROM_TRAINED_LEARNING_RATE}
 
         if cost_metric == LATENCY and not latency_table:
             latency_table = os.path.join(written, LATENCY_TABLE_FILE)
@@ -255,13 +284,16 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
         searched = run_search(stage_dirs["search"], model_name=model_name, epochs=search_epochs,
                               batch_size=search_batch_size, target_ratio=target_ratio, width_multiple=width_multiple,
                               cost_metric=cost_metric, latency_table=latency_table,
-                              target_latency_ms=target_latency_ms, add_mode=add_mode, **chosen.arch_step, **trained)
+                              target_latency_ms=target_latency_ms, add_mode=add_mode, **chosen.arch_step,
+                              **from_trained_settings, **trained)
         search_dir = run_dir(stage_dirs["search"])
         progress.measured(progress.workloads[2] / searched["provenance"]["search_wall_time_s"])
 
         progress.banner(3, "training the searched shape with KD from the base network")
-        distilled = distill(stage_dirs["distill"], os.path.join(search_dir, ARCH_FILE), teacher_path,
-                            mode="kd", epochs=distill_epochs, batch_size=batch_size, **trained)
+        distilled = distill(stage_dirs["distill"], os.path.join(search_dir, ARCH_FILE), kd_teacher,
+                            epochs=distill_epochs, batch_size=batch_size, **trained,
+                            **({"mode": "init_kd", "learning_rate": FROM_TRAINED_LEARNING_RATE} if from_trained
+                               else {"mode": "kd"}))
         progress.measured(distilled["train_images_per_second"] / KD_IMAGE_COST)
     if not distribution.extended.should_checkpoint:
         logging.info("training done; the chief exports and writes the report")
@@ -288,14 +320,33 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
                                                   latency_runs=chosen.latency_runs, threads=threads, **common)
 
     progress.banner(5, "report")
-    report = build_report(out, model_name, target_ratio, distilled, exports, search_dir)
+    report = build_report(out, model_name, target_ratio, distilled, exports, search_dir,
+                          chance_threshold(dataset.test_pixels()[1]))
     logging.info("report: %s", os.path.join(out, "report.md"))
     return report
 
 
-def build_report(out, model_name, target_ratio, distilled, exports, search_dir):
+def ordered_base(out, teacher_path, space, dataset, batch_size, input_convention, check_base):
+    """`out`/ordered/model.keras: the trained base network `teacher_path` with its channels ordered by
+    importance (the same function); first a ValueError if it scores at chance (`check_base`)."""
+    ordered = os.path.join(out, ORDERED_DIR, MODEL_FILE)
+    if os.path.exists(ordered):
+        return ordered
+    teacher = load_teacher(teacher_path)
+    if check_base:
+        fed = conventions.feed(dataset, teacher, input_convention)
+        accuracy = check_above_chance(teacher, fed, batch_size, f"the base network {teacher_path}",
+                                      conventions.resolve(teacher, input_convention))
+        logging.info("the base network scores %.2f%% on the test split", 100 * accuracy)
+    os.makedirs(os.path.dirname(ordered), exist_ok=True)
+    save_model(order_channels(teacher, read_model(teacher, space.add_mode, space.multiple_of)), ordered)
+    return ordered
+
+
+def build_report(out, model_name, target_ratio, distilled, exports, search_dir, chance):
     """report.json and report.md: base vs pruned, the searched shape and the search curves; for a
-    latency search also the latency its table predicted beside the measured one."""
+    latency search also the latency its table predicted beside the measured one. A base network whose
+    accuracy is at or below `chance` (`training.chance_threshold`) is said to be at chance."""
     models = {q: {m["role"]: m for m in exports[q]["models"]} for q in exports}
     pruned, base = next(iter(models.values()))["model"], next(iter(models.values()))["compare_with"]
     shape = read_json(os.path.join(search_dir, ARCH_FILE))
@@ -310,6 +361,7 @@ def build_report(out, model_name, target_ratio, distilled, exports, search_dir):
                                "latency_ms": m["latency_ms"]["median"]} for role, m in models[q].items()}
                     for q in models},
         "checks_passed": all(exports[q]["passed"] for q in exports),
+        "base_at_chance": distilled["teacher_test_accuracy"] <= chance,
     }
     table = provenance.get("latency_table")
     if table:
@@ -355,8 +407,12 @@ def build_report(out, model_name, target_ratio, distilled, exports, search_dir):
             lines.append(row(f".tflite {label} latency predicted by the table ({table['threads']} thread(s))",
                              predicted["base"], predicted["pruned"], ms))
     files = ", ".join(f"`export/{q}/{TFLITE_FILE}`" for q in e)
-    lines += ["", f"Export checks: {'all passed' if report['checks_passed'] else 'SOME FAILED, see export/*/report.json'}."
-              f" Files: {files}.", "",
+    verdict = "all passed" if report["checks_passed"] else "SOME FAILED, see export/*/report.json"
+    if report["base_at_chance"]:
+        verdict = (f"{'run' if report['checks_passed'] else verdict}, but THE BASE NETWORK IS AT CHANCE "
+                   f"({pct(report['keras_accuracy']['base'])}): nothing here is a measurement; check the input "
+                   "convention, class order and image size")
+    lines += ["", f"Export checks: {verdict}. Files: {files}.", "",
               f"## Searched shape: blocks kept per stage {dict(PrunedShape.load(os.path.join(search_dir, ARCH_FILE)).shape.depths)}", "",
               f"![searched shape](search/{PLOT_FILE})", "", "## Search", "", f"![search curves](search/{CURVES_FILE})", ""]
     tmp = os.path.join(out, "report.md.tmp")

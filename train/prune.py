@@ -20,9 +20,15 @@ common_flags.define_common_flags(epochs=None, batch_size=None, dataset=None)
 common_flags.define_mixed_precision_flag()
 _MODEL = flags.DEFINE_string("model", "resnet20", "A registry name, trained from scratch as the base network (the "
                              "CIFAR resnet20 | resnet32 | resnet56 | resnet110 | resnet164, resnet18 | resnet34 | "
-                             "resnet50 | mobilenet_v2), or your trained .keras model, which is then the base network "
-                             "and the teacher.")
+                             "resnet50 | mobilenet_v2 | efficientnet_lite0), or your trained .keras model, which is "
+                             "then the base network and the teacher.")
+_WEIGHTS = flags.DEFINE_enum("weights", None, ["imagenet"], "Fine-tune the base network from these pretrained "
+                             "weights (efficientnet_lite0) instead of training it from scratch.")
+_CHECK_BASE = flags.DEFINE_bool("check_base", True, "Stop before the search when a given trained base network "
+                                "scores at chance on the data (--nocheck_base: prune it anyway, e.g. an untrained "
+                                "model in a trial of the pipeline).")
 common_flags.define_add_mode_flag()
+common_flags.define_input_convention_flag()
 common_flags.define_cost_flags("Keep this fraction of the network's FLOPs (or parameters).")
 _PRESET = flags.DEFINE_enum("preset", "quick", sorted(PRESETS),
                             "quick: bundled data, minutes on a CPU; paper: the reference schedule (600 search "
@@ -53,7 +59,8 @@ def main():
               distill_epochs=_DISTILL_EPOCHS.value, batch_size=FLAGS.batch_size, width_multiple=_MULTIPLE.value,
               seed=FLAGS.seed, qat_epochs=_QAT_EPOCHS.value, strategy=FLAGS.strategy,
               mixed_precision=FLAGS.mixed_precision, add_mode=FLAGS.add_mode,
-              max_train_examples=FLAGS.max_train_examples, quantizations=_QUANTIZE.value)
+              max_train_examples=FLAGS.max_train_examples, quantizations=_QUANTIZE.value, weights=_WEIGHTS.value,
+              input_convention=FLAGS.input_convention, check_base=_CHECK_BASE.value)
 
 
 if __name__ == "__main__":
