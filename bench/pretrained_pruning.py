@@ -64,11 +64,15 @@ _RESULTS = flags.DEFINE_string("results", RESULTS, "The results file.")
 
 
 def _commit():
+    """The commit this process runs (read at its start: later commits are not what ran)."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True, cwd=os.path.dirname(__file__)).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+COMMIT = _commit()
 
 
 def ordered_base(runs):
@@ -140,7 +144,7 @@ def run_row(row, seed, runs, ordered):
             "top1_fp32_tflite": exported["none"], "top1_int8_tflite": exported["int8"],
             "base_top1": metrics["teacher_test_accuracy"], "wall_time_s": metrics["wall_time_s"],
             "widths": dict(shape.shape.widths), "depths": dict(shape.shape.depths),
-            "commit": _commit(), "date": datetime.date.today().isoformat()}
+            "commit": COMMIT, "date": datetime.date.today().isoformat()}
 
 
 def _shape_similarity(first, second, full_widths):
