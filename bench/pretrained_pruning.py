@@ -61,6 +61,7 @@ _KD_LEARNING_RATE = flags.DEFINE_float("kd_learning_rate", 0.01, "Learning rate 
 _MAX_TRAIN = flags.DEFINE_integer("max_train_examples", None, "Train every stage on this many images (a trial "
                                   "of the experiment; give it another --results).", lower_bound=1)
 _RESULTS = flags.DEFINE_string("results", RESULTS, "The results file.")
+_TABLE = flags.DEFINE_bool("table", False, "Only print the results file's table (markdown) and exit.")
 
 
 def _commit():
@@ -172,8 +173,32 @@ def summary(runs, full_widths):
     return table
 
 
+LABELS = {"tas_trained": "TAS from the trained model", "magnitude": "magnitude pruning (global)",
+          "uniform": "uniform (pre-defined)", "tas_scratch": "TAS from scratch (the reference's supernet)",
+          "tas_no_entropy": "TAS from the trained model, no entropy term"}
+
+
+def table(results):
+    """The results as a markdown table: mean [range] over the seeds of each row."""
+    def cell(entry, key):
+        low, high = entry[key]["range"]
+        return f"{entry[key]['mean']:.2f}" + (f" [{low:.2f}, {high:.2f}]" if low != high else "")
+
+    base = results["base"]
+    lines = ["| method | seeds | FLOPs kept, % | top-1, Keras | fp32 .tflite | int8 .tflite |", "|---|---|---|---|---|---|",
+             f"| unpruned base | - | 100 | {100 * base['top1']:.2f} | {100 * base['top1_fp32_tflite']:.2f} | "
+             f"{100 * base['top1_int8_tflite']:.2f} |"]
+    for row, entry in results["summary"].items():
+        lines.append(f"| {LABELS[row]} | {len(entry['seeds'])} | {cell(entry, 'flops_ratio')} | {cell(entry, 'top1')} | "
+                     f"{cell(entry, 'top1_fp32_tflite')} | {cell(entry, 'top1_int8_tflite')} |")
+    return "\n".join(lines)
+
+
 def main(argv):
     del argv
+    if _TABLE.value:
+        print(table(read_json(_RESULTS.value)))
+        return
     unknown = sorted(set(_ROWS.value) - set(ROWS))
     if unknown:
         raise app.UsageError(f"unknown rows {unknown}: expected some of {', '.join(ROWS)}")

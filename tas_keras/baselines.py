@@ -1,8 +1,14 @@
-"""The paper's baselines at a matched FLOP target: a uniformly shrunk ("pre-defined") shape and the
-best of N random shapes inside the FLOP band, found by a keras-tuner random search. Both produce
-ArchConfigs, so they go through train.distill exactly like a searched shape."""
+"""Baselines at a matched FLOP target, on the graph space of any model (DESIGN.md section 12): a
+uniformly shrunk ("pre-defined") shape, the best of N random shapes inside the FLOP band (a keras-tuner
+random search), and magnitude pruning (the least important channels removed globally, the standard
+one-shot structured pruning). Each writes its shape as a search does (an ArchConfig for a CIFAR ResNet
+in the reference's space, else a PrunedShape), so it goes through train.distill exactly like a searched
+shape.
 
-import itertools
+Magnitude pruning and a random search that starts its trials from a trained network take the channels
+in the order of that network: give them an importance-ordered one (`tas_keras.importance.order_channels`;
+train.prune and bench.pretrained_pruning do), so that a slot of width k keeps its k most important."""
+
 import logging
 import os
 
@@ -12,28 +18,23 @@ import numpy as np
 
 from tas_keras import data
 from tas_keras.distribute import in_strategy_scope
-from tas_keras.cost import count_arch, count_shape
-from tas_keras.graph import INDEPENDENT, GraphShape, arch_from_shape, read_model
-from tas_keras.importance import slot_groups
-from tas_keras.models.cifar_resnet import CifarResNet
-from tas_keras.runs import locking_stage, prepare_run_dir, run_dir, write_json
-from tas_keras.search import cost_band
-from tas_keras.search_space import ArchConfig, candidate_widths, depth_choices
-from tas_keras.training import CHECKPOINT_STEPS, check_fits_data, evaluate_classifier, fit_classifier
+from tas_keras.cost import count_shape
+from tas_keras.derive import derive_model
+from tas_keras.graph import GraphShape, load_model
+from tas_keras.importance import magnitude_scores, slot_groups
+from tas_keras.runs import locking_stage, prepare_run_dir, read_json, run_dir, write_json
+from tas_keras.search import cost_band, searched_shapes, source_model
+from tas_keras.supernet import search_space
+from tas_keras.models.registry import is_model_file
+from tas_keras.training import CHECKPOINT_STEPS, evaluate_classifier, fit_classifier
 
 CANDIDATES_FILE = "candidates.json"
 ARCH_FILE = "arch.json"
-KINDS = ("predefined", "random")
+KINDS = ("predefined", "random", "magnitude")
 OBJECTIVE = keras_tuner.Objective("valid_accuracy", direction="max")
 TUNER_DIR = "tuner"  # keras-tuner's project: the oracle's state and a trial.json per trial
 TRIALS_DIR = "trials"  # every trial's training run: backup, epochs.json, TensorBoard
 MAX_DRAWS = 100_000  # shapes drawn for one trial before the band is declared out of reach (~5 min)
-
-
-def _flops_band(full, target_ratio, tolerance, band):
-    base = count_arch(full).flops
-    low, high = cost_band(target_ratio, tolerance, band)
-    return base, low * base, high * base
 
 
 def _graph_band(space, target_ratio, tolerance, band):
@@ -72,13 +73,6 @@ def predefined_shape(space, target_ratio, tolerance=0.05, band="code"):
                    "flops_ratio": flops / base}
 
 
-def predefined_arch(full, target_ratio, tolerance=0.05, band="code"):
-    """`predefined_shape` of a CIFAR ResNet, as the ArchConfig of its independent-mode space."""
-    space = read_model(CifarResNet(full), INDEPENDENT)
-    shape, provenance = predefined_shape(space, target_ratio, tolerance, band)
-    return arch_from_shape(space, shape).replace(provenance=provenance)
-
-
 def magnitude_shape(space, scores, target_ratio, tolerance=0.05, band="code"):
     """(the magnitude-pruning GraphShape, its provenance): every channel of the searchable slots ranked
     globally by its importance score (`tas_keras.importance.magnitude_scores`, which makes the scores of
@@ -105,60 +99,78 @@ def magnitude_shape(space, scores, target_ratio, tolerance=0.05, band="code"):
 
 
 def depth_name(stage):
-    """The hyperparameter of the blocks kept in `stage` (1-based)."""
-    return f"s{stage}_depth"
+    """The hyperparameter of the blocks kept in a Stage."""
+    return f"{stage.name}_depth"
 
 
-def shape_hyperparameters(full):
-    """The search space of `full` as keras-tuner hyperparameters: a Choice of blocks kept per stage
-    (`s<stage>_depth`) and a Choice of width per conv (its slot name).
+def _slot_conditions(space):
+    """{slot name: (stage, the fewest blocks the stage keeps for the slot to be built)} for the slots
+    whose every conv sits in a droppable block of one stage; the other slots are always built."""
+    stage_of = {block.name: (stage, index + 1 + bool(stage.opener))
+                for stage in space.stages for index, block in enumerate(stage.blocks)}
+    places = {}
+    for layer in space.layers:
+        if layer.kind == "conv" and space.slot(layer.out_slot).searchable:
+            places.setdefault(layer.out_slot, []).append(stage_of.get(layer.block))
+    conditions = {}
+    for slot, where in places.items():
+        if None not in where and len({stage.name for stage, _ in where}) == 1:
+            conditions[slot] = (where[0][0], min(position for _, position in where))
+    return conditions
 
-    A conv of a block its stage may drop is conditional on the block being kept: keras-tuner draws
-    and compares only the active values, so two trials never differ only in convs the network does
-    not build.
+
+def shape_hyperparameters(space):
+    """The search space of a GraphSpace as keras-tuner hyperparameters: a Choice of blocks kept per stage
+    (`depth_name`) and a Choice of width per searchable slot (its name, its candidates).
+
+    A slot built only in a block its stage may drop is conditional on the block being kept: keras-tuner
+    draws and compares only the active values, so two trials never differ only in convs the network
+    does not build. Each stage's depth comes before the first slot it conditions.
     """
     hp = keras_tuner.HyperParameters()
-    depths = list(depth_choices(full.num_blocks))
-    for stage, slots in itertools.groupby(full.slots, key=lambda slot: slot.stage):
-        if stage:
-            hp.Choice(depth_name(stage), depths)
-        for slot in slots:
-            widths = list(candidate_widths(slot.full_width))
-            if slot.block <= 1:  # the stem and every stage's first block are always built
-                hp.Choice(slot.name, widths)
-                continue
-            with hp.conditional_scope(depth_name(stage), [d for d in depths if d >= slot.block]):
-                hp.Choice(slot.name, widths)
+    conditions, declared = _slot_conditions(space), set()
+    for slot in space.searchable_slots:
+        if slot.name not in conditions:
+            hp.Choice(slot.name, list(slot.candidates))
+            continue
+        stage, fewest = conditions[slot.name]
+        if stage.name not in declared:
+            hp.Choice(depth_name(stage), list(stage.choices))
+            declared.add(stage.name)
+        with hp.conditional_scope(depth_name(stage), [d for d in stage.choices if d >= fewest]):
+            hp.Choice(slot.name, list(slot.candidates))
+    for stage in space.stages:
+        if stage.name not in declared:
+            hp.Choice(depth_name(stage), list(stage.choices))
     return hp
 
 
-def shape_from_values(full, values):
-    """The shape of a trial's hyperparameter values. A dropped block's convs have no value (they are
-    inactive) and keep the full width, which the builder ignores."""
-    stages = range(1, len(full.stage_blocks) + 1)
-    return full.replace(widths=[values.get(slot.name, slot.full_width) for slot in full.slots],
-                        stage_blocks=[values[depth_name(stage)] for stage in stages])
+def shape_from_values(space, values):
+    """The GraphShape of a trial's hyperparameter values. A dropped block's slots have no value (they
+    are inactive) and keep the full width, which the builder ignores."""
+    return GraphShape({slot.name: values.get(slot.name, slot.full_width) for slot in space.searchable_slots},
+                      {stage.name: values[depth_name(stage)] for stage in space.stages})
 
 
 class FlopBandOracle(keras_tuner.oracles.RandomSearchOracle):
-    """keras-tuner's seeded random search over the shapes of `full` that proposes only shapes whose
-    exact FLOPs lie in `flops_band` (low, high), each shape once.
+    """keras-tuner's seeded random search over the shapes of a GraphSpace that proposes only shapes
+    whose exact FLOPs lie in `flops_band` (low, high), each shape once.
 
     keras-tuner draws the values and skips those tried before; this oracle redraws until the shape
     is in the band. Its draw position is part of the oracle's saved state, so a reloaded search
     proposes what an uninterrupted one would have.
     """
 
-    def __init__(self, full, flops_band, max_trials, seed, max_draws=MAX_DRAWS):
+    def __init__(self, space, flops_band, max_trials, seed, max_draws=MAX_DRAWS):
         # keras-tuner seeds its i-th draw of a value with seed + i, so the draws of two neighbouring
         # seeds are the same stream shifted by one value; 2**32 apart they never meet. The +1 because
         # the Oracle takes seed 0 for "no seed" and picks a random one.
         super().__init__(objective=OBJECTIVE, max_trials=max_trials, seed=seed * 2**32 + 1,
-                         hyperparameters=shape_hyperparameters(full), allow_new_entries=False,
+                         hyperparameters=shape_hyperparameters(space), allow_new_entries=False,
                          tune_new_entries=False,
                          # A trial that raises is a bug or a broken machine, not a bad shape.
                          max_consecutive_failed_trials=1)
-        self.full, self.flops_band, self.max_draws = full, flops_band, max_draws
+        self.space, self.flops_band, self.max_draws = space, flops_band, max_draws
 
     def populate_space(self, trial_id):
         low, high = self.flops_band
@@ -166,74 +178,73 @@ class FlopBandOracle(keras_tuner.oracles.RandomSearchOracle):
             proposal = super().populate_space(trial_id)
             if proposal["values"] is None:  # keras-tuner found no untried values: the search stops
                 return proposal
-            if low <= count_arch(shape_from_values(self.full, proposal["values"])).flops <= high:
+            if low <= count_shape(self.space, shape_from_values(self.space, proposal["values"])).flops <= high:
                 return proposal
-        base = count_arch(self.full).flops
-        raise ValueError(f"no random shape of {self.full.name} fell in the FLOP band [{low / base:.3f}, "
+        base = count_shape(self.space, self.space.full_shape()).flops
+        raise ValueError(f"no random shape of {self.space.name} fell in the FLOP band [{low / base:.3f}, "
                          f"{high / base:.3f}] of the full network in {self.max_draws} draws; uniformly drawn "
                          "shapes rarely keep that fraction: widen --tolerance or move --target_flops_ratio")
 
 
 class RandomShapeSearch(keras_tuner.Tuner):
-    """The random-search baseline on keras-tuner: `FlopBandOracle` proposes, every trial trains its
-    shape with the project's resumable recipe in `<out>/trials/<trial id>` on the search-train half
-    of `search(split)` and scores it on the search-valid half.
+    """The random-search baseline on keras-tuner: `FlopBandOracle` proposes, every trial builds its
+    shape from `model` (`derive_model`: from scratch, or with `init` the leading channels of `model`'s
+    trained weights), trains it with the project's resumable recipe in `<out>/trials/<trial id>` on the
+    search-train half of `search(split)` and scores it on the search-valid half.
 
     keras-tuner keeps its state in `<out>/tuner` and reloads it: finished trials are kept, and the
     trial a killed search was running is run again under the same id, so its training resumes from
     its backup.
     """
 
-    def __init__(self, out, full, flops_band, max_trials, epochs, batch_size, seed, learning_rate=0.1,
-                 checkpoint_steps=CHECKPOINT_STEPS, max_draws=MAX_DRAWS):
-        super().__init__(FlopBandOracle(full, flops_band, max_trials, seed, max_draws),
+    def __init__(self, out, model, space, flops_band, max_trials, epochs, batch_size, seed, learning_rate=0.1,
+                 init=False, checkpoint_steps=CHECKPOINT_STEPS, max_draws=MAX_DRAWS):
+        super().__init__(FlopBandOracle(space, flops_band, max_trials, seed, max_draws),
                          directory=run_dir(out), project_name=TUNER_DIR)
         self.oracle.verbose = 0  # its per-trial table has a row per conv; run_trial logs one line
-        self.out, self.full, self.seed = out, full, seed
+        self.out, self.model, self.space, self.seed, self.init = out, model, space, seed, init
         self.epochs, self.batch_size, self.learning_rate = epochs, batch_size, learning_rate
         self.checkpoint_steps = checkpoint_steps
 
     def run_trial(self, trial, split):
-        shape = shape_from_values(self.full, trial.hyperparameters.values)
+        shape = shape_from_values(self.space, trial.hyperparameters.values)
         # The chief's path on every worker of a cluster: fit_classifier maps it to the worker's own.
         directory = os.path.join(self.out, TRIALS_DIR, trial.trial_id)
         os.makedirs(run_dir(directory), exist_ok=True)
         keras.utils.set_random_seed(self.seed)  # a trial's initial weights depend on the seed alone
-        model = CifarResNet(shape)
+        model = derive_model(self.model, self.space, shape, transfer_weights=self.init)
         fit_classifier(model, split, directory, self.epochs, self.batch_size, self.learning_rate, self.seed,
                        self.checkpoint_steps)
         accuracy = evaluate_classifier(model, split, self.batch_size)["test_accuracy"]
         logging.info("trial %s: %.2f MFLOPs, valid accuracy %.4f", trial.trial_id,
-                     count_arch(shape).flops / 1e6, accuracy)
+                     count_shape(self.space, shape).flops / 1e6, accuracy)
         return {OBJECTIVE.name: accuracy}
 
 
-def random_search(out, full, dataset, target_ratio, count, epochs, batch_size, seed=0, tolerance=0.05,
-                  band="code", checkpoint_steps=CHECKPOINT_STEPS):
+def random_search(out, model, space, dataset, target_ratio, count, epochs, batch_size, seed=0, tolerance=0.05,
+                  band="code", learning_rate=0.1, init=False, checkpoint_steps=CHECKPOINT_STEPS):
     """Runs `RandomShapeSearch` for `count` trials (or resumes it); writes `out/candidates.json`, every
-    trial's shape and valid accuracy, and returns the best shape."""
-    base, low, high = _flops_band(full, target_ratio, tolerance, band)
+    trial's shape and valid accuracy, and returns (the best shape, its provenance)."""
+    base, low, high = _graph_band(space, target_ratio, tolerance, band)
     split, _ = dataset.search_halves(seed=seed)  # trains on the search-train half, tests on the other
-    tuner = RandomShapeSearch(out, full, (low, high), count, epochs, batch_size, seed,
-                              checkpoint_steps=checkpoint_steps)
+    tuner = RandomShapeSearch(out, model, space, (low, high), count, epochs, batch_size, seed, learning_rate,
+                              init, checkpoint_steps=checkpoint_steps)
     tuner.search(split)
     results = []
     for trial in sorted(tuner.oracle.trials.values(), key=lambda t: t.trial_id):  # zero-padded ids
         if trial.status != keras_tuner.engine.trial.TrialStatus.COMPLETED:
             continue  # keras-tuner lost it: killed between writing its trial file and the oracle's state
-        shape = shape_from_values(full, trial.hyperparameters.values)
-        flops = count_arch(shape).flops
-        shape = shape.replace(provenance={"source": "random", "seed": seed, "trial": trial.trial_id,
-                                          "target_ratio": target_ratio, "flops": flops,
-                                          "flops_ratio": flops / base})
-        results.append({"valid_accuracy": float(trial.score), "arch": shape.to_dict()})
+        shape = shape_from_values(space, trial.hyperparameters.values)
+        flops = count_shape(space, shape).flops
+        results.append({"valid_accuracy": float(trial.score), "shape": shape.to_dict(),
+                        "provenance": {"source": "random", "seed": seed, "trial": trial.trial_id,
+                                       "target_ratio": target_ratio, "flops": flops, "flops_ratio": flops / base}})
     write_json(os.path.join(run_dir(out), CANDIDATES_FILE), results)
     # The first best in trial order. keras-tuner's own ranking keeps ties in the order it holds the
     # trials, which after a reload is the order of a glob over their files: not a resume's invariant.
     best = max(results, key=lambda r: r["valid_accuracy"])
-    arch = ArchConfig.from_dict(best["arch"])
-    return arch.replace(provenance={**arch.provenance, "valid_accuracy": best["valid_accuracy"],
-                                    "candidates": len(results), "epochs_per_candidate": epochs})
+    return GraphShape.from_dict(best["shape"]), {**best["provenance"], "valid_accuracy": best["valid_accuracy"],
+                                                 "candidates": len(results), "epochs_per_candidate": epochs}
 
 
 @in_strategy_scope
@@ -241,32 +252,52 @@ def random_search(out, full, dataset, target_ratio, count, epochs, batch_size, s
 def make_baseline(out, kind, model_name="resnet20", target_ratio=0.5, tolerance=0.05, band="code",
                   dataset_name=data.BUNDLED_DATASET, data_dir=None, count=8, epochs=1, batch_size=256,
                   seed=0, max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS, image_size=None,
-                  streaming="auto"):
-    """Writes `out/arch.json`: the pre-defined shape, or the best of a `count`-trial random search
-    (`random_search`; a killed search resumes)."""
+                  streaming="auto", add_mode=None, width_multiple=1, trained=None, learning_rate=0.1):
+    """Writes `out/arch.json`: the pre-defined shape of `model_name` (a registry name or a .keras file),
+    the best of a `count`-trial random search (`random_search`; a killed search resumes), or the
+    magnitude-pruned shape. The space is `supernet.search_space(model_name, ..., add_mode,
+    width_multiple)`, as a search reads it.
+
+    `trained`: a trained full network (.keras; default: `model_name` when it is a .keras file) whose
+    weights magnitude pruning scores (it needs one) and whose leading channels the random search's
+    trials start from (else from scratch), at `learning_rate`. Returns the shape file's dict."""
     settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps", "streaming")}
     settings["stage"] = "baseline"
+    for key, default in (("add_mode", None), ("width_multiple", 1), ("trained", None), ("learning_rate", 0.1)):
+        if settings[key] == default:  # only when given, so the runs made before they were settings match
+            del settings[key]
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if not 0 < target_ratio < 1:
         raise ValueError(f"target ratio must be in (0, 1), got {target_ratio!r}")
     if count < 1:  # keras-tuner reads max_trials=0 as "no limit"
         raise ValueError(f"count must be >= 1, got {count!r}")
-    full = ArchConfig.full(model_name)
     cost_band(target_ratio, tolerance, band)
-    dataset = None
-    if kind == "random":
-        dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
-                                    seed=seed, image_size=image_size, streaming=streaming)
-        full = ArchConfig.full(model_name, num_classes=dataset.num_classes, input_shape=dataset.image_shape)
-        check_fits_data(full.input_shape, full.num_classes, dataset)
+    trained = trained or (model_name if is_model_file(model_name) else None)
+    if kind == "magnitude" and not trained:
+        raise ValueError(f"magnitude pruning scores a trained network's weights: give a .keras model or a trained "
+                         f"{model_name} (--trained)")
+    for path in filter(None, (trained, model_name if is_model_file(model_name) else None)):
+        if not os.path.isfile(path):
+            raise ValueError(f"model file {path!r} does not exist")
+    dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
+                                seed=seed, image_size=image_size, streaming=streaming)
+    model = source_model(model_name, dataset)
+    space = search_space(model_name, model, add_mode, width_multiple)
     run, finished = prepare_run_dir(out, settings, overwrite, done_file=ARCH_FILE)
     if finished:
-        return ArchConfig.load(os.path.join(out, ARCH_FILE))
+        return read_json(os.path.join(out, ARCH_FILE))
+    if trained:
+        model = load_model(trained)
     if kind == "predefined":
-        arch = predefined_arch(full, target_ratio, tolerance, band)
+        shape, provenance = predefined_shape(space, target_ratio, tolerance, band)
+    elif kind == "magnitude":
+        shape, provenance = magnitude_shape(space, magnitude_scores(model, space), target_ratio, tolerance, band)
     else:
-        arch = random_search(out, full, dataset, target_ratio, count, epochs, batch_size, seed=seed,
-                             tolerance=tolerance, band=band, checkpoint_steps=checkpoint_steps)
-    arch.save(os.path.join(run, ARCH_FILE))
-    return arch
+        shape, provenance = random_search(out, model, space, dataset, target_ratio, count, epochs, batch_size,
+                                          seed=seed, tolerance=tolerance, band=band, learning_rate=learning_rate,
+                                          init=bool(trained), checkpoint_steps=checkpoint_steps)
+    shapes = searched_shapes(model_name, space)
+    shape_file = shapes.shape_file(shapes.entry(shape), provenance)
+    shape_file.save(os.path.join(run, ARCH_FILE))
+    return shape_file.to_dict()

@@ -79,51 +79,64 @@ def arch_learning_rate_for(steps, warmup_fraction, travel):
 
 @keras.saving.register_keras_serializable(package="tas_keras")
 class ArchLearningRate(keras.optimizers.schedules.LearningRateSchedule):
-    """The architecture optimizer's learning rate: 0 while the weights warm up (the architecture
-    holds still while the supernet learns), then `peak`, constant or decayed by cosine to 0 at the
-    last step so the argmax settles.
+    """The architecture optimizer's learning rate over its own steps (which start when the weights'
+    warm-up ends, `ArchWarmup`): `peak`, constant or decayed by cosine to 0 at the last step so the
+    argmax settles."""
 
-    A zero rate rather than a skipped update: no tf.cond around an optimizer step (DESIGN.md
-    section 7), and Adam's moments are already estimated when the architecture starts to move.
-    """
-
-    def __init__(self, peak, total_steps, warmup_steps=0, decay="cosine"):
+    def __init__(self, peak, total_steps, decay="cosine"):
         if peak < 0:
             raise ValueError(f"architecture learning rate must be >= 0, got {peak!r}")
-        if not 0 <= warmup_steps < max(1, total_steps):
-            raise ValueError(f"warm-up must be in [0, {total_steps}) steps, got {warmup_steps!r}")
         if decay not in ARCH_DECAYS:
             raise ValueError(f"architecture decay must be one of {ARCH_DECAYS}, got {decay!r}")
-        self.peak, self.total_steps, self.warmup_steps, self.decay = peak, total_steps, warmup_steps, decay
+        self.peak, self.total_steps, self.decay = peak, total_steps, decay
 
     def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        progress = tf.clip_by_value((step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps),
-                                    0.0, 1.0)
-        rate = self.peak * (0.5 * (1 + tf.cos(np.pi * progress)) if self.decay == "cosine" else 1.0)
-        return tf.where(step < self.warmup_steps, 0.0, rate)
+        progress = tf.clip_by_value(tf.cast(step, tf.float32) / max(1, self.total_steps), 0.0, 1.0)
+        return self.peak * (0.5 * (1 + tf.cos(np.pi * progress)) if self.decay == "cosine" else 1.0)
 
     def get_config(self):
-        return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
-                "decay": self.decay}
+        return {"peak": self.peak, "total_steps": self.total_steps, "decay": self.decay}
 
 
 @keras.saving.register_keras_serializable(package="tas_keras")
 class LinearRamp(keras.optimizers.schedules.LearningRateSchedule):
-    """0 until `start_step`, then rising linearly to `peak` at `total_steps`: the weight of the
-    entropy term, which makes the architecture decide once the weights have warmed up."""
+    """Rising linearly from 0 to `peak` over the architecture optimizer's `total_steps`: the weight of
+    the entropy term, which makes the architecture decide."""
 
-    def __init__(self, peak, total_steps, start_step=0):
+    def __init__(self, peak, total_steps):
         if peak < 0:
             raise ValueError(f"entropy weight must be >= 0, got {peak!r}")
-        self.peak, self.total_steps, self.start_step = peak, total_steps, start_step
+        self.peak, self.total_steps = peak, total_steps
 
     def __call__(self, step):
-        progress = (tf.cast(step, tf.float32) - self.start_step) / max(1, self.total_steps - self.start_step)
-        return self.peak * tf.clip_by_value(progress, 0.0, 1.0)
+        return self.peak * tf.clip_by_value(tf.cast(step, tf.float32) / max(1, self.total_steps), 0.0, 1.0)
 
     def get_config(self):
-        return {"peak": self.peak, "total_steps": self.total_steps, "start_step": self.start_step}
+        return {"peak": self.peak, "total_steps": self.total_steps}
+
+
+class ArchWarmup(keras.callbacks.Callback):
+    """Turns the architecture step of a TASSearchModel on once the weights have trained alone for
+    `warmup_steps` steps (also when a resumed search starts past them). The step is left out of the
+    traced train function until then, rather than run at a zero rate: no forward and backward pass on
+    the valid batch that would change nothing, and Adam's moments hold only applied gradients. (No
+    tf.cond around an optimizer step, DESIGN.md section 7: the train function is traced again.)"""
+
+    def __init__(self, warmup_steps):
+        super().__init__()
+        self.warmup_steps = warmup_steps
+
+    def _switch(self, on):
+        if self.model.arch_step_on != on:
+            self.model.arch_step_on = on
+            self.model.make_train_function(force=True)
+
+    def on_train_begin(self, logs=None):
+        self._switch(int(self.model.optimizer.iterations) >= self.warmup_steps)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if not self.model.arch_step_on and int(self.model.optimizer.iterations) >= self.warmup_steps:
+            self._switch(True)
 
 
 def entropies(logit_vectors):
@@ -189,6 +202,7 @@ class TASSearchModel(keras.Model):
         self.target_ratio, self.cost_metric, self.cost_weight = target_ratio, cost_metric, cost_weight
         self.tolerance, self.band, self.arch_weight_decay, self.seed = tolerance, band, arch_weight_decay, seed
         self.sample_per_replica, self.entropy_weight = sample_per_replica, entropy_weight
+        self.arch_step_on = True  # ArchWarmup turns it off while the weights warm up
         self.latency = latency_table and SupernetLatency(supernet, latency_table)
         self.base_cost = self.latency.full_ms if self.latency else supernet.full_cost(cost_metric)
         low, high = cost_band(target_ratio, tolerance, band)
@@ -274,6 +288,10 @@ class TASSearchModel(keras.Model):
             # Scaled inside the tape, or the gradient of the scaled loss is None (a LossScaleOptimizer's).
             scaled_loss = self.optimizer.scale_loss(loss)
         self.optimizer.apply(tape.gradient(scaled_loss, weights), weights)
+        self.trackers["loss"].update_state(loss * replicas)
+        self.accuracy.update_state(labels, logits)
+        if not self.arch_step_on:
+            return {m.name: m.result() for m in (self.trackers["loss"], self.accuracy)} | {"tau": self.tau.value}
 
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch([v.value for v in arch_variables])
@@ -290,12 +308,11 @@ class TASSearchModel(keras.Model):
         self.arch_optimizer.apply(tape.gradient(scaled_arch_loss, arch_variables), arch_variables)
 
         # Losses are per-replica values scaled by 1/replicas: report them unscaled.
-        for name, value in (("loss", loss * replicas), ("valid_loss", valid_loss * replicas),
+        for name, value in (("valid_loss", valid_loss * replicas),
                             ("arch_loss", arch_loss * replicas), ("cost_loss", cost_loss),
                             ("expected_cost_ratio", expected / self.base_cost),
                             ("argmax_cost_ratio", argmax / self.base_cost)):
             self.trackers[name].update_state(value)
-        self.accuracy.update_state(labels, logits)
         self.valid_accuracy.update_state(labels_valid, valid_logits)
         return {**{m.name: m.result() for m in self.metrics}, "tau": self.tau.value}
 
@@ -571,18 +588,19 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     batches, steps = search_batches(dataset, batch_size, epochs, seed)
     total = steps * epochs
     warmup_steps = round(total * arch_warmup)
+    arch_steps = total - warmup_steps
     search = TASSearchModel(supernet, target_ratio, cost_metric, cost_weight, tolerance, band, seed=seed,
-                            entropy_weight=LinearRamp(entropy_weight, total, warmup_steps) if entropy_weight else None,
+                            entropy_weight=LinearRamp(entropy_weight, arch_steps) if entropy_weight else None,
                             latency_table=table)
     peak = arch_learning_rate if arch_learning_rate is not None else arch_learning_rate_for(
         total, arch_warmup, ARCH_TRAVEL)
-    arch_rate = ArchLearningRate(peak, total, warmup_steps, arch_decay)
+    arch_rate = ArchLearningRate(peak, arch_steps, arch_decay)
     search.compile(optimizer=sgd(learning_rate, total),
                    arch_optimizer=keras.optimizers.Adam(arch_rate, beta_1=0.5, beta_2=0.999))
     history = ArchHistory(os.path.join(run, HISTORY_FILE), shapes)
     start = time.perf_counter()
     fit_resumable(search, batches, steps, epochs, out, [
-        TauSchedule(epochs, tau_schedule, tau_max, tau_min), history,
+        ArchWarmup(warmup_steps), TauSchedule(epochs, tau_schedule, tau_max, tau_min), history,
         keras.callbacks.TensorBoard(os.path.join(run, "tensorboard"))], checkpoint_steps, stage="search",
         advice=f"Try a lower --learning_rate ({learning_rate:g}) or --arch_learning_rate (this run: {peak:g})")
     wall = time.perf_counter() - start

@@ -44,3 +44,14 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.xdist_group(groups[item]))
     slow_groups = {groups.get(item, item) for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: groups.get(item, item) not in slow_groups)
+
+
+def predefined_arch(full, target_ratio, tolerance=0.05):
+    """The pre-defined (uniform) baseline of a CIFAR ResNet `full` (an ArchConfig) as an ArchConfig."""
+    from tas_keras.baselines import predefined_shape
+    from tas_keras.graph import INDEPENDENT, arch_from_shape, read_model
+    from tas_keras.models.cifar_resnet import CifarResNet
+
+    space = read_model(CifarResNet(full), INDEPENDENT)
+    shape, provenance = predefined_shape(space, target_ratio, tolerance)
+    return arch_from_shape(space, shape).replace(provenance=provenance)

@@ -8,11 +8,15 @@ import time
 import keras_tuner
 import pytest
 
-from tas_keras.baselines import OBJECTIVE, FlopBandOracle, make_baseline
-from tas_keras.cost import count_arch
+from tas_keras.baselines import OBJECTIVE, FlopBandOracle, make_baseline, shape_from_values
+from tas_keras.cost import count_shape
+from tas_keras.graph import INDEPENDENT, read_model
+from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search_space import ArchConfig, candidate_widths
 
 from .conftest import REPO
+from .test_prune import _tiny_folder
+from .test_supernet import user_cnn
 
 
 class _Unscored(keras_tuner.Tuner):
@@ -22,56 +26,76 @@ class _Unscored(keras_tuner.Tuner):
         return {OBJECTIVE.name: 0.0}
 
 
-def _proposals(directory, full, flops_band, count, seed, max_draws=100_000):
-    oracle = FlopBandOracle(full, flops_band, count, seed, max_draws)
+def _cifar_space(name):
+    return read_model(CifarResNet(ArchConfig.full(name)), INDEPENDENT)
+
+
+def _proposals(directory, space, flops_band, count, seed, max_draws=100_000):
+    oracle = FlopBandOracle(space, flops_band, count, seed, max_draws)
     oracle.verbose = 0
     _Unscored(oracle, directory=directory, project_name=f"seed{seed}").search()
     return [oracle.trials[trial_id].hyperparameters.values for trial_id in sorted(oracle.trials)]
 
 
-def _network(full, values):
-    """What a trial's values build: the blocks kept per stage and the width of every conv built."""
-    blocks = tuple(values[f"s{stage}_depth"] for stage in (1, 2, 3))
-    widths = {slot.name: values[slot.name] for slot in full.slots
-              if slot.stage == 0 or slot.block <= blocks[slot.stage - 1]}
-    return blocks, widths
-
-
 def test_random_search_proposes_distinct_in_band_shapes_by_seed(tmp_path):
-    full, count = ArchConfig.full("resnet20"), 5
-    base = count_arch(full).flops
+    space, count = _cifar_space("resnet20"), 5
+    base = count_shape(space, space.full_shape()).flops
     band = (0.50 * base, 0.55 * base)  # target 0.55, tolerance 0.05, the code's band
-    proposals = _proposals(tmp_path / "a", full, band, count, seed=0)
+    proposals = _proposals(tmp_path / "a", space, band, count, seed=0)
     assert len(proposals) == count
     networks = []
     for values in proposals:
-        blocks, widths = _network(full, values)
-        # Only the convs of kept blocks carry a value, each one of its conv's candidate widths.
-        assert set(values) == {"s1_depth", "s2_depth", "s3_depth", *widths}
-        slots = {slot.name: slot for slot in full.slots}
-        assert all(width in candidate_widths(slots[name].full_width) for name, width in widths.items())
-        # Dropped blocks' widths are arbitrary (1 here): the count ignores them.
-        shape = full.replace(widths=[widths.get(slot.name, 1) for slot in full.slots], stage_blocks=blocks)
-        assert band[0] <= count_arch(shape).flops <= band[1]
-        networks.append((blocks, tuple(sorted(widths.items()))))
+        depths = {stage: values[f"stage{stage}_depth"] for stage in (1, 2, 3)}
+        # Only the convs of kept blocks carry a value (s<stage>_b<block>_...: built when block <= depth),
+        # each one of its conv's candidate widths.
+        built = {slot.name for slot in space.searchable_slots if slot.name == "stem_conv"
+                 or int(slot.name.split("_")[1][1:]) <= depths[int(slot.name[1])]}
+        assert set(values) == {"stage1_depth", "stage2_depth", "stage3_depth", *built}
+        slots = {slot.name: slot for slot in space.searchable_slots}
+        assert all(values[name] in candidate_widths(slots[name].full_width) for name in built)
+        assert band[0] <= count_shape(space, shape_from_values(space, values)).flops <= band[1]
+        networks.append(tuple(sorted(values.items())))
     assert len(set(networks)) == count
     # Seed 0 is a seed (keras-tuner alone would draw a random one), and seeds give different shapes.
-    assert _proposals(tmp_path / "b", full, band, count, seed=0) == proposals
-    other = _proposals(tmp_path / "c", full, band, count, seed=1)
+    assert _proposals(tmp_path / "b", space, band, count, seed=0) == proposals
+    other = _proposals(tmp_path / "c", space, band, count, seed=1)
     assert not {str(values) for values in other} & {str(values) for values in proposals}
 
 
 def test_an_unreachable_band_stops_the_search_with_the_band(tmp_path):
-    full = ArchConfig.full("resnet8")
-    base = count_arch(full).flops
+    space = _cifar_space("resnet8")
+    base = count_shape(space, space.full_shape()).flops
     with pytest.raises(ValueError, match=r"no random shape of resnet8 fell in the FLOP band \[0\.010, 0\.020\] "
                                          r"of the full network in 50 draws"):
-        _proposals(tmp_path, full, (0.01 * base, 0.02 * base), 1, seed=0, max_draws=50)
+        _proposals(tmp_path, space, (0.01 * base, 0.02 * base), 1, seed=0, max_draws=50)
 
 
-def test_a_random_baseline_needs_a_trial(tmp_path):
+def test_a_random_baseline_needs_a_trial_and_magnitude_a_trained_network(tmp_path):
     with pytest.raises(ValueError, match="count must be >= 1, got 0"):
         make_baseline(str(tmp_path / "random"), "random", count=0)
+    with pytest.raises(ValueError, match="magnitude pruning scores a trained network's weights"):
+        make_baseline(str(tmp_path / "magnitude"), "magnitude", model_name="mobilenet_v2")
+    assert not (tmp_path / "magnitude").exists()
+
+
+@pytest.mark.slow
+def test_baselines_of_a_users_model_are_shapes_of_its_space(tmp_path):
+    """A user's .keras model gets all three baselines as PrunedShapes in the FLOP band (a 10% band: a
+    channel of this small model's 8-channel slots moves its FLOPs by several percent); the random
+    search's trials start from its weights."""
+    keras_model = tmp_path / "mine.keras"
+    user_cnn().save(keras_model)  # 8 px images, 4 classes
+    common = dict(model_name=str(keras_model), target_ratio=0.6, tolerance=0.1, image_size=8, batch_size=8,
+                  dataset_name=_tiny_folder(tmp_path / "data", 12, 4))
+    space = read_model(keras_model)
+    full = count_shape(space, space.full_shape()).flops
+    for kind in ("predefined", "magnitude", "random"):
+        shape = make_baseline(str(tmp_path / kind), kind, count=2, learning_rate=0.01, **common)
+        assert shape["format"] == "tas_keras.PrunedShape" and shape["provenance"]["source"] == kind
+        assert 0.5 <= shape["provenance"]["flops_ratio"] <= 0.6
+        assert shape["provenance"]["flops"] / full == pytest.approx(shape["provenance"]["flops_ratio"])
+    candidates = json.loads((tmp_path / "random" / "candidates.json").read_text())
+    assert len(candidates) == 2 and all(0.5 <= c["provenance"]["flops_ratio"] <= 0.6 for c in candidates)
 
 
 RANDOM_BASELINE = [sys.executable, "-m", "train.baseline", "--kind=random", "--model=resnet8",
@@ -113,7 +137,7 @@ def test_a_random_search_killed_mid_trial_resumes_to_the_uninterrupted_result(tm
     for name in ("arch.json", "candidates.json"):
         assert json.loads((out / name).read_text()) == json.loads((tmp_path / "whole" / name).read_text()), name
     candidates = json.loads((out / "candidates.json").read_text())
-    assert [c["arch"]["provenance"]["trial"] for c in candidates] == ["0", "1", "2"]
+    assert [c["provenance"]["trial"] for c in candidates] == ["0", "1", "2"]
     # Same weights at the end of every trial: the validation loss is far finer than the accuracy.
     for trial in ("0", "1", "2"):
         got, expected = (json.loads((tmp_path / name / "trials" / trial / "epochs.json").read_text())

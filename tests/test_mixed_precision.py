@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from export.pipeline import export_and_verify
-from tas_keras.baselines import predefined_arch
 from tas_keras.distill import KnowledgeDistiller
 from tas_keras.graph import INDEPENDENT, TIED, read_model
 from tas_keras.models.cifar_resnet import CifarResNet
@@ -24,7 +23,7 @@ from tas_keras.supernet import GraphSupernet
 from tas_keras.training import save_model, train_base
 from train.pipeline import run_prune
 
-from .conftest import REPO
+from .conftest import REPO, predefined_arch
 from .test_supernet import user_cnn
 
 BF16 = "mixed_bfloat16"

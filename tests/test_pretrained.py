@@ -202,3 +202,23 @@ def test_a_base_at_chance_stops_with_one_line_naming_the_causes():
     with pytest.raises(ValueError, match=r"the base scores 33\.3% on the 120 test images .* no better than chance: "
                                          r"check how its images are fed \(--input_convention; it was fed 'dataset'\)"):
         check_above_chance(model, input_convention.feed(dataset, model), 40, "the base", "dataset")
+
+
+def test_fine_tuning_from_imagenet_weights_replaces_the_head(tmp_path):
+    from tas_keras.training import train_base
+    from tests.conftest import assert_refused_before_any_work
+    from tests.test_prune import _tiny_folder
+    folder = _tiny_folder(tmp_path / "data", 32, classes=3)
+    metrics = train_base(str(tmp_path / "base"), model_name="efficientnet_lite0", weights="imagenet",
+                         dataset_name=folder, epochs=1, batch_size=8, learning_rate=0.01)
+    assert (metrics["weights"], metrics["input_convention"]) == ("imagenet", "raw")
+    tuned = keras.models.load_model(tmp_path / "base" / "model.keras")
+    assert tuned.output_shape == (None, 3)
+    imagenet = build_model("efficientnet_lite0", (32, 32, 3), 1000, weights="imagenet")
+    # Fine-tuned, not trained from scratch: the kernels moved, and are still the ImageNet ones (a fresh
+    # initialisation is uncorrelated with them).
+    for name in ("stem_conv", "block4b_expand_conv"):
+        tuned_kernel, start = (m.get_layer(name).kernel.numpy().ravel() for m in (tuned, imagenet))
+        assert not np.array_equal(tuned_kernel, start) and np.corrcoef(tuned_kernel, start)[0, 1] > 0.9, name
+    assert_refused_before_any_work(train_base, tmp_path / "refused", "no 'imagenet' weights for 'resnet18'",
+                                   model_name="resnet18", weights="imagenet", dataset_name=folder)

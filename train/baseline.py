@@ -1,9 +1,12 @@
-"""The paper's baselines as shapes, for train.distill: uniformly shrunk (predefined) or the best of N
-random shapes in the FLOP band (random: a keras-tuner random search that resumes when re-run after a
-kill), at the same target as a TAS search.
+"""Baselines as shapes, for train.distill, at the same target as a TAS search, for any model: uniformly
+shrunk (predefined), the best of N random shapes in the FLOP band (random: a keras-tuner random search
+that resumes when re-run after a kill) or magnitude pruning (the least important channels of a trained
+network removed globally).
 
   python -m train.baseline --out=runs/predefined --kind=predefined --model=resnet20 --target_flops_ratio=0.55
   python -m train.baseline --out=runs/random --kind=random --num_candidates=8 --epochs=2
+  python -m train.baseline --out=runs/magnitude --kind=magnitude --model=runs/prune/ordered/model.keras \
+      --dataset=my_images/ --image_size=96
 """
 
 from absl import flags
@@ -14,7 +17,14 @@ from train import common_flags
 
 common_flags.define_common_flags(epochs=1, batch_size=256)
 _KIND = flags.DEFINE_enum("kind", "predefined", list(KINDS), "Which baseline.")
-_MODEL = flags.DEFINE_string("model", "resnet20", "resnet20 | resnet32 | resnet56 | resnet110 | resnet164.")
+_MODEL = flags.DEFINE_string("model", "resnet20", "A registry name or a .keras model, as train.search takes it.")
+_TRAINED = flags.DEFINE_string("trained", None, "A trained full --model (.keras; default: --model when it is a "
+                               ".keras file): magnitude pruning scores its weights, random trials start from "
+                               "them. Give an importance-ordered one (train.prune's ordered/model.keras), so "
+                               "that a narrower slot keeps the most important channels.")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.1, "random: the trials' learning rate (0.01 from a "
+                                    "trained network).")
+common_flags.define_add_mode_flag()
 _TARGET = flags.DEFINE_float("target_flops_ratio", 0.5, "R: keep this fraction of the full FLOPs.")
 _TOLERANCE = flags.DEFINE_float("tolerance", 0.05, "t, the width of the FLOP band.")
 _BAND = flags.DEFINE_enum("band", "code", list(COST_BANDS), "As train.search's --band.")
@@ -30,8 +40,8 @@ def main():
                   data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
                   streaming=FLAGS.streaming, count=_COUNT.value, epochs=FLAGS.epochs,
                   batch_size=FLAGS.batch_size, seed=FLAGS.seed, max_train_examples=FLAGS.max_train_examples,
-                  overwrite=FLAGS.overwrite,
-                  checkpoint_steps=FLAGS.checkpoint_steps, strategy=FLAGS.strategy)
+                  overwrite=FLAGS.overwrite, checkpoint_steps=FLAGS.checkpoint_steps, strategy=FLAGS.strategy,
+                  add_mode=FLAGS.add_mode, trained=_TRAINED.value, learning_rate=_LEARNING_RATE.value)
 
 
 if __name__ == "__main__":
