@@ -3,10 +3,12 @@ on Imagenette at 96 px, pruned to 50% of its FLOPs by each method at an equal tr
 
   python -m bench.pretrained_pruning --runs=runs/pretrained
 
-Rows (every shape is taken from the importance-ordered base, `tas_keras.importance.order_channels`, and
-trained with the same recipe: Init from the ordered base + KD from it):
+Rows (every shape is trained with the same recipe: Init from the base with its channels ordered by
+importance, `tas_keras.importance.order_channels`, + KD from it; the order is the Taylor scores' but
+for the magnitude row, whose own L1 scores order it):
   tas_trained     TAS whose supernet starts from the ordered base (weights at --search_learning_rate)
-  magnitude       global magnitude pruning of the ordered channels (`baselines.magnitude_shape`)
+  taylor          one-shot global pruning by the Taylor scores (`baselines.ranked_shape`)
+  magnitude       one-shot global pruning by L1 magnitude, the standard of other tools
   uniform         every slot shrunk by one ratio (`baselines.predefined_shape`)
   tas_scratch     TAS from a randomly initialised supernet (the reference's search)
   tas_no_entropy  tas_trained without the entropy term
@@ -30,18 +32,20 @@ import keras
 import numpy as np
 
 from export.pipeline import export_and_verify
-from tas_keras.baselines import magnitude_shape, predefined_shape
+from tas_keras import data, input_convention
+from tas_keras.baselines import predefined_shape, ranked_shape
 from tas_keras.distill import distill
 from tas_keras.graph import load_model, read_model
-from tas_keras.importance import magnitude_scores, order_channels
+from tas_keras.importance import importance_scores, magnitude_scores, order_channels
 from tas_keras.pruned_shape import PrunedShape
 from tas_keras.runs import read_json, write_json
 from tas_keras.search import ARCH_FILE, run_search
 from tas_keras.training import MODEL_FILE, save_model, train_base
 
-ROWS = ("tas_trained", "magnitude", "uniform", "tas_scratch", "tas_no_entropy")
+ROWS = ("tas_trained", "magnitude", "uniform", "taylor", "tas_scratch", "tas_no_entropy")
+FIRST_ROWS = 4  # run for every seed before the others: the search and the simple alternatives
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "pretrained_lite0.json")
-ORDERED_FILE = "ordered.keras"
+ORDERED_FILES = {"taylor": "ordered.keras", "magnitude": "ordered_l1.keras"}
 
 _RUNS = flags.DEFINE_string("runs", None, "Directory of every run of the experiment.", required=True)
 _DATASET = flags.DEFINE_string("dataset", "../shared/data/imagenette2-224.zip", "As the train CLIs' --dataset.")
@@ -77,16 +81,22 @@ COMMIT = _commit()
 
 
 def ordered_base(runs):
-    """The fine-tuned base (trained once, seed 0) and its importance-ordered copy, as files."""
+    """The fine-tuned base (trained once, seed 0) and its copies ordered by the Taylor and by the L1
+    scores, as files."""
     base_dir = os.path.join(runs, "base")
     base = train_base(base_dir, model_name="efficientnet_lite0", weights="imagenet", dataset_name=_DATASET.value,
                       image_size=_IMAGE_SIZE.value, epochs=_BASE_EPOCHS.value, batch_size=_BATCH.value,
                       learning_rate=_BASE_LEARNING_RATE.value, seed=0, **_trial())
-    ordered = os.path.join(runs, ORDERED_FILE)
-    if not os.path.exists(ordered):
+    ordered = {score: os.path.join(runs, name) for score, name in ORDERED_FILES.items()}
+    if not all(map(os.path.exists, ordered.values())):
         model = load_model(os.path.join(base_dir, MODEL_FILE))
-        save_model(order_channels(model, read_model(model)), ordered)
-    return base, ordered, _exported_top1(ordered, os.path.join(runs, "base_export"), seed=0)
+        space = read_model(model)
+        dataset = input_convention.feed(data.load_dataset(_DATASET.value, image_size=_IMAGE_SIZE.value), model)
+        scores = {"taylor": importance_scores(model, space, dataset, _BATCH.value),
+                  "magnitude": magnitude_scores(model, space)}
+        for score, path in ordered.items():
+            save_model(order_channels(model, space, scores[score]), path)
+    return base, ordered, _exported_top1(ordered["taylor"], os.path.join(runs, "base_export"), seed=0)
 
 
 def _trial():
@@ -107,7 +117,7 @@ def _exported_top1(model, out, seed):
 
 
 def shape_file(row, seed, run, ordered):
-    """The row's shape file (a PrunedShape of the ordered base) and the training epochs it leaves."""
+    """The row's shape file (a PrunedShape of the ordered base `ordered`) and the training epochs it leaves."""
     budget = _BUDGET.value
     if row.startswith("tas"):
         trained = row != "tas_scratch"
@@ -121,18 +131,22 @@ def shape_file(row, seed, run, ordered):
     if not os.path.exists(path):
         model = load_model(ordered)
         space = read_model(model)
-        if row == "magnitude":
-            shape, provenance = magnitude_shape(space, magnitude_scores(model, space), _TARGET.value)
-        else:
+        if row == "uniform":
             shape, provenance = predefined_shape(space, _TARGET.value)
+        else:  # the ordered base's own scores, so that its leading channels are the ones the ranking keeps
+            dataset = input_convention.feed(data.load_dataset(_DATASET.value, image_size=_IMAGE_SIZE.value), model)
+            scores = (magnitude_scores(model, space) if row == "magnitude" else
+                      importance_scores(model, space, dataset, _BATCH.value))
+            shape, provenance = ranked_shape(space, scores, _TARGET.value, source=row)
         os.makedirs(run, exist_ok=True)
         PrunedShape(os.path.abspath(ordered), space.input_shape, int(model.output_shape[-1]), space.add_mode,
                     space.multiple_of, shape, provenance).save(path)
     return path, budget
 
 
-def run_row(row, seed, runs, ordered):
+def run_row(row, seed, runs, ordered_files):
     run = os.path.join(runs, f"{row}_s{seed}")
+    ordered = ordered_files["magnitude" if row == "magnitude" else "taylor"]
     arch, epochs = shape_file(row, seed, run, ordered)
     metrics = distill(os.path.join(run, "distill"), arch, ordered, mode="init_kd", dataset_name=_DATASET.value,
                       image_size=_IMAGE_SIZE.value, epochs=epochs, batch_size=_BATCH.value,
@@ -173,7 +187,8 @@ def summary(runs, full_widths):
     return table
 
 
-LABELS = {"tas_trained": "TAS from the trained model", "magnitude": "magnitude pruning (global)",
+LABELS = {"tas_trained": "TAS from the trained model", "magnitude": "magnitude (L1) pruning, one shot, global",
+          "taylor": "Taylor pruning, one shot, global",
           "uniform": "uniform (pre-defined)", "tas_scratch": "TAS from scratch (the reference's supernet)",
           "tas_no_entropy": "TAS from the trained model, no entropy term"}
 
@@ -207,7 +222,7 @@ def main(argv):
     runs = os.path.abspath(_RUNS.value)
     base, ordered, base_exported = ordered_base(runs)
     results = read_json(_RESULTS.value) if os.path.exists(_RESULTS.value) else {"runs": {}}
-    space = read_model(load_model(ordered))
+    space = read_model(load_model(ordered["taylor"]))
     full_widths = {slot.name: slot.full_width for slot in space.searchable_slots}
     results.update({
         "command": "python -m bench.pretrained_pruning --runs=runs/pretrained",
@@ -223,7 +238,8 @@ def main(argv):
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}; TF {__import__('tensorflow').__version__}, Keras {keras.__version__}",
     })
     # The rows the verdict needs first, for every seed; then the others.
-    for group in ([r for r in _ROWS.value if r in ROWS[:3]], [r for r in _ROWS.value if r not in ROWS[:3]]):
+    required = ROWS[:FIRST_ROWS]
+    for group in ([r for r in _ROWS.value if r in required], [r for r in _ROWS.value if r not in required]):
         for seed in map(int, _SEEDS.value):
             for row in group:
                 key = f"{row}/{seed}"

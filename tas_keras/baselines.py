@@ -1,13 +1,13 @@
 """Baselines at a matched FLOP target, on the graph space of any model (DESIGN.md section 12): a
 uniformly shrunk ("pre-defined") shape, the best of N random shapes inside the FLOP band (a keras-tuner
-random search), and magnitude pruning (the least important channels removed globally, the standard
-one-shot structured pruning). Each writes its shape as a search does (an ArchConfig for a CIFAR ResNet
+random search), and one-shot global pruning of a trained network by L1 magnitude (the standard
+structured pruning of other tools) or by Taylor importance (the least important channels removed). Each writes its shape as a search does (an ArchConfig for a CIFAR ResNet
 in the reference's space, else a PrunedShape), so it goes through train.distill exactly like a searched
 shape.
 
-Magnitude pruning and a random search that starts its trials from a trained network take the channels
-in the order of that network: give them an importance-ordered one (`tas_keras.importance.order_channels`;
-train.prune and bench.pretrained_pruning do), so that a slot of width k keeps its k most important."""
+The one-shot rankings write the trained network ordered by their scores beside the shape; a random
+search that starts its trials from a trained network takes the channels in that network's order: give
+it an importance-ordered one (`tas_keras.importance.order_channels`, as train.prune writes it)."""
 
 import logging
 import os
@@ -21,16 +21,19 @@ from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_shape
 from tas_keras.derive import derive_model
 from tas_keras.graph import GraphShape, load_model
-from tas_keras.importance import magnitude_scores, slot_groups
+from tas_keras import input_convention as conventions
+from tas_keras.importance import importance_scores, magnitude_scores, order_channels, slot_groups
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json, run_dir, write_json
 from tas_keras.search import cost_band, searched_shapes, source_model
 from tas_keras.supernet import search_space
 from tas_keras.models.registry import is_model_file
-from tas_keras.training import CHECKPOINT_STEPS, evaluate_classifier, fit_classifier
+from tas_keras.training import CHECKPOINT_STEPS, evaluate_classifier, fit_classifier, save_model
 
 CANDIDATES_FILE = "candidates.json"
 ARCH_FILE = "arch.json"
-KINDS = ("predefined", "random", "magnitude")
+KINDS = ("predefined", "random", "magnitude", "taylor")
+RANKED_KINDS = ("magnitude", "taylor")  # one-shot global rankings of L1 magnitude / Taylor scores
+ORDERED_FILE = "ordered.keras"
 OBJECTIVE = keras_tuner.Objective("valid_accuracy", direction="max")
 TUNER_DIR = "tuner"  # keras-tuner's project: the oracle's state and a trial.json per trial
 TRIALS_DIR = "trials"  # every trial's training run: backup, epochs.json, TensorBoard
@@ -73,12 +76,13 @@ def predefined_shape(space, target_ratio, tolerance=0.05, band="code"):
                    "flops_ratio": flops / base}
 
 
-def magnitude_shape(space, scores, target_ratio, tolerance=0.05, band="code"):
-    """(the magnitude-pruning GraphShape, its provenance): every channel of the searchable slots ranked
-    globally by its importance score (`tas_keras.importance.magnitude_scores`, which makes the scores of
-    different slots comparable), the least important removed until the FLOPs reach the band's top,
-    each slot keeping at least its smallest candidate width; all blocks kept. The channels are taken
-    as `importance.order_channels` orders them: a slot of width k keeps its k most important."""
+def ranked_shape(space, scores, target_ratio, tolerance=0.05, band="code", source="magnitude"):
+    """(the GraphShape of one-shot global pruning, its provenance): every channel of the searchable
+    slots ranked globally by its importance score (`tas_keras.importance`: `magnitude_scores` or
+    `importance_scores`, whose per-group normalisation makes the scores of different slots comparable),
+    the least important removed until the FLOPs reach the band's top, each slot keeping at least its
+    smallest candidate width; all blocks kept. The channels are taken as `importance.order_channels`
+    orders them by the same scores: a slot of width k keeps its k most important."""
     base, low, high = _graph_band(space, target_ratio, tolerance, band)
     groups = slot_groups(space)
     ranked = np.sort(np.concatenate([scores[groups[slot.name]] for slot in space.searchable_slots]))
@@ -95,7 +99,7 @@ def magnitude_shape(space, scores, target_ratio, tolerance=0.05, band="code"):
     if not low <= flops <= high:
         raise ValueError(f"magnitude pruning of {space.name} cannot land in the FLOP band [{low / base:.3f}, "
                          f"{high / base:.3f}] (it reaches {flops / base:.3f}); widen --tolerance")
-    return shape, {"source": "magnitude", "target_ratio": target_ratio, "flops": flops, "flops_ratio": flops / base}
+    return shape, {"source": source, "target_ratio": target_ratio, "flops": flops, "flops_ratio": flops / base}
 
 
 def depth_name(stage):
@@ -252,18 +256,24 @@ def random_search(out, model, space, dataset, target_ratio, count, epochs, batch
 def make_baseline(out, kind, model_name="resnet20", target_ratio=0.5, tolerance=0.05, band="code",
                   dataset_name=data.BUNDLED_DATASET, data_dir=None, count=8, epochs=1, batch_size=256,
                   seed=0, max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS, image_size=None,
-                  streaming="auto", add_mode=None, width_multiple=1, trained=None, learning_rate=0.1):
+                  streaming="auto", add_mode=None, width_multiple=1, trained=None, learning_rate=0.1,
+                  input_convention=None):
     """Writes `out/arch.json`: the pre-defined shape of `model_name` (a registry name or a .keras file),
-    the best of a `count`-trial random search (`random_search`; a killed search resumes), or the
-    magnitude-pruned shape. The space is `supernet.search_space(model_name, ..., add_mode,
-    width_multiple)`, as a search reads it.
+    the best of a `count`-trial random search (`random_search`; a killed search resumes), or the shape
+    of one-shot global pruning by the L1 magnitude ("magnitude") or the Taylor scores ("taylor",
+    measured on the data) of a trained network (`ranked_shape`), which also writes that network with
+    its channels ordered by the same scores to `out/ordered.keras`: train the shape from it (Init + KD)
+    so that each slot keeps its most important channels. The space is `supernet.search_space(
+    model_name, ..., add_mode, width_multiple)`, as a search reads it.
 
     `trained`: a trained full network (.keras; default: `model_name` when it is a .keras file) whose
-    weights magnitude pruning scores (it needs one) and whose leading channels the random search's
-    trials start from (else from scratch), at `learning_rate`. Returns the shape file's dict."""
+    weights the rankings score (they need one) and whose leading channels the random search's trials
+    start from (else from scratch), at `learning_rate`. The images are fed as `input_convention` says
+    (`tas_keras.input_convention`). Returns the shape file's dict."""
     settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps", "streaming")}
     settings["stage"] = "baseline"
-    for key, default in (("add_mode", None), ("width_multiple", 1), ("trained", None), ("learning_rate", 0.1)):
+    for key, default in (("add_mode", None), ("width_multiple", 1), ("trained", None), ("learning_rate", 0.1),
+                         ("input_convention", None)):
         if settings[key] == default:  # only when given, so the runs made before they were settings match
             del settings[key]
     if kind not in KINDS:
@@ -274,8 +284,8 @@ def make_baseline(out, kind, model_name="resnet20", target_ratio=0.5, tolerance=
         raise ValueError(f"count must be >= 1, got {count!r}")
     cost_band(target_ratio, tolerance, band)
     trained = trained or (model_name if is_model_file(model_name) else None)
-    if kind == "magnitude" and not trained:
-        raise ValueError(f"magnitude pruning scores a trained network's weights: give a .keras model or a trained "
+    if kind in RANKED_KINDS and not trained:
+        raise ValueError(f"{kind} pruning scores a trained network: give a .keras model or a trained "
                          f"{model_name} (--trained)")
     for path in filter(None, (trained, model_name if is_model_file(model_name) else None)):
         if not os.path.isfile(path):
@@ -283,6 +293,7 @@ def make_baseline(out, kind, model_name="resnet20", target_ratio=0.5, tolerance=
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
                                 seed=seed, image_size=image_size, streaming=streaming)
     model = source_model(model_name, dataset)
+    dataset = conventions.feed(dataset, model, input_convention)
     space = search_space(model_name, model, add_mode, width_multiple)
     run, finished = prepare_run_dir(out, settings, overwrite, done_file=ARCH_FILE)
     if finished:
@@ -291,8 +302,11 @@ def make_baseline(out, kind, model_name="resnet20", target_ratio=0.5, tolerance=
         model = load_model(trained)
     if kind == "predefined":
         shape, provenance = predefined_shape(space, target_ratio, tolerance, band)
-    elif kind == "magnitude":
-        shape, provenance = magnitude_shape(space, magnitude_scores(model, space), target_ratio, tolerance, band)
+    elif kind in RANKED_KINDS:
+        scores = (magnitude_scores(model, space) if kind == "magnitude" else
+                  importance_scores(model, space, dataset, batch_size, seed=seed))
+        save_model(order_channels(model, space, scores), os.path.join(run, ORDERED_FILE))
+        shape, provenance = ranked_shape(space, scores, target_ratio, tolerance, band, source=kind)
     else:
         shape, provenance = random_search(out, model, space, dataset, target_ratio, count, epochs, batch_size,
                                           seed=seed, tolerance=tolerance, band=band, learning_rate=learning_rate,

@@ -73,14 +73,14 @@ def test_an_unreachable_band_stops_the_search_with_the_band(tmp_path):
 def test_a_random_baseline_needs_a_trial_and_magnitude_a_trained_network(tmp_path):
     with pytest.raises(ValueError, match="count must be >= 1, got 0"):
         make_baseline(str(tmp_path / "random"), "random", count=0)
-    with pytest.raises(ValueError, match="magnitude pruning scores a trained network's weights"):
+    with pytest.raises(ValueError, match="magnitude pruning scores a trained network: give a .keras model"):
         make_baseline(str(tmp_path / "magnitude"), "magnitude", model_name="mobilenet_v2")
     assert not (tmp_path / "magnitude").exists()
 
 
 @pytest.mark.slow
 def test_baselines_of_a_users_model_are_shapes_of_its_space(tmp_path):
-    """A user's .keras model gets all three baselines as PrunedShapes in the FLOP band (a 10% band: a
+    """A user's .keras model gets every baseline as a PrunedShape in the FLOP band (a 10% band: a
     channel of this small model's 8-channel slots moves its FLOPs by several percent); the random
     search's trials start from its weights."""
     keras_model = tmp_path / "mine.keras"
@@ -89,11 +89,13 @@ def test_baselines_of_a_users_model_are_shapes_of_its_space(tmp_path):
                   dataset_name=_tiny_folder(tmp_path / "data", 12, 4))
     space = read_model(keras_model)
     full = count_shape(space, space.full_shape()).flops
-    for kind in ("predefined", "magnitude", "random"):
+    for kind in ("predefined", "magnitude", "taylor", "random"):
         shape = make_baseline(str(tmp_path / kind), kind, count=2, learning_rate=0.01, **common)
         assert shape["format"] == "tas_keras.PrunedShape" and shape["provenance"]["source"] == kind
         assert 0.5 <= shape["provenance"]["flops_ratio"] <= 0.6
         assert shape["provenance"]["flops"] / full == pytest.approx(shape["provenance"]["flops_ratio"])
+        if kind in ("magnitude", "taylor"):  # the network ordered by the ranking's scores, to train the shape from
+            assert (tmp_path / kind / "ordered.keras").exists()
     candidates = json.loads((tmp_path / "random" / "candidates.json").read_text())
     assert len(candidates) == 2 and all(0.5 <= c["provenance"]["flops_ratio"] <= 0.6 for c in candidates)
 

@@ -21,7 +21,7 @@ from tas_keras.distill import distill, load_teacher
 from tas_keras.distribute import make_strategy
 from tas_keras.graph import INDEPENDENT, GraphShape, arch_from_shape, read_model
 from tas_keras.latency import LatencyTable, predict_latency
-from tas_keras.importance import order_channels
+from tas_keras.importance import importance_scores, order_channels
 from tas_keras.models.registry import check_weights, is_cifar_model, is_model_file
 from tas_keras.precision import check_mixed_precision
 from tas_keras.pruned_shape import PrunedShape
@@ -328,7 +328,8 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
 
 def ordered_base(out, teacher_path, space, dataset, batch_size, input_convention, check_base):
     """`out`/ordered/model.keras: the trained base network `teacher_path` with its channels ordered by
-    importance (the same function); first a ValueError if it scores at chance (`check_base`)."""
+    importance (the Taylor scores on a few training batches; the same function); first a ValueError if
+    it scores at chance (`check_base`)."""
     ordered = os.path.join(out, ORDERED_DIR, MODEL_FILE)
     if os.path.exists(ordered):
         return ordered
@@ -339,7 +340,9 @@ def ordered_base(out, teacher_path, space, dataset, batch_size, input_convention
                                       conventions.resolve(teacher, input_convention))
         logging.info("the base network scores %.2f%% on the test split", 100 * accuracy)
     os.makedirs(os.path.dirname(ordered), exist_ok=True)
-    save_model(order_channels(teacher, read_model(teacher, space.add_mode, space.multiple_of)), ordered)
+    teacher_space = read_model(teacher, space.add_mode, space.multiple_of)
+    scores = importance_scores(teacher, teacher_space, conventions.feed(dataset, teacher, input_convention), batch_size)
+    save_model(order_channels(teacher, teacher_space, scores), ordered)
     return ordered
 
 
