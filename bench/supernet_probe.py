@@ -1,13 +1,12 @@
 """What a search that starts from a trained network sees: the accuracy of its supernet, before any
-search step, at uniformly narrowed widths and at the random architecture samples a search draws.
+search step, at uniformly narrowed widths (the leading channels of every slot) and at the random
+architecture samples a search draws, with the channels in their own order and ordered by importance
+(`tas_keras.importance`: L1 magnitude, Taylor scores).
 
-  python -m bench.supernet_probe --model=runs/pretrained/ordered.keras \
-      --dataset=../shared/data/imagenette2-224.zip --image_size=96
+  python -m bench.supernet_probe --model=runs/pretrained/base/model.keras --name=lite0_imagenette
 
-The supernet starts from the model's weights (its channels should already be ordered by importance,
-`tas_keras.importance.order_channels`, as train.prune orders them); its searchable convs normalise with
-batch statistics, as in the search, so the full width scores the model in training mode. Writes
-bench/results/supernet_probe_<model>.json.
+The supernet's searchable convs normalise with batch statistics, as in the search, so the full width
+scores the model in training mode. Writes bench/results/supernet_probe_<name>.json.
 """
 
 import datetime
@@ -19,6 +18,7 @@ import tensorflow as tf
 
 from tas_keras import data, input_convention
 from tas_keras.graph import load_model, read_model
+from tas_keras.importance import importance_scores, magnitude_scores, order_channels
 from tas_keras.runs import write_json
 from tas_keras.supernet import GraphSupernet
 
@@ -28,6 +28,8 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 96, "Side of the test crops.")
 _IMAGES = flags.DEFINE_integer("images", 256, "Test images (a random subset of the test split, one batch).")
 _RATIOS = flags.DEFINE_list("ratios", ["1.0", "0.9", "0.8", "0.7", "0.6", "0.4"], "Uniform width ratios.")
 _TAUS = flags.DEFINE_list("taus", ["5.0", "1.0", "0.1"], "Temperatures of the random samples (3 each).")
+_NAME = flags.DEFINE_string("name", None, "Names the results file.", required=True)
+ORDERS = ("own", "magnitude", "taylor")
 
 
 def _uniform(supernet, ratio):
@@ -46,26 +48,30 @@ def main(argv):
     images, labels = next(iter(dataset.test_batches(_IMAGES.value).unbatch().shuffle(10_000, seed=0)
                                .batch(_IMAGES.value)))
     labels = labels.numpy()
-    supernet = GraphSupernet(model, read_model(model))
-    supernet.init_from_source(model)
+    space = read_model(model)
+    scores = {"magnitude": magnitude_scores(model, space), "taylor": importance_scores(model, space, dataset)}
 
     def accuracy(logits):
         return round(float(np.mean(np.argmax(logits, -1) == labels)), 4)
 
     result = {
         "command": f"python -m bench.supernet_probe --model={_MODEL.value} --dataset={_DATASET.value} "
-                   f"--image_size={_IMAGE_SIZE.value}",
+                   f"--image_size={_IMAGE_SIZE.value} --name={_NAME.value}",
         "date": datetime.date.today().isoformat(), "images": _IMAGES.value,
         "model_inference_mode": accuracy(model.predict(images, verbose=0)),
         "model_training_mode": accuracy(model(images, training=True)),
-        "supernet_uniform_width": {ratio: accuracy(supernet(images, _uniform(supernet, float(ratio))))
-                                   for ratio in _RATIOS.value},
-        "supernet_random_samples": {tau: [accuracy(supernet(images, supernet.sample(tf.constant(float(tau)),
-                                                                                    tf.constant([i, 7]))))
-                                          for i in range(3)] for tau in _TAUS.value},
     }
-    name = os.path.splitext(os.path.basename(_MODEL.value))[0]
-    write_json(os.path.join(os.path.dirname(__file__), "results", f"supernet_probe_{name}.json"), result)
+    for order in ORDERS:
+        ordered = model if order == "own" else order_channels(model, space, scores[order])
+        supernet = GraphSupernet(ordered, space)
+        supernet.init_from_source(ordered)
+        result[f"{order}_order"] = {
+            "uniform_width": {ratio: accuracy(supernet(images, _uniform(supernet, float(ratio))))
+                              for ratio in _RATIOS.value},
+            "random_samples": {tau: [accuracy(supernet(images, supernet.sample(tf.constant(float(tau)),
+                                                                               tf.constant([i, 7]))))
+                                     for i in range(3)] for tau in _TAUS.value}}
+    write_json(os.path.join(os.path.dirname(__file__), "results", f"supernet_probe_{_NAME.value}.json"), result)
     print(result)
 
 
