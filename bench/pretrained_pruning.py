@@ -12,6 +12,8 @@ for the magnitude row, whose own L1 scores order it):
   uniform         every slot shrunk by one ratio (`baselines.predefined_shape`)
   tas_scratch     TAS from a randomly initialised supernet (the reference's search)
   tas_no_entropy  tas_trained without the entropy term
+  tas_full_start  tas_trained whose distributions start at the full network (`--arch_start_full`, logit 4)
+                  and whose temperature starts at 1: its samples start near the trained function
 Every row spends --budget_epochs epochs of the training split: a TAS row's search epochs count against
 it, the others spend them all on KD. Two seeds each; top-1 on Imagenette val in Keras and as fp32 and
 int8 .tflite.
@@ -42,7 +44,7 @@ from tas_keras.runs import read_json, write_json
 from tas_keras.search import ARCH_FILE, run_search
 from tas_keras.training import MODEL_FILE, save_model, train_base
 
-ROWS = ("tas_trained", "magnitude", "uniform", "taylor", "tas_scratch", "tas_no_entropy")
+ROWS = ("tas_trained", "magnitude", "uniform", "taylor", "tas_scratch", "tas_no_entropy", "tas_full_start")
 FIRST_ROWS = 4  # run for every seed before the others: the search and the simple alternatives
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "pretrained_lite0.json")
 ORDERED_FILES = {"taylor": "ordered.keras", "magnitude": "ordered_l1.keras"}
@@ -125,7 +127,8 @@ def shape_file(row, seed, run, ordered):
                    image_size=_IMAGE_SIZE.value, epochs=_SEARCH_EPOCHS.value, batch_size=_SEARCH_BATCH.value,
                    target_ratio=_TARGET.value, seed=seed, init_from=ordered if trained else None,
                    learning_rate=_SEARCH_LEARNING_RATE.value if trained else 0.1,
-                   **({"entropy_weight": 0.0} if row == "tas_no_entropy" else {}), **_trial())
+                   **({"entropy_weight": 0.0} if row == "tas_no_entropy" else {}),
+                   **({"arch_start_full": 4.0, "tau_max": 1.0} if row == "tas_full_start" else {}), **_trial())
         return os.path.join(run, "search", ARCH_FILE), budget - _SEARCH_EPOCHS.value
     path = os.path.join(run, ARCH_FILE)
     if not os.path.exists(path):
@@ -190,7 +193,8 @@ def summary(runs, full_widths):
 LABELS = {"tas_trained": "TAS from the trained model", "magnitude": "magnitude (L1) pruning, one shot, global",
           "taylor": "Taylor pruning, one shot, global",
           "uniform": "uniform (pre-defined)", "tas_scratch": "TAS from scratch (the reference's supernet)",
-          "tas_no_entropy": "TAS from the trained model, no entropy term"}
+          "tas_no_entropy": "TAS from the trained model, no entropy term",
+          "tas_full_start": "TAS from the trained model, distributions starting at the full network"}
 
 
 def table(results):

@@ -499,7 +499,7 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
                learning_rate=0.1, arch_learning_rate=None, arch_warmup=ARCH_WARMUP, arch_decay="cosine",
                entropy_weight=ENTROPY_WEIGHT, init_from=None, seed=0, max_train_examples=None, overwrite=False,
                checkpoint_steps=CHECKPOINT_STEPS, latency_table=None, target_latency_ms=None, image_size=None,
-               streaming="auto", mixed_precision=None, add_mode=None, input_convention=None):
+               streaming="auto", mixed_precision=None, add_mode=None, input_convention=None, arch_start_full=0.0):
     """Searches a shape of `model_name` keeping `target_ratio` of its cost; writes arch.json,
     history.json, search.png, curves.png and TensorBoard logs to `out`, resuming an interrupted run from its
     backup (every `checkpoint_steps` steps and every epoch).
@@ -524,11 +524,13 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     (ms / the full network's table latency).
 
     `mixed_precision`: None (float32), "mixed_bfloat16" or "mixed_float16" (`tas_keras.precision`).
-    `input_convention`: how the images are fed (`tas_keras.input_convention`)."""
+    `input_convention`: how the images are fed (`tas_keras.input_convention`). `arch_start_full`: a logit
+    added to the full width and depth of every distribution at the start (`GraphSupernet.start_full`;
+    0, the reference's start: random logits near 0)."""
     settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps", "streaming")}
     settings.update(stage="search", dataset_name=data.recorded_name(dataset_name))
-    for key in ("add_mode", "input_convention"):  # only when given, so the runs made before they were settings match
-        if settings[key] is None:
+    for key, default in (("add_mode", None), ("input_convention", None), ("arch_start_full", 0.0)):
+        if settings[key] == default:  # only when given, so the runs made before they were settings match
             del settings[key]
     conventions.check(input_convention)
     if add_mode is not None and add_mode not in ADD_MODES:
@@ -584,6 +586,7 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     supernet = build_supernet(model_name, model, add_mode, width_multiple)
     if init_from:
         supernet.init_from_source(init_from)
+    supernet.start_full(arch_start_full)
     shapes = searched_shapes(model_name, supernet.space)
     batches, steps = search_batches(dataset, batch_size, epochs, seed)
     total = steps * epochs
@@ -615,7 +618,7 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
         "epochs": epochs, "seed": seed,
         "model": model_name, "dataset": dataset.name, "width_multiple": width_multiple,
         "arch_learning_rate": peak, "arch_warmup": arch_warmup, "arch_decay": arch_decay,
-        "entropy_weight": entropy_weight,
+        "entropy_weight": entropy_weight, "arch_start_full": arch_start_full, "tau_max": tau_max,
         "search_wall_time_s": round(wall, 2),
         **(latency_provenance(chosen[LATENCY], search.latency, latency_table) if table else {})})
     plots.plot_search(history.history, supernet.space, [shapes.shape(e) for e in history.history], full_flops,

@@ -374,6 +374,13 @@ class GraphSupernet(keras.Model):
                 layer_total)
         return total
 
+    def start_full(self, logit):
+        """Adds `logit` to the full width of every width distribution and the full depth of every stage's,
+        so that a search starts near the source network (from a trained one, its samples then start
+        near the trained function instead of across all widths)."""
+        for variable in self.arch_variables:
+            variable.assign(variable + tf.one_hot(variable.shape[0] - 1, variable.shape[0]) * logit)
+
     def init_from_source(self, model):
         """Starts from the source model's (trained) weights, matched by layer name: conv kernels and
         biases, every candidate's affine from the BN its conv absorbed (a searchable conv without one

@@ -419,3 +419,18 @@ def test_supernet_refuses_bad_arguments():
     _, _, supernet = _supernet("user_cnn")
     with pytest.raises(ValueError, match="metric must be one of \\('flops', 'params'\\), got 'latency'"):
         supernet.expected_cost("latency")
+
+
+def test_a_supernet_started_full_derives_and_mostly_samples_the_full_network():
+    _, space, supernet = _supernet("user_cnn")
+    before = [v.numpy() for v in supernet.arch_variables]
+    supernet.start_full(4.0)
+    try:
+        assert supernet.derive() == space.full_shape()
+        widths, _ = supernet.sample(tf.constant(1.0), tf.constant([0, 1]))
+        full = [len(choice.candidates) - 1 for choice in supernet.width_choices]
+        picks = [int(widths[choice.name][0][0]) for choice in supernet.width_choices]
+        assert sum(p == f for p, f in zip(picks, full)) >= len(full) // 2
+    finally:
+        for variable, value in zip(supernet.arch_variables, before):
+            variable.assign(value)

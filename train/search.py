@@ -39,7 +39,11 @@ _ENTROPY = flags.DEFINE_float("entropy_weight", ENTROPY_WEIGHT, "Weight, reached
 _ARCH_DECAY = flags.DEFINE_enum("arch_decay", "cosine", list(ARCH_DECAYS), "Architecture learning rate after "
                                 "the warm-up: cosine to 0, or constant (the reference).")
 _INIT = flags.DEFINE_string("init_from", None, "Start the supernet from this trained full network "
-                            "(train.base's model.keras).")
+                            "(train.base's model.keras; order its channels by importance first, as train.prune's "
+                            "ordered/model.keras is).")
+_START_FULL = flags.DEFINE_float("arch_start_full", 0.0, "Add this logit to the full width and depth of every "
+                                 "architecture distribution at the start, so that the samples start near the "
+                                 "(trained) network. The reference: 0.")
 FLAGS = flags.FLAGS
 
 
@@ -54,7 +58,7 @@ def main():
                arch_warmup=_ARCH_WARMUP.value, arch_decay=_ARCH_DECAY.value, entropy_weight=_ENTROPY.value,
                init_from=_INIT.value, seed=FLAGS.seed, max_train_examples=FLAGS.max_train_examples,
                checkpoint_steps=FLAGS.checkpoint_steps, add_mode=FLAGS.add_mode, strategy=FLAGS.strategy,
-               mixed_precision=FLAGS.mixed_precision)
+               mixed_precision=FLAGS.mixed_precision, arch_start_full=_START_FULL.value)
 
 
 if __name__ == "__main__":
