@@ -63,10 +63,10 @@ def write_labels(path, class_names):
     write_bytes(path, "".join(f"{name}\n" for name in class_names).encode())
 
 
-def normalised(images, mean, std, batch_size=1024):
+def normalised(images, mean, std, batch_size=1024, bgr=False):
     """uint8 images as float32 model inputs, through the data pipeline's own normalisation."""
     labels = np.zeros(len(images), np.int32)
-    return np.concatenate([x for x, _ in data.eval_pipeline(images, labels, batch_size, mean, std)
+    return np.concatenate([x for x, _ in data.eval_pipeline(images, labels, batch_size, mean, std, bgr)
                            .as_numpy_iterator()])
 
 
@@ -74,15 +74,22 @@ def pixel_dtype(float_input=False):
     return "float32" if float_input else "uint8"
 
 
-def pixel_input_model(model, mean, std, float_input=False, keras_module=keras):
+def pixel_input_model(model, mean, std, float_input=False, keras_module=keras, bgr=False):
     """`model` (which takes normalised images) behind a Rescaling layer that normalises RGB pixels
-    (uint8, or float32 in 0-255 with `float_input`) as training did (`data.normalisation`).
+    (uint8, or float32 in 0-255 with `float_input`) as training did (`data.normalisation`); for a
+    model that takes BGR (`bgr`), a fixed 1x1 conv first reverses the channels.
 
     `keras_module` builds the wrapper in another Keras of the same API (tf_keras for the TFMOT bridge).
     """
     scale, offset = data.normalisation(mean, std)
     pixels = keras_module.Input(model.input_shape[1:], dtype=pixel_dtype(float_input), name="image")
-    normalised_images = keras_module.layers.Rescaling(scale, offset, name="normalisation")(pixels)
+    ordered = pixels
+    if bgr:
+        reverse = np.eye(3, dtype=np.float32)[::-1].reshape(1, 1, 3, 3)
+        ordered = keras_module.layers.Conv2D(3, 1, use_bias=False, trainable=False, name="bgr",
+                                             kernel_initializer=keras_module.initializers.Constant(reverse))(
+            keras_module.layers.Rescaling(1.0, name="pixels")(pixels))  # a float input for the conv
+    normalised_images = keras_module.layers.Rescaling(scale, offset, name="normalisation")(ordered)
     return keras_module.Model(pixels, model(normalised_images), name=model.name)
 
 

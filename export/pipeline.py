@@ -106,7 +106,8 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
         "representative_size": len(representative) if representative is not None else None,
         "input": {"pixels": f"RGB, {convert.pixel_dtype(float_input)} 0-255",
                   "convention": conventions.resolve(models[model_path], input_convention),
-                  "normalisation_mean": list(dataset.mean), "normalisation_std": list(dataset.std)},
+                  "normalisation_mean": list(dataset.mean), "normalisation_std": list(dataset.std),
+                  "model_channel_order": "BGR" if dataset.bgr else "RGB"},
         "dataset": dataset.name,
         "test_images": len(test_labels),
         "latency": {"batch": 1, "threads": threads, "runs": latency_runs, "interleaved": len(jobs) > 1,
@@ -131,10 +132,10 @@ def _export_one(model, model_path, directory, dataset, quantize, int8_io, float_
     by about 1e-7)."""
     _check_fits(model, dataset, model_path)
     test_images, test_labels = test
-    reference = _keras_outputs(model, convert.normalised(test_images, dataset.mean, dataset.std))
+    reference = _keras_outputs(model, convert.normalised(test_images, dataset.mean, dataset.std, bgr=dataset.bgr))
     pixels = test_images.astype(convert.pixel_dtype(float_input))
 
-    exported = convert.pixel_input_model(model, dataset.mean, dataset.std, float_input)
+    exported = convert.pixel_input_model(model, dataset.mean, dataset.std, float_input, bgr=dataset.bgr)
     saved_model = os.path.join(directory, SAVED_MODEL_DIR)
     convert.export_saved_model(exported, saved_model)
     served = convert.saved_model_outputs(saved_model, exported.inputs[0].name, pixels)

@@ -112,7 +112,8 @@ def quantization_aware_int8(model, dataset, epochs=1, max_steps=None, batch_size
     steps = min(max_steps or dataset.train_size, dataset.train_size // batch_size)
     train = dataset.train_batches(batch_size, seed=seed, epochs=epochs, steps_per_epoch=steps)
     qat.fit(train, epochs=epochs, steps_per_epoch=steps, verbose=0)
-    exported = convert.pixel_input_model(qat, dataset.mean, dataset.std, float_input, keras_module=tf_keras)
+    exported = convert.pixel_input_model(qat, dataset.mean, dataset.std, float_input, keras_module=tf_keras,
+                                         bgr=dataset.bgr)
     converter = tf.lite.TFLiteConverter.from_keras_model(exported)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if representative is not None:

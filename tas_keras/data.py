@@ -82,11 +82,12 @@ class ImageDataset:
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
-    mean: tuple  # per channel, [0, 1] pixel scale
+    mean: tuple  # per channel of the model's input, [0, 1] pixel scale
     std: tuple
     # Files of a folder or zip source left out: {"unreadable_images": n, "non_image_files": n}.
     files_skipped: dict = dataclasses.field(default_factory=lambda: {"unreadable_images": 0,
                                                                      "non_image_files": 0})
+    bgr: bool = False  # the model takes the channels in BGR order (tas_keras.input_convention)
     streamed = False
 
     @property
@@ -109,11 +110,11 @@ class ImageDataset:
         """`train_pipeline` of the training split."""
         return train_pipeline(self.train_images, self.train_labels, batch_size, self.mean, self.std, seed=seed,
                               augment=augment, epochs=epochs, start_step=start_step,
-                              steps_per_epoch=steps_per_epoch)
+                              steps_per_epoch=steps_per_epoch, bgr=self.bgr)
 
     def test_batches(self, batch_size):
         """`eval_pipeline` of the test split."""
-        return eval_pipeline(self.test_images, self.test_labels, batch_size, self.mean, self.std)
+        return eval_pipeline(self.test_images, self.test_labels, batch_size, self.mean, self.std, bgr=self.bgr)
 
     def test_pixels(self):
         """(uint8 images [N, H, W, 3], int32 labels [N]): the test split as a deployed model sees it."""
@@ -220,6 +221,7 @@ class CroppedImageDataset:
     std: tuple
     files_skipped: dict = dataclasses.field(default_factory=lambda: {"unreadable_images": 0,
                                                                      "non_image_files": 0})
+    bgr: bool = False
 
     @property
     def num_classes(self):
@@ -326,8 +328,7 @@ class CroppedImageDataset:
                 dataclasses.replace(self, train=second, test=first))
 
     def _normalised(self, image):
-        return (tf.cast(image, tf.float32) / 255 - tf.constant(self.mean, tf.float32)) / tf.constant(
-            self.std, tf.float32)
+        return normalised_pixels(image, self.mean, self.std, self.bgr)
 
 
 def memory_budget():
@@ -510,7 +511,7 @@ def search_split(labels, seed=0):
 
 
 def train_pipeline(images, labels, batch_size, mean, std, seed=0, augment=True, epochs=1, start_step=0,
-                   steps_per_epoch=None):
+                   steps_per_epoch=None, bgr=False):
     """Shuffled full batches of (normalised float32 images, int32 labels) for `epochs` epochs, from
     global step `start_step` on.
 
@@ -521,7 +522,7 @@ def train_pipeline(images, labels, batch_size, mean, std, seed=0, augment=True, 
     """
     images, labels = _check_arrays(images, labels)
     steps_per_epoch = _check_steps(len(images), batch_size, epochs, start_step, steps_per_epoch)
-    fetch = _batch_fn(images, labels, mean, std)
+    fetch = _batch_fn(images, labels, mean, std, bgr)
 
     def batch(step):
         epoch, position = step // steps_per_epoch, step % steps_per_epoch
@@ -550,12 +551,12 @@ def _check_steps(size, batch_size, epochs, start_step, steps_per_epoch):
     return steps_per_epoch
 
 
-def eval_pipeline(images, labels, batch_size, mean, std):
+def eval_pipeline(images, labels, batch_size, mean, std, bgr=False):
     """All images in order, normalised, not augmented; the last batch may be smaller."""
     images, labels = _check_arrays(images, labels)
     if not 0 < batch_size:
         raise DatasetError(f"batch_size must be > 0, got {batch_size!r}")
-    batch = _batch_fn(images, labels, mean, std)
+    batch = _batch_fn(images, labels, mean, std, bgr)
     return tf.data.Dataset.range(len(images)).batch(batch_size).map(
         batch, tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
@@ -577,17 +578,25 @@ def _check_arrays(images, labels):
     return images, labels
 
 
-def _batch_fn(images, labels, mean, std):
+def normalised_pixels(pixels, mean, std, bgr=False):
+    """RGB pixels (0-255) as a model's inputs: (p / 255 - mean) / std per channel of the model's input,
+    whose channels are in BGR order with `bgr`."""
+    x = tf.cast(pixels, tf.float32)
+    if bgr:
+        x = tf.reverse(x, [-1])
+    return (x / 255 - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def _batch_fn(images, labels, mean, std, bgr=False):
     """Maps a batch of indices (and a seed: augment) to a normalised batch."""
     # Gathering whole batches by index is much faster than slicing and batching single images.
     images, labels = tf.constant(images), tf.constant(labels, tf.int32)
-    mean, std = tf.constant(mean, tf.float32), tf.constant(std, tf.float32)
 
     def batch(indices, seed=None):
         x = tf.gather(images, indices)
         if seed is not None:
             x = _augment(x, seed)
-        return (tf.cast(x, tf.float32) / 255 - mean) / std, tf.gather(labels, indices)
+        return normalised_pixels(x, mean, std, bgr), tf.gather(labels, indices)
 
     return batch
 

@@ -9,6 +9,7 @@ the (mean, std) that gives a model the inputs it was trained on:
   symmetric  (p - 127.5) / 127.5, in [-1, 1] (keras.applications' MobileNets, "tf" mode)
   lite       (p - 127) / 128 (TensorFlow's EfficientNet-Lite)
   imagenet   (p / 255 - ImageNet mean) / ImageNet std (torchvision's models, keras "torch" mode)
+  caffe      BGR order, minus the ImageNet means in 0-255 (keras.applications' ResNet50 and VGG, "caffe")
 
 A model whose first layer after its input is a Rescaling or a Normalization holds its convention: it is
 fed raw pixels, and a different convention given for it is refused. Otherwise the given convention
@@ -23,13 +24,15 @@ from tas_keras.data import IMAGENET_STATS
 
 DATASET = "dataset"
 RAW = "raw"
+# (mean, std) per channel of the model's input in [0, 1] pixel scale, and whether that input is BGR.
 CONVENTIONS = {
     DATASET: None,
-    RAW: ((0.0, 0.0, 0.0), (1 / 255,) * 3),
-    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-    "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "lite": ((127 / 255,) * 3, (128 / 255,) * 3),
-    "imagenet": IMAGENET_STATS,
+    RAW: ((0.0, 0.0, 0.0), (1 / 255,) * 3, False),
+    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), False),
+    "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), False),
+    "lite": ((127 / 255,) * 3, (128 / 255,) * 3, False),
+    "imagenet": (*IMAGENET_STATS, False),
+    "caffe": ((103.939 / 255, 116.779 / 255, 123.68 / 255), (1 / 255,) * 3, True),
 }
 _PREPROCESSING = (keras.layers.Rescaling, keras.layers.Normalization)
 
@@ -61,5 +64,5 @@ def feed(dataset, model, convention=None):
     stats = CONVENTIONS[resolve(model, convention)]
     if stats is None:
         return dataset
-    mean, std = stats
-    return dataclasses.replace(dataset, mean=tuple(mean), std=tuple(std))
+    mean, std, bgr = stats
+    return dataclasses.replace(dataset, mean=tuple(mean), std=tuple(std), bgr=bgr)

@@ -253,3 +253,18 @@ def test_fine_tuning_from_imagenet_weights_replaces_the_head(tmp_path):
         assert not np.array_equal(tuned_kernel, start) and np.corrcoef(tuned_kernel, start)[0, 1] > 0.9, name
     assert_refused_before_any_work(train_base, tmp_path / "refused", "no 'imagenet' weights for 'resnet18'",
                                    model_name="resnet18", weights="imagenet", dataset_name=folder)
+
+
+def test_caffe_convention_feeds_bgr_minus_the_imagenet_means_and_exports_it_inside(tmp_path):
+    from export import convert
+    images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    dataset = from_arrays(images, np.arange(6) % 2, images, np.arange(6) % 2)
+    image = keras.Input((8, 8, 3))
+    model = keras.Model(image, keras.layers.Dense(2)(keras.layers.Flatten()(image)))
+    fed = input_convention.feed(dataset, model, "caffe")
+    x, _ = next(iter(fed.test_batches(6)))
+    expected = images[..., ::-1].astype("float32") - np.array([103.939, 116.779, 123.68], "float32")
+    np.testing.assert_allclose(x.numpy(), expected, atol=1e-3)
+    wrapped = convert.pixel_input_model(model, fed.mean, fed.std, bgr=fed.bgr)
+    np.testing.assert_allclose(wrapped.predict(images, verbose=0), model.predict(expected, verbose=0), rtol=1e-4,
+                               atol=1e-3)

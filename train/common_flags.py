@@ -74,7 +74,8 @@ def define_input_convention_flag():
     flags.DEFINE_enum("input_convention", None, list(CONVENTIONS),
                       "The pixels the model was trained on: dataset (the data's mean/std, how this project trains "
                       "from scratch) | raw (0-255) | unit ([0, 1]) | symmetric ([-1, 1]) | lite ((x - 127) / 128) | "
-                      "imagenet (ImageNet mean/std). Default: raw for a model that starts with a Rescaling or "
+                      "imagenet (ImageNet mean/std) | caffe (BGR minus the ImageNet means). Default: raw for a model "
+                      "that starts with a Rescaling or "
                       "Normalization layer, else dataset.")
 
 
