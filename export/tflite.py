@@ -44,12 +44,16 @@ _COMPARE_WITH = flags.DEFINE_string("compare_with", None, "Another model (.keras
                                     "base, exported and measured side by side.")
 
 
+common_flags.define_input_convention_flag()
+FLAGS = flags.FLAGS
+
+
 def main(tolerances=None):
     report = api.export(_MODEL.value, _DATASET.value, _OUT.value, quantize=_QUANTIZE.value,
                         compare_with=_COMPARE_WITH.value, int8_io=_INT8_IO.value, float_input=_FLOAT_INPUT.value,
                         qat_epochs=_QAT_EPOCHS.value, representative_size=_REPRESENTATIVE_SIZE.value,
                         data_dir=_DATA_DIR.value, threads=_THREADS.value, latency_runs=_LATENCY_RUNS.value,
-                        tolerances=tolerances)
+                        tolerances=tolerances, input_convention=FLAGS.input_convention)
     print(format_report(report))
     failed = [check["name"] for check in report["checks"] if not check["passed"]]
     if failed:

@@ -91,9 +91,10 @@ def distill(shape, teacher, data, out, mode="kd", epochs=10, batch_size=256, ove
 
 
 def export(model, data, out, quantize="int8", compare_with=None, **export_options):
-    """Exports `model` (trained on `data`, whose mean/std the exported model applies to its pixels) to a
-    SavedModel and a .tflite in `out`, verified with LiteRT, beside `compare_with` if given
-    (`export_and_verify`, its other settings as `export_options`); returns the report (`out`/report.json)."""
+    """Exports `model` (trained on `data`, fed as its input convention says, which the exported model
+    applies to its pixels: `tas_keras.input_convention`) to a SavedModel and a .tflite in `out`, verified
+    with LiteRT, beside `compare_with` if given (`export_and_verify`, its other settings as
+    `export_options`); returns the report (`out`/report.json)."""
     dataset = _dataset(data)
     return export_and_verify(
         _model_file(model, out, EXPORTED_FILE, overwrite=True), out, quantize=quantize,

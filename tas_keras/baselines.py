@@ -81,23 +81,39 @@ def ranked_shape(space, scores, target_ratio, tolerance=0.05, band="code", sourc
     slots ranked globally by its importance score (`tas_keras.importance`: `magnitude_scores` or
     `importance_scores`, whose per-group normalisation makes the scores of different slots comparable),
     the least important removed until the FLOPs reach the band's top, each slot keeping at least its
-    smallest candidate width; all blocks kept. The channels are taken as `importance.order_channels`
-    orders them by the same scores: a slot of width k keeps its k most important."""
+    smallest candidate width; all blocks kept. Where removing the next channel would fall below the
+    band (a small network's channels move its FLOPs in big steps), that channel is kept and the next
+    one in the ranking tried. The channels are taken as `importance.order_channels` orders them by the
+    same scores: a slot of width k keeps its k most important."""
     base, low, high = _graph_band(space, target_ratio, tolerance, band)
     groups = slot_groups(space)
-    ranked = np.sort(np.concatenate([scores[groups[slot.name]] for slot in space.searchable_slots]))
+    slots = space.searchable_slots
+    # Every (score, slot) whose channel may go, least important first; a slot's own channels go in order.
+    ranked = sorted((float(score), index, slot.name) for slot in slots
+                    for index, score in enumerate(np.sort(scores[groups[slot.name]])[::-1])
+                    if index >= slot.candidates[0])
+    full = space.full_shape()
 
-    def shape_above(threshold):
-        return GraphShape({slot.name: max(slot.candidates[0], int(np.sum(scores[groups[slot.name]] >= threshold)))
-                           for slot in space.searchable_slots}, space.full_shape().depths)
+    def removing(count):  # the shape after the `count` least important channels go
+        widths = dict(full.widths)
+        for _, _, name in ranked[:count]:
+            widths[name] -= 1
+        return GraphShape(widths, full.depths)
 
-    def kept_fraction(x):  # x = 1 keeps every channel, x = 0 only the slots' smallest candidates
-        return shape_above(ranked[min(len(ranked) - 1, int((1 - x) * len(ranked)))] if x < 1 else -np.inf)
-
-    shape = kept_fraction(_widest_within(space, kept_fraction, high))
+    lo, hi = 0, len(ranked)  # the fewest removals that reach the band's top, by bisection
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if count_shape(space, removing(mid)).flops <= high else (mid + 1, hi)
+    shape = removing(max(0, lo - 1))
+    for _, _, name in ranked[max(0, lo - 1):]:
+        if count_shape(space, shape).flops <= high:
+            break
+        narrower = GraphShape({**shape.widths, name: shape.widths[name] - 1}, full.depths)
+        if count_shape(space, narrower).flops >= low:
+            shape = narrower
     flops = count_shape(space, shape).flops
     if not low <= flops <= high:
-        raise ValueError(f"magnitude pruning of {space.name} cannot land in the FLOP band [{low / base:.3f}, "
+        raise ValueError(f"one-shot pruning of {space.name} cannot land in the FLOP band [{low / base:.3f}, "
                          f"{high / base:.3f}] (it reaches {flops / base:.3f}); widen --tolerance")
     return shape, {"source": source, "target_ratio": target_ratio, "flops": flops, "flops_ratio": flops / base}
 

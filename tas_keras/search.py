@@ -131,11 +131,14 @@ class ArchWarmup(keras.callbacks.Callback):
             self.model.arch_step_on = on
             self.model.make_train_function(force=True)
 
+    def _warm(self):
+        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) >= self.warmup_steps
+
     def on_train_begin(self, logs=None):
-        self._switch(int(self.model.optimizer.iterations) >= self.warmup_steps)
+        self._switch(self._warm())
 
     def on_train_batch_begin(self, batch, logs=None):
-        if not self.model.arch_step_on and int(self.model.optimizer.iterations) >= self.warmup_steps:
+        if not self.model.arch_step_on and self._warm():
             self._switch(True)
 
 

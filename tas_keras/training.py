@@ -97,7 +97,7 @@ def chance_threshold(labels):
     at chance."""
     counts = np.bincount(np.asarray(labels))
     rate = counts.max() / counts.sum()
-    return rate + 3 * math.sqrt(rate * (1 - rate) / counts.sum())
+    return float(rate + 3 * math.sqrt(rate * (1 - rate) / counts.sum()))
 
 
 def check_above_chance(model, dataset, batch_size, source, convention):

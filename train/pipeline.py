@@ -364,7 +364,7 @@ def build_report(out, model_name, target_ratio, distilled, exports, search_dir, 
                                "latency_ms": m["latency_ms"]["median"]} for role, m in models[q].items()}
                     for q in models},
         "checks_passed": all(exports[q]["passed"] for q in exports),
-        "base_at_chance": distilled["teacher_test_accuracy"] <= chance,
+        "base_at_chance": bool(distilled["teacher_test_accuracy"] <= chance),
     }
     table = provenance.get("latency_table")
     if table:
