@@ -89,7 +89,7 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
         entry, runtime = _export_one(models[path], path, directory, dataset, **export)
         entries.append({"role": role, **entry})
         runtimes.append(runtime)
-        metrics = {**entry["tflite"], "saved_model_max_abs_diff": entry["saved_model"]["max_abs_diff"]}
+        metrics = {**entry["tflite"], "saved_model_max_rel_diff": entry["saved_model"]["max_rel_diff"]}
         checks += verify.checks(metrics, tolerances, prefix=f"{role}.")
 
     pixels = test_images[0].astype(convert.pixel_dtype(float_input))
@@ -139,7 +139,8 @@ def _export_one(model, model_path, directory, dataset, quantize, int8_io, float_
     saved_model = os.path.join(directory, SAVED_MODEL_DIR)
     convert.export_saved_model(exported, saved_model)
     served = convert.saved_model_outputs(saved_model, exported.inputs[0].name, pixels)
-    served_diff = float(abs(served - _keras_outputs(exported, pixels)).max())
+    keras_served = _keras_outputs(exported, pixels)
+    served_diff = float(abs(served - keras_served).max())
 
     tflite = os.path.join(directory, TFLITE_FILE)
     if qat_epochs:
@@ -163,7 +164,7 @@ def _export_one(model, model_path, directory, dataset, quantize, int8_io, float_
         "flops": cost.flops,
         "params": cost.params,
         "saved_model": {"path": os.path.abspath(saved_model),
-                        "max_abs_diff": served_diff},
+                        "max_abs_diff": served_diff, "max_rel_diff": served_diff / float(abs(keras_served).max())},
         "labels": os.path.abspath(labels),
         "tflite": {"path": os.path.abspath(tflite), "size_bytes": os.path.getsize(tflite),
                    "input_dtype": input_dtype, "output_dtype": output_dtype,

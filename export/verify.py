@@ -26,7 +26,9 @@ TOLERANCES = {
     "dynamic": {"top1_agreement": 0.9, "accuracy_drop": 0.02},
     "int8": {"top1_agreement": 0.9, "accuracy_drop": 0.02},
 }
-SAVED_MODEL_TOLERANCE = {"saved_model_max_abs_diff": 1e-5}
+# Relative to the largest logit, as the .tflite's: the reloaded graph is rewritten (folded constants,
+# fused ops), and a fine-tuned EfficientNet-Lite0's logits of ~15 move by 2e-5 (1.3e-6 of them).
+SAVED_MODEL_TOLERANCE = {"saved_model_max_rel_diff": 1e-5}
 _AT_LEAST = {"top1_agreement"}  # every other checked metric is an upper bound
 
 

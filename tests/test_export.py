@@ -66,7 +66,7 @@ def _cli(*args, code=None, module="export.tflite", timeout=120, env=None):
 def test_saved_model_reload_equals_keras(trained, exported):
     report = exported("none")
     (entry,) = report["models"]
-    assert entry["saved_model"]["max_abs_diff"] <= 1e-5
+    assert entry["saved_model"]["max_rel_diff"] <= 1e-5 and entry["saved_model"]["max_abs_diff"] <= 1e-4
     serve = tf.saved_model.load(entry["saved_model"]["path"]).signatures["serving_default"]
     assert list(serve.structured_input_signature[1]) == ["image"]  # named after the model's input
     dataset = data.load_dataset(data.BUNDLED_DATASET)
