@@ -96,7 +96,9 @@ def taylor_scores(model, space, batches):
     for (layer, _, _), total in zip(norms, totals):
         members.setdefault(groups[layer.out_slot], []).append(np.asarray(total, np.float64))
     scores = _averaged(members)
-    magnitudes = magnitude_scores(model, space)
+    if len(scores) == len(scored):
+        return scores
+    magnitudes = magnitude_scores(model, space)  # the groups without a BN
     return {**{group: magnitudes[group] for group in magnitudes if group not in scores}, **scores}
 
 
