@@ -10,6 +10,9 @@ for the magnitude row, whose own L1 scores order it):
   taylor          one-shot global pruning by the Taylor scores (`baselines.ranked_shape`)
   magnitude       one-shot global pruning by L1 magnitude, the standard of other tools
   uniform         every slot shrunk by one ratio (`baselines.predefined_shape`)
+  random          keras-tuner random search (`baselines.random_search`): 2 x --search_epochs shapes in the band,
+                  each trained from the ordered base for one epoch of half the training split and scored on
+                  the other half; the best is kept. Its trials spend the epochs of a TAS search.
   tas_scratch     TAS from a randomly initialised supernet (the reference's search)
   tas_no_entropy  tas_trained without the entropy term
   tas_full_start  tas_trained whose distributions start at the full network (`--arch_start_full`, logit 4)
@@ -35,7 +38,7 @@ import numpy as np
 
 from export.pipeline import export_and_verify
 from tas_keras import data, input_convention
-from tas_keras.baselines import predefined_shape, ranked_shape
+from tas_keras.baselines import predefined_shape, random_search, ranked_shape
 from tas_keras.distill import distill
 from tas_keras.graph import load_model, read_model
 from tas_keras.importance import importance_scores, magnitude_scores, order_channels
@@ -44,7 +47,7 @@ from tas_keras.runs import read_json, write_json
 from tas_keras.search import ARCH_FILE, run_search
 from tas_keras.training import MODEL_FILE, save_model, train_base
 
-ROWS = ("tas_trained", "magnitude", "uniform", "taylor", "tas_scratch", "tas_no_entropy", "tas_full_start")
+ROWS = ("tas_trained", "magnitude", "uniform", "taylor", "random", "tas_scratch", "tas_no_entropy", "tas_full_start")
 FIRST_ROWS = 4  # run for every seed before the others: the search and the simple alternatives
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "pretrained_lite0.json")
 ORDERED_FILES = {"taylor": "ordered.keras", "magnitude": "ordered_l1.keras"}
@@ -131,20 +134,26 @@ def shape_file(row, seed, run, ordered):
                    **({"arch_start_full": 4.0, "tau_max": 1.0} if row == "tas_full_start" else {}), **_trial())
         return os.path.join(run, "search", ARCH_FILE), budget - _SEARCH_EPOCHS.value
     path = os.path.join(run, ARCH_FILE)
+    search_epochs = _SEARCH_EPOCHS.value if row == "random" else 0
     if not os.path.exists(path):
         model = load_model(ordered)
         space = read_model(model)
+        dataset = input_convention.feed(data.load_dataset(_DATASET.value, image_size=_IMAGE_SIZE.value, **_trial()),
+                                        model)
         if row == "uniform":
             shape, provenance = predefined_shape(space, _TARGET.value)
+        elif row == "random":
+            shape, provenance = random_search(os.path.join(run, "search"), model, space, dataset, _TARGET.value,
+                                              2 * search_epochs, epochs=1, batch_size=_BATCH.value, seed=seed,
+                                              learning_rate=_KD_LEARNING_RATE.value, init=True)
         else:  # the ordered base's own scores, so that its leading channels are the ones the ranking keeps
-            dataset = input_convention.feed(data.load_dataset(_DATASET.value, image_size=_IMAGE_SIZE.value), model)
             scores = (magnitude_scores(model, space) if row == "magnitude" else
                       importance_scores(model, space, dataset, _BATCH.value))
             shape, provenance = ranked_shape(space, scores, _TARGET.value, source=row)
         os.makedirs(run, exist_ok=True)
         PrunedShape(os.path.abspath(ordered), space.input_shape, int(model.output_shape[-1]), space.add_mode,
                     space.multiple_of, shape, provenance).save(path)
-    return path, budget
+    return path, budget - search_epochs
 
 
 def run_row(row, seed, runs, ordered_files):
@@ -192,7 +201,7 @@ def summary(runs, full_widths):
 
 LABELS = {"tas_trained": "TAS from the trained model", "magnitude": "magnitude (L1) pruning, one shot, global",
           "taylor": "Taylor pruning, one shot, global",
-          "uniform": "uniform (pre-defined)", "tas_scratch": "TAS from scratch (the reference's supernet)",
+          "uniform": "uniform (pre-defined)", "random": "random search (keras-tuner), best in the search epochs", "tas_scratch": "TAS from scratch (the reference's supernet)",
           "tas_no_entropy": "TAS from the trained model, no entropy term",
           "tas_full_start": "TAS from the trained model, distributions starting at the full network"}
 
