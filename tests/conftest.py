@@ -5,7 +5,13 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
-RELEASED_SHAPES = SHARED / "reference" / "tas-released-shapes"
+# The paper's released shape files, copied into the repository (tests/data/released_shapes/README.md).
+RELEASED_SHAPES = REPO / "tests" / "data" / "released_shapes"
+RELEASED_SHAPE_FILES = tuple(f"NeurIPS-2019__C{classes}-ResNet{depth}.config"
+                             for classes in ("010", "100") for depth in (110, 164, 20, 32, 56)) + tuple(
+    f"compares__{name}.config" for name in ("CIFAR010-TAS-R110", "CIFAR010-TAS-R56", "CIFAR100-FIX-R32",
+                                             "CIFAR100-RAND-R32", "CIFAR100-TAS-R110", "CIFAR100-TAS-R32",
+                                             "CIFAR100-TAS-R56"))
 
 
 def assert_refused_before_any_work(stage, out, message, **options):
@@ -18,10 +24,12 @@ def assert_refused_before_any_work(stage, out, message, **options):
 
 @pytest.fixture
 def released_shapes():
-    """The paper's released shape files; the tests that read them need ../shared beside the checkout."""
-    if not RELEASED_SHAPES.is_dir():
-        pytest.skip(f"{RELEASED_SHAPES} is not present")
-    return sorted(p for p in RELEASED_SHAPES.glob("*.config"))
+    """The paper's 17 released shape files, in sorted order. A missing one fails the test that asks for
+    them (never a skip): the copies are part of the repository."""
+    missing = [name for name in RELEASED_SHAPE_FILES if not (RELEASED_SHAPES / name).is_file()]
+    if missing:
+        pytest.fail(f"released shape files missing from {RELEASED_SHAPES}: {', '.join(missing)}")
+    return sorted(RELEASED_SHAPES / name for name in RELEASED_SHAPE_FILES)
 
 
 @pytest.fixture(autouse=True)
