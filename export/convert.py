@@ -1,4 +1,4 @@
-"""SavedModel and TFLite conversion of a trained Keras model (DESIGN.md section 9).
+"""SavedModel and TFLite conversion of a trained Keras model (docs/design.md section 9).
 
 The exported models take RGB pixels as a camera gives them (uint8, or float32 in 0-255 with
 `float_input`): the dataset's mean/std normalisation, which training applies in tf.data, is a

@@ -1,4 +1,4 @@
-"""Quantization-aware training with TensorFlow Model Optimization (optional; DESIGN.md section 9).
+"""Quantization-aware training with TensorFlow Model Optimization (optional; docs/design.md section 9).
 
 TFMOT wraps only tf_keras (Keras 2) models. The bridge rebuilds the functional Keras 3 model in
 tf_keras layer by layer (same classes, names and settings), copies the Keras 3 weights by layer name, fine-tunes

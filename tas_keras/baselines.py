@@ -1,4 +1,4 @@
-"""Baselines at a matched FLOP target, on the graph space of any model (DESIGN.md section 12): a
+"""Baselines at a matched FLOP target, on the graph space of any model (docs/design.md section 12): a
 uniformly shrunk ("pre-defined") shape, the best of N random shapes inside the FLOP band (a keras-tuner
 random search), and one-shot global pruning of a trained network by L1 magnitude (the standard
 structured pruning of other tools) or by Taylor importance (the least important channels removed). Each writes its shape as a search does (an ArchConfig for a CIFAR ResNet

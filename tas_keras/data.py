@@ -1,6 +1,6 @@
 """Datasets, and the tf.data pipelines that feed them to Keras.
 
-Sources (DESIGN.md sections 10, 11): the CIFAR-10 subset bundled with the project, cifar10 / cifar100,
+Sources (docs/design.md sections 10, 11): the CIFAR-10 subset bundled with the project, cifar10 / cifar100,
 imagenette and imagenet2012 through tensorflow-datasets, and image folders or zips of class folders.
 
 Two kinds of dataset share one interface (`train_size`, `test_size`, `train_batches`, `test_batches`,

@@ -1,4 +1,4 @@
-"""Training the pruned network (DESIGN.md section 8): from scratch, from the teacher's weights, with KD."""
+"""Training the pruned network (docs/design.md section 8): from scratch, from the teacher's weights, with KD."""
 
 import logging
 import os

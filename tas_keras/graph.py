@@ -1,4 +1,4 @@
-"""The TAS search space of any supported Keras CNN, read from its functional graph (DESIGN.md section 11).
+"""The TAS search space of any supported Keras CNN, read from its functional graph (docs/design.md section 11).
 
 `read_model(model)` walks the nodes of a functional model (or a built Sequential) from its output back
 to its input and returns a `GraphSpace`: every layer with the width slot it reads and the one it
@@ -27,7 +27,7 @@ Width rules. Every tensor carries a width slot.
       "tied" (default for models this project does not build, as DepGraph-style tools do): every input
       of the merge joins one slot (union-find), named after the slot of its first input; no layer is
       ever added to the user's model.
-      "independent" (the reference code's rule for the CIFAR ResNets, DESIGN.md section 4): for an
+      "independent" (the reference code's rule for the CIFAR ResNets, docs/design.md section 4): for an
       Add of two inputs of equal shape,
         * identity shortcut: one input x is an ancestor of the other, r. The widths stay independent
           and the output carries r's slot. Where a shape gives x and r different widths, the derived

@@ -1,4 +1,4 @@
-"""Importance-ordered channels (DESIGN.md section 12): the channels of a trained network, permuted so that
+"""Importance-ordered channels (docs/design.md section 12): the channels of a trained network, permuted so that
 within every width slot the most important come first, without changing what the network computes.
 
 A candidate width k keeps a slot's leading k channels (in the supernet, the derived network's weight

@@ -1,4 +1,4 @@
-"""What pixels a model was trained on, and feeding it exactly those (DESIGN.md section 12).
+"""What pixels a model was trained on, and feeding it exactly those (docs/design.md section 12).
 
 Every pipeline normalises RGB pixels p in 0-255 as `(p / 255 - mean) / std` per channel; a convention is
 the (mean, std) that gives a model the inputs it was trained on:

@@ -13,7 +13,7 @@ layers read and write width slots with categorical distributions, the expected l
 weighted by the probability that the layer exists (its stage keeps its block). The functions over
 (layer terms, slot distributions, keep probabilities) know nothing of the CIFAR ResNet; `SupernetLatency`
 lays the graph supernet of a CIFAR ResNet out as such terms (the tables hold the layer geometries of
-the CIFAR ResNets only: what the converter fuses in them, DESIGN.md section 3).
+the CIFAR ResNets only: what the converter fuses in them, docs/design.md section 3).
 """
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""The searchable layers of a TAS supernet (DESIGN.md section 5).
+"""The searchable layers of a TAS supernet (docs/design.md section 5).
 
 Every tensor stays at its layer's full width C; a narrower choice is a zero-padded tensor, and its width
 (the number of leading channels that may be non-zero) travels beside it as a channel count. There is

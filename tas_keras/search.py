@@ -1,4 +1,4 @@
-"""TAS search (DESIGN.md sections 6-7): alternating weight and architecture updates under a cost target."""
+"""TAS search (docs/design.md sections 6-7): alternating weight and architecture updates under a cost target."""
 
 import logging
 import math
@@ -120,7 +120,7 @@ class ArchWarmup(keras.callbacks.Callback):
     `warmup_steps` steps (also when a resumed search starts past them). The step is left out of the
     traced train function until then, rather than run at a zero rate: no forward and backward pass on
     the valid batch that would change nothing, and Adam's moments hold only applied gradients. (No
-    tf.cond around an optimizer step, DESIGN.md section 7: the train function is traced again.)"""
+    tf.cond around an optimizer step, docs/design.md section 7: the train function is traced again.)"""
 
     def __init__(self, warmup_steps):
         super().__init__()

@@ -1,6 +1,6 @@
 """The TAS search space of a CIFAR ResNet, and ArchConfig: one concrete shape in it.
 
-The space (DESIGN.md section 4): every conv picks its width among int(C * r), r in 0.3..1.0, and every
+The space (docs/design.md section 4): every conv picks its width among int(C * r), r in 0.3..1.0, and every
 stage picks how many of its leading blocks it keeps. ArchConfig records one choice of all of them, in
 the order of the paper's released shapes ("xchannels": stem, then every conv of every block, dropped
 blocks included), so a shape moves between this project and the reference code unchanged.

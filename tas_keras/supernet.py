@@ -1,4 +1,4 @@
-"""The TAS supernet of any model the graph reader supports (DESIGN.md sections 5, 6 and 11).
+"""The TAS supernet of any model the graph reader supports (docs/design.md sections 5, 6 and 11).
 
 `GraphSupernet(model, space)` lays the search out on the `GraphSpace` read from `model`
 (`tas_keras.graph.read_model`); `tas_keras.search.TASSearchModel` drives it.
@@ -25,7 +25,7 @@ The supernet is only ever trained: batch statistics and dropout are always on.
 
 E(A) (`expected_cost`) and F(A) (`argmax_cost`) apply one per-layer rule (`layer_cost`, the rule of
 `tas_keras.cost.count_shape`): E(A) to the expected widths (softmax(alpha), chained through the slots,
-each droppable block weighted by the probability that its stage keeps it, DESIGN.md section 6), F(A)
+each droppable block weighted by the probability that its stage keeps it, docs/design.md section 6), F(A)
 to the argmax shape as `GraphSpace.plan` builds it (dropped blocks left out, their readers handed the
 last kept block, an independent shortcut projected where its widths differ), so F(A) equals
 `count_shape(space, supernet.derive())`.
@@ -316,7 +316,7 @@ class GraphSupernet(keras.Model):
     def expected_cost(self, metric="flops"):
         """E(A): the sum over layers of `layer_cost` at the expected widths of the layer's input and
         output slots (E[C] = sum_k softmax(alpha)_k c_k; fixed slots at full width), a droppable
-        block's layers weighted by the probability that its stage keeps it (DESIGN.md section 6)."""
+        block's layers weighted by the probability that its stage keeps it (docs/design.md section 6)."""
         _check_metric(metric)
         widths = {slot.name: float(slot.full_width) for slot in self.space.slots}
         widths.update({slot: choice.expected_width()

@@ -28,13 +28,13 @@ def _slot_of(space, layer):
     return space.layer(layer).out_slot
 
 
-# The CIFAR ResNets read from their own builder's graph are the search space of DESIGN.md section 4.
+# The CIFAR ResNets read from their own builder's graph are the search space of docs/design.md section 4.
 
 def test_cifar_resnet_space_is_the_reference_space():
     space = read_model(build_model("resnet20"), add_mode=INDEPENDENT)
     arch = ArchConfig.full("resnet20")
     assert [s.name for s in space.searchable_slots] == [s.name for s in arch.slots]
-    # DESIGN.md section 4's candidate lists.
+    # docs/design.md section 4's candidate lists.
     expected = {16: (4, 6, 8, 9, 11, 12, 14, 16), 32: (9, 12, 16, 19, 22, 25, 28, 32),
                 64: (19, 25, 32, 38, 44, 51, 57, 64)}
     assert all(slot.candidates == expected[slot.full_width] for slot in space.searchable_slots)
@@ -51,7 +51,7 @@ def test_cifar_resnet_space_is_the_reference_space():
 
 def test_cifar_space_depth_choices_and_width_multiple():
     space = read_model(build_model("resnet56"), add_mode=INDEPENDENT, multiple_of=8)
-    assert [stage.choices for stage in space.stages] == [(1, 3, 5, 7, 9)] * 3  # DESIGN.md section 4
+    assert [stage.choices for stage in space.stages] == [(1, 3, 5, 7, 9)] * 3  # docs/design.md section 4
     slot = space.slot("s3_b9_conv_a")
     assert slot.candidates == (16, 24, 32, 40, 48, 56, 64)  # int(64 r) rounded to multiples of 8
     bottleneck = read_model(build_model("resnet29_bottleneck"), add_mode=INDEPENDENT)
@@ -285,7 +285,7 @@ def test_resnet34_matches_torchvision():
 def test_cifar_flops_through_the_graph_match_the_design_table(model, mflops):
     space = read_model(build_model(model), add_mode=INDEPENDENT)
     report = count_shape(space, space.full_shape())
-    assert round(report.mflops, 2) == mflops  # DESIGN.md section 3
+    assert round(report.mflops, 2) == mflops  # docs/design.md section 3
     assert report.flops == count_arch(ArchConfig.full(model)).flops
 
 

@@ -34,7 +34,7 @@ def synthetic_table(full, width_multiple, quantize="none", seed=0):
 
 def table_latency(table, arch):
     """The latency of the plain network of `arch` (a basic-block CIFAR ResNet) from the table's entries,
-    following DESIGN.md section 3's network, written out independently of tas_keras.latency."""
+    following docs/design.md section 3's network, written out independently of tas_keras.latency."""
     times = table["entries"]
 
     def t(key, a, b):

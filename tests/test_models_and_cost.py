@@ -12,7 +12,7 @@ from tas_keras.search_space import ArchConfig
 
 from .conftest import REPO
 
-# DESIGN.md section 3, CIFAR-10 MFLOPs of the full networks.
+# docs/design.md section 3, CIFAR-10 MFLOPs of the full networks.
 BASE_MFLOPS = {"resnet20": 40.81, "resnet32": 69.12, "resnet56": 125.75, "resnet110": 253.15,
                "resnet164": 247.65}
 

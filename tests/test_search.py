@@ -404,7 +404,7 @@ def test_architecture_step_inside_the_band_follows_the_cross_entropy_alone(entro
 
 
 def _uniform_expected_flops(depth, block, classes=10):
-    """E(A) at uniform alpha and beta, derived from DESIGN.md sections 4 and 6 without the supernet:
+    """E(A) at uniform alpha and beta, derived from docs/design.md sections 4 and 6 without the supernet:
     the mean candidate width of every conv chained through the network, each block weighted by the
     share of its stage's depth choices that keep it."""
     design = {16: (4, 6, 8, 9, 11, 12, 14, 16), 32: (9, 12, 16, 19, 22, 25, 28, 32),

@@ -113,7 +113,7 @@ def _softmax(logits):
 
 
 def _design_expected_flops(supernet):
-    """E(A) of a basic-block CIFAR ResNet at 8x8 as DESIGN.md section 6 writes it: per conv
+    """E(A) of a basic-block CIFAR ResNet at 8x8 as docs/design.md section 6 writes it: per conv
     k*k*H_out*W_out*E[C_in]*E[C_out], E[C] = sum_k softmax(alpha)_k c_k chained through the network,
     every block weighted by P(its stage keeps it) under softmax(beta), the stride-2 shortcut (1x1 on the
     pooled input) with its block, plus the classifier (E[C] + 1) * classes."""
@@ -156,12 +156,12 @@ def test_cifar_expected_cost_at_uniform_alpha_and_beta():
     supernet = build_supernet("resnet20", model)
     for variable in supernet.arch_variables:
         variable.assign(tf.zeros_like(variable))
-    # E[16] = 10, E[32] = 20.375, E[64] = 41.25; blocks weighted 1, 2/3, 1/3 (DESIGN.md section 6).
+    # E[16] = 10, E[32] = 20.375, E[64] = 41.25; blocks weighted 1, 2/3, 1/3 (docs/design.md section 6).
     assert float(supernet.expected_cost()) / 1e6 == pytest.approx(10.83, abs=0.005)
 
 
 def _naive_cifar_forward(supernet, images, sample):
-    """DESIGN.md section 5 written out for ResNet-20, conv by conv, with the supernet's weights: every
+    """docs/design.md section 5 written out for ResNet-20, conv by conv, with the supernet's weights: every
     conv runs at full width; each of its slot's two picks keeps its leading channels, is normalised with
     batch statistics and its own affine, widened by CWI to the wider pick, and the two are summed with
     their weights; an identity shortcut is a zero-padded add; the stride-2 shortcut pools 2x2 and is a

@@ -1,4 +1,4 @@
-"""The plain CIFAR ResNet of DESIGN.md section 3, built from any ArchConfig.
+"""The plain CIFAR ResNet of docs/design.md section 3, built from any ArchConfig.
 
 `network_plan` resolves an ArchConfig into the layers that are really built (kept blocks only, each
 conv's actual input width, the shortcut each block needs); the Keras builder and the FLOP counter both

@@ -1,7 +1,7 @@
 """Every network the project prunes, by name: `build_model(name, input_shape, num_classes)`.
 
   resnet20, resnet32, resnet56, resnet110, resnet164, resnet<6n+2>, resnet<9n+2>_bottleneck
-                   the CIFAR ResNets (DESIGN.md section 3), 32x32 and 10 classes by default
+                   the CIFAR ResNets (docs/design.md section 3), 32x32 and 10 classes by default
   resnet18, resnet34   the ImageNet basic-block ResNets (models/imagenet_resnet.py)
   resnet50, mobilenet_v2   keras.applications' ResNet50 and MobileNetV2 (alpha 1.0), weights=None
   efficientnet_lite0   EfficientNet-Lite0 (models/efficientnet_lite.py), random or ImageNet weights
