@@ -6,7 +6,7 @@ out), as the reference code's counter counts them; BN, activations, pooling and 
 counted. Parameters are the trainable weights (kernels, biases, BN gamma and beta), as PyTorch's
 parameter count reports them; BN moving statistics are not parameters.
 
-Three routes, one rule per layer kind (`layer_cost`): `count_arch` (a CIFAR ArchConfig, without
+Three routes, one rule per layer class (`layer_cost` asks `tas_keras.layer_rules`): `count_arch` (a CIFAR ArchConfig, without
 building), `count_shape` (a point of any model's GraphSpace, without building) and `count_model` (a
 built Keras model).
 """
@@ -16,6 +16,7 @@ import math
 
 import keras
 
+from tas_keras.layer_rules import rule_for, rule_of_kind
 from tas_keras.models.cifar_resnet import network_plan
 
 
@@ -72,21 +73,14 @@ def _report(layers):
 
 def layer_cost(name, kind, in_channels, out_channels, kernel=(), stride=(), output_size=(), use_bias=False,
                affine=2):
-    """The cost of one layer; `affine` is the number of per-channel trainable vectors of a BN."""
-    if kind == "batch_norm":
-        return LayerCost(name, kind, in_channels, out_channels, params=affine * out_channels)
-    bias = out_channels if use_bias else 0
-    if kind == "dense":
-        count = in_channels * out_channels + bias
-        return LayerCost(name, kind, in_channels, out_channels, flops=count, params=count)
-    if kind == "conv":
-        weights = math.prod(kernel) * in_channels * out_channels
-    elif kind == "depthwise":
-        weights = math.prod(kernel) * out_channels
-    else:
+    """The cost of one layer of a kind whose rule counts it (`tas_keras.layer_rules`); `affine` is the
+    number of per-channel trainable vectors of a BN."""
+    rule = rule_of_kind(kind)
+    if not rule.costed:
         raise ValueError(f"{name}: no cost rule for a layer of kind {kind!r}")
+    flops, params = rule.counts(in_channels, out_channels, kernel, output_size, use_bias, affine)
     return LayerCost(name, kind, in_channels, out_channels, tuple(kernel), tuple(stride), tuple(output_size),
-                     (weights + bias) * math.prod(output_size), weights + bias)
+                     flops, params)
 
 
 def count_arch(arch):
@@ -107,7 +101,7 @@ def count_shape(space, shape):
     layers = []
     for derived in space.plan(shape).layers:
         layer = derived.layer
-        if layer.kind in ("conv", "depthwise", "dense", "batch_norm"):
+        if rule_for(layer).costed:
             layers.append(layer_cost(layer.name, layer.kind, derived.in_channels, derived.out_channels,
                                      layer.kernel, layer.strides, layer.output_size, layer.use_bias,
                                      layer.affine))

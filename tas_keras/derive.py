@@ -14,6 +14,7 @@ import logging
 
 import keras
 
+from tas_keras.layer_rules import rule_for
 
 
 def _build_layer(source, planned, output):
@@ -25,13 +26,7 @@ def _build_layer(source, planned, output):
     config.pop("dtype", None)
     if output:
         config["dtype"] = keras.config.floatx()
-    if planned.layer.kind == "conv":
-        config["filters"] = planned.out_channels
-        if planned.layer.name != source.name:  # a projection shortcut
-            config.update(kernel_size=(1, 1), strides=(1, 1), dilation_rate=(1, 1), activation="linear")
-    elif planned.layer.kind == "dense":
-        config["units"] = planned.out_channels
-    return type(source).from_config(config)
+    return type(source).from_config(rule_for(planned.layer).narrowed(config, planned))
 
 
 def derive_model(model, space, shape, transfer_weights=True):
@@ -46,7 +41,7 @@ def derive_model(model, space, shape, transfer_weights=True):
             continue
         inputs = [tensors[name] for name in planned.layer.inputs]
         layer = _build_layer(model.get_layer(planned.source), planned, planned.layer.name == plan.output)
-        inputs = inputs if planned.layer.kind in ("merge", "concat") else inputs[0]
+        inputs = inputs if rule_for(planned.layer).multiple_inputs else inputs[0]
         tensors[planned.layer.name] = layer(inputs, **planned.layer.call_arguments)
     input_name = next(p.layer.name for p in plan.layers if p.layer.kind == "input")
     derived = keras.Model(tensors[input_name], tensors[plan.output], name=model.name)

@@ -8,7 +8,7 @@ depth choices, and (in "independent" mode) the identity shortcuts a derived netw
 derived network really has (with their channel counts), which both the builder (`tas_keras.derive`)
 and the FLOP counter (`tas_keras.cost.count_shape`) read, so the counted network is the built one.
 
-Width rules. Every tensor carries a width slot.
+Width rules (each layer class's is its rule in `tas_keras.layer_rules`). Every tensor carries a width slot.
   - The input layer opens a fixed slot (the image channels).
   - A Conv2D with groups=1 opens a searchable slot named after it, whose candidates are
     `candidate_widths(filters, multiple_of)` (the paper's ratios 0.3 .. 1.0).
@@ -77,6 +77,9 @@ from typing import Mapping
 
 import keras
 
+from tas_keras.layer_rules import (CHANNEL_MIXING_ACTIVATIONS, ELEMENTWISE_ACTIVATIONS, FOLLOWING_CLASSES,
+                                   NORMALIZATION_CLASSES, UnsupportedModelError, activation_name, refuse,
+                                   rule_for, rule_for_layer)
 from tas_keras.search_space import WIDTH_RATIOS, ArchConfig, candidate_widths, conv_slots, depth_choices
 from tas_keras.search_space import parse_model_name
 
@@ -85,23 +88,6 @@ INDEPENDENT = "independent"
 ADD_MODES = (TIED, INDEPENDENT)
 
 _L = keras.layers
-_ELEMENTWISE_ACTIVATIONS = (_L.Activation, _L.ReLU, _L.LeakyReLU, _L.ELU)
-_PASS_THROUGH = _ELEMENTWISE_ACTIVATIONS + (
-    _L.Softmax, _L.MaxPooling2D, _L.AveragePooling2D, _L.GlobalAveragePooling2D, _L.GlobalMaxPooling2D,
-    _L.ZeroPadding2D, _L.Cropping2D, _L.UpSampling2D, _L.Dropout, _L.SpatialDropout2D, _L.GaussianNoise,
-    _L.GaussianDropout, _L.AlphaDropout, _L.ActivityRegularization, _L.Identity, _L.Rescaling,
-    _L.Normalization)
-_MERGES = (_L.Add, _L.Multiply, _L.Subtract, _L.Average, _L.Maximum, _L.Minimum)
-_CHANNEL_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
-_RESHAPES = (_L.Flatten, _L.Reshape)  # spatial positions folded into the last axis
-
-
-class UnsupportedModelError(ValueError):
-    """The model, or one of its layers, is outside what the graph reader can prune safely."""
-
-
-def _refuse(layer, reason):
-    raise UnsupportedModelError(f"{layer.name} ({type(layer).__name__}): {reason}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,11 +302,7 @@ class GraphSpace:
                 continue
             inputs = tuple(kept(name) for name in layer.inputs)
             widths = [channels[name] for name in inputs]
-            if layer.kind in ("conv", "dense", "reshape", "concat", "input"):
-                out = self.width(shape, layer.out_slot)
-            elif layer.kind == "depthwise":
-                out = widths[0] * layer.depth_multiplier
-            elif layer.kind == "merge" and layer.name in shortcuts and len(set(widths)) > 1:
+            if layer.name in shortcuts and len(set(widths)) > 1:
                 shortcut = shortcuts[layer.name]
                 x, r = inputs.index(kept(shortcut.shortcut)), inputs.index(kept(shortcut.residual))
                 projection = self.projection(shortcut, inputs[x], widths[x], widths[r])
@@ -331,7 +313,7 @@ class GraphSpace:
             else:
                 if len(set(widths)) > 1:
                     raise AssertionError(f"{layer.name}: tied inputs of widths {widths}")
-                out = widths[0]
+                out = rule_for(layer).out_channels(layer, widths, self.width(shape, layer.out_slot))
             planned.append(DerivedLayer(dataclasses.replace(layer, inputs=inputs), layer.name,
                                         widths[0] if widths else out, out))
             channels[layer.name] = out
@@ -433,22 +415,22 @@ def _functional_graph(model):
                 f"{layer.name} ({type(layer).__name__}): a keras.ops operation on symbolic tensors; use "
                 "the matching layer (keras.layers.Add for +, ...)")
         if isinstance(layer, keras.Model):
-            _refuse(layer, "a nested model, which the reader cannot see into; build one flat functional model")
+            refuse(layer, "a nested model, which the reader cannot see into; build one flat functional model")
         if layer.name in seen:
-            _refuse(layer, "a shared layer (called more than once)")
+            refuse(layer, "a shared layer (called more than once)")
         seen.add(layer.name)
         if len(node.outputs) != 1:
-            _refuse(layer, f"the reader takes layers with one output, this one has {len(node.outputs)}")
+            refuse(layer, f"the reader takes layers with one output, this one has {len(node.outputs)}")
         odd = {key: value for key, value in node.arguments.kwargs.items()
                if not isinstance(value, (type(None), bool, int, float, str))}
         if odd:
-            _refuse(layer, f"called with arguments {sorted(odd)} that the reader cannot carry")
+            refuse(layer, f"called with arguments {sorted(odd)} that the reader cannot carry")
         shape = node.outputs[0].shape
         if any(d is None for d in shape[1:]):
-            _refuse(layer, f"output shape {tuple(shape)} has unknown sizes; build the model with a fixed "
+            refuse(layer, f"output shape {tuple(shape)} has unknown sizes; build the model with a fixed "
                            "input_shape")
         if getattr(layer, "data_format", "channels_last") != "channels_last":
-            _refuse(layer, f"data_format {layer.data_format!r}: the reader takes channels_last models")
+            refuse(layer, f"data_format {layer.data_format!r}: the reader takes channels_last models")
     return nodes
 
 
@@ -504,7 +486,7 @@ class _GraphReader:
                 bits |= self.ancestors[source] | (1 << self.index[source])
             self.ancestors[name] = bits
         self.slots = _Slots()
-        self.out_slot, self.kinds, self.shortcuts = {}, {}, []
+        self.out_slot, self.shortcuts = {}, []
 
     def is_ancestor(self, ancestor, name):
         return bool(self.ancestors[name] >> self.index[ancestor] & 1)
@@ -516,7 +498,9 @@ class _GraphReader:
 
     def read(self):
         for name in self.names:
-            self.kinds[name] = self._read_layer(self.keras_layers[name])
+            layer = self.keras_layers[name]
+            rule = rule_for_layer(layer)
+            self.out_slot[name] = rule.read(self, layer, [self.out_slot[source] for source in self.inputs[name]])
         self.slots.fix(self.out_slot[self.output], "classifier output")
         blocks = self._identity_blocks()
         stages = self._stages(blocks)
@@ -529,130 +513,43 @@ class _GraphReader:
             stages=stages, shortcuts=tuple(self.shortcuts), output=self.output)
 
     def _graph_layer(self, name, block):
-        layer, kind = self.keras_layers[name], self.kinds[name]
-        details = {}
-        if kind in ("conv", "depthwise"):
-            details = {"kernel": tuple(layer.kernel_size), "strides": tuple(layer.strides),
-                       "use_bias": layer.use_bias}
-            if kind == "depthwise":
-                details["depth_multiplier"] = layer.depth_multiplier
-        elif kind == "dense":
-            details = {"use_bias": layer.use_bias}
-        elif kind == "batch_norm":
-            details = {"affine": int(layer.center) + int(layer.scale)}
+        layer, rule = self.keras_layers[name], rule_for_layer(self.keras_layers[name])
         shape = self.shapes[name]
         return GraphLayer(
-            name=name, class_name=type(layer).__name__, kind=kind, inputs=self.inputs[name],
+            name=name, class_name=type(layer).__name__, kind=rule.kind, inputs=self.inputs[name],
             in_slots=tuple(self.slots.find(self.out_slot[source]) for source in self.inputs[name]),
             out_slot=self.slots.find(self.out_slot[name]),
             output_size=tuple(int(d) for d in shape[1:3]) if len(shape) == 4 else (), block=block,
-            call_arguments=self.call_arguments[name], **details)
+            call_arguments=self.call_arguments[name], **rule.details(layer))
 
     def _width_slot(self, name):
         full, reason = self.slots.full_width[name], self.slots.fixed_reason[name]
         candidates = (full,) if reason else candidate_widths(full, self.multiple_of, self.ratios)
         return WidthSlot(name, full, candidates, reason)
 
-    def _read_layer(self, layer):
-        """Assigns the layer's output slot and returns its kind."""
-        name = layer.name
-        in_slots = [self.out_slot[source] for source in self.inputs[name]]
-        kind_of = type(layer)
-        if kind_of is _L.InputLayer:
-            self.out_slot[name] = self.slots.open(name, self.channels(name), "image channels")
-            return "input"
-        if kind_of is _L.Conv2D:
-            if layer.groups != 1:
-                _refuse(layer, f"grouped convolution (groups={layer.groups}) is not supported")
-            self.out_slot[name] = self.slots.open(name, layer.filters)
-            if self._activation(layer) in _CHANNEL_MIXING_ACTIVATIONS:
-                self.slots.fix(name, f"{name} applies {self._activation(layer)} over the channels")
-            return "conv"
-        if kind_of is _L.Dense:
-            if len(self.shapes[self.inputs[name][0]]) != 2:
-                _refuse(layer, "Dense on a spatial map; use a 1x1 Conv2D, or pool or flatten first")
-            self.out_slot[name] = self.slots.open(name, layer.units, "Dense layers are not searched")
-            return "dense"
-        if kind_of is _L.DepthwiseConv2D:
-            if layer.depth_multiplier == 1:
-                self.out_slot[name] = in_slots[0]
-            else:
-                self.slots.fix(in_slots[0], f"{name} has depth_multiplier {layer.depth_multiplier}")
-                self.out_slot[name] = self.slots.open(name, self.channels(name), "depth_multiplier > 1")
-            return "depthwise"
-        if kind_of is _L.BatchNormalization:
-            if not self._is_channel_axis(name, layer.axis):
-                _refuse(layer, f"normalises axis {layer.axis}, not the channel axis")
-            self.out_slot[name] = in_slots[0]
-            return "batch_norm"
-        if kind_of in _PASS_THROUGH:
-            self._check_pass_through(layer, in_slots[0])
-            self.out_slot[name] = in_slots[0]
-            return "pass"
-        if kind_of is _L.Flatten and len(self.shapes[name]) == len(self.shapes[self.inputs[name][0]]):
-            self.out_slot[name] = in_slots[0]
-            return "pass"
-        if kind_of in _RESHAPES:
-            self.slots.fix(in_slots[0], f"{name} ({kind_of.__name__}) reshapes the channels")
-            self.out_slot[name] = self.slots.open(name, self.channels(name), "reshaped")
-            return "reshape"
-        if kind_of is _L.Concatenate:
-            if not self._is_channel_axis(name, layer.axis):
-                _refuse(layer, f"concatenates along axis {layer.axis}; only the channel axis is supported")
-            for slot in in_slots:
-                self.slots.fix(slot, f"{name} (Concatenate) reads it")
-            self.out_slot[name] = self.slots.open(name, self.channels(name), "concatenated")
-            return "concat"
-        if kind_of in _MERGES:
-            self._read_merge(layer, in_slots)
-            return "merge"
-        _refuse(layer, "this layer type is not supported by the graph reader")
-
-    def _is_channel_axis(self, name, axis):
+    def is_channel_axis(self, name, axis):
         return axis in (-1, len(self.shapes[name]) - 1)
 
-    @staticmethod
-    def _activation(layer):
-        activation = layer.get_config().get("activation", "linear")
-        if not isinstance(activation, str):
-            _refuse(layer, f"activation {activation!r} is not a built-in Keras activation")
-        return activation
-
-    def _check_pass_through(self, layer, in_slot):
-        name = layer.name
-        if len(self.inputs[name]) != 1 or self.channels(name) != self.channels(self.inputs[name][0]):
-            _refuse(layer, "expected one input and as many output channels as input channels")
-        if type(layer) is _L.Softmax:
-            if not self._is_channel_axis(name, layer.axis):
-                _refuse(layer, f"softmax over axis {layer.axis}")
-            self.slots.fix(in_slot, f"{name} applies softmax over the channels")
-        elif type(layer) is _L.Activation and self._activation(layer) in _CHANNEL_MIXING_ACTIVATIONS:
-            self.slots.fix(in_slot, f"{name} applies {self._activation(layer)} over the channels")
-        elif type(layer) is _L.Normalization:
-            self.slots.fix(in_slot, f"{name} (Normalization) holds per-channel statistics")
-        elif type(layer) is _L.Rescaling and not all(
-                isinstance(v, (int, float)) for v in (layer.scale, layer.offset)):
-            self.slots.fix(in_slot, f"{name} (Rescaling) holds per-channel constants")
-
-    def _read_merge(self, layer, in_slots):
+    def read_merge(self, layer, in_slots):
+        """The slot of a merge's output (`tas_keras.layer_rules.MergeRule`): the Add rule of the module
+        docstring, tied or independent."""
         name, sources = layer.name, self.inputs[layer.name]
         if len({self.channels(source) for source in sources}) > 1:
-            _refuse(layer, "merges inputs of different channel counts: "
+            refuse(layer, "merges inputs of different channel counts: "
                            f"{[self.channels(source) for source in sources]}")
         if type(layer) is _L.Add and self.add_mode == INDEPENDENT and len(sources) == 2 and (
                 self.shapes[sources[0]] == self.shapes[sources[1]]):
             a, b = sources
             identity = (a, b) if self.is_ancestor(a, b) else (b, a) if self.is_ancestor(b, a) else None
             if identity and self._identity_shortcut(layer, *identity):
-                self.out_slot[name] = self.out_slot[identity[1]]
-                return
+                return self.out_slot[identity[1]]
             projections = [(p, r) for p, r in ((a, b), (b, a)) if self._projects(p, r)]
             if projections:
                 p, r = projections[0]
                 self.slots.tie(self.out_slot[r], self.out_slot[p])
         for slot in in_slots[1:]:
             self.slots.tie(in_slots[0], slot)
-        self.out_slot[name] = in_slots[0]
+        return in_slots[0]
 
     def _walk_back(self, name, through):
         """Follows single-input layers of the given kinds back from `name` while each output it passes
@@ -667,7 +564,7 @@ class _GraphReader:
     def _identity_shortcut(self, add, shortcut, residual):
         """Records the projection a derived network needs where x and r differ; False when r does not
         come from a conv whose settings the projection could copy (the Add is tied then)."""
-        passed, conv = self._walk_back(residual, _PASS_THROUGH + (_L.BatchNormalization,))
+        passed, conv = self._walk_back(residual, FOLLOWING_CLASSES + NORMALIZATION_CLASSES)
         if type(self.keras_layers[conv]) is not _L.Conv2D:
             return False
         norms = [n for n in passed if type(self.keras_layers[n]) is _L.BatchNormalization]
@@ -675,7 +572,7 @@ class _GraphReader:
         names = (f"{block}_shortcut_conv", f"{block}_shortcut_bn")
         clash = [n for n in names if n in self.index]
         if clash:
-            _refuse(add, f"the projection a derived network may need would be named {clash[0]!r}, "
+            refuse(add, f"the projection a derived network may need would be named {clash[0]!r}, "
                          "which the model already uses")
         self.shortcuts.append(IdentityShortcut(add.name, shortcut, residual, conv, norms[-1] if norms else "",
                                                *names))
@@ -685,10 +582,10 @@ class _GraphReader:
         """Whether Add input `source` is a projection shortcut of the other input `other`."""
         if len(self.consumers[source]) != 1:
             return False
-        _, conv = self._walk_back(source, _PASS_THROUGH + (_L.BatchNormalization,))
+        _, conv = self._walk_back(source, FOLLOWING_CLASSES + NORMALIZATION_CLASSES)
         if type(self.keras_layers[conv]) is not _L.Conv2D or len(self.consumers[conv]) != 1:
             return False
-        _, branch = self._walk_back(self.inputs[conv][0], _PASS_THROUGH)
+        _, branch = self._walk_back(self.inputs[conv][0], FOLLOWING_CLASSES)
         return self.is_ancestor(branch, other)
 
     # Depth.
@@ -699,8 +596,7 @@ class _GraphReader:
         while len(self.consumers[exit_]) == 1 and exit_ != self.output:
             consumer = self.consumers[exit_][0]
             layer = self.keras_layers[consumer]
-            if type(layer) not in _ELEMENTWISE_ACTIVATIONS or (
-                    self._activation(layer) in _CHANNEL_MIXING_ACTIVATIONS):
+            if type(layer) not in ELEMENTWISE_ACTIVATIONS or activation_name(layer) in CHANNEL_MIXING_ACTIVATIONS:
                 break
             exit_ = consumer
             trailing.append(consumer)
@@ -765,7 +661,7 @@ class _GraphReader:
         branch = signature(first.layers[:first.layers.index(first.add)])
         stretch, name = [], first.entry
         while len(signature(stretch)) < len(branch):
-            if len(self.inputs[name]) != 1 or self.kinds[name] in ("merge", "concat"):
+            if len(self.inputs[name]) != 1 or rule_for_layer(self.keras_layers[name]).multiple_inputs:
                 return ""
             stretch.insert(0, name)
             name = self.inputs[name][0]

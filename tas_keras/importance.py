@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-_WEIGHTED_KINDS = ("conv", "depthwise", "batch_norm", "dense")
+from tas_keras.layer_rules import rule_for
 
 
 def slot_groups(space):
@@ -116,22 +116,6 @@ def permutations(space, scores):
     return {slot.name: orders[groups[slot.name]] for slot in space.slots if groups[slot.name] in orders}
 
 
-def permuted_weights(layer, weights, in_order, out_order):
-    """The weights of a GraphLayer's Keras layer with its input channels in `in_order` and its output
-    channels in `out_order` (None: as they are)."""
-    def take(value, order, axis):
-        return value if order is None else np.take(value, order, axis=axis)
-
-    if layer.kind in ("conv", "dense"):
-        kernel = take(take(weights[0], in_order, -2), out_order, -1)
-        return [kernel] + [take(bias, out_order, 0) for bias in weights[1:]]
-    if layer.kind == "depthwise":  # with depth_multiplier > 1 its input slot is fixed: in_order is None
-        return [take(weights[0], in_order, 2)] + [take(bias, in_order, 0) for bias in weights[1:]]
-    if layer.kind == "batch_norm":
-        return [take(value, out_order, 0) for value in weights]
-    raise ValueError(f"{layer.name} ({layer.class_name}): no channel permutation for a layer of kind {layer.kind!r}")
-
-
 def order_channels(model, space, scores=None):
     """A copy of `model` (same layers, names and function) whose channels are permuted by importance
     within every searchable slot of `space` (read from `model`); `scores` as `importance_scores` (the
@@ -141,14 +125,10 @@ def order_channels(model, space, scores=None):
     ordered = model.__class__.from_config(model.get_config())  # keeps every name, the input's too
     ordered.set_weights(model.get_weights())
     for layer in space.layers:
-        if layer.kind == "input" or not ordered.get_layer(layer.name).weights:
+        if not ordered.get_layer(layer.name).weights:
             continue
         keras_layer = ordered.get_layer(layer.name)
-        if layer.kind not in _WEIGHTED_KINDS:
-            if any(orders.get(slot) is not None for slot in (*layer.in_slots, layer.out_slot)):
-                raise ValueError(f"{layer.name} ({layer.class_name}) holds weights in a permuted slot")
-            continue
         in_order = orders.get(layer.in_slots[0]) if layer.in_slots else None
-        keras_layer.set_weights(permuted_weights(layer, keras_layer.get_weights(), in_order,
-                                                 orders.get(layer.out_slot)))
+        keras_layer.set_weights(rule_for(layer).permuted(layer, keras_layer.get_weights(), in_order,
+                                                         orders.get(layer.out_slot)))
     return ordered

@@ -39,37 +39,17 @@ import tensorflow as tf
 
 from tas_keras import cost
 from tas_keras.graph import INDEPENDENT, TIED, GraphShape, load_model, read_model
+from tas_keras.layer_rules import maps_zero_to_zero, rule_for
 from tas_keras.layers import DepthMixer, SearchableConv, WidthChoice, width_mask
 from tas_keras.models.cifar_resnet import BN_EPSILON, WEIGHT_DECAY
 from tas_keras.models.registry import is_cifar_model
 
 COST_METRICS = ("flops", "params")
-_COSTED_KINDS = ("conv", "depthwise", "dense", "batch_norm")
-_L = keras.layers
-# Weightless layers that leave an all-zero channel zero.
-_KEEP_ZEROS = (_L.MaxPooling2D, _L.AveragePooling2D, _L.GlobalAveragePooling2D, _L.GlobalMaxPooling2D,
-               _L.ZeroPadding2D, _L.Cropping2D, _L.UpSampling2D, _L.Dropout, _L.SpatialDropout2D,
-               _L.GaussianDropout, _L.ActivityRegularization, _L.Identity)
 
 
 def _check_metric(metric):
     if metric not in COST_METRICS:
         raise ValueError(f"metric must be one of {COST_METRICS}, got {metric!r}")
-
-
-def _maps_zero_to_zero(function):
-    return not np.any(keras.ops.convert_to_numpy(function(tf.zeros((1, 1)))))
-
-
-def _keeps_zeros(layer):
-    """Whether a pass-through layer leaves all-zero channels zero (else its output is masked)."""
-    if isinstance(layer, _KEEP_ZEROS):
-        return True
-    if isinstance(layer, _L.Rescaling):  # in a searchable slot its offset is a number
-        return layer.offset == 0
-    if isinstance(layer, (_L.Activation, _L.ReLU, _L.LeakyReLU, _L.ELU)):
-        return _maps_zero_to_zero(layer)
-    return False
 
 
 def _copy(source, regularizer):
@@ -153,8 +133,7 @@ class GraphSupernet(keras.Model):
             if "training" in inspect.signature(source.call).parameters:
                 arguments.setdefault("training", True)
             self._call_arguments[layer.name] = arguments
-            if searchable and (layer.kind == "batch_norm" or (layer.kind == "depthwise" and layer.use_bias) or (
-                    layer.kind == "pass" and not _keeps_zeros(made[layer.name]))):
+            if searchable and rule_for(layer).masked(layer, made[layer.name]):
                 self._masked.add(layer.name)
 
         stage_outputs = {}  # the exit a stage mixes -> (stage, the outputs after 1, 2, ... blocks)
@@ -211,7 +190,7 @@ class GraphSupernet(keras.Model):
         normalize = batch_norm is not None or self.normalize_every_conv
         if activation != "linear":
             self._activations[layer.name] = keras.activations.get(activation)
-            if not _maps_zero_to_zero(self._activations[layer.name]):
+            if not maps_zero_to_zero(self._activations[layer.name]):
                 self._masked.add(layer.name)
         return SearchableConv(
             source.filters, self.space.slot(layer.out_slot).candidates, source.kernel_size, source.strides,
@@ -277,7 +256,7 @@ class GraphSupernet(keras.Model):
                 y = self._activations[layer.name](y)
         else:
             values = [y for y, _ in inputs]
-            y = keras_layer(values if layer.kind in ("merge", "concat") else values[0],
+            y = keras_layer(values if rule_for(layer).multiple_inputs else values[0],
                             **self._call_arguments[layer.name])
             # A merge adds zero-padded inputs: the wider width wins.
             width = inputs[0][1] if len(inputs) == 1 else tf.reduce_max(tf.stack([w for _, w in inputs]))
@@ -324,7 +303,7 @@ class GraphSupernet(keras.Model):
         keep = self.keep_probabilities()
         total = 0.0
         for layer in self.space.layers:
-            if layer.kind in _COSTED_KINDS:
+            if rule_for(layer).costed:
                 layer_total = layer_cost(layer, widths[layer.in_slots[0]], widths[layer.out_slot], metric)
                 total += keep[layer.block] * layer_total if layer.block else layer_total
         return total
@@ -354,11 +333,7 @@ class GraphSupernet(keras.Model):
         for layer in self.space.layers:
             inputs = [read(name) for name in layer.inputs]
             layer_total = tf.constant(0, tf.int64)
-            if layer.kind in ("conv", "dense", "reshape", "concat", "input"):
-                out = widths[layer.out_slot]
-            elif layer.kind == "depthwise":
-                out = inputs[0] * layer.depth_multiplier
-            elif layer.name in shortcuts:
+            if layer.name in shortcuts:
                 shortcut = shortcuts[layer.name]
                 x = inputs[layer.inputs.index(shortcut.shortcut)]
                 out = inputs[layer.inputs.index(shortcut.residual)]
@@ -366,9 +341,9 @@ class GraphSupernet(keras.Model):
                                  for planned in self.space.projection(shortcut, shortcut.shortcut, 0, 0))
                 layer_total = tf.where(tf.not_equal(x, out), projection, layer_total)
             else:
-                out = inputs[0]
+                out = rule_for(layer).out_channels(layer, inputs, widths[layer.out_slot])
             channels[layer.name] = out
-            if layer.kind in _COSTED_KINDS:
+            if rule_for(layer).costed:
                 layer_total += layer_cost(layer, inputs[0], out, metric)
             total += tf.where(kept[layer.block], layer_total, tf.zeros_like(layer_total)) if layer.block else (
                 layer_total)

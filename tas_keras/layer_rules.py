@@ -1,0 +1,313 @@
+"""One rule per Keras layer class: everything the search space knows about a layer (DESIGN.md section 11).
+
+A rule answers, for the layer classes it covers:
+  - `read`: how the layer acts on width slots while `tas_keras.graph` reads a model: it opens a slot
+    (Conv2D), follows its input's (BatchNormalization, activations), ties its inputs (merges) or fixes
+    them (Concatenate), or refuses the layer with one line naming it;
+  - `details`: the settings a `GraphLayer` records for the other questions (kernel, strides, ...);
+  - `out_channels`: its output channels in a derived network, given its inputs' and its slot's widths;
+  - `counts`: its FLOPs and parameters at given widths (`tas_keras.cost`; numbers or tensors);
+  - `masked`: whether the supernet, which runs every layer at full width on zero-padded tensors, must
+    zero the channels beyond the sampled width after it (a BN's beta, a bias, f(0) != 0);
+  - `narrowed`: its config in a derived network with fewer channels (`tas_keras.derive`);
+  - `permuted`: its weights with its input and output channels permuted (`tas_keras.importance`).
+The reader, the supernet, derive, the cost and the importance ordering consult these rules and switch on
+no layer class themselves: a layer class is supported by adding its rule here.
+
+`rule_for_layer(layer)` finds the rule of a Keras layer (by exact class: a subclass may compute something
+else), `rule_for(graph_layer)` the rule of a layer the reader recorded (by its kind).
+"""
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+_L = keras.layers
+CHANNEL_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
+
+
+class UnsupportedModelError(ValueError):
+    """The model, or one of its layers, is outside what the graph reader can prune safely."""
+
+
+def refuse(layer, reason):
+    raise UnsupportedModelError(f"{layer.name} ({type(layer).__name__}): {reason}")
+
+
+def activation_name(layer):
+    """The name of a layer's built-in activation ("linear" when it has none)."""
+    activation = layer.get_config().get("activation", "linear")
+    if not isinstance(activation, str):
+        refuse(layer, f"activation {activation!r} is not a built-in Keras activation")
+    return activation
+
+
+def maps_zero_to_zero(function):
+    return not np.any(keras.ops.convert_to_numpy(function(tf.zeros((1, 1)))))
+
+
+def _take(value, order, axis):
+    return value if order is None else np.take(value, order, axis=axis)
+
+
+class LayerRule:
+    """The defaults: a weightless layer of one input that keeps its input's slot and costs nothing."""
+
+    kind = ""
+    classes = ()
+    multiple_inputs = False  # called with the list of its inputs (merges, Concatenate)
+    opens_slot = False  # its output width is its slot's width, not its input's
+    costed = False  # counted by `counts`
+
+    def read(self, reader, layer, in_slots):
+        """Returns the slot of the layer's output, opening, tying or fixing slots through `reader`."""
+        return in_slots[0]
+
+    def details(self, layer):
+        return {}
+
+    def out_channels(self, layer, in_channels, slot_width):
+        """Output channels in a derived network: `in_channels` of its inputs, `slot_width` of its slot."""
+        return slot_width if self.opens_slot else in_channels[0]
+
+    def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2):
+        """(FLOPs, parameters) at the given widths; the convention is `tas_keras.cost`'s."""
+        return 0, 0
+
+    def masked(self, layer, keras_layer):
+        """Whether the supernet zeroes its output beyond the sampled width (searchable slots only)."""
+        return False
+
+    def narrowed(self, config, planned):
+        """The layer's config in a derived network (`planned`: its `DerivedLayer`)."""
+        return config
+
+    def permuted(self, layer, weights, in_order, out_order):
+        """Its weights with the input channels in `in_order`, the output channels in `out_order` (None:
+        as they are)."""
+        if weights and (in_order is not None or out_order is not None):
+            raise ValueError(f"{layer.name} ({layer.class_name}) holds weights in a permuted slot")
+        return weights
+
+
+class InputRule(LayerRule):
+    kind, classes, opens_slot = "input", (_L.InputLayer,), True
+
+    def read(self, reader, layer, in_slots):
+        return reader.slots.open(layer.name, reader.channels(layer.name), "image channels")
+
+
+class ConvRule(LayerRule):
+    """Conv2D (groups 1): opens a searchable slot named after it; a softmax activation fixes it."""
+
+    kind, classes, opens_slot, costed = "conv", (_L.Conv2D,), True, True
+
+    def read(self, reader, layer, in_slots):
+        if layer.groups != 1:
+            refuse(layer, f"grouped convolution (groups={layer.groups}) is not supported")
+        slot = reader.slots.open(layer.name, layer.filters)
+        if activation_name(layer) in CHANNEL_MIXING_ACTIVATIONS:
+            reader.slots.fix(slot, f"{layer.name} applies {activation_name(layer)} over the channels")
+        return slot
+
+    def details(self, layer):
+        return {"kernel": tuple(layer.kernel_size), "strides": tuple(layer.strides), "use_bias": layer.use_bias}
+
+    def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2):
+        weights = math.prod(kernel) * in_channels * out_channels + (out_channels if use_bias else 0)
+        return weights * math.prod(output_size), weights
+
+    def narrowed(self, config, planned):
+        config["filters"] = planned.out_channels
+        if planned.layer.name != planned.source:  # a projection shortcut: a 1x1 conv with the source's settings
+            config.update(kernel_size=(1, 1), strides=(1, 1), dilation_rate=(1, 1), activation="linear")
+        return config
+
+    def permuted(self, layer, weights, in_order, out_order):
+        kernel = _take(_take(weights[0], in_order, -2), out_order, -1)
+        return [kernel] + [_take(bias, out_order, 0) for bias in weights[1:]]
+
+
+class DenseRule(ConvRule):
+    """Dense on a vector: opens a fixed slot (Dense layers are not searched)."""
+
+    kind, classes = "dense", (_L.Dense,)
+
+    def read(self, reader, layer, in_slots):
+        if len(reader.shapes[reader.inputs[layer.name][0]]) != 2:
+            refuse(layer, "Dense on a spatial map; use a 1x1 Conv2D, or pool or flatten first")
+        return reader.slots.open(layer.name, layer.units, "Dense layers are not searched")
+
+    def details(self, layer):
+        return {"use_bias": layer.use_bias}
+
+    def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2):
+        count = in_channels * out_channels + (out_channels if use_bias else 0)
+        return count, count
+
+    def narrowed(self, config, planned):
+        config["units"] = planned.out_channels
+        return config
+
+
+class DepthwiseRule(LayerRule):
+    """DepthwiseConv2D: follows its input's slot (depth_multiplier 1), else fixes it and opens a fixed one."""
+
+    kind, classes, costed = "depthwise", (_L.DepthwiseConv2D,), True
+
+    def read(self, reader, layer, in_slots):
+        if layer.depth_multiplier == 1:
+            return in_slots[0]
+        reader.slots.fix(in_slots[0], f"{layer.name} has depth_multiplier {layer.depth_multiplier}")
+        return reader.slots.open(layer.name, reader.channels(layer.name), "depth_multiplier > 1")
+
+    def details(self, layer):
+        return {"kernel": tuple(layer.kernel_size), "strides": tuple(layer.strides), "use_bias": layer.use_bias,
+                "depth_multiplier": layer.depth_multiplier}
+
+    def out_channels(self, layer, in_channels, slot_width):
+        return in_channels[0] * layer.depth_multiplier
+
+    def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2):
+        weights = math.prod(kernel) * out_channels + (out_channels if use_bias else 0)
+        return weights * math.prod(output_size), weights
+
+    def masked(self, layer, keras_layer):
+        return layer.use_bias
+
+    def permuted(self, layer, weights, in_order, out_order):
+        # With depth_multiplier > 1 its input slot is fixed, so in_order is None.
+        return [_take(weights[0], in_order, 2)] + [_take(bias, in_order, 0) for bias in weights[1:]]
+
+
+class BatchNormRule(LayerRule):
+    """BatchNormalization over the channel axis: follows its input's slot; its gamma/beta are parameters."""
+
+    kind, classes, costed = "batch_norm", (_L.BatchNormalization,), True
+
+    def read(self, reader, layer, in_slots):
+        if not reader.is_channel_axis(layer.name, layer.axis):
+            refuse(layer, f"normalises axis {layer.axis}, not the channel axis")
+        return in_slots[0]
+
+    def details(self, layer):
+        return {"affine": int(layer.center) + int(layer.scale)}
+
+    def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2):
+        return 0, affine * out_channels
+
+    def masked(self, layer, keras_layer):
+        return True
+
+    def permuted(self, layer, weights, in_order, out_order):
+        return [_take(value, out_order, 0) for value in weights]
+
+
+ELEMENTWISE_ACTIVATIONS = (_L.Activation, _L.ReLU, _L.LeakyReLU, _L.ELU)
+# Weightless layers that leave an all-zero channel zero.
+_ZERO_KEEPING = (_L.MaxPooling2D, _L.AveragePooling2D, _L.GlobalAveragePooling2D, _L.GlobalMaxPooling2D,
+                 _L.ZeroPadding2D, _L.Cropping2D, _L.UpSampling2D, _L.Dropout, _L.SpatialDropout2D,
+                 _L.GaussianDropout, _L.ActivityRegularization, _L.Identity)
+
+
+class PassThroughRule(LayerRule):
+    """Layers of one input that keep its channels one by one: activations, pooling, padding, dropout and
+    noise, Identity, Rescaling and Normalization. One that holds per-channel constants it cannot slice
+    (Normalization, a Rescaling with a vector scale or offset) or mixes the channels (softmax over them)
+    fixes its slot."""
+
+    kind = "pass"
+    classes = ELEMENTWISE_ACTIVATIONS + _ZERO_KEEPING + (
+        _L.Softmax, _L.GaussianNoise, _L.AlphaDropout, _L.Rescaling, _L.Normalization)
+
+    def read(self, reader, layer, in_slots):
+        name, in_slot = layer.name, in_slots[0]
+        if len(reader.inputs[name]) != 1 or reader.channels(name) != reader.channels(reader.inputs[name][0]):
+            refuse(layer, "expected one input and as many output channels as input channels")
+        if type(layer) is _L.Softmax:
+            if not reader.is_channel_axis(name, layer.axis):
+                refuse(layer, f"softmax over axis {layer.axis}")
+            reader.slots.fix(in_slot, f"{name} applies softmax over the channels")
+        elif type(layer) is _L.Activation and activation_name(layer) in CHANNEL_MIXING_ACTIVATIONS:
+            reader.slots.fix(in_slot, f"{name} applies {activation_name(layer)} over the channels")
+        elif type(layer) is _L.Normalization:
+            reader.slots.fix(in_slot, f"{name} (Normalization) holds per-channel statistics")
+        elif type(layer) is _L.Rescaling and not all(isinstance(v, (int, float)) for v in (layer.scale, layer.offset)):
+            reader.slots.fix(in_slot, f"{name} (Rescaling) holds per-channel constants")
+        return in_slot
+
+    def masked(self, layer, keras_layer):
+        if isinstance(keras_layer, _ZERO_KEEPING):
+            return False
+        if isinstance(keras_layer, _L.Rescaling):  # in a searchable slot its offset is a number
+            return keras_layer.offset != 0
+        if isinstance(keras_layer, ELEMENTWISE_ACTIVATIONS):
+            return not maps_zero_to_zero(keras_layer)
+        return True
+
+
+class ReshapeRule(LayerRule):
+    """Flatten of a spatial map and Reshape fold positions into the channels: they fix their input's
+    slot and open a fixed one. A Flatten of a vector keeps its input's slot."""
+
+    kind, classes, opens_slot = "reshape", (_L.Flatten, _L.Reshape), True
+
+    def read(self, reader, layer, in_slots):
+        source = reader.inputs[layer.name][0]
+        if type(layer) is _L.Flatten and len(reader.shapes[layer.name]) == len(reader.shapes[source]):
+            return in_slots[0]
+        reader.slots.fix(in_slots[0], f"{layer.name} ({type(layer).__name__}) reshapes the channels")
+        return reader.slots.open(layer.name, reader.channels(layer.name), "reshaped")
+
+
+class ConcatenateRule(LayerRule):
+    """Concatenate on the channel axis: fixes its inputs' slots and opens a fixed one."""
+
+    kind, classes, opens_slot, multiple_inputs = "concat", (_L.Concatenate,), True, True
+
+    def read(self, reader, layer, in_slots):
+        if not reader.is_channel_axis(layer.name, layer.axis):
+            refuse(layer, f"concatenates along axis {layer.axis}; only the channel axis is supported")
+        for slot in in_slots:
+            reader.slots.fix(slot, f"{layer.name} (Concatenate) reads it")
+        return reader.slots.open(layer.name, reader.channels(layer.name), "concatenated")
+
+
+class MergeRule(LayerRule):
+    """Add and the other elementwise merges of equal-width inputs: the reader's Add rule (tied or
+    independent, `tas_keras.graph`) decides the slots."""
+
+    kind, multiple_inputs = "merge", True
+    classes = (_L.Add, _L.Multiply, _L.Subtract, _L.Average, _L.Maximum, _L.Minimum)
+
+    def read(self, reader, layer, in_slots):
+        return reader.read_merge(layer, in_slots)
+
+
+RULES = (InputRule(), ConvRule(), DenseRule(), DepthwiseRule(), BatchNormRule(), PassThroughRule(), ReshapeRule(),
+         ConcatenateRule(), MergeRule())
+_BY_CLASS = {cls: rule for rule in RULES for cls in rule.classes}
+_BY_KIND = {rule.kind: rule for rule in RULES}
+FOLLOWING_CLASSES = PassThroughRule.classes  # keep their input's channels one by one, weightless
+NORMALIZATION_CLASSES = BatchNormRule.classes
+
+
+def rule_for_layer(layer):
+    """The rule of a Keras layer; refuses (UnsupportedModelError) a class without one."""
+    rule = _BY_CLASS.get(type(layer))
+    if rule is None:
+        refuse(layer, "this layer type is not supported by the graph reader")
+    return rule
+
+
+def rule_for(layer):
+    """The rule of a GraphLayer (by the kind its rule recorded)."""
+    return _BY_KIND[layer.kind]
+
+
+def rule_of_kind(kind):
+    if kind not in _BY_KIND:
+        raise ValueError(f"no layer rule of kind {kind!r}; the kinds are {sorted(_BY_KIND)}")
+    return _BY_KIND[kind]
