@@ -19,6 +19,7 @@ from tas_keras import input_convention as conventions
 from tas_keras.cost import count_model
 from tas_keras.distill import SHAPE_FILE
 from tas_keras.models import cifar_resnet  # noqa: F401 (registers CifarResNet for load_model)
+from tas_keras.models.registry import image_side
 from tas_keras.pruned_shape import PrunedShape
 from tas_keras.runs import write_json
 
@@ -75,7 +76,7 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
     models = {path: keras.saving.load_model(path) for _, path, _ in jobs}
     if dataset is None:
         dataset = data.load_dataset(dataset_name, data_dir=data_dir, seed=seed,
-                                    image_size=_square_side(models[model_path]))
+                                    image_size=image_side(models[model_path].input_shape[1:]))
     dataset = conventions.feed(dataset, models[model_path], input_convention)
     representative = (convert.representative_images(dataset, representative_size, seed, float_input)
                       if quantize == "int8" else None)
@@ -179,14 +180,6 @@ def _keras_outputs(model, images, batch_size=256):
     # Eager calls: model.predict would trace a new function for every model a process loads.
     return np.concatenate([keras.ops.convert_to_numpy(model(images[start:start + batch_size], training=False))
                            for start in range(0, len(images), batch_size)])
-
-
-def _square_side(model):
-    """The side the data is read at for `model`: its input's; None (the data's own) for an input that
-    no image size gives (`_check_fits` then names the mismatch)."""
-    height, width = model.input_shape[1:3]
-    low, high = data.IMAGE_SIZE_RANGE
-    return height if height == width and low <= height <= high else None
 
 
 def _check_fits(model, dataset, path):

@@ -26,7 +26,7 @@ from tas_keras.importance import importance_scores, magnitude_scores, order_chan
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json, run_dir, write_json
 from tas_keras.search import cost_band, searched_shapes, source_model
 from tas_keras.supernet import search_space
-from tas_keras.models.registry import is_model_file
+from tas_keras.models.registry import image_size_for, is_model_file
 from tas_keras.training import CHECKPOINT_STEPS, evaluate_classifier, fit_classifier, save_model
 
 CANDIDATES_FILE = "candidates.json"
@@ -307,7 +307,7 @@ def make_baseline(out, kind, model_name="resnet20", target_ratio=0.5, tolerance=
         if not os.path.isfile(path):
             raise ValueError(f"model file {path!r} does not exist")
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
-                                seed=seed, image_size=image_size, streaming=streaming)
+                                seed=seed, image_size=image_size_for(model_name, image_size), streaming=streaming)
     model = source_model(model_name, dataset)
     dataset = conventions.feed(dataset, model, input_convention)
     space = search_space(model_name, model, add_mode, width_multiple)

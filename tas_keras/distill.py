@@ -115,8 +115,9 @@ def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUND
     teacher = load_teacher(teacher_path) if teacher_path else None
     if teacher is not None:
         check_prunes_teacher(pruned, teacher, teacher_path, mode)
-    dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
-                                seed=seed, image_size=image_size, streaming=streaming)
+    dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples, seed=seed,
+                                image_size=image_side(pruned.input_shape) if image_size is None else image_size,
+                                streaming=streaming)
     check_fits_data(pruned.input_shape, pruned.num_classes, dataset)
     run, finished = prepare_run_dir(out, settings, overwrite, done_file=METRICS_FILE)
     if finished:

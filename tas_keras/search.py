@@ -16,7 +16,7 @@ from tas_keras.cost import count_shape
 from tas_keras.graph import ADD_MODES, INDEPENDENT, GraphShape, arch_from_shape, shape_from_arch
 from tas_keras.latency import LatencyTable, SupernetLatency, predict_latency
 from tas_keras.precision import in_dtype_policy
-from tas_keras.models.registry import build_model, is_cifar_model, is_model_file
+from tas_keras.models.registry import build_model, image_size_for, is_cifar_model, is_model_file
 from tas_keras.pruned_shape import PrunedShape
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json
 from tas_keras.search_space import ArchConfig
@@ -570,7 +570,7 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     if init_from and not os.path.exists(init_from):
         raise ValueError(f"--init_from: no such file {init_from!r}")
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
-                                seed=seed, image_size=image_size, streaming=streaming)
+                                seed=seed, image_size=image_size_for(model_name, image_size), streaming=streaming)
     model = source_model(model_name, dataset)
     dataset = conventions.feed(dataset, model, input_convention)
     if table:

@@ -15,7 +15,7 @@ from tas_keras import data
 from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_model
 from tas_keras import input_convention as conventions
-from tas_keras.models.registry import build_model, check_weights, is_cifar_model, is_model_file
+from tas_keras.models.registry import build_model, check_weights, image_side, is_cifar_model, is_model_file
 from tas_keras.pruned_shape import PrunedShape
 from tas_keras.precision import float32_copy, in_dtype_policy
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json, run_dir, write_json
@@ -386,9 +386,11 @@ def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUN
                              "or train a registry network")
         is_cifar_model(model_name)  # fails on a bad name before any data is read
         check_weights(model_name, weights)
+    pruned = PrunedShape.load(arch_path) if arch_path else None
+    if pruned and image_size is None:  # the shape states its input
+        image_size = image_side(pruned.input_shape)
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
                                 seed=seed, image_size=image_size, streaming=streaming)
-    pruned = PrunedShape.load(arch_path) if arch_path else None
     if pruned:
         check_fits_data(pruned.input_shape, pruned.num_classes, dataset)
     run, finished = prepare_run_dir(out, settings, overwrite, done_file=METRICS_FILE)

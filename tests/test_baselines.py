@@ -78,6 +78,20 @@ def test_a_random_baseline_needs_a_trial_and_magnitude_a_trained_network(tmp_pat
     assert not (tmp_path / "magnitude").exists()
 
 
+def test_a_users_model_states_its_image_size(tmp_path):
+    """Without image_size the data is read at the model's input side; another size is refused in one line
+    that names both."""
+    keras_model = tmp_path / "mine.keras"
+    user_cnn().save(keras_model)  # 8 px images, 4 classes
+    common = dict(model_name=str(keras_model), target_ratio=0.6, tolerance=0.1,
+                  dataset_name=_tiny_folder(tmp_path / "data", 12, 4))
+    shape = make_baseline(str(tmp_path / "read_at_8"), "predefined", **common)
+    assert shape["input_shape"] == [8, 8, 3]
+    with pytest.raises(ValueError, match=r"^\S*mine.keras takes 8x8x3 images and gives 4 classes; the dataset .* has "
+                                         r"16x16x3 images and 4 classes$"):
+        make_baseline(str(tmp_path / "read_at_16"), "predefined", image_size=16, **common)
+
+
 @pytest.mark.slow
 def test_baselines_of_a_users_model_are_shapes_of_its_space(tmp_path):
     """A user's .keras model gets every baseline as a PrunedShape in the FLOP band (a 10% band: a
@@ -85,7 +99,7 @@ def test_baselines_of_a_users_model_are_shapes_of_its_space(tmp_path):
     search's trials start from its weights."""
     keras_model = tmp_path / "mine.keras"
     user_cnn().save(keras_model)  # 8 px images, 4 classes
-    common = dict(model_name=str(keras_model), target_ratio=0.6, tolerance=0.1, image_size=8, batch_size=8,
+    common = dict(model_name=str(keras_model), target_ratio=0.6, tolerance=0.1, batch_size=8,
                   dataset_name=_tiny_folder(tmp_path / "data", 12, 4))
     space = read_model(keras_model)
     full = count_shape(space, space.full_shape()).flops

@@ -160,13 +160,13 @@ def test_any_model_goes_through_the_pipeline(tmp_path, model):
     """Every family the graph reader supports is searched, distilled, exported and reported like the CIFAR
     ResNets: keras.applications' MobileNetV2 trained from scratch as the base network, the ImageNet
     ResNet-18 and keras.applications' ResNet-50 given their base networks (--teacher), and a user's .keras
-    model (the test's functional CNN) taken as base and teacher, its 8 px images read from larger ones
-    (--image_size: every stage, the export too, reads them at 8 px)."""
-    image_size = 8 if model == "user_cnn" else None
+    model (the test's functional CNN) taken as base and teacher, which states its
+    input: without --image_size every stage, the export too, reads its 8 px images from larger ones."""
+    user = model == "user_cnn"
     # Conversion dominates the export: fp32 for all, int8 too for the user's CNN (a depthwise conv, Adds).
-    quantizations = ("none", "int8") if model == "user_cnn" else ("none",)
-    classes = 4 if model == "user_cnn" else 3
-    dataset = _tiny_folder(tmp_path / "data", 12 if image_size else 32, classes=classes)
+    quantizations = ("none", "int8") if user else ("none",)
+    classes = 4 if user else 3
+    dataset = _tiny_folder(tmp_path / "data", 12 if user else 32, classes=classes)
     teacher = None
     if model == "user_cnn":
         keras.utils.set_random_seed(0)
@@ -177,7 +177,7 @@ def test_any_model_goes_through_the_pipeline(tmp_path, model):
         build_model(model, (32, 32, 3), classes).save(teacher)
     out = tmp_path / "run"
     report = run_prune(str(out), model_name=model, target_ratio=0.6, dataset_name=dataset, batch_size=8,
-                       base_epochs=1, search_epochs=1, distill_epochs=1, image_size=image_size,
+                       base_epochs=1, search_epochs=1, distill_epochs=1,
                        quantizations=quantizations, teacher_path=teacher, check_base=False)
     trained_base = teacher is None and not model.endswith(".keras")
     base = out / "base" / "model.keras" if trained_base else teacher or model

@@ -34,8 +34,9 @@ def define_common_flags(epochs, batch_size, dataset=BUNDLED_DATASET):
     # No bounds here: load_dataset's check gives the one-line error that quotes the value.
     flags.DEFINE_integer("image_size", None, "Train and test on image_size x image_size crops: random resized "
                          "crops + flip for training, resize + centre crop for testing, from images of any size. "
-                         "Default: CIFAR-sized images (<= 64 px) at their own size with the CIFAR augmentation, "
-                         "larger ones and imagenette/imagenet2012 at 224.")
+                         "Default: a .keras model's (or a shape file's) own input side; for a registry network, "
+                         "CIFAR-sized images (<= 64 px) at their own size with the CIFAR augmentation, larger "
+                         "ones and imagenette/imagenet2012 at 224.")
     flags.DEFINE_enum("streaming", "auto", list(STREAMING), "With the crops of --image_size: auto holds the "
                       "decoded images in memory when they fit a quarter of the machine's memory, else decodes "
                       "them from their files at every epoch; always / never force either.")

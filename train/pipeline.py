@@ -22,7 +22,7 @@ from tas_keras.distribute import make_strategy
 from tas_keras.graph import INDEPENDENT, GraphShape, arch_from_shape, read_model
 from tas_keras.latency import LatencyTable, predict_latency
 from tas_keras.importance import importance_scores, order_channels
-from tas_keras.models.registry import check_weights, is_cifar_model, is_model_file
+from tas_keras.models.registry import check_weights, image_size_for, is_cifar_model, is_model_file
 from tas_keras.precision import check_mixed_precision
 from tas_keras.pruned_shape import PrunedShape
 from tas_keras.runs import (check_overwrite, clear_run_dir, holds_own_files, lock_run_dir, locking_stage,
@@ -206,6 +206,7 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     if qat_epochs:
         tfmot_bridge.require_tfmot()  # now, not after hours of training
     distribution = make_strategy(strategy)  # a multi-worker strategy must precede other TensorFlow work
+    image_size = image_size_for(model_name, image_size)
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, seed=seed, image_size=image_size, streaming=streaming,
                                 max_train_examples=max_train_examples)
     space = search_space(model_name, source_model(model_name, dataset), add_mode, width_multiple)

@@ -16,6 +16,7 @@ import re
 
 import keras
 
+from tas_keras import data
 from tas_keras.graph import load_model
 from tas_keras.models.cifar_resnet import BN_MOMENTUM, CifarResNet
 from tas_keras.models.efficientnet_lite import efficientnet_lite0
@@ -84,6 +85,24 @@ def build_model(name, input_shape=None, num_classes=None, weights=None):
         # keras.applications lists an input_tensor's model inputs ([image]); one tensor, as the others take.
         return keras.Model(image, model.outputs[0], name=model.name)
     return CifarResNet(ArchConfig.full(name, num_classes=num_classes, input_shape=input_shape))
+
+
+def image_side(input_shape):
+    """The side data is read at for a model taking `input_shape` (height, width, channels): its height
+    when square and within data.IMAGE_SIZE_RANGE, else None (the data's own size; the stage then names
+    the mismatch)."""
+    height, width = input_shape[:2]
+    low, high = data.IMAGE_SIZE_RANGE
+    return height if height == width and low <= height <= high else None
+
+
+def image_size_for(name, image_size=None):
+    """The image size a stage reads data at for network `name`: `image_size` when given, else a .keras
+    model's own input side (the model states its input), else None (a registry network takes the
+    data's size). A given size other than the model's is refused where the data meets the model."""
+    if image_size is not None or not is_model_file(name) or not os.path.isfile(name):
+        return image_size
+    return image_side(load_model(name).input_shape[1:])
 
 
 def _outputting_logits(model, path):
