@@ -1,4 +1,4 @@
-"""One rule per Keras layer class: everything the search space knows about a layer (DESIGN.md section 11).
+"""One rule per Keras layer class: everything the search space knows about a layer (docs/design.md section 11).
 
 A rule answers, for the layer classes it covers:
   - `read`: how the layer acts on width slots while `tas_keras.graph` reads a model: it opens a slot
