@@ -74,10 +74,11 @@ def pixel_dtype(float_input=False):
     return "float32" if float_input else "uint8"
 
 
-def pixel_input_model(model, mean, std, float_input=False, keras_module=keras, bgr=False):
+def pixel_input_model(model, mean, std, float_input=False, keras_module=keras, bgr=False, probabilities=False):
     """`model` (which takes normalised images) behind a Rescaling layer that normalises RGB pixels
     (uint8, or float32 in 0-255 with `float_input`) as training did (`data.normalisation`); for a
-    model that takes BGR (`bgr`), a fixed 1x1 conv first reverses the channels.
+    model that takes BGR (`bgr`), a fixed 1x1 conv first reverses the channels. With `probabilities`
+    a Softmax after the model turns its logits into class probabilities.
 
     `keras_module` builds the wrapper in another Keras of the same API (tf_keras for the TFMOT bridge).
     """
@@ -90,7 +91,10 @@ def pixel_input_model(model, mean, std, float_input=False, keras_module=keras, b
                                              kernel_initializer=keras_module.initializers.Constant(reverse))(
             keras_module.layers.Rescaling(1.0, name="pixels")(pixels))  # a float input for the conv
     normalised_images = keras_module.layers.Rescaling(scale, offset, name="normalisation")(ordered)
-    return keras_module.Model(pixels, model(normalised_images), name=model.name)
+    outputs = model(normalised_images)
+    if probabilities:
+        outputs = keras_module.layers.Softmax(name="probabilities")(outputs)
+    return keras_module.Model(pixels, outputs, name=model.name)
 
 
 def representative_images(dataset, size, seed=0, float_input=False):

@@ -18,11 +18,13 @@ from tas_keras import data
 from tas_keras import input_convention as conventions
 from tas_keras.cost import count_model
 from tas_keras.distill import SHAPE_FILE
+from tas_keras.graph import load_model, logits_model, softmax_head
 from tas_keras.models import cifar_resnet  # noqa: F401 (registers CifarResNet for load_model)
 from tas_keras.models.registry import image_side
 from tas_keras.pruned_shape import PrunedShape
 from tas_keras.runs import write_json
 
+OUTPUTS = ("auto", "logits", "probabilities")
 REPORT_FILE = "report.json"
 TFLITE_FILE = "model.tflite"
 SAVED_MODEL_DIR = "saved_model"
@@ -32,7 +34,7 @@ COMPARE_DIR = "compare"
 def export_and_verify(model_path, out, quantize="none", int8_io=False, float_input=False, qat_epochs=0,
                       representative_size=300, dataset_name=data.BUNDLED_DATASET, data_dir=None, threads=2,
                       latency_runs=200, compare_with=None, tolerances=None, seed=0, dataset=None,
-                      input_convention=None):
+                      input_convention=None, output="auto"):
     """Exports `model_path` (a .keras file) into `out` and writes `out`/report.json; returns the report.
 
     The exported models take RGB pixels (uint8, or float32 0-255 with `float_input`) and normalise
@@ -42,12 +44,16 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
     named convention with `input_convention`); labels.txt beside
     model.tflite names their outputs. `qat_epochs` > 0 (int8 only) fine-tunes with quantization-aware
     training (the optional TFMOT bridge) instead of calibrating post-training. `dataset`, an
-    ImageDataset, replaces loading `dataset_name`.
+    ImageDataset, replaces loading `dataset_name`. `output`: what the exported models output, "logits",
+    "probabilities" (a softmax after the logits) or "auto": as each model's file, which keeps the
+    final softmax it ends in (`tas_keras.graph.softmax_head`; the model is verified on its logits).
 
     The report's "checks" list every tolerance tested (`tolerances`, {metric: limit}, replaces the
     default verify.TOLERANCES[quantize]; the SavedModel check always runs) and "passed" is False if any
     failed: the caller decides what a failure means (the CLI exits non-zero).
     """
+    if output not in OUTPUTS:
+        raise ValueError(f"--output must be one of {', '.join(OUTPUTS)}, got {output!r}")
     if quantize not in convert.QUANTIZATIONS:
         raise ValueError(f"--quantize must be one of {', '.join(convert.QUANTIZATIONS)}, got {quantize!r}")
     if int8_io and quantize != "int8":
@@ -73,7 +79,10 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
     jobs = [("model", model_path, out)]
     if compare_with:
         jobs.append(("compare_with", compare_with, os.path.join(out, COMPARE_DIR)))
-    models = {path: keras.saving.load_model(path) for _, path, _ in jobs}
+    as_saved = {path: load_model(path, logits=False) for _, path, _ in jobs}
+    models = {path: logits_model(model) for path, model in as_saved.items()}
+    probabilities = {path: output == "probabilities" or (output == "auto" and softmax_head(model) is not None)
+                     for path, model in as_saved.items()}
     if dataset is None:
         dataset = data.load_dataset(dataset_name, data_dir=data_dir, seed=seed,
                                     image_size=image_side(models[model_path].input_shape[1:]))
@@ -87,7 +96,8 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
     export["test"] = (test_images, test_labels)
     entries, runtimes, checks = [], [], []
     for role, path, directory in jobs:
-        entry, runtime = _export_one(models[path], path, directory, dataset, **export)
+        entry, runtime = _export_one(models[path], path, directory, dataset, probabilities=probabilities[path],
+                                     **export)
         entries.append({"role": role, **entry})
         runtimes.append(runtime)
         metrics = {**entry["tflite"], "saved_model_max_rel_diff": entry["saved_model"]["max_rel_diff"]}
@@ -126,7 +136,7 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
 
 
 def _export_one(model, model_path, directory, dataset, quantize, int8_io, float_input, qat_epochs, representative,
-                threads, seed, test):
+                threads, seed, test, probabilities):
     """Exports one model. Its .tflite, fed the test images' pixels, is compared with the Keras model
     fed the images normalised by the data pipeline, as in training; the reloaded SavedModel with the
     Keras graph it was exported from (the pixel-input wrapper: the two normalisations round apart
@@ -134,9 +144,12 @@ def _export_one(model, model_path, directory, dataset, quantize, int8_io, float_
     _check_fits(model, dataset, model_path)
     test_images, test_labels = test
     reference = _keras_outputs(model, convert.normalised(test_images, dataset.mean, dataset.std, bgr=dataset.bgr))
+    if probabilities:
+        reference = keras.ops.convert_to_numpy(keras.ops.softmax(reference))
     pixels = test_images.astype(convert.pixel_dtype(float_input))
 
-    exported = convert.pixel_input_model(model, dataset.mean, dataset.std, float_input, bgr=dataset.bgr)
+    exported = convert.pixel_input_model(model, dataset.mean, dataset.std, float_input, bgr=dataset.bgr,
+                                         probabilities=probabilities)
     saved_model = os.path.join(directory, SAVED_MODEL_DIR)
     convert.export_saved_model(exported, saved_model)
     served = convert.saved_model_outputs(saved_model, exported.inputs[0].name, pixels)
@@ -147,7 +160,8 @@ def _export_one(model, model_path, directory, dataset, quantize, int8_io, float_
     if qat_epochs:
         tflite_bytes = tfmot_bridge.quantization_aware_int8(model, dataset, epochs=qat_epochs, seed=seed,
                                                             int8_io=int8_io, float_input=float_input,
-                                                            representative=representative)
+                                                            representative=representative,
+                                                            probabilities=probabilities)
     else:
         tflite_bytes = convert.convert_tflite(saved_model, quantize, representative, int8_io)
     convert.write_bytes(tflite, tflite_bytes)
@@ -162,6 +176,7 @@ def _export_one(model, model_path, directory, dataset, quantize, int8_io, float_
     entry = {
         "model_path": os.path.abspath(model_path),
         "name": model.name,
+        "output": "probabilities" if probabilities else "logits",
         "flops": cost.flops,
         "params": cost.params,
         "saved_model": {"path": os.path.abspath(saved_model),

@@ -16,7 +16,7 @@ from train import common_flags  # first: it quiets TensorFlow's logging before T
 from absl import flags  # noqa: E402
 
 from export.convert import QUANTIZATIONS  # noqa: E402
-from export.pipeline import format_report  # noqa: E402
+from export.pipeline import OUTPUTS, format_report  # noqa: E402
 from tas_keras import api  # noqa: E402
 from tas_keras.data import BUNDLED_DATASET  # noqa: E402
 
@@ -42,7 +42,9 @@ _LATENCY_RUNS = flags.DEFINE_integer("latency_runs", 200, "Timed batch-1 invokes
                                      lower_bound=1)
 _COMPARE_WITH = flags.DEFINE_string("compare_with", None, "Another model (.keras), e.g. the unpruned "
                                     "base, exported and measured side by side.")
-
+_OUTPUT = flags.DEFINE_enum("output", "auto", OUTPUTS, "What the exported models output: logits, probabilities "
+                            "(a softmax after the logits) or auto: as each model file, which keeps the final "
+                            "softmax it ends in.")
 
 common_flags.define_input_convention_flag()
 FLAGS = flags.FLAGS
@@ -53,7 +55,7 @@ def main(tolerances=None):
                         compare_with=_COMPARE_WITH.value, int8_io=_INT8_IO.value, float_input=_FLOAT_INPUT.value,
                         qat_epochs=_QAT_EPOCHS.value, representative_size=_REPRESENTATIVE_SIZE.value,
                         data_dir=_DATA_DIR.value, threads=_THREADS.value, latency_runs=_LATENCY_RUNS.value,
-                        tolerances=tolerances, input_convention=FLAGS.input_convention)
+                        tolerances=tolerances, input_convention=FLAGS.input_convention, output=_OUTPUT.value)
     print(format_report(report))
     failed = [check["name"] for check in report["checks"] if not check["passed"]]
     if failed:

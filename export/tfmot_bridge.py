@@ -94,7 +94,7 @@ def copy_weights(source, target):
 
 
 def quantization_aware_int8(model, dataset, epochs=1, max_steps=None, batch_size=128, learning_rate=1e-3,
-                            seed=0, int8_io=False, float_input=False, representative=None):
+                            seed=0, int8_io=False, float_input=False, representative=None, probabilities=False):
     """Fine-tunes a trained functional model with fake quantisation; returns the int8 .tflite bytes of it
     behind the pixel normalisation (`convert.pixel_input_model`).
 
@@ -113,7 +113,7 @@ def quantization_aware_int8(model, dataset, epochs=1, max_steps=None, batch_size
     train = dataset.train_batches(batch_size, seed=seed, epochs=epochs, steps_per_epoch=steps)
     qat.fit(train, epochs=epochs, steps_per_epoch=steps, verbose=0)
     exported = convert.pixel_input_model(qat, dataset.mean, dataset.std, float_input, keras_module=tf_keras,
-                                         bgr=dataset.bgr)
+                                         bgr=dataset.bgr, probabilities=probabilities)
     converter = tf.lite.TFLiteConverter.from_keras_model(exported)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if representative is not None:

@@ -12,6 +12,7 @@ from tas_keras import input_convention as conventions
 from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_model
 from tas_keras.graph import load_model
+from tas_keras.models.registry import image_side
 from tas_keras.pruned_shape import PrunedShape
 from tas_keras.precision import in_dtype_policy
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json, write_json

@@ -362,16 +362,54 @@ def _tuples(record):
     return {key: tuple(value) if isinstance(value, list) else value for key, value in record.items()}
 
 
-def load_model(model_or_path):
-    """A keras.Model as is, or the model in a .keras file (without compiling it)."""
+def load_model(model_or_path, logits=True):
+    """A keras.Model, or the model in a .keras file (without compiling it); with `logits`, without the
+    final softmax it may end in (`logits_model`): the project trains and distils on logits."""
     if isinstance(model_or_path, keras.Model):
-        return model_or_path
-    path = os.fspath(model_or_path)
-    if not path.endswith(".keras"):
-        raise ValueError(f"expected a keras.Model or a .keras file, got {model_or_path!r}")
-    if not os.path.exists(path):
-        raise ValueError(f"model file {path!r} does not exist")
-    return keras.models.load_model(path, compile=False)
+        model = model_or_path
+    else:
+        path = os.fspath(model_or_path)
+        if not path.endswith(".keras"):
+            raise ValueError(f"expected a keras.Model or a .keras file, got {model_or_path!r}")
+        if not os.path.exists(path):
+            raise ValueError(f"model file {path!r} does not exist")
+        model = keras.models.load_model(path, compile=False)
+    return logits_model(model) if logits else model
+
+
+def softmax_head(model):
+    """The name of the layer that applies the model's final softmax over the classes (a Softmax or a
+    softmax Activation layer, or the softmax activation of its last Dense or Conv2D), else None."""
+    if len(model.outputs) != 1:
+        return None
+    last = model.outputs[0]._keras_history[0]
+    if isinstance(last, keras.layers.Softmax) and last.axis in (-1, len(model.outputs[0].shape) - 1):
+        return last.name
+    activation = last.get_config().get("activation") if isinstance(last, keras.layers.Layer) else None
+    if activation == "softmax" and isinstance(last, (keras.layers.Activation, keras.layers.Dense,
+                                                     keras.layers.Conv2D)):
+        return last.name
+    return None
+
+
+def logits_model(model):
+    """`model` without its final softmax (`softmax_head`), with the same layers, names and weights: a
+    Softmax or Activation layer is left off, a Dense or Conv2D is rebuilt with a linear activation;
+    `model` itself when it ends in no softmax. The export puts the softmax back
+    (`export.pipeline.export_and_verify`'s `output`)."""
+    head = softmax_head(model)
+    if head is None:
+        return model
+    last = model.get_layer(head)
+    node = last._inbound_nodes[-1]
+    (features,) = node.input_tensors
+    if isinstance(last, (keras.layers.Softmax, keras.layers.Activation)):
+        logits = features
+    else:
+        linear = type(last).from_config({**last.get_config(), "activation": "linear"})
+        logits = linear(features)
+        linear.set_weights(last.get_weights())
+    return keras.Model(model.inputs, logits, name=model.name)
 
 
 def read_model(model, add_mode=TIED, multiple_of=1, ratios=WIDTH_RATIOS):

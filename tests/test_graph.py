@@ -6,10 +6,12 @@ import sys
 import time
 
 import keras
+import numpy as np
 import pytest
 
 from tas_keras.cost import count_arch, count_model, count_shape
-from tas_keras.graph import (INDEPENDENT, TIED, GraphShape, GraphSpace, UnsupportedModelError, read_model)
+from tas_keras.graph import (INDEPENDENT, TIED, GraphShape, GraphSpace, UnsupportedModelError, load_model,
+                             read_model, softmax_head)
 from tas_keras.models.registry import build_model
 from tas_keras.search_space import ArchConfig
 
@@ -194,6 +196,43 @@ def test_a_conv_classifier_and_a_channel_softmax_are_fixed():
     assert [slot.name for slot in space.searchable_slots] == ["features"]
     assert not space.slot("class_map").searchable  # the classifier output (under a softmax too)
     assert "softmax" in space.slot("scores").fixed_reason
+
+
+def _classifier(ending):
+    inputs = keras.Input((8, 8, 3), name="image")
+    features = L.GlobalAveragePooling2D(name="pool")(L.Conv2D(6, 3, name="features")(inputs))
+    if ending == "dense":
+        return keras.Model(inputs, L.Dense(4, activation="softmax", name="predictions")(features))
+    logits = L.Dense(4, name="logits")(features)
+    head = {"layer": L.Softmax(name="predictions"), "activation": L.Activation("softmax", name="predictions"),
+            "none": L.ReLU(name="predictions")}[ending]
+    return keras.Model(inputs, head(logits))
+
+
+@pytest.mark.parametrize("ending", ["dense", "layer", "activation"])
+def test_a_final_softmax_is_taken_off_and_kept_in_mind(tmp_path, ending):
+    """A classifier saved with its softmax (Keras' tutorials, keras.applications' default) loads as the
+    same network outputting logits: same layers, names and weights, and softmax(logits) is its output."""
+    keras.utils.set_random_seed(0)
+    model = _classifier(ending)
+    path = tmp_path / "probabilities.keras"
+    model.save(path)
+    assert softmax_head(model) == "predictions"
+    logits = load_model(path)
+    images = keras.random.uniform((5, 8, 8, 3), seed=1)
+    probabilities = keras.ops.convert_to_numpy(model(images))
+    assert np.allclose(keras.ops.convert_to_numpy(keras.ops.softmax(logits(images))), probabilities, atol=1e-6)
+    assert not np.allclose(keras.ops.convert_to_numpy(logits(images)), probabilities, atol=1e-2)
+    assert softmax_head(logits) is None
+    kept = {layer.name for layer in model.layers} - ({"predictions"} if ending != "dense" else set())
+    assert {layer.name for layer in logits.layers} == kept
+    assert softmax_head(load_model(path, logits=False)) == "predictions"
+    assert read_model(path).output == ("predictions" if ending == "dense" else "logits")
+
+
+def test_a_model_without_a_final_softmax_loads_as_saved(tmp_path):
+    model = _classifier("none")
+    assert softmax_head(model) is None and load_model(model) is model
 
 
 def test_space_and_shape_round_trip_through_json():

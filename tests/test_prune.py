@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+from export import verify
 from tas_keras.cost import count_model
 from tas_keras.graph import INDEPENDENT, read_model
 from tas_keras.models.cifar_resnet import CifarResNet
@@ -160,8 +161,10 @@ def test_any_model_goes_through_the_pipeline(tmp_path, model):
     """Every family the graph reader supports is searched, distilled, exported and reported like the CIFAR
     ResNets: keras.applications' MobileNetV2 trained from scratch as the base network, the ImageNet
     ResNet-18 and keras.applications' ResNet-50 given their base networks (--teacher), and a user's .keras
-    model (the test's functional CNN) taken as base and teacher, which states its
-    input: without --image_size every stage, the export too, reads its 8 px images from larger ones."""
+    model (the test's functional CNN, saved with a final softmax as Keras' tutorials save classifiers) taken
+    as base and teacher: it states its input (without --image_size every stage, the export too, reads
+    its 8 px images from larger ones), is searched and distilled on its logits, and its exports end in
+    the softmax again."""
     user = model == "user_cnn"
     # Conversion dominates the export: fp32 for all, int8 too for the user's CNN (a depthwise conv, Adds).
     quantizations = ("none", "int8") if user else ("none",)
@@ -171,7 +174,8 @@ def test_any_model_goes_through_the_pipeline(tmp_path, model):
     if model == "user_cnn":
         keras.utils.set_random_seed(0)
         model = str(tmp_path / "mine.keras")
-        user_cnn().save(model)
+        logits = user_cnn()
+        keras.Model(logits.inputs, keras.layers.Softmax(name="probabilities")(logits.outputs[0])).save(model)
     elif model.startswith("resnet"):
         teacher = str(tmp_path / f"{model}.keras")
         build_model(model, (32, 32, 3), classes).save(teacher)
@@ -198,15 +202,11 @@ def test_any_model_goes_through_the_pipeline(tmp_path, model):
     assert report["base_at_chance"] == (report["keras_accuracy"]["base"] <= chance)
     assert sorted(os.listdir(out / "export")) == sorted(quantizations)
     assert all(os.path.exists(out / "export" / q / "model.tflite") for q in quantizations)
-
-
-def test_a_model_ending_in_softmax_is_refused_in_one_line(tmp_path):
-    inputs = keras.Input((8, 8, 3))
-    outputs = keras.layers.Dense(3, activation="softmax", name="probabilities")(
-        keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs)))
-    model = tmp_path / "probabilities.keras"
-    keras.Model(inputs, outputs).save(model)
-    result = _cli(f"--out={tmp_path / 'run'}", f"--model={model}")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"error: {model} ends in a softmax (layer 'probabilities'); tas-keras trains on logits" in result.stderr
-    assert not (tmp_path / "run").exists()
+    output = "probabilities" if user else "logits"
+    for quantize in quantizations:
+        exported = report["exports"][quantize]
+        assert exported["model"]["output"] == exported["compare_with"]["output"] == output
+    if user:
+        runtime = verify.LiteRTModel(str(out / "export" / "none" / "model.tflite"), threads=1)
+        pixels = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+        assert np.allclose(runtime.predict(pixels).sum(axis=-1), 1.0, atol=1e-5)

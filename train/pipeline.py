@@ -19,7 +19,7 @@ from tas_keras import input_convention as conventions
 from tas_keras.cost import count_shape
 from tas_keras.distill import distill, load_teacher
 from tas_keras.distribute import make_strategy
-from tas_keras.graph import INDEPENDENT, GraphShape, arch_from_shape, read_model
+from tas_keras.graph import INDEPENDENT, GraphShape, arch_from_shape, load_model, read_model, softmax_head
 from tas_keras.latency import LatencyTable, predict_latency
 from tas_keras.importance import importance_scores, order_channels
 from tas_keras.models.registry import check_weights, image_size_for, is_cifar_model, is_model_file
@@ -220,6 +220,8 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     elif is_model_file(model_name):
         teacher_path = model_name
     from_trained = bool(teacher_path or weights)
+    # A given model ending in a softmax is searched and distilled on its logits; the exports end in it again.
+    output = "probabilities" if teacher_path and softmax_head(load_model(teacher_path, logits=False)) else "logits"
     if table:
         table.check_covers(model_name, dataset.num_classes, dataset.image_shape, width_multiple)
         if target_latency_ms is not None:
@@ -317,7 +319,7 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
             exports[quantize] = read_json(os.path.join(export_dir, REPORT_FILE))
         else:
             exports[quantize] = export_and_verify(settings["model"], export_dir, quantize=quantize,
-                                                  qat_epochs=qat, compare_with=teacher_path,
+                                                  qat_epochs=qat, compare_with=teacher_path, output=output,
                                                   latency_runs=chosen.latency_runs, threads=threads, **common)
 
     progress.banner(5, "report")
@@ -362,7 +364,8 @@ def build_report(out, model_name, target_ratio, distilled, exports, search_dir, 
         "pruned": {"flops": pruned["flops"], "params": pruned["params"]},
         "keras_accuracy": {"base": distilled["teacher_test_accuracy"], "pruned": distilled["test_accuracy"]},
         "exports": {q: {role: {"size_bytes": m["tflite"]["size_bytes"], "accuracy": m["tflite"]["accuracy"],
-                               "latency_ms": m["latency_ms"]["median"]} for role, m in models[q].items()}
+                               "latency_ms": m["latency_ms"]["median"], "output": m["output"]}
+                        for role, m in models[q].items()}
                     for q in models},
         "checks_passed": all(exports[q]["passed"] for q in exports),
         "base_at_chance": bool(distilled["teacher_test_accuracy"] <= chance),

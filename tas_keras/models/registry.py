@@ -58,7 +58,7 @@ def build_model(name, input_shape=None, num_classes=None, weights=None):
     if is_model_file(name):
         if input_shape is not None or num_classes is not None:
             raise ValueError(f"{name!r} brings its own input shape and classes; do not give them")
-        return _outputting_logits(load_model(name), name)
+        return load_model(name)
     default_shape, default_classes = CIFAR_DEFAULTS if is_cifar_model(name) else IMAGENET_DEFAULTS
     input_shape = tuple(input_shape or default_shape)
     num_classes = default_classes if num_classes is None else num_classes
@@ -104,12 +104,3 @@ def image_size_for(name, image_size=None):
         return image_size
     return image_side(load_model(name).input_shape[1:])
 
-
-def _outputting_logits(model, path):
-    """The model, if it outputs logits: the search's and KD's losses take logits, not probabilities."""
-    last = model.outputs[0]._keras_history[0]
-    activation = getattr(last, "activation", None)
-    if isinstance(last, keras.layers.Softmax) or getattr(activation, "__name__", "") == "softmax":
-        raise ValueError(f"{path} ends in a softmax (layer {last.name!r}); tas-keras trains on logits: save the "
-                         "model without its final softmax (keras.applications: classifier_activation=None)")
-    return model
