@@ -1,11 +1,12 @@
 """Baselines as shapes, for train.distill, at the same target as a TAS search, for any model: uniformly
 shrunk (predefined), the best of N random shapes in the FLOP band (random: a keras-tuner random search
-that resumes when re-run after a kill) or magnitude pruning (the least important channels of a trained
-network removed globally).
+that resumes when re-run after a kill) or one-shot magnitude or Taylor pruning (the least important
+channels of a trained network removed globally; the network ordered by the same scores is written
+beside the shape as ordered.keras, for train.distill's Init).
 
   python -m train.baseline --out=runs/predefined --kind=predefined --model=resnet20 --target_flops_ratio=0.55
   python -m train.baseline --out=runs/random --kind=random --num_candidates=8 --epochs=2
-  python -m train.baseline --out=runs/magnitude --kind=magnitude --model=runs/prune/ordered/model.keras \
+  python -m train.baseline --out=runs/magnitude --kind=magnitude --model=runs/base/model.keras \
       --dataset=my_images/ --image_size=96
 """
 
@@ -19,9 +20,10 @@ common_flags.define_common_flags(epochs=1, batch_size=256)
 _KIND = flags.DEFINE_enum("kind", "predefined", list(KINDS), "Which baseline.")
 _MODEL = flags.DEFINE_string("model", "resnet20", "A registry name or a .keras model, as train.search takes it.")
 _TRAINED = flags.DEFINE_string("trained", None, "A trained full --model (.keras; default: --model when it is a "
-                               ".keras file): magnitude pruning scores its weights, random trials start from "
-                               "them. Give an importance-ordered one (train.prune's ordered/model.keras), so "
-                               "that a narrower slot keeps the most important channels.")
+                               ".keras file): the network magnitude and taylor score (they write it ordered by "
+                               "their scores as ordered.keras) and the random trials start from (from its leading "
+                               "channels: an importance-ordered one, such as train.prune's ordered/model.keras, "
+                               "makes them the most important ones).")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.1, "random: the trials' learning rate (0.01 from a "
                                     "trained network).")
 common_flags.define_add_mode_flag()
