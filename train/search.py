@@ -14,7 +14,8 @@ from train import common_flags
 common_flags.define_common_flags(epochs=10, batch_size=256)
 common_flags.define_mixed_precision_flag()
 _MODEL = flags.DEFINE_string("model", "resnet20", "A registry name (the CIFAR resnet20 | resnet32 | resnet56 | "
-                             "resnet110 | resnet164, resnet18 | resnet34 | resnet50 | mobilenet_v2) or a .keras file "
+                             "resnet110 | resnet164, resnet18 | resnet34 | resnet50 | mobilenet_v2 | "
+                             "efficientnet_lite0) or a .keras file "
                              "(its images and classes must be the dataset's).")
 common_flags.define_add_mode_flag()
 common_flags.define_cost_flags("R: keep this fraction of the full network's cost (FLOPs or params).")
