@@ -158,6 +158,21 @@ def test_baseline_cli_refuses_a_target_outside_the_unit_interval(tmp_path):
     assert "Traceback" not in far.stderr
 
 
+def test_search_distill_and_baseline_clis_take_input_convention(tmp_path):
+    # A name outside the conventions: the flag parser's one line, before any work.
+    for module, *required in (("train.search",), ("train.distill", "--arch=arch.json"), ("train.baseline",)):
+        bogus = _cli(module, f"--out={tmp_path / 'bogus'}", *required, "--input_convention=bogus")
+        assert bogus.returncode != 0 and "Traceback" not in bogus.stderr, (module, bogus.stderr)
+        (error,) = [line for line in bogus.stderr.splitlines() if "bogus" in line]
+        assert error.endswith("flag --input_convention=bogus: value should be one of "
+                              "<dataset|raw|unit|symmetric|lite|imagenet|caffe>"), (module, error)
+        assert not (tmp_path / "bogus").exists()
+    given = _cli("train.baseline", f"--out={tmp_path / 'run'}", "--kind=predefined", "--model=resnet8",
+                 "--input_convention=unit")  # the cheap stage: no training
+    assert given.returncode == 0, given.stderr
+    assert json.load(open(tmp_path / "run" / "run.json"))["input_convention"] == "unit"
+
+
 def test_distill_refuses_a_file_that_is_not_a_shape_in_one_line(tmp_path):
     bad = tmp_path / "widths.json"
     bad.write_text(json.dumps({"widths": [1, 2]}))

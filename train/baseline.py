@@ -27,6 +27,7 @@ _TRAINED = flags.DEFINE_string("trained", None, "A trained full --model (.keras;
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.1, "random: the trials' learning rate (0.01 from a "
                                     "trained network).")
 common_flags.define_add_mode_flag()
+common_flags.define_input_convention_flag()
 _TARGET = flags.DEFINE_float("target_flops_ratio", 0.5, "R: keep this fraction of the full FLOPs.")
 _TOLERANCE = flags.DEFINE_float("tolerance", 0.05, "t, the width of the FLOP band.")
 _BAND = flags.DEFINE_enum("band", "code", list(COST_BANDS), "As train.search's --band.")
@@ -43,7 +44,8 @@ def main():
                   streaming=FLAGS.streaming, count=_COUNT.value, epochs=FLAGS.epochs,
                   batch_size=FLAGS.batch_size, seed=FLAGS.seed, max_train_examples=FLAGS.max_train_examples,
                   overwrite=FLAGS.overwrite, checkpoint_steps=FLAGS.checkpoint_steps, strategy=FLAGS.strategy,
-                  add_mode=FLAGS.add_mode, trained=_TRAINED.value, learning_rate=_LEARNING_RATE.value)
+                  add_mode=FLAGS.add_mode, trained=_TRAINED.value, learning_rate=_LEARNING_RATE.value,
+                  input_convention=FLAGS.input_convention)
 
 
 if __name__ == "__main__":

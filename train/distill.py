@@ -12,6 +12,7 @@ from train import common_flags
 
 common_flags.define_common_flags(epochs=10, batch_size=256)
 common_flags.define_mixed_precision_flag()
+common_flags.define_input_convention_flag()
 _ARCH = flags.DEFINE_string("arch", None, "The shape: an arch.json (search or baseline) or a released-shape "
                             "file.", required=True)
 _TEACHER = flags.DEFINE_string("teacher", None, "The unpruned network (train.base's model.keras).")
@@ -28,7 +29,8 @@ def main():
                 image_size=FLAGS.image_size, streaming=FLAGS.streaming, learning_rate=_LR.value,
                 alpha=_ALPHA.value, temperature=_TEMPERATURE.value, seed=FLAGS.seed,
                 max_train_examples=FLAGS.max_train_examples, checkpoint_steps=FLAGS.checkpoint_steps,
-                strategy=FLAGS.strategy, mixed_precision=FLAGS.mixed_precision)
+                strategy=FLAGS.strategy, mixed_precision=FLAGS.mixed_precision,
+                input_convention=FLAGS.input_convention)
 
 
 if __name__ == "__main__":

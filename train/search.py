@@ -18,6 +18,7 @@ _MODEL = flags.DEFINE_string("model", "resnet20", "A registry name (the CIFAR re
                              "efficientnet_lite0) or a .keras file "
                              "(its images and classes must be the dataset's).")
 common_flags.define_add_mode_flag()
+common_flags.define_input_convention_flag()
 common_flags.define_cost_flags("R: keep this fraction of the full network's cost (FLOPs or params).")
 _LAMBDA = flags.DEFINE_float("cost_weight", 2.0, "lambda, the weight of the cost loss.")
 _TOLERANCE = flags.DEFINE_float("tolerance", 0.05, "t, the width of the accepted band.")
@@ -59,7 +60,8 @@ def main():
                arch_warmup=_ARCH_WARMUP.value, arch_decay=_ARCH_DECAY.value, entropy_weight=_ENTROPY.value,
                init_from=_INIT.value, seed=FLAGS.seed, max_train_examples=FLAGS.max_train_examples,
                checkpoint_steps=FLAGS.checkpoint_steps, add_mode=FLAGS.add_mode, strategy=FLAGS.strategy,
-               mixed_precision=FLAGS.mixed_precision, arch_start_full=_START_FULL.value)
+               mixed_precision=FLAGS.mixed_precision, input_convention=FLAGS.input_convention,
+               arch_start_full=_START_FULL.value)
 
 
 if __name__ == "__main__":
