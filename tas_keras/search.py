@@ -58,7 +58,7 @@ def tau_at(epoch, epochs, schedule="cosine", tau_max=5.0, tau_min=0.1):
 
 # The reference's architecture step: Adam at 1e-3, constant, from the first step. Tuned for ~58,800
 # architecture steps (600 CIFAR epochs), it barely moves a logit in the few hundred steps of a short
-# search (bench/results/search_convergence.json).
+# search (bench/results/search_convergence_quick.json).
 REFERENCE_ARCH_LEARNING_RATE = 1e-3
 ARCH_DECAYS = ("cosine", "constant")
 # The defaults that make a search of any length decide (bench/search_convergence.py): the weights
