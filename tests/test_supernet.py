@@ -139,10 +139,10 @@ def test_cifar_space_has_the_reference_choices_and_costs(cifar_supernet):
     assert [c.name for c in supernet.width_choices] == [f"{name}_width" for name in names]
     assert [c.candidates for c in supernet.width_choices] == [candidate_widths(w) for w in full]
     assert [m.depth_choices for _, m in supernet.stages] == [(1, 2, 3)] * 3
-    # ResNet-20 at 8x8: the README's 40,813,194 FLOPs at 32x32 with every map 16 times smaller, the
-    # classifier (650) aside.
+    # ResNet-20 at 8x8: the CIFAR ResNet-20's 40,813,194 FLOPs at 32x32 (the 40.81 MFLOPs of docs/guide.md's
+    # "Counting" and docs/design.md section 3) with every map 16 times smaller, the classifier (650) aside.
     assert supernet.full_cost("flops") == (40_813_194 - 650) // 16 + 650
-    assert supernet.full_cost("params") == 272_282  # the README's count: it does not depend on the size
+    assert supernet.full_cost("params") == 272_282  # docs/guide.md's count: it does not depend on the size
     for seed in range(3):
         _randomise_architecture(supernet, seed)
         assert float(supernet.expected_cost()) == pytest.approx(_design_expected_flops(supernet), rel=1e-6)
