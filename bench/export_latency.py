@@ -3,9 +3,9 @@
   python -m bench.export_latency [--threads=1,2] [--runs=400]
 
 For ResNet-20 and ResNet-56: the full network against the paper's released shape at about half its
-FLOPs (../shared/reference/tas-released-shapes; without ../shared, every width scaled by 0.7, which
-keeps about half the FLOPs), as fp32 and int8 .tflite, batch 1, LiteRT's default XNNPACK delegate, the
-shapes of one network timed interleaved (A B A B ...). speedup_per_flop_reduction is
+FLOPs (the authors' files, copied in tests/data/released_shapes; without one, every width scaled by
+0.7, which keeps about half the FLOPs), as fp32 and int8 .tflite, batch 1, LiteRT's default XNNPACK
+delegate, the shapes of one network timed interleaved (A B A B ...). speedup_per_flop_reduction is
 (full ms / pruned ms) / (full FLOPs / pruned FLOPs): 1.0 when latency falls as much as FLOPs do; the
 target is 0.8. ResNet-20 also gets its pruned shape with every width rounded to a multiple of 8
 (XNNPACK tiles output channels by 8 in fp32, 16 in int8), compared per MFLOP.
@@ -32,7 +32,8 @@ from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search_space import ArchConfig
 from tas_keras.runs import write_json
 
-RELEASED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "tas-released-shapes"
+# The paper's released shape files, copied into the repository (tests/data/released_shapes/README.md).
+RELEASED = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data" / "released_shapes"
 TARGET = 0.8
 MODES = ("none", "int8")
 
@@ -43,13 +44,13 @@ _OUT = flags.DEFINE_string("out", str(pathlib.Path(__file__).parent / "results" 
 
 
 def pruned_shape(model):
-    """The released shape of `model` (e.g. resnet20) if ../shared is there, else a uniform 0.7 shrink."""
+    """The released shape of `model` (e.g. resnet20) if RELEASED holds one, else a uniform 0.7 shrink."""
     path = RELEASED / f"NeurIPS-2019__C010-{model.replace('resnet', 'ResNet')}.config"
     if path.is_file():
         return ArchConfig.load(path), path.name
     full = ArchConfig.full(model)
     return full.replace(widths=[max(1, int(0.7 * w)) for w in full.widths],
-                        provenance={"source": "uniform 0.7"}), "every width x0.7 (../shared absent)"
+                        provenance={"source": "uniform 0.7"}), "every width x0.7 (no released shape)"
 
 
 def rounded_to(arch, multiple):
