@@ -14,19 +14,8 @@ import logging
 
 import keras
 
+from tas_keras.graph import operation
 from tas_keras.layer_rules import rule_for
-
-
-def _build_layer(source, planned, output):
-    """A new layer of `source`'s class and settings for the planned layer."""
-    config = source.get_config()
-    # The derived network is trained next: a frozen source (a teacher) must not freeze it, and it computes
-    # in the stage's dtype policy (tas_keras.precision), with floatx (float32) logits for the losses.
-    config.update(name=planned.layer.name, trainable=True)
-    config.pop("dtype", None)
-    if output:
-        config["dtype"] = keras.config.floatx()
-    return type(source).from_config(rule_for(planned.layer).narrowed(config, planned))
 
 
 def derive_model(model, space, shape, transfer_weights=True):
@@ -39,10 +28,14 @@ def derive_model(model, space, shape, transfer_weights=True):
             tensors[planned.layer.name] = keras.Input(batch_shape=image.shape, dtype=image.dtype,
                                                       name=planned.layer.name)
             continue
-        inputs = [tensors[name] for name in planned.layer.inputs]
-        layer = _build_layer(model.get_layer(planned.source), planned, planned.layer.name == plan.output)
-        inputs = inputs if rule_for(planned.layer).multiple_inputs else inputs[0]
-        tensors[planned.layer.name] = layer(inputs, **planned.layer.call_arguments)
+        rule = rule_for(planned.layer)
+        # The derived network is trained next: a frozen source (a teacher) must not freeze it (`rebuilt` makes
+        # it trainable), and it computes in the stage's dtype policy (tas_keras.precision), with floatx
+        # (float32) logits for the losses.
+        layer = rule.rebuilt(operation(model, planned.source), planned,
+                             keras.config.floatx() if planned.layer.name == plan.output else None)
+        tensors[planned.layer.name] = rule.call(layer, [tensors[name] for name in planned.layer.inputs],
+                                                planned.layer, **planned.layer.call_arguments)
     input_name = next(p.layer.name for p in plan.layers if p.layer.kind == "input")
     derived = keras.Model(tensors[input_name], tensors[plan.output], name=model.name)
     if transfer_weights:

@@ -20,7 +20,12 @@ Width rules (each layer class's is its rule in `tas_keras.layer_rules`). Every t
   - A layer that holds per-channel constants it cannot slice (Normalization, a Rescaling with a vector
     scale or offset) or mixes the channels (softmax over the channel axis, also as a conv activation)
     fixes its slot. Flatten of a spatial map, Reshape, Concatenate (channel axis) and a DepthwiseConv2D
-    with depth_multiplier > 1 fix their input slots and open a fixed slot for their output.
+    with depth_multiplier > 1 fix their input slots and open a fixed slot for their output; a Reshape
+    that only adds or drops axes of size 1 before the channels (a squeeze-excitation gate's
+    (batch, C) -> (batch, 1, 1, C)) keeps its input's slot.
+  - Element-wise keras.ops operations on symbolic tensors (`x + 3.0`, `keras.ops.relu6(x)`, `x * gate`)
+    follow their tensor input's slot, or tie the slots of two tensor inputs; the constants they are
+    called with are recorded (`GraphLayer.operands`) and the derived network calls the same operation.
   - The slot of the model's output is fixed (the classifier, Dense or Conv2D).
   - Add (and Multiply, Subtract, Average, Maximum, Minimum, which are always tied): the inputs must have
     equal channel counts.
@@ -62,7 +67,8 @@ Depth rules.
 
 Refused (UnsupportedModelError, one line naming the layer and its class): subclassed models, models
 with several inputs or outputs, unknown spatial sizes, channels_first layers, nested models, shared
-layers, keras.ops operations on symbolic tensors, layers called with arguments other than plain values
+layers, keras.ops operations other than the element-wise ones (and a division by a tensor, an operand
+that is an array), layers called with arguments other than plain values
 (plain ones, such as the training=False Keras records for a Dropout, are carried into the derived
 model), grouped Conv2D, Dense on a spatial map, Concatenate along another axis than the channels, and
 every layer class not listed above (Lambda, recurrent layers, Conv1D/3D, SeparableConv2D,
@@ -127,6 +133,7 @@ class GraphLayer:
     affine: int = 0  # BatchNormalization: per-channel trainable vectors (gamma and/or beta)
     block: str = ""  # the droppable identity block it belongs to
     call_arguments: Mapping = dataclasses.field(default_factory=dict)  # e.g. Dropout's training=False
+    operands: tuple = ()  # a keras.ops operation's arguments: None for each input tensor, else the constant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,12 +384,24 @@ def load_model(model_or_path, logits=True):
     return logits_model(model) if logits else model
 
 
+def operation(model, name):
+    """The layer or keras.ops operation of `model` named `name` (`model.get_layer` finds layers only)."""
+    for candidate in getattr(model, "operations", ()):  # a Sequential holds layers only
+        if candidate.name == name:
+            return candidate
+    return model.get_layer(name)
+
+
 def softmax_head(model):
     """The name of the layer that applies the model's final softmax over the classes (a Softmax or a
     softmax Activation layer, or the softmax activation of its last Dense or Conv2D), else None."""
-    if len(model.outputs) != 1:
+    try:
+        outputs = model.outputs
+    except AttributeError:  # a Sequential without an input yet
         return None
-    last = model.outputs[0]._keras_history[0]
+    if not outputs or len(outputs) != 1:  # a subclassed model has none
+        return None
+    last = outputs[0]._keras_history[0]
     if isinstance(last, keras.layers.Softmax) and last.axis in (-1, len(model.outputs[0].shape) - 1):
         return last.name
     activation = last.get_config().get("activation") if isinstance(last, keras.layers.Layer) else None
@@ -448,12 +467,9 @@ def _functional_graph(model):
     seen = set()
     for node in nodes:
         layer = node.operation
-        if not isinstance(layer, keras.layers.Layer):
-            raise UnsupportedModelError(
-                f"{layer.name} ({type(layer).__name__}): a keras.ops operation on symbolic tensors; use "
-                "the matching layer (keras.layers.Add for +, ...)")
         if isinstance(layer, keras.Model):
             refuse(layer, "a nested model, which the reader cannot see into; build one flat functional model")
+        rule_for_layer(layer)  # refuses an operation without a rule now, before the details below
         if layer.name in seen:
             refuse(layer, "a shared layer (called more than once)")
         seen.add(layer.name)
@@ -504,6 +520,7 @@ class _GraphReader:
         self.model, self.add_mode, self.multiple_of, self.ratios = model, add_mode, multiple_of, ratios
         self.nodes = _functional_graph(model)
         self.names = [node.operation.name for node in self.nodes]
+        self.nodes_by_name = {node.operation.name: node for node in self.nodes}
         self.index = {name: i for i, name in enumerate(self.names)}
         self.keras_layers = {node.operation.name: node.operation for node in self.nodes}
         self.inputs = {node.operation.name: tuple(t._keras_history[0].name for t in node.input_tensors)
@@ -558,7 +575,7 @@ class _GraphReader:
             in_slots=tuple(self.slots.find(self.out_slot[source]) for source in self.inputs[name]),
             out_slot=self.slots.find(self.out_slot[name]),
             output_size=tuple(int(d) for d in shape[1:3]) if len(shape) == 4 else (), block=block,
-            call_arguments=self.call_arguments[name], **rule.details(layer))
+            call_arguments=self.call_arguments[name], **rule.details(layer, self.nodes_by_name[name]))
 
     def _width_slot(self, name):
         full, reason = self.slots.full_width[name], self.slots.fixed_reason[name]

@@ -28,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tas_keras.graph import operation
 from tas_keras.layer_rules import rule_for
 
 
@@ -125,9 +126,9 @@ def order_channels(model, space, scores=None):
     ordered = model.__class__.from_config(model.get_config())  # keeps every name, the input's too
     ordered.set_weights(model.get_weights())
     for layer in space.layers:
-        if not ordered.get_layer(layer.name).weights:
+        keras_layer = operation(ordered, layer.name)
+        if not getattr(keras_layer, "weights", None):  # keras.ops operations have none
             continue
-        keras_layer = ordered.get_layer(layer.name)
         in_order = orders.get(layer.in_slots[0]) if layer.in_slots else None
         keras_layer.set_weights(rule_for(layer).permuted(layer, keras_layer.get_weights(), in_order,
                                                          orders.get(layer.out_slot)))

@@ -9,18 +9,25 @@ A rule answers, for the layer classes it covers:
   - `counts`: its FLOPs and parameters at given widths (`tas_keras.cost`; numbers or tensors);
   - `masked`: whether the supernet, which runs every layer at full width on zero-padded tensors, must
     zero the channels beyond the sampled width after it (a BN's beta, a bias, f(0) != 0);
-  - `narrowed`: its config in a derived network with fewer channels (`tas_keras.derive`);
+  - `copy` and `rebuilt`: a fresh copy for the supernet, and the layer of a derived network with fewer
+    channels (`tas_keras.derive`); `call`: how either is called on its inputs;
   - `permuted`: its weights with its input and output channels permuted (`tas_keras.importance`).
 The reader, the supernet, derive, the cost and the importance ordering consult these rules and switch on
 no layer class themselves: a layer class is supported by adding its rule here.
 
-`rule_for_layer(layer)` finds the rule of a Keras layer (by exact class: a subclass may compute something
-else), `rule_for(graph_layer)` the rule of a layer the reader recorded (by its kind).
+Besides layers, a functional model may hold keras.ops operations applied to symbolic tensors (`x + 3.0`,
+`x * gate`, `keras.ops.hard_silu(x)`): the element-wise ones have a rule (`ElementwiseOpRule`) too.
+
+`rule_for_layer(layer)` finds the rule of a Keras layer or operation (by exact class: a subclass may
+compute something else), `rule_for(graph_layer)` the rule of a layer the reader recorded (by its kind).
 """
 
 import math
 
 import keras
+# The classes of the keras.ops operations: Keras exports the functions only.
+from keras.src.ops import nn as nn_ops
+from keras.src.ops import numpy as numpy_ops
 import numpy as np
 import tensorflow as tf
 
@@ -65,7 +72,8 @@ class LayerRule:
         """Returns the slot of the layer's output, opening, tying or fixing slots through `reader`."""
         return in_slots[0]
 
-    def details(self, layer):
+    def details(self, layer, node):
+        """The GraphLayer fields of the layer, called as `node` records."""
         return {}
 
     def out_channels(self, layer, in_channels, slot_width):
@@ -83,6 +91,30 @@ class LayerRule:
     def narrowed(self, config, planned):
         """The layer's config in a derived network (`planned`: its `DerivedLayer`)."""
         return config
+
+    def copy(self, source, dtype, regularizer):
+        """A new layer of the source layer's class, settings and name (fresh weights) for the supernet,
+        computing in `dtype` (a dtype policy), every weight regularised by `regularizer`."""
+        config = source.get_config()
+        config["dtype"] = dtype
+        for key in config:
+            if key.endswith("_regularizer") and key != "activity_regularizer":
+                config[key] = regularizer
+        return type(source).from_config(config)
+
+    def rebuilt(self, source, planned, dtype):
+        """The layer of a derived network (`planned`: its `DerivedLayer`), of `source`'s class and
+        settings, trainable, computing in `dtype` (None: the stage's policy)."""
+        config = source.get_config()
+        config.update(name=planned.layer.name, trainable=True)
+        config.pop("dtype", None)
+        if dtype:
+            config["dtype"] = dtype
+        return type(source).from_config(self.narrowed(config, planned))
+
+    def call(self, layer, inputs, graph_layer, **call_arguments):
+        """Calls a copy or rebuild of the layer on its inputs' tensors, in `graph_layer.inputs` order."""
+        return layer(inputs if self.multiple_inputs else inputs[0], **call_arguments)
 
     def permuted(self, layer, weights, in_order, out_order):
         """Its weights with the input channels in `in_order`, the output channels in `out_order` (None:
@@ -112,7 +144,7 @@ class ConvRule(LayerRule):
             reader.slots.fix(slot, f"{layer.name} applies {activation_name(layer)} over the channels")
         return slot
 
-    def details(self, layer):
+    def details(self, layer, node):
         return {"kernel": tuple(layer.kernel_size), "strides": tuple(layer.strides), "use_bias": layer.use_bias}
 
     def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2):
@@ -140,7 +172,7 @@ class DenseRule(ConvRule):
             refuse(layer, "Dense on a spatial map; use a 1x1 Conv2D, or pool or flatten first")
         return reader.slots.open(layer.name, layer.units, "Dense layers are not searched")
 
-    def details(self, layer):
+    def details(self, layer, node):
         return {"use_bias": layer.use_bias}
 
     def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2):
@@ -163,7 +195,7 @@ class DepthwiseRule(LayerRule):
         reader.slots.fix(in_slots[0], f"{layer.name} has depth_multiplier {layer.depth_multiplier}")
         return reader.slots.open(layer.name, reader.channels(layer.name), "depth_multiplier > 1")
 
-    def details(self, layer):
+    def details(self, layer, node):
         return {"kernel": tuple(layer.kernel_size), "strides": tuple(layer.strides), "use_bias": layer.use_bias,
                 "depth_multiplier": layer.depth_multiplier}
 
@@ -192,7 +224,7 @@ class BatchNormRule(LayerRule):
             refuse(layer, f"normalises axis {layer.axis}, not the channel axis")
         return in_slots[0]
 
-    def details(self, layer):
+    def details(self, layer, node):
         return {"affine": int(layer.center) + int(layer.scale)}
 
     def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2):
@@ -250,16 +282,30 @@ class PassThroughRule(LayerRule):
 
 class ReshapeRule(LayerRule):
     """Flatten of a spatial map and Reshape fold positions into the channels: they fix their input's
-    slot and open a fixed one. A Flatten of a vector keeps its input's slot."""
+    slot and open a fixed one. Two keep the channels and their input's slot: a Flatten of a vector, and
+    a Reshape that only adds or drops axes of size 1 before the channels (the squeeze-and-excitation
+    gate's (batch, C) -> (batch, 1, 1, C)), whose target shape follows the width."""
 
     kind, classes, opens_slot = "reshape", (_L.Flatten, _L.Reshape), True
 
-    def read(self, reader, layer, in_slots):
+    @staticmethod
+    def _keeps_channels(reader, layer):
         source = reader.inputs[layer.name][0]
-        if type(layer) is _L.Flatten and len(reader.shapes[layer.name]) == len(reader.shapes[source]):
+        shape, source_shape = reader.shapes[layer.name], reader.shapes[source]
+        if type(layer) is _L.Flatten:
+            return len(shape) == len(source_shape)
+        return shape[-1] == source_shape[-1] and all(d == 1 for d in (*shape[1:-1], *source_shape[1:-1]))
+
+    def read(self, reader, layer, in_slots):
+        if self._keeps_channels(reader, layer):
             return in_slots[0]
         reader.slots.fix(in_slots[0], f"{layer.name} ({type(layer).__name__}) reshapes the channels")
         return reader.slots.open(layer.name, reader.channels(layer.name), "reshaped")
+
+    def narrowed(self, config, planned):
+        if "target_shape" in config:  # a channel-keeping Reshape: the fixed ones keep their full width
+            config["target_shape"] = (*config["target_shape"][:-1], planned.out_channels)
+        return config
 
 
 class ConcatenateRule(LayerRule):
@@ -286,8 +332,70 @@ class MergeRule(LayerRule):
         return reader.read_merge(layer, in_slots)
 
 
+def _existing(module, names):
+    return tuple(getattr(module, name) for name in names if hasattr(module, name))
+
+
+class ElementwiseOpRule(LayerRule):
+    """keras.ops operations that act channel by channel, on one tensor and scalar constants (`x + 3.0`,
+    `keras.ops.relu(x)`, `ops.clip(x, 0, 6)`: they follow its slot) or on two tensors of equal channels,
+    broadcast over the positions (`x * gate`: they tie the two slots, as a merge does). The reader
+    records where the constants go (`operands`); the derived network calls the same operation."""
+
+    kind = "op"
+    _BINARY = _existing(numpy_ops, ("Add", "Subtract", "Multiply", "Maximum", "Minimum", "Divide", "TrueDivide"))
+    _DIVISIONS = _existing(numpy_ops, ("Divide", "TrueDivide"))
+    classes = _BINARY + _existing(numpy_ops, ("Negative", "Abs", "Square", "Tanh", "Clip")) + _existing(
+        nn_ops, ("Relu", "Relu6", "Sigmoid", "HardSigmoid", "Silu", "HardSilu", "Elu", "Selu", "Gelu", "LeakyRelu",
+                 "Softplus", "Softsign", "Celu", "SparsePlus", "Squareplus"))
+
+    def read(self, reader, layer, in_slots):
+        node, name = reader.nodes_by_name[layer.name], layer.name
+        operands = self._operands(layer, node)
+        if node.arguments.kwargs:
+            refuse(layer, f"called with keyword arguments {sorted(node.arguments.kwargs)}")
+        if any(reader.channels(source) != reader.channels(name) for source in reader.inputs[name]):
+            refuse(layer, "its inputs and output differ in channels: "
+                          f"{[reader.channels(s) for s in reader.inputs[name]]} -> {reader.channels(name)}")
+        tensors = [index for index, operand in enumerate(operands) if operand is None]
+        if isinstance(layer, self._DIVISIONS) and tensors[-1] != 0:
+            refuse(layer, "divides by a tensor, which a narrowed network would divide by zero-padded channels")
+        for slot in in_slots[1:]:
+            reader.slots.tie(in_slots[0], slot)
+        return in_slots[0]
+
+    @staticmethod
+    def _operands(layer, node):
+        operands = []
+        for value in node.arguments.args:
+            if isinstance(value, keras.KerasTensor):
+                operands.append(None)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                operands.append(value)
+            else:
+                refuse(layer, f"an operand {value!r} that is neither a tensor nor a number")
+        return tuple(operands)
+
+    def details(self, layer, node):
+        return {"operands": self._operands(layer, node)}
+
+    def masked(self, layer, keras_layer):
+        zeros = tf.zeros((1, 1))
+        return bool(np.any(keras.ops.convert_to_numpy(self.call(keras_layer, [zeros] * 2, layer))))
+
+    def copy(self, source, dtype, regularizer):
+        return type(source).from_config(source.get_config())
+
+    def rebuilt(self, source, planned, dtype):
+        return type(source).from_config({**source.get_config(), "name": planned.layer.name})
+
+    def call(self, layer, inputs, graph_layer, **call_arguments):
+        tensors = iter(inputs)
+        return layer(*(next(tensors) if operand is None else operand for operand in graph_layer.operands))
+
+
 RULES = (InputRule(), ConvRule(), DenseRule(), DepthwiseRule(), BatchNormRule(), PassThroughRule(), ReshapeRule(),
-         ConcatenateRule(), MergeRule())
+         ConcatenateRule(), MergeRule(), ElementwiseOpRule())
 _BY_CLASS = {cls: rule for rule in RULES for cls in rule.classes}
 _BY_KIND = {rule.kind: rule for rule in RULES}
 FOLLOWING_CLASSES = PassThroughRule.classes  # keep their input's channels one by one, weightless
@@ -295,8 +403,11 @@ NORMALIZATION_CLASSES = BatchNormRule.classes
 
 
 def rule_for_layer(layer):
-    """The rule of a Keras layer; refuses (UnsupportedModelError) a class without one."""
+    """The rule of a Keras layer or keras.ops operation; refuses (UnsupportedModelError) a class without one."""
     rule = _BY_CLASS.get(type(layer))
+    if rule is None and not isinstance(layer, keras.layers.Layer):
+        refuse(layer, "a keras.ops operation on symbolic tensors that the reader has no rule for; the element-wise "
+                      "ones are read (x + 3.0, x * y, keras.ops.relu, ...): use a layer for the others")
     if rule is None:
         refuse(layer, "this layer type is not supported by the graph reader")
     return rule

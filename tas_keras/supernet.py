@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from tas_keras import cost
-from tas_keras.graph import INDEPENDENT, TIED, GraphShape, load_model, read_model
+from tas_keras.graph import INDEPENDENT, TIED, GraphShape, load_model, operation, read_model
 from tas_keras.layer_rules import maps_zero_to_zero, rule_for
 from tas_keras.layers import DepthMixer, SearchableConv, WidthChoice, width_mask
 from tas_keras.models.cifar_resnet import BN_EPSILON, WEIGHT_DECAY
@@ -50,18 +50,6 @@ COST_METRICS = ("flops", "params")
 def _check_metric(metric):
     if metric not in COST_METRICS:
         raise ValueError(f"metric must be one of {COST_METRICS}, got {metric!r}")
-
-
-def _copy(source, regularizer):
-    """A new layer of the source layer's class, settings and name (fresh weights), every weight under
-    the supernet's coupled weight decay, computing in the dtype policy the supernet is built under
-    rather than the source's."""
-    config = source.get_config()
-    config["dtype"] = keras.config.dtype_policy()
-    for key in config:
-        if key.endswith("_regularizer") and key != "activity_regularizer":
-            config[key] = regularizer
-    return type(source).from_config(config)
 
 
 def layer_cost(layer, in_channels, out_channels, metric):
@@ -127,8 +115,10 @@ class GraphSupernet(keras.Model):
             searchable = space.slot(layer.out_slot).searchable
             if layer.kind == "input" or layer.name in self.absorbed or (layer.kind == "conv" and searchable):
                 continue
-            source = model.get_layer(layer.name)
-            made[layer.name] = _copy(source, regularizer)
+            source = operation(model, layer.name)
+            # Fresh weights under the supernet's coupled weight decay, in the dtype policy the supernet is
+            # built under rather than the source's.
+            made[layer.name] = rule_for(layer).copy(source, keras.config.dtype_policy(), regularizer)
             arguments = dict(layer.call_arguments)
             if "training" in inspect.signature(source.call).parameters:
                 arguments.setdefault("training", True)
@@ -163,7 +153,7 @@ class GraphSupernet(keras.Model):
         self._full_cost = {}
         self(tf.zeros((1, *space.input_shape)), self.uniform_sample())
         for name, layer in self.graph_layers.items():  # constants such as a Normalization's statistics
-            if layer.weights and not layer.trainable_weights:
+            if getattr(layer, "weights", None) and not layer.trainable_weights:
                 layer.set_weights(model.get_layer(name).get_weights())
 
     def build(self, input_shape):
@@ -256,8 +246,7 @@ class GraphSupernet(keras.Model):
                 y = self._activations[layer.name](y)
         else:
             values = [y for y, _ in inputs]
-            y = keras_layer(values if rule_for(layer).multiple_inputs else values[0],
-                            **self._call_arguments[layer.name])
+            y = rule_for(layer).call(keras_layer, values, layer, **self._call_arguments[layer.name])
             # A merge adds zero-padded inputs: the wider width wins.
             width = inputs[0][1] if len(inputs) == 1 else tf.reduce_max(tf.stack([w for _, w in inputs]))
         if not slot.searchable:
@@ -363,9 +352,10 @@ class GraphSupernet(keras.Model):
         model = load_model(model)
         batch_norm_of = {conv: bn for bn, conv in self.absorbed.items()}
         for name, layer in self.graph_layers.items():
-            source = model.get_layer(name)
+            source = operation(model, name)
             if not isinstance(layer, SearchableConv):
-                layer.set_weights(source.get_weights())
+                if getattr(layer, "weights", None):
+                    layer.set_weights(source.get_weights())
                 continue
             layer.kernel.assign(source.kernel)
             if layer.use_bias:

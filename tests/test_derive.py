@@ -14,6 +14,8 @@ from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.registry import build_model
 from tas_keras.search_space import ArchConfig
 
+from .test_supernet import ops_cnn
+
 L = keras.layers
 
 
@@ -76,6 +78,7 @@ MODELS = {
     "resnet50": (lambda: build_model("resnet50", (32, 32, 3), 7), TIED),
     "mobilenet_v2": (lambda: build_model("mobilenet_v2", (32, 32, 3), 7), TIED),
     "user_cnn": (user_cnn, TIED),
+    "ops_cnn": (ops_cnn, TIED),
 }
 
 
@@ -94,7 +97,7 @@ def test_full_shape_reproduces_the_original(models, name):
     np.testing.assert_allclose(derived(images, training=False), model(images, training=False), atol=1e-5)
 
 
-@pytest.mark.parametrize("name, mode", [("user_cnn", TIED), ("user_cnn", INDEPENDENT),
+@pytest.mark.parametrize("name, mode", [("user_cnn", TIED), ("user_cnn", INDEPENDENT), ("ops_cnn", TIED),
                                         ("mobilenet_v2", TIED), ("resnet50", INDEPENDENT),
                                         ("cifar_resnet20", INDEPENDENT)])
 def test_count_of_a_shape_is_the_count_of_its_derived_model(models, name, mode):

@@ -16,6 +16,7 @@ from tas_keras.models.registry import build_model
 from tas_keras.search_space import ArchConfig
 
 from .conftest import REPO
+from .test_supernet import ops_cnn
 
 L = keras.layers
 
@@ -142,7 +143,11 @@ REFUSED = {
                   "sep (SeparableConv2D)"),
     "nested model": (lambda: _functional(_nested), "backbone (Sequential): a nested model"),
     "shared layer": (lambda: _functional(_shared), "shared_conv (Conv2D): a shared layer"),
-    "keras.ops": (lambda: _functional(lambda x: L.Conv2D(3, 1)(x) + x), "(Add): a keras.ops operation"),
+    "keras.ops": (lambda: _functional(lambda x: keras.ops.mean(x, axis=-1, keepdims=True)),
+                  "(Mean): a keras.ops operation on symbolic tensors that the reader has no rule for"),
+    "division by a tensor": (lambda: _functional(lambda x: x / L.Conv2D(3, 1)(x)), "(TrueDivide): divides by a tensor"),
+    "constant array": (lambda: _functional(lambda x: x * np.ones(3, "float32")),
+                       "(Multiply): an operand array("),
     "concat on width": (lambda: _functional(lambda x: L.Concatenate(axis=2, name="side_by_side")([x, x])),
                         "side_by_side (Concatenate): concatenates along axis 2"),
     "channels_first": (
@@ -233,6 +238,21 @@ def test_a_final_softmax_is_taken_off_and_kept_in_mind(tmp_path, ending):
 def test_a_model_without_a_final_softmax_loads_as_saved(tmp_path):
     model = _classifier("none")
     assert softmax_head(model) is None and load_model(model) is model
+
+
+def test_keras_ops_and_squeeze_excitation_are_read():
+    """Element-wise keras.ops follow or tie their inputs' slots and record their constants; an EfficientNet
+    squeeze-excitation keeps its widths searchable: the Reshape to 1x1 follows the pooled slot, the expand
+    conv joins the slot it rescales (through `*`), the reduce conv opens its own."""
+    space = read_model(ops_cnn())
+    assert [slot.name for slot in space.searchable_slots] == ["stem", "b1_expand", "b1_se_reduce", "b2_expand",
+                                                               "b2_se_reduce"]
+    assert space.layer("b1_se_expand").out_slot == space.layer("b1_dw").out_slot == "b1_expand"
+    assert space.layer("b1_se_reshape").out_slot == "b1_expand"
+    assert [(layer.class_name, layer.operands) for layer in space.layers if layer.kind == "op"][:4] == [
+        ("Add", (None, 3.0)), ("Relu6", (None,)), ("Multiply", (None, None)), ("TrueDivide", (None, 6.0))]
+    assert [(stage.opener, [block.name for block in stage.blocks]) for stage in space.stages] == [("", ["b1", "b2"])]
+    assert GraphSpace.from_json(space.to_json()) == space
 
 
 def test_space_and_shape_round_trip_through_json():

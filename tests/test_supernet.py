@@ -38,11 +38,34 @@ def user_cnn():
     return keras.Model(inputs, outputs, name="user_cnn")
 
 
+def ops_cnn():
+    """MobileNetV3's and EfficientNet's idioms: hard-swish written with keras.ops (x * relu6(x + 3) / 6),
+    ops.silu, an EfficientNet squeeze-excitation gate (pool, Reshape to 1x1, reduce and sigmoid expand
+    convs) multiplied into the block with `*`, in a stage of two identity blocks."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = L.BatchNormalization(name="stem_bn")(L.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(inputs))
+    x = x * keras.ops.relu6(x + 3.0) / 6.0
+    for b in ("b1", "b2"):
+        y = L.Conv2D(16, 1, use_bias=False, name=f"{b}_expand")(x)
+        y = keras.ops.silu(L.BatchNormalization(name=f"{b}_expand_bn")(y))
+        y = L.BatchNormalization(name=f"{b}_dw_bn")(L.DepthwiseConv2D(3, padding="same", name=f"{b}_dw")(y))
+        y = keras.ops.silu(y)
+        gate = L.Reshape((1, 1, 16), name=f"{b}_se_reshape")(L.GlobalAveragePooling2D(name=f"{b}_se_pool")(y))
+        gate = L.Conv2D(4, 1, activation="relu", name=f"{b}_se_reduce")(gate)
+        y = y * L.Conv2D(16, 1, activation="sigmoid", name=f"{b}_se_expand")(gate)
+        y = L.BatchNormalization(name=f"{b}_project_bn")(L.Conv2D(8, 1, use_bias=False, name=f"{b}_project")(y))
+        x = L.Add(name=f"{b}_add")([x, y])
+    outputs = L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="pool")(x))
+    return keras.Model(inputs, outputs, name="ops_cnn")
+
+
 def _source(name):
     """A source model with non-trivial BN affines and biases, so a wrong copy shows."""
     keras.utils.set_random_seed(0)
     if name == "user_cnn":
         model = user_cnn()
+    elif name == "ops_cnn":
+        model = ops_cnn()
     elif name == "resnet20":
         model = CifarResNet(ArchConfig.full("resnet20", input_shape=(8, 8, 3)))
     else:
@@ -219,7 +242,8 @@ def test_cifar_forward_is_the_reference_forward(cifar_supernet):
 
 # Any model: exact costs, and the source model at the full sample.
 
-@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "resnet50", "user_cnn", "user_cnn_independent"])
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "resnet50", "user_cnn", "user_cnn_independent",
+                                  "ops_cnn"])
 def test_argmax_cost_is_the_count_of_the_derived_shape(name):
     _, space, supernet = _supernet(name)
     for seed in range(4):
@@ -232,7 +256,8 @@ def test_argmax_cost_is_the_count_of_the_derived_shape(name):
     assert supernet.full_cost("params") == count_shape(space, space.full_shape()).params
 
 
-@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "resnet50", "user_cnn", "user_cnn_independent"])
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "resnet50", "user_cnn", "user_cnn_independent",
+                                  "ops_cnn"])
 def test_full_sample_from_the_source_equals_the_source_in_training_mode(name):
     model, space, supernet = _supernet(name)  # resnet20 without normalize_every_conv: its stride-2
     images = tf.random.stateless_normal((8, *space.input_shape), [2, 0])  # shortcuts stay bare
@@ -244,7 +269,7 @@ def test_full_sample_from_the_source_equals_the_source_in_training_mode(name):
     np.testing.assert_allclose(actual, expected, atol=max(1e-4, 2 * np.abs(reversed_batch - expected).max()))
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "user_cnn"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "user_cnn", "ops_cnn"])
 def test_one_hot_sample_equals_the_derived_network_in_training_mode(name):
     """At a narrower one-hot sample the supernet is the derived network (tied slots share one width;
     depthwise convs, BNs and activations follow it; the masks keep the zero channels zero)."""
