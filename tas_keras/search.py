@@ -577,9 +577,10 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
         table.check_covers(model_name, dataset.num_classes, dataset.image_shape, width_multiple)
         if target_latency_ms is not None:
             target_ratio = latency_target_ratio(target_latency_ms, model_name, dataset, table)
-    if batch_size > dataset.train_size // 2:
-        raise ValueError(f"batch_size {batch_size} is larger than a search half ({dataset.train_size // 2} "
-                         "images)")
+    smaller_half = min(half.train_size for half in dataset.search_halves(seed=seed))  # split per class
+    if batch_size > smaller_half:
+        raise ValueError(f"batch_size {batch_size} is larger than the smaller search half ({smaller_half} "
+                         "images): lower --batch_size or train on more images")
     run, finished = prepare_run_dir(out, settings, overwrite, done_file=ARCH_FILE)
     if finished:
         logging.info("%s already holds this finished search; nothing to do", out)

@@ -342,6 +342,9 @@ def test_search_cli_rejects_bad_input_before_any_work(tmp_path, args, message):
     (dict(target_ratio=1.5), r"target ratio must be in \(0, 1\), got 1.5"),
     (dict(model_name="/no/model.keras"), "model file '/no/model.keras' does not exist"),
     (dict(init_from="/no/base.keras"), "--init_from: no such file '/no/base.keras'"),
+    # 64 images of 10 classes split per class: halves of 30 and 34, so not one batch of 32 in the smaller
+    (dict(model_name="resnet8", max_train_examples=64, batch_size=32),
+     r"batch_size 32 is larger than the smaller search half \(30 images\)"),
 ])
 def test_run_search_refuses_bad_input_before_any_work(tmp_path, options, message):
     assert_refused_before_any_work(run_search, tmp_path / "run", message, **options)
