@@ -16,6 +16,7 @@ import math
 
 import keras
 
+from tas_keras.graph import plain_graph
 from tas_keras.layer_rules import rule_for, rule_of_kind
 from tas_keras.models.cifar_resnet import network_plan
 
@@ -109,9 +110,10 @@ def count_shape(space, shape):
 
 
 def count_model(model):
-    """Counts a built Keras model from its Conv2D, DepthwiseConv2D, Dense and BatchNormalization layers."""
+    """Counts a built Keras model from its Conv2D, DepthwiseConv2D, Dense and BatchNormalization layers
+    (those of its nested models too)."""
     layers = []
-    for layer in model.layers:
+    for layer in plain_graph(model).layers:
         if isinstance(layer, keras.layers.Conv2D):
             if layer.groups != 1:
                 raise ValueError(f"{layer.name}: only ungrouped convolutions are counted")

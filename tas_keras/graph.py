@@ -65,8 +65,12 @@ Depth rules.
           identity block.
     The stage's depth choices are `depth_choices(n)` over its n blocks, first block included.
 
+Loading (`load_model`, which every stage uses) reads nested functional models through and leaves random
+augmentation layers out (`plain_graph`), and takes a final softmax off (`logits_model`).
+
 Refused (UnsupportedModelError, one line naming the layer and its class): subclassed models, models
-with several inputs or outputs, unknown spatial sizes, channels_first layers, nested models, shared
+with several inputs or outputs, unknown spatial sizes, channels_first layers, nested subclassed models,
+shared
 layers, keras.ops operations other than the element-wise ones (and a division by a tensor, an operand
 that is an array), layers called with arguments other than plain values
 (plain ones, such as the training=False Keras records for a Dropout, are carried into the derived
@@ -77,6 +81,7 @@ Conv2DTranspose, LayerNormalization, PReLU, ...).
 
 import dataclasses
 import functools
+import inspect
 import json
 import os
 from typing import Mapping
@@ -84,7 +89,8 @@ from typing import Mapping
 import keras
 
 from tas_keras.layer_rules import (CHANNEL_MIXING_ACTIVATIONS, ELEMENTWISE_ACTIVATIONS, FOLLOWING_CLASSES,
-                                   NORMALIZATION_CLASSES, UnsupportedModelError, activation_name, refuse,
+                                   NORMALIZATION_CLASSES, RANDOM_AUGMENTATION_CLASSES, UnsupportedModelError,
+                                   activation_name, refuse,
                                    rule_for, rule_for_layer)
 from tas_keras.search_space import WIDTH_RATIOS, ArchConfig, candidate_widths, conv_slots, depth_choices
 from tas_keras.search_space import parse_model_name
@@ -370,8 +376,9 @@ def _tuples(record):
 
 
 def load_model(model_or_path, logits=True):
-    """A keras.Model, or the model in a .keras file (without compiling it); with `logits`, without the
-    final softmax it may end in (`logits_model`): the project trains and distils on logits."""
+    """A keras.Model, or the model in a .keras file (without compiling it), as one flat graph without
+    random augmentation layers (`plain_graph`); with `logits`, without the final softmax it may end in
+    (`logits_model`): the project trains and distils on logits."""
     if isinstance(model_or_path, keras.Model):
         model = model_or_path
     else:
@@ -381,7 +388,64 @@ def load_model(model_or_path, logits=True):
         if not os.path.exists(path):
             raise ValueError(f"model file {path!r} does not exist")
         model = keras.models.load_model(path, compile=False)
+    model = plain_graph(model)
     return logits_model(model) if logits else model
+
+
+def _nested(model):
+    """The functional models (and Sequentials built on an input) a model calls as layers."""
+    return [op for op in getattr(model, "operations", ())
+            if isinstance(op, keras.Model) and (getattr(op, "_functional", None) or hasattr(op, "_nodes_by_depth"))]
+
+
+def plain_graph(model):
+    """`model` as one flat graph of the layers that compute its function at inference:
+      - every nested functional model (or Sequential built on an input) is replaced by the layers it
+        holds, called as it calls them: an augmentation `keras.Sequential` in front, a backbone called as
+        `base(x, training=False)` (Keras' transfer-learning recipe; the `training` it is called with
+        reaches its layers, as Keras passes it on);
+      - random augmentation layers (RandomFlip, RandomRotation, ...: the identity at inference) are left
+        out: the project augments the training images itself (random crops and flips), and the pruned
+        network and its export are for inference.
+    The layers are the same objects, with the same names and weights; `model` itself when it has
+    nothing to change. A name used both inside and outside a nested model is refused
+    (UnsupportedModelError)."""
+    if isinstance(model, keras.Sequential) and getattr(model, "_functional", None) is not None:
+        model = model._functional
+    if not _nested(model) and not any(isinstance(op, RANDOM_AUGMENTATION_CLASSES) for op in _all_operations(model)):
+        return model
+
+    def inlined(functional, inputs, training):
+        functional = getattr(functional, "_functional", None) or functional
+
+        def operation_fn(op):
+            if isinstance(op, RANDOM_AUGMENTATION_CLASSES):
+                return lambda *args, **kwargs: args[0]
+            if op in _nested(functional):
+                return lambda *args, **kwargs: inlined(op, args[0], kwargs.get("training", training))
+            if training is None or "training" not in inspect.signature(op.call).parameters:
+                return op
+            return lambda *args, **kwargs: op(*args, **{"training": training, **kwargs})
+
+        return functional._run_through_graph(inputs, operation_fn=operation_fn)
+
+    image = model.inputs[0]
+    inputs = keras.Input(batch_shape=image.shape, dtype=image.dtype, name=image._keras_history[0].name)
+    names = {}
+    for op in _all_operations(model):
+        if not isinstance(op, (keras.layers.InputLayer, *RANDOM_AUGMENTATION_CLASSES)) and (
+                names.setdefault(op.name, op) is not op):
+            refuse(op, f"a nested model uses the name {op.name!r} for another layer too; the layers of a model "
+                       "read through must have distinct names")
+    return keras.Model(inputs, inlined(model, [inputs], None), name=model.name)
+
+
+def _all_operations(model):
+    for op in getattr(model, "operations", ()):
+        if op in _nested(model):
+            yield from _all_operations(getattr(op, "_functional", None) or op)
+        else:
+            yield op
 
 
 def operation(model, name):
@@ -468,7 +532,8 @@ def _functional_graph(model):
     for node in nodes:
         layer = node.operation
         if isinstance(layer, keras.Model):
-            refuse(layer, "a nested model, which the reader cannot see into; build one flat functional model")
+            refuse(layer, "a nested model that is not functional (subclassed, or a Sequential without an "
+                          "input), which the reader cannot see into")
         rule_for_layer(layer)  # refuses an operation without a rule now, before the details below
         if layer.name in seen:
             refuse(layer, "a shared layer (called more than once)")

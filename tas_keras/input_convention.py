@@ -37,10 +37,14 @@ CONVENTIONS = {
 _PREPROCESSING = (keras.layers.Rescaling, keras.layers.Normalization)
 
 
+def _first_layer(model):
+    """The model's first layer after its input (None when it has none)."""
+    return next((layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)), None)
+
+
 def held_by(model):
-    """RAW when the model's first layer after its input is a Rescaling or Normalization, else None."""
-    first = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)][:1]
-    return RAW if first and isinstance(first[0], _PREPROCESSING) else None
+    """RAW when the model's first layer (`_first_layer`) is a Rescaling or Normalization, else None."""
+    return RAW if isinstance(_first_layer(model), _PREPROCESSING) else None
 
 
 def check(convention):
@@ -54,7 +58,7 @@ def resolve(model, convention=None):
     check(convention)
     held = held_by(model)
     if held and convention not in (None, held):
-        raise ValueError(f"{model.name} starts with its own preprocessing ({model.layers[1].name}) and takes raw "
+        raise ValueError(f"{model.name} starts with its own preprocessing ({_first_layer(model).name}) and takes raw "
                          f"0-255 pixels; input convention {convention!r} does not apply to it")
     return held or convention or DATASET
 

@@ -237,11 +237,15 @@ class BatchNormRule(LayerRule):
         return [_take(value, out_order, 0) for value in weights]
 
 
+def _existing(module, names):
+    return tuple(getattr(module, name) for name in names if hasattr(module, name))
+
+
 ELEMENTWISE_ACTIVATIONS = (_L.Activation, _L.ReLU, _L.LeakyReLU, _L.ELU)
 # Weightless layers that leave an all-zero channel zero.
 _ZERO_KEEPING = (_L.MaxPooling2D, _L.AveragePooling2D, _L.GlobalAveragePooling2D, _L.GlobalMaxPooling2D,
                  _L.ZeroPadding2D, _L.Cropping2D, _L.UpSampling2D, _L.Dropout, _L.SpatialDropout2D,
-                 _L.GaussianDropout, _L.ActivityRegularization, _L.Identity)
+                 _L.GaussianDropout, _L.ActivityRegularization, _L.Identity, _L.Resizing, _L.CenterCrop)
 
 
 class PassThroughRule(LayerRule):
@@ -332,8 +336,6 @@ class MergeRule(LayerRule):
         return reader.read_merge(layer, in_slots)
 
 
-def _existing(module, names):
-    return tuple(getattr(module, name) for name in names if hasattr(module, name))
 
 
 class ElementwiseOpRule(LayerRule):
@@ -399,6 +401,11 @@ RULES = (InputRule(), ConvRule(), DenseRule(), DepthwiseRule(), BatchNormRule(),
 _BY_CLASS = {cls: rule for rule in RULES for cls in rule.classes}
 _BY_KIND = {rule.kind: rule for rule in RULES}
 FOLLOWING_CLASSES = PassThroughRule.classes  # keep their input's channels one by one, weightless
+# Keras' random image augmentation layers (RandomFlip, RandomRotation, ...): the identity at inference, and
+# in training the project augments the images itself, so a model's own are left out when it is loaded.
+# (RandomCrop is not one of them: at inference it crops.)
+RANDOM_AUGMENTATION_CLASSES = tuple(cls for name, cls in vars(_L).items()
+                                    if name.startswith("Random") and name != "RandomCrop" and isinstance(cls, type))
 NORMALIZATION_CLASSES = BatchNormRule.classes
 
 

@@ -9,7 +9,9 @@ import keras
 import numpy as np
 import pytest
 
+from tas_keras import input_convention
 from tas_keras.cost import count_arch, count_model, count_shape
+from tas_keras.derive import derive_model
 from tas_keras.graph import (INDEPENDENT, TIED, GraphShape, GraphSpace, UnsupportedModelError, load_model,
                              read_model, softmax_head)
 from tas_keras.models.registry import build_model
@@ -115,8 +117,7 @@ def _functional(body, input_shape=(16, 16, 3)):
 
 
 def _nested(x):
-    inner = keras.Sequential([keras.Input((16, 16, 3)), L.Conv2D(4, 3)], name="backbone")
-    return L.Dense(2)(L.GlobalAveragePooling2D()(inner(x)))
+    return L.Dense(2)(L.GlobalAveragePooling2D()(_Subclassed()(x)))
 
 
 def _shared(x):
@@ -141,7 +142,8 @@ REFUSED = {
     "recurrent": (lambda: _functional(lambda x: L.LSTM(4, name="memory")(x), (10, 3)), "memory (LSTM)"),
     "separable": (lambda: _functional(lambda x: L.SeparableConv2D(4, 3, name="sep")(x)),
                   "sep (SeparableConv2D)"),
-    "nested model": (lambda: _functional(_nested), "backbone (Sequential): a nested model"),
+    "nested model": (lambda: _functional(_nested), "my_subclassed (_Subclassed): a nested model that is not "
+                                                   "functional"),
     "shared layer": (lambda: _functional(_shared), "shared_conv (Conv2D): a shared layer"),
     "keras.ops": (lambda: _functional(lambda x: keras.ops.mean(x, axis=-1, keepdims=True)),
                   "(Mean): a keras.ops operation on symbolic tensors that the reader has no rule for"),
@@ -238,6 +240,50 @@ def test_a_final_softmax_is_taken_off_and_kept_in_mind(tmp_path, ending):
 def test_a_model_without_a_final_softmax_loads_as_saved(tmp_path):
     model = _classifier("none")
     assert softmax_head(model) is None and load_model(model) is model
+
+
+def _backbone(name, channels=3):
+    features = keras.Input((16, 16, channels))
+    y = L.ReLU(name="b_relu")(L.BatchNormalization(name="b_bn")(L.Conv2D(8, 3, padding="same", name="b_conv")(features)))
+    return keras.Model(features, y, name=name)
+
+
+def _tutorial_model(backbones=1):
+    """A classifier as Keras' tutorials write one: augmentation layers in a nested Sequential, a Rescaling,
+    a nested backbone called with training=False (transfer learning), a softmax head."""
+    augmentation = keras.Sequential([keras.Input((16, 16, 3)), L.RandomFlip("horizontal"), L.RandomRotation(0.1)],
+                                    name="augmentation")
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = L.Rescaling(1 / 255, name="scale")(augmentation(inputs))
+    for index in range(backbones):
+        x = _backbone(f"backbone{index}", x.shape[-1])(x, training=False)
+    x = L.Dense(3, activation="softmax", name="probabilities")(L.GlobalAveragePooling2D(name="pool")(x))
+    return keras.Model(inputs, x, name="tutorial")
+
+
+def test_nested_models_are_read_through_and_augmentation_left_out(tmp_path):
+    """The nested backbone's layers join the graph with the training=False it was called with; the random
+    augmentation (the identity at inference) is left out, so the Rescaling is the first layer and the model
+    takes raw pixels; the derived full network computes what the model computes at inference."""
+    keras.utils.set_random_seed(0)
+    model = _tutorial_model()
+    model.save(tmp_path / "tutorial.keras")
+    loaded = load_model(tmp_path / "tutorial.keras")
+    assert [layer.name for layer in loaded.layers] == ["image", "scale", "b_conv", "b_bn", "b_relu", "pool",
+                                                        "probabilities"]
+    assert input_convention.held_by(loaded) == input_convention.RAW
+    space = read_model(loaded)
+    assert dict(space.layer("b_bn").call_arguments) == {"training": False} and space.slot("b_conv").searchable
+    pixels = np.random.default_rng(0).uniform(0, 255, (4, 16, 16, 3)).astype("float32")
+    derived = derive_model(loaded, space, space.full_shape())
+    np.testing.assert_allclose(keras.ops.softmax(derived(pixels, training=False)), model(pixels, training=False),
+                               atol=1e-6)
+
+
+def test_a_name_used_in_two_nested_models_is_refused():
+    with pytest.raises(UnsupportedModelError, match=r"^b_conv \(Conv2D\): a nested model uses the name 'b_conv' "
+                                                    "for another layer too"):
+        read_model(_tutorial_model(backbones=2))
 
 
 def test_keras_ops_and_squeeze_excitation_are_read():

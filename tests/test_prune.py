@@ -161,10 +161,10 @@ def test_any_model_goes_through_the_pipeline(tmp_path, model):
     """Every family the graph reader supports is searched, distilled, exported and reported like the CIFAR
     ResNets: keras.applications' MobileNetV2 trained from scratch as the base network, the ImageNet
     ResNet-18 and keras.applications' ResNet-50 given their base networks (--teacher), and a user's .keras
-    model (the test's functional CNN, saved with a final softmax as Keras' tutorials save classifiers) taken
-    as base and teacher: it states its input (without --image_size every stage, the export too, reads
-    its 8 px images from larger ones), is searched and distilled on its logits, and its exports end in
-    the softmax again."""
+    model taken as base and teacher, written as Keras' tutorials write classifiers (an augmentation
+    Sequential, the test's functional CNN nested in it, a final softmax): it states its input (without
+    --image_size every stage, the export too, reads its 8 px images from larger ones), is read through,
+    searched and distilled on its logits without its augmentation, and its exports end in the softmax."""
     user = model == "user_cnn"
     # Conversion dominates the export: fp32 for all, int8 too for the user's CNN (a depthwise conv, Adds).
     quantizations = ("none", "int8") if user else ("none",)
@@ -175,7 +175,11 @@ def test_any_model_goes_through_the_pipeline(tmp_path, model):
         keras.utils.set_random_seed(0)
         model = str(tmp_path / "mine.keras")
         logits = user_cnn()
-        keras.Model(logits.inputs, keras.layers.Softmax(name="probabilities")(logits.outputs[0])).save(model)
+        pixels = keras.Input(logits.input_shape[1:], name="pixels")
+        augmentation = keras.Sequential([keras.Input(logits.input_shape[1:]), keras.layers.RandomFlip("horizontal")],
+                                        name="augmentation")
+        probabilities = keras.layers.Softmax(name="probabilities")(logits(augmentation(pixels)))
+        keras.Model(pixels, probabilities).save(model)
     elif model.startswith("resnet"):
         teacher = str(tmp_path / f"{model}.keras")
         build_model(model, (32, 32, 3), classes).save(teacher)
