@@ -58,9 +58,11 @@ Depth rules.
   - Identity blocks whose entry is the previous one's exit form a chain; a maximal chain is a stage.
     The stage's first block is always kept:
         * the projection block (an Add that is not an identity block) whose exit is the chain's entry;
-        * else the layers just before the chain when they repeat the chain's residual branch layer
-          class for layer (padding layers aside), as MobileNetV2's stage-opening inverted residual
-          block (stride 2 or a new width, no Add) does;
+        * else the layers just before the chain (the latest ones its entry depends on, back to the
+          previous Add) when they repeat the chain's residual branch: the same layer classes, as many
+          of each, padding and dropout aside. So MobileNetV2's, MobileNetV3's and the EfficientNets'
+          stage-opening inverted residual blocks (stride 2 or a new width, no Add; with a
+          squeeze-excitation gate; without the dropout of the residual blocks) are found;
         * else (the chain starts after a stem, as a CIFAR ResNet's first stage) the chain's own first
           identity block.
     The stage's depth choices are `depth_choices(n)` over its n blocks, first block included.
@@ -772,20 +774,33 @@ class _GraphReader:
         return tuple(stages)
 
     def _repeated_branch(self, first):
-        """The name of the layers just before block `first` when they repeat its residual branch layer
-        class for layer (padding aside), as a stage-opening block without an Add; else ""."""
+        """The name of the layers just before block `first` when they repeat its residual branch (the same
+        layer classes, as many of each; no-op layers such as padding and dropout aside), as a
+        stage-opening block without an Add (MobileNetV2's, EfficientNet's with its squeeze-excitation
+        branch); else "". They are the latest layers that the block's entry depends on, up to the
+        previous merge."""
         def signature(names):
-            return [type(self.keras_layers[n]).__name__ for n in names
-                    if type(self.keras_layers[n]) is not _L.ZeroPadding2D]
+            return sorted(type(self.keras_layers[n]).__name__ for n in names
+                          if not isinstance(self.keras_layers[n], _NO_OP_CLASSES))
 
         branch = signature(first.layers[:first.layers.index(first.add)])
-        stretch, name = [], first.entry
-        while len(signature(stretch)) < len(branch):
-            if len(self.inputs[name]) != 1 or rule_for_layer(self.keras_layers[name]).multiple_inputs:
-                return ""
+        stretch = []
+        for name in reversed(self.names[:self.index[first.entry] + 1]):
+            if len(signature(stretch)) == len(branch):
+                break
+            if name != first.entry and not self.is_ancestor(name, first.entry):
+                continue
+            if isinstance(self.keras_layers[name], (_L.InputLayer, _L.Add, _L.Concatenate)):
+                return ""  # the image, or the end of an earlier block: a gate's Multiply is part of the branch
             stretch.insert(0, name)
-            name = self.inputs[name][0]
-        return _common_prefix(stretch) if signature(stretch) == branch else ""
+        if not stretch or signature(stretch) != branch:
+            return ""
+        # Named after its layers with weights: users name those, keras.ops operations are numbered.
+        return _common_prefix([n for n in stretch if getattr(self.keras_layers[n], "weights", None)] or stretch)
+
+
+_NO_OP_CLASSES = (_L.ZeroPadding2D, _L.Dropout, _L.SpatialDropout2D, _L.GaussianDropout, _L.AlphaDropout,
+                  _L.ActivityRegularization, _L.Identity)
 
 
 def _block_name(add_name):

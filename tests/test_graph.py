@@ -301,6 +301,25 @@ def test_keras_ops_and_squeeze_excitation_are_read():
     assert GraphSpace.from_json(space.to_json()) == space
 
 
+@pytest.mark.parametrize("application, stages", [
+    # The published block repeats per stage: EfficientNet-B0 1, 2, 2, 3, 3, 4, 1 and EfficientNetV2-B0
+    # 1, 2, 2, 3, 5, 8 (a stage of one block has no depth choice); MobileNetV3-Small's bottlenecks 1, 2, 3,
+    # 2, 3 (its first alone), MobileNetV3-Large's 1 (a residual block of its own after the stem), 2, 3, 4, 2, 3.
+    ("EfficientNetB0", [("block2a", 2), ("block3a", 2), ("block4a", 3), ("block5a", 3), ("block6a", 4)]),
+    ("EfficientNetV2B0", [("block2a", 2), ("block3a", 2), ("block4a", 3), ("block5a", 5), ("block6a", 8)]),
+    ("MobileNetV3Small", [("expanded_conv_1", 2), ("expanded_conv_3", 3), ("expanded_conv_6", 2),
+                          ("expanded_conv_8", 3)]),
+    ("MobileNetV3Large", [("", 1), ("expanded_conv_1", 2), ("expanded_conv_3", 3), ("expanded_conv_6", 4),
+                          ("expanded_conv_10", 2), ("expanded_conv_12", 3)]),
+])
+def test_stages_of_the_efficientnets_and_mobilenet_v3(application, stages):
+    """A stage-opening block without an Add is found through its squeeze-excitation gate and although
+    only the residual blocks have dropout."""
+    model = getattr(keras.applications, application)(input_shape=(32, 32, 3), weights=None, classes=4)
+    space = read_model(model)
+    assert [(stage.opener, stage.num_blocks) for stage in space.stages] == stages
+
+
 def test_space_and_shape_round_trip_through_json():
     space = read_model(build_model("resnet20"), add_mode=INDEPENDENT)
     assert GraphSpace.from_json(space.to_json()) == space
