@@ -23,6 +23,7 @@ from tas_keras.derive import derive_model
 from tas_keras.graph import GraphShape, load_model
 from tas_keras import input_convention as conventions
 from tas_keras.importance import importance_scores, magnitude_scores, order_channels, slot_groups
+from tas_keras.layer_rules import rule_for
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json, run_dir, write_json
 from tas_keras.search import cost_band, searched_shapes, source_model
 from tas_keras.supernet import search_space
@@ -130,7 +131,7 @@ def _slot_conditions(space):
                 for stage in space.stages for index, block in enumerate(stage.blocks)}
     places = {}
     for layer in space.layers:
-        if layer.kind == "conv" and space.slot(layer.out_slot).searchable:
+        if rule_for(layer).searchable_conv and space.slot(layer.out_slot).searchable:
             places.setdefault(layer.out_slot, []).append(stage_of.get(layer.block))
     conditions = {}
     for slot, where in places.items():

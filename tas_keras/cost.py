@@ -73,13 +73,13 @@ def _report(layers):
 
 
 def layer_cost(name, kind, in_channels, out_channels, kernel=(), stride=(), output_size=(), use_bias=False,
-               affine=2):
+               affine=2, depth_multiplier=1):
     """The cost of one layer of a kind whose rule counts it (`tas_keras.layer_rules`); `affine` is the
     number of per-channel trainable vectors of a BN."""
     rule = rule_of_kind(kind)
     if not rule.costed:
         raise ValueError(f"{name}: no cost rule for a layer of kind {kind!r}")
-    flops, params = rule.counts(in_channels, out_channels, kernel, output_size, use_bias, affine)
+    flops, params = rule.counts(in_channels, out_channels, kernel, output_size, use_bias, affine, depth_multiplier)
     return LayerCost(name, kind, in_channels, out_channels, tuple(kernel), tuple(stride), tuple(output_size),
                      flops, params)
 
@@ -105,7 +105,7 @@ def count_shape(space, shape):
         if rule_for(layer).costed:
             layers.append(layer_cost(layer.name, layer.kind, derived.in_channels, derived.out_channels,
                                      layer.kernel, layer.strides, layer.output_size, layer.use_bias,
-                                     layer.affine))
+                                     layer.affine, layer.depth_multiplier))
     return _report(layers)
 
 
@@ -120,6 +120,11 @@ def count_model(model):
             _, _, in_channels, out_channels = layer.kernel.shape
             layers.append(layer_cost(layer.name, "conv", in_channels, out_channels, layer.kernel_size,
                                      layer.strides, layer.output.shape[1:3], layer.use_bias))
+        elif isinstance(layer, keras.layers.SeparableConv2D):
+            _, _, in_channels, multiplier = layer.depthwise_kernel.shape
+            layers.append(layer_cost(layer.name, "separable", in_channels, layer.pointwise_kernel.shape[-1],
+                                     layer.kernel_size, layer.strides, layer.output.shape[1:3], layer.use_bias,
+                                     depth_multiplier=multiplier))
         elif isinstance(layer, keras.layers.DepthwiseConv2D):
             _, _, in_channels, multiplier = layer.kernel.shape
             layers.append(layer_cost(layer.name, "depthwise", in_channels, in_channels * multiplier,

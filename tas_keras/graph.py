@@ -12,6 +12,8 @@ Width rules (each layer class's is its rule in `tas_keras.layer_rules`). Every t
   - The input layer opens a fixed slot (the image channels).
   - A Conv2D with groups=1 opens a searchable slot named after it, whose candidates are
     `candidate_widths(filters, multiple_of)` (the paper's ratios 0.3 .. 1.0).
+  - A SeparableConv2D is a depthwise conv that follows its input's slot and a pointwise conv that opens a
+    searchable slot named after it (the supernet runs it as a depthwise conv and a searchable 1x1 conv).
   - A Dense opens a fixed slot (Dense layers are not searched); it must see a 2-D input.
   - DepthwiseConv2D (depth_multiplier 1), BatchNormalization (channel axis last), activations (ReLU,
     Activation, LeakyReLU, ELU, Softmax), pooling, padding, cropping, up-sampling, dropout and noise
@@ -77,8 +79,8 @@ layers, keras.ops operations other than the element-wise ones (and a division by
 that is an array), layers called with arguments other than plain values
 (plain ones, such as the training=False Keras records for a Dropout, are carried into the derived
 model), grouped Conv2D, Dense on a spatial map, Concatenate along another axis than the channels, and
-every layer class not listed above (Lambda, recurrent layers, Conv1D/3D, SeparableConv2D,
-Conv2DTranspose, LayerNormalization, PReLU, ...).
+every layer class not listed above (Lambda, recurrent layers, Conv1D/3D, Conv2DTranspose,
+LayerNormalization, PReLU, ...).
 """
 
 import dataclasses

@@ -67,9 +67,9 @@ def magnitude_scores(model, space):
     groups, scored = _scored_groups(space)
     members = {}
     for layer in space.layers:
-        if layer.kind == "conv" and groups[layer.out_slot] in scored:
-            kernel = keras.ops.convert_to_numpy(model.get_layer(layer.name).kernel)
-            members.setdefault(groups[layer.out_slot], []).append(np.abs(kernel).sum(axis=(0, 1, 2)))
+        if rule_for(layer).searchable_conv and groups[layer.out_slot] in scored:
+            members.setdefault(groups[layer.out_slot], []).append(rule_for(layer).filter_norms(
+                model.get_layer(layer.name)))
     return _averaged(members)
 
 

@@ -31,6 +31,8 @@ from keras.src.ops import numpy as numpy_ops
 import numpy as np
 import tensorflow as tf
 
+from tas_keras.layers import SearchableConv, SearchableSeparableConv
+
 _L = keras.layers
 CHANNEL_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
 
@@ -67,6 +69,7 @@ class LayerRule:
     multiple_inputs = False  # called with the list of its inputs (merges, Concatenate)
     opens_slot = False  # its output width is its slot's width, not its input's
     costed = False  # counted by `counts`
+    searchable_conv = False  # where it opens a searchable slot the supernet runs it as a `searchable` conv
 
     def read(self, reader, layer, in_slots):
         """Returns the slot of the layer's output, opening, tying or fixing slots through `reader`."""
@@ -80,9 +83,14 @@ class LayerRule:
         """Output channels in a derived network: `in_channels` of its inputs, `slot_width` of its slot."""
         return slot_width if self.opens_slot else in_channels[0]
 
-    def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2):
+    def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
+               depth_multiplier=1):
         """(FLOPs, parameters) at the given widths; the convention is `tas_keras.cost`'s."""
         return 0, 0
+
+    def filter_norms(self, keras_layer):
+        """The L1 norm of the weights that produce each output channel (a searchable conv's)."""
+        raise NotImplementedError(f"{type(keras_layer).__name__} opens no searchable slot")
 
     def masked(self, layer, keras_layer):
         """Whether the supernet zeroes its output beyond the sampled width (searchable slots only)."""
@@ -134,10 +142,10 @@ class InputRule(LayerRule):
 class ConvRule(LayerRule):
     """Conv2D (groups 1): opens a searchable slot named after it; a softmax activation fixes it."""
 
-    kind, classes, opens_slot, costed = "conv", (_L.Conv2D,), True, True
+    kind, classes, opens_slot, costed, searchable_conv = "conv", (_L.Conv2D,), True, True, True
 
     def read(self, reader, layer, in_slots):
-        if layer.groups != 1:
+        if getattr(layer, "groups", 1) != 1:
             refuse(layer, f"grouped convolution (groups={layer.groups}) is not supported")
         slot = reader.slots.open(layer.name, layer.filters)
         if activation_name(layer) in CHANNEL_MIXING_ACTIVATIONS:
@@ -147,9 +155,28 @@ class ConvRule(LayerRule):
     def details(self, layer, node):
         return {"kernel": tuple(layer.kernel_size), "strides": tuple(layer.strides), "use_bias": layer.use_bias}
 
-    def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2):
+    def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
+               depth_multiplier=1):
         weights = math.prod(kernel) * in_channels * out_channels + (out_channels if use_bias else 0)
         return weights * math.prod(output_size), weights
+
+    def filter_norms(self, keras_layer):
+        return np.abs(keras.ops.convert_to_numpy(keras_layer.kernel)).sum(axis=(0, 1, 2))
+
+    def searchable(self, source, candidates, normalize, epsilon, weight_decay):
+        """The supernet's searchable conv for `source`, mixing the sampled widths of `candidates`."""
+        config = source.get_config()
+        return SearchableConv(
+            source.filters, candidates, source.kernel_size, source.strides, weight_decay=weight_decay,
+            padding=source.padding, dilation_rate=source.dilation_rate, normalize=normalize,
+            use_bias=source.use_bias and not normalize, epsilon=epsilon,
+            kernel_initializer=keras.initializers.get(config["kernel_initializer"]), name=source.name)
+
+    def init_searchable(self, searchable, source):
+        """Copies a trained source layer's weights into its searchable conv."""
+        searchable.kernel.assign(source.kernel)
+        if searchable.use_bias:
+            searchable.bias.assign(source.bias)
 
     def narrowed(self, config, planned):
         config["filters"] = planned.out_channels
@@ -162,10 +189,53 @@ class ConvRule(LayerRule):
         return [kernel] + [_take(bias, out_order, 0) for bias in weights[1:]]
 
 
+class SeparableConvRule(ConvRule):
+    """SeparableConv2D: its depthwise part follows its input's slot, its pointwise part opens a searchable
+    slot named after it (a softmax activation fixes it). The supernet runs it as a depthwise conv and a
+    searchable 1x1 conv."""
+
+    kind, classes = "separable", (_L.SeparableConv2D,)
+
+    def details(self, layer, node):
+        return {**super().details(layer, node), "depth_multiplier": layer.depth_multiplier}
+
+    def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
+               depth_multiplier=1):
+        weights = (math.prod(kernel) * in_channels * depth_multiplier + in_channels * depth_multiplier * out_channels
+                   + (out_channels if use_bias else 0))
+        return weights * math.prod(output_size), weights
+
+    def filter_norms(self, keras_layer):
+        return np.abs(keras.ops.convert_to_numpy(keras_layer.pointwise_kernel)).sum(axis=(0, 1, 2))
+
+    def searchable(self, source, candidates, normalize, epsilon, weight_decay):
+        config = source.get_config()
+        return SearchableSeparableConv(
+            source.filters, candidates, source.kernel_size, source.strides, source.depth_multiplier,
+            weight_decay=weight_decay, padding=source.padding, dilation_rate=source.dilation_rate,
+            normalize=normalize, use_bias=source.use_bias and not normalize, epsilon=epsilon,
+            depthwise_initializer=keras.initializers.get(config["depthwise_initializer"]),
+            kernel_initializer=keras.initializers.get(config["pointwise_initializer"]), name=source.name)
+
+    def init_searchable(self, searchable, source):
+        searchable.depthwise.kernel.assign(source.depthwise_kernel)
+        searchable.kernel.assign(source.pointwise_kernel)
+        if searchable.use_bias:
+            searchable.bias.assign(source.bias)
+
+    def permuted(self, layer, weights, in_order, out_order):
+        multiplier = layer.depth_multiplier
+        depthwise, pointwise, *bias = weights
+        pointwise_order = None if in_order is None else (
+            np.asarray(in_order)[:, None] * multiplier + np.arange(multiplier)).reshape(-1)
+        return [_take(depthwise, in_order, 2), _take(_take(pointwise, pointwise_order, 2), out_order, -1)] + [
+            _take(value, out_order, 0) for value in bias]
+
+
 class DenseRule(ConvRule):
     """Dense on a vector: opens a fixed slot (Dense layers are not searched)."""
 
-    kind, classes = "dense", (_L.Dense,)
+    kind, classes, searchable_conv = "dense", (_L.Dense,), False
 
     def read(self, reader, layer, in_slots):
         if len(reader.shapes[reader.inputs[layer.name][0]]) != 2:
@@ -175,7 +245,8 @@ class DenseRule(ConvRule):
     def details(self, layer, node):
         return {"use_bias": layer.use_bias}
 
-    def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2):
+    def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
+               depth_multiplier=1):
         count = in_channels * out_channels + (out_channels if use_bias else 0)
         return count, count
 
@@ -202,7 +273,8 @@ class DepthwiseRule(LayerRule):
     def out_channels(self, layer, in_channels, slot_width):
         return in_channels[0] * layer.depth_multiplier
 
-    def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2):
+    def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
+               depth_multiplier=1):
         weights = math.prod(kernel) * out_channels + (out_channels if use_bias else 0)
         return weights * math.prod(output_size), weights
 
@@ -227,7 +299,8 @@ class BatchNormRule(LayerRule):
     def details(self, layer, node):
         return {"affine": int(layer.center) + int(layer.scale)}
 
-    def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2):
+    def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
+               depth_multiplier=1):
         return 0, affine * out_channels
 
     def masked(self, layer, keras_layer):
@@ -396,7 +469,7 @@ class ElementwiseOpRule(LayerRule):
         return layer(*(next(tensors) if operand is None else operand for operand in graph_layer.operands))
 
 
-RULES = (InputRule(), ConvRule(), DenseRule(), DepthwiseRule(), BatchNormRule(), PassThroughRule(), ReshapeRule(),
+RULES = (InputRule(), ConvRule(), SeparableConvRule(), DenseRule(), DepthwiseRule(), BatchNormRule(), PassThroughRule(), ReshapeRule(),
          ConcatenateRule(), MergeRule(), ElementwiseOpRule())
 _BY_CLASS = {cls: rule for rule in RULES for cls in rule.classes}
 _BY_KIND = {rule.kind: rule for rule in RULES}

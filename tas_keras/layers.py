@@ -332,6 +332,36 @@ class SearchableConv(keras.Layer):
                 keras.initializers.serialize(keras.initializers.get(self.kernel_initializer)), "route": self.route}
 
 
+class SearchableSeparableConv(SearchableConv):
+    """A SeparableConv2D whose output width is searched: its depthwise part (`depthwise`, no bias) runs as
+    it is on the zero-padded input, its pointwise part is a `SearchableConv` with a 1x1 kernel (`kernel`)
+    that mixes the two sampled widths. The stride, padding and dilation are the depthwise part's."""
+
+    def __init__(self, filters, candidates, kernel_size=3, strides=1, depth_multiplier=1, weight_decay=0.0,
+                 padding="same", dilation_rate=1, depthwise_initializer=None, **kwargs):
+        super().__init__(filters, candidates, kernel_size=1, strides=1, weight_decay=weight_decay, **kwargs)
+        self.depthwise_settings = {"kernel_size": _pair(kernel_size), "strides": _pair(strides),
+                                   "depth_multiplier": depth_multiplier, "padding": padding,
+                                   "dilation_rate": _pair(dilation_rate)}
+        self.depthwise_initializer = depthwise_initializer
+        self.depthwise = keras.layers.DepthwiseConv2D(
+            **self.depthwise_settings, use_bias=False, depthwise_initializer=depthwise_initializer or "glorot_uniform",
+            depthwise_regularizer=_coupled_decay(weight_decay), dtype=self.dtype_policy, name=f"{self.name}_depthwise")
+
+    def build(self, input_shape):
+        self.depthwise.build(input_shape)
+        super().build((*input_shape[:-1], input_shape[-1] * self.depthwise_settings["depth_multiplier"]))
+
+    def call(self, inputs, picks, weights):
+        return super().call(self.depthwise(inputs), picks, weights)
+
+    def get_config(self):
+        config = {**super().get_config(), **self.depthwise_settings, "depthwise_initializer":
+                  self.depthwise_initializer and keras.initializers.serialize(
+                      keras.initializers.get(self.depthwise_initializer))}
+        return config
+
+
 class DepthMixer(keras.Layer):
     """The output of a stage: sum_j q_j * CWI(output of block d_j) over the candidate depths d_j.
 

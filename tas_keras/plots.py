@@ -8,6 +8,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
 import numpy as np  # noqa: E402
 
+from tas_keras.layer_rules import rule_for  # noqa: E402
+
 
 def _save(fig, path):
     """Atomically: a killed run never leaves a half-written picture."""
@@ -23,7 +25,8 @@ def _kept(space, shape):
     dropped = {block.name for stage in space.stages for block in stage.blocks
                if block not in stage.kept_blocks(shape.depths[stage.name])}
     return np.array([any(layer.block not in dropped for layer in space.layers
-                         if layer.kind == "conv" and layer.out_slot == slot.name) for slot in space.searchable_slots])
+                         if rule_for(layer).searchable_conv and layer.out_slot == slot.name)
+                  for slot in space.searchable_slots])
 
 
 def plot_search(history, space, shapes, full_flops, path):

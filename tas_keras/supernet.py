@@ -55,7 +55,8 @@ def _check_metric(metric):
 def layer_cost(layer, in_channels, out_channels, metric):
     """The cost of a GraphLayer at the given widths (numbers or tensors): FLOPs or parameters."""
     return getattr(cost.layer_cost(layer.name, layer.kind, in_channels, out_channels, layer.kernel,
-                                   layer.strides, layer.output_size, layer.use_bias, layer.affine), metric)
+                                   layer.strides, layer.output_size, layer.use_bias, layer.affine,
+                                   layer.depth_multiplier), metric)
 
 
 def search_space(model_name, model, add_mode=None, width_multiple=1):
@@ -113,7 +114,7 @@ class GraphSupernet(keras.Model):
         made = {}
         for layer in space.layers:
             searchable = space.slot(layer.out_slot).searchable
-            if layer.kind == "input" or layer.name in self.absorbed or (layer.kind == "conv" and searchable):
+            if layer.kind == "input" or layer.name in self.absorbed or self._runs_searchable(layer):
                 continue
             source = operation(model, layer.name)
             # Fresh weights under the supernet's coupled weight decay, in the dtype policy the supernet is
@@ -133,7 +134,7 @@ class GraphSupernet(keras.Model):
         choices, self.stages, self._mixed_exits = {}, [], {}
         for layer in space.layers:
             slot = space.slot(layer.out_slot)
-            if layer.kind == "conv" and slot.searchable:
+            if self._runs_searchable(layer):
                 made[layer.name] = self._searchable_conv(layer, model)
                 if slot.name not in choices:
                     choices[slot.name] = WidthChoice(slot.candidates, name=own_name(f"{slot.name}_width"))
@@ -164,7 +165,7 @@ class GraphSupernet(keras.Model):
     def _absorbable_batch_norm(self, layer, readers, model):
         """The name of the BN (with centre and scale) that is the only reader of a searchable conv's
         linear output, whose affine the conv takes as its per-candidate affines; else None."""
-        if layer.kind != "conv" or not self.space.slot(layer.out_slot).searchable or len(readers) != 1:
+        if not self._runs_searchable(layer) or len(readers) != 1:
             return None
         source, reader = model.get_layer(layer.name), self.space.layer(readers[0])
         if source.get_config()["activation"] != "linear" or reader.kind != "batch_norm":
@@ -182,12 +183,12 @@ class GraphSupernet(keras.Model):
             self._activations[layer.name] = keras.activations.get(activation)
             if not maps_zero_to_zero(self._activations[layer.name]):
                 self._masked.add(layer.name)
-        return SearchableConv(
-            source.filters, self.space.slot(layer.out_slot).candidates, source.kernel_size, source.strides,
-            weight_decay=self.weight_decay, padding=source.padding,
-            dilation_rate=source.dilation_rate, normalize=normalize, use_bias=source.use_bias and not normalize,
-            epsilon=batch_norm.epsilon if batch_norm else BN_EPSILON,
-            kernel_initializer=keras.initializers.get(config["kernel_initializer"]), name=layer.name)
+        return rule_for(layer).searchable(source, self.space.slot(layer.out_slot).candidates, normalize,
+                                          batch_norm.epsilon if batch_norm else BN_EPSILON, self.weight_decay)
+
+    def _runs_searchable(self, layer):
+        """Whether the layer writes a searchable slot, so runs as a searchable conv (`layers.SearchableConv`)."""
+        return rule_for(layer).searchable_conv and self.space.slot(layer.out_slot).searchable
 
     @property
     def image_shape(self):
@@ -357,9 +358,7 @@ class GraphSupernet(keras.Model):
                 if getattr(layer, "weights", None):
                     layer.set_weights(source.get_weights())
                 continue
-            layer.kernel.assign(source.kernel)
-            if layer.use_bias:
-                layer.bias.assign(source.bias)
+            rule_for(self.space.layer(name)).init_searchable(layer, source)
             if name in batch_norm_of:
                 bn = model.get_layer(batch_norm_of[name])
                 layer.gammas.assign(tf.tile(bn.gamma[None], [len(layer.candidates), 1]))

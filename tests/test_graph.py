@@ -140,8 +140,7 @@ REFUSED = {
     "lambda": (lambda: _functional(lambda x: L.Lambda(lambda t: t * 2, name="doubling")(x)),
                "doubling (Lambda)"),
     "recurrent": (lambda: _functional(lambda x: L.LSTM(4, name="memory")(x), (10, 3)), "memory (LSTM)"),
-    "separable": (lambda: _functional(lambda x: L.SeparableConv2D(4, 3, name="sep")(x)),
-                  "sep (SeparableConv2D)"),
+    "conv transpose": (lambda: _functional(lambda x: L.Conv2DTranspose(4, 3, name="up")(x)), "up (Conv2DTranspose)"),
     "nested model": (lambda: _functional(_nested), "my_subclassed (_Subclassed): a nested model that is not "
                                                    "functional"),
     "shared layer": (lambda: _functional(_shared), "shared_conv (Conv2D): a shared layer"),
@@ -345,10 +344,11 @@ def test_bias_terms_are_counted_as_the_reference_counter_does():
     x = L.Conv2D(8, 3, padding="same", name="conv")(inputs)
     x = L.DepthwiseConv2D(3, padding="same", name="dw")(x)
     x = L.Conv2D(4, 1, use_bias=False, name="pointwise")(x)
+    x = L.SeparableConv2D(5, 3, strides=2, padding="same", depth_multiplier=2, name="separable")(x)
     x = L.Dense(6, name="fc", use_bias=False)(L.GlobalAveragePooling2D()(x))
     model = keras.Model(inputs, L.Dense(2, name="out")(x))
     by_hand = {"conv": (9 * 3 * 8 + 8) * 100, "dw": (9 * 8 + 8) * 100, "pointwise": 8 * 4 * 100,
-               "fc": 4 * 6, "out": 6 * 2 + 2}
+               "separable": (9 * 4 * 2 + 4 * 2 * 5 + 5) * 25, "fc": 5 * 6, "out": 6 * 2 + 2}
     space = read_model(model)
     for report in (count_shape(space, space.full_shape()), count_model(model)):
         assert {layer.name: layer.flops for layer in report.layers} == by_hand

@@ -17,6 +17,8 @@ from tas_keras.graph import INDEPENDENT, read_model
 from tas_keras.models import efficientnet_lite
 from tas_keras.models.registry import build_model
 from tas_keras.models.torch_checkpoint import LEGACY_MAGIC, CheckpointError, load_state_dict
+
+from .test_supernet import sep_cnn
 from tests.conftest import SHARED
 
 IMAGENETTE = SHARED / "data" / "imagenette2-224.zip"
@@ -99,13 +101,15 @@ def _randomised_batch_norms(model, seed=0):
 
 
 @pytest.mark.parametrize("name, add_mode", [("mobilenet_v2", "tied"), ("resnet50", "tied"),
-                                            ("efficientnet_lite0", "tied"), ("resnet8", INDEPENDENT)])
+                                            ("efficientnet_lite0", "tied"), ("resnet8", INDEPENDENT),
+                                            ("sep_cnn", "tied")])
 def test_ordered_channels_compute_the_same_function_most_important_first(name, add_mode):
     keras.utils.set_random_seed(0)
-    model = _randomised_batch_norms(build_model(name, (32, 32, 3) if name != "resnet8" else None, 10))
+    model = _randomised_batch_norms(sep_cnn() if name == "sep_cnn" else
+                                    build_model(name, (32, 32, 3) if name != "resnet8" else None, 10))
     space = read_model(model, add_mode)
     ordered = importance.order_channels(model, space)
-    images = np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    images = np.random.default_rng(1).uniform(0, 255, (4, *model.input_shape[1:])).astype("float32")
     expected = model.predict(images, verbose=0)
     np.testing.assert_allclose(ordered.predict(images, verbose=0), expected, atol=1e-5 * max(1, np.abs(expected).max()))
     before, after = importance.magnitude_scores(model, space), importance.magnitude_scores(ordered, space)

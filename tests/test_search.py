@@ -317,8 +317,9 @@ def test_run_search_of_a_keras_file_writes_a_pruned_shape(tmp_path):
 def test_run_search_refuses_a_keras_file_that_does_not_fit_the_data(tmp_path):
     path = str(tmp_path / "small.keras")
     _user_cnn((16, 16, 3), 4).save(path)
+    # The data is read at the model's 16 px (it states its input); its 10 classes are not the model's 4.
     with pytest.raises(ValueError, match=f"{path} takes 16x16x3 images and gives 4 classes; the dataset "
-                                         "cifar10_mini has 32x32x3 images and 10 classes"):
+                                         "cifar10_mini has 16x16x3 images and 10 classes"):
         run_search(str(tmp_path / "search"), model_name=path)
     assert not (tmp_path / "search").exists()
 

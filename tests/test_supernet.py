@@ -59,6 +59,20 @@ def ops_cnn():
     return keras.Model(inputs, outputs, name="ops_cnn")
 
 
+def sep_cnn():
+    """Xception's idiom: SeparableConv2D (one with depth_multiplier 2 and a BN, one with a bias and no
+    BN) in a stage of two identity blocks."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = L.ReLU(name="stem_relu")(L.BatchNormalization(name="stem_bn")(L.Conv2D(8, 3, padding="same", name="stem")(inputs)))
+    for b in ("b1", "b2"):
+        y = L.SeparableConv2D(16, 3, padding="same", depth_multiplier=2, use_bias=False, name=f"{b}_sep1")(x)
+        y = L.ReLU(name=f"{b}_relu")(L.BatchNormalization(name=f"{b}_sep1_bn")(y))
+        y = L.SeparableConv2D(8, 3, padding="same", name=f"{b}_sep2")(y)
+        x = L.Add(name=f"{b}_add")([x, y])
+    outputs = L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="pool")(x))
+    return keras.Model(inputs, outputs, name="sep_cnn")
+
+
 def _source(name):
     """A source model with non-trivial BN affines and biases, so a wrong copy shows."""
     keras.utils.set_random_seed(0)
@@ -66,6 +80,8 @@ def _source(name):
         model = user_cnn()
     elif name == "ops_cnn":
         model = ops_cnn()
+    elif name == "sep_cnn":
+        model = sep_cnn()
     elif name == "resnet20":
         model = CifarResNet(ArchConfig.full("resnet20", input_shape=(8, 8, 3)))
     else:
@@ -243,7 +259,7 @@ def test_cifar_forward_is_the_reference_forward(cifar_supernet):
 # Any model: exact costs, and the source model at the full sample.
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "resnet50", "user_cnn", "user_cnn_independent",
-                                  "ops_cnn"])
+                                  "ops_cnn", "sep_cnn"])
 def test_argmax_cost_is_the_count_of_the_derived_shape(name):
     _, space, supernet = _supernet(name)
     for seed in range(4):
@@ -257,7 +273,7 @@ def test_argmax_cost_is_the_count_of_the_derived_shape(name):
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "resnet50", "user_cnn", "user_cnn_independent",
-                                  "ops_cnn"])
+                                  "ops_cnn", "sep_cnn"])
 def test_full_sample_from_the_source_equals_the_source_in_training_mode(name):
     model, space, supernet = _supernet(name)  # resnet20 without normalize_every_conv: its stride-2
     images = tf.random.stateless_normal((8, *space.input_shape), [2, 0])  # shortcuts stay bare
@@ -269,7 +285,7 @@ def test_full_sample_from_the_source_equals_the_source_in_training_mode(name):
     np.testing.assert_allclose(actual, expected, atol=max(1e-4, 2 * np.abs(reversed_batch - expected).max()))
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "user_cnn", "ops_cnn"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "user_cnn", "ops_cnn", "sep_cnn"])
 def test_one_hot_sample_equals_the_derived_network_in_training_mode(name):
     """At a narrower one-hot sample the supernet is the derived network (tied slots share one width;
     depthwise convs, BNs and activations follow it; the masks keep the zero channels zero)."""
