@@ -333,7 +333,11 @@ def _prune_cell(entry, details=True):
         return "not run"
     if result["ok"]:
         return f"ok, {result['wall_time_s']:.0f} s" if details else "ok"
-    return f"no: {result['error']}" if details else "no"
+    if not details:
+        return "no"
+    seen = entry.get("refusal") or entry.get("error") or entry.get("derive", {}).get("error")
+    return "no: the same " + ("refusal" if "refusal" in entry else "error") if seen and seen in result["error"] \
+        else f"no: {result['error']}"
 
 
 def _read_cell(entry):
@@ -346,9 +350,9 @@ def _derive_cell(derive):
     return f"{derive['max_abs_difference']:.1e} ({derive['relative']:.1e})" + ("" if derive["ok"] else " > 1e-5")
 
 
-def _flops_cells(flops):
+def _flops_cells(flops, derive):
     if "error" in flops:
-        return ["-", f"fails: {flops['error']}"]
+        return ["-", "fails: the same error" if flops["error"] == derive.get("error") else f"fails: {flops['error']}"]
     shape = flops["uniform_50"]
     return [f"{flops['full'] / 1e6:.1f}", f"{shape['ratio']:.3f}" if "ratio" in shape else shape["error"]]
 
@@ -376,7 +380,7 @@ def table(results, compact=False):
              "fixed convs or refusal |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for family, entry in families.items():
         cells = ([str(entry["searchable_slots"]), f"{entry['searchable_convs']}/{entry['convs']}", _stages(entry),
-                  _derive_cell(entry["derive"]), *_flops_cells(entry["flops"])] if entry.get("read") else ["-"] * 6)
+                  _derive_cell(entry["derive"]), *_flops_cells(entry["flops"], entry["derive"])] if entry.get("read") else ["-"] * 6)
         lines.append(f"| {family} | {entry.get('input_size', '-')} | {_read_cell(entry)} | " + " | ".join(cells)
                      + f" | {_prune_cell(entry)} | {_note(entry)} |")
     return "\n".join(lines)
