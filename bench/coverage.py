@@ -10,8 +10,9 @@ input_shape=(s, s, 3))`, ending in its softmax; s is --image_size or the family'
 InceptionV3 75, Xception 71) and, in its own subprocess (so memory does not pile up), gives:
   read         `tas_keras.graph.read_model` of the logits model (`graph.load_model` takes the softmax off, as
                the pipeline does), or the refusal's one line (UnsupportedModelError);
-  widths       searchable slots, searchable convs / all convs (a conv is searchable when its output slot
-               is), and why the other convs keep their full width (reasons with the layer name left off);
+  widths       searchable slots, searchable convs / all convs (Conv2D, SeparableConv2D: the layers whose
+               rule opens a slot as a conv; a conv is searchable when its output slot is), and why the other
+               convs keep their full width (reasons with the layer name left off);
   depth        the stages of droppable blocks (`space.stages`) and their block counts;
   derive       the max |output difference| of `derive.derive_model` at the full shape from the logits
                model, absolute and relative to the max |output|, on 2 random images (0-255), after every
@@ -174,6 +175,13 @@ def _reason_kind(reason, layer_names):
     return rest if first in layer_names and rest else reason
 
 
+def _is_conv(layer):
+    """Whether a GraphLayer is a conv whose rule opens a searchable slot (Conv2D, SeparableConv2D, ...; not
+    Dense, DepthwiseConv2D)."""
+    from tas_keras.layer_rules import rule_for
+    return layer.kind == "conv" or getattr(rule_for(layer), "searchable_conv", False)
+
+
 def read_and_derive(model):
     """The read part of a family's entry, from its model as built (`build_family`)."""
     from tas_keras.graph import load_model, read_model
@@ -189,7 +197,7 @@ def read_and_derive(model):
         return {"read": False, "error": _last_line(error)}
     entry = {"read": True, "read_seconds": round(time.perf_counter() - start, 3)}
     slots = {slot.name: slot for slot in space.slots}
-    convs = [layer for layer in space.layers if layer.kind == "conv"]
+    convs = [layer for layer in space.layers if _is_conv(layer)]
     names = {layer.name for layer in space.layers}
     fixed = collections.Counter(_reason_kind(slots[c.out_slot].fixed_reason, names) for c in convs
                                 if not slots[c.out_slot].searchable)
