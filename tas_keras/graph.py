@@ -328,9 +328,10 @@ class GraphSpace:
                 inputs = inputs[:x] + (projection[-1].layer.name,) + inputs[x + 1:]
                 out = widths[r]
             else:
-                if len(set(widths)) > 1:
+                rule = rule_for(layer)
+                if not rule.opens_slot and len(set(widths)) > 1:  # a Concatenate's inputs may differ
                     raise AssertionError(f"{layer.name}: tied inputs of widths {widths}")
-                out = rule_for(layer).out_channels(layer, widths, self.width(shape, layer.out_slot))
+                out = rule.out_channels(layer, widths, self.width(shape, layer.out_slot))
             planned.append(DerivedLayer(dataclasses.replace(layer, inputs=inputs), layer.name,
                                         widths[0] if widths else out, out))
             channels[layer.name] = out

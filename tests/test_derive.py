@@ -49,6 +49,16 @@ def user_cnn(num_classes=5):
     return keras.Model(inputs, outputs, name="user_cnn")
 
 
+def concat_cnn():
+    """An Inception-style Concatenate of two branches of different widths between searchable convs."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = L.ReLU(name="stem_relu")(L.Conv2D(8, 3, padding="same", name="stem")(inputs))
+    branches = [L.Conv2D(width, kernel, padding="same", name=f"branch{kernel}")(x) for width, kernel in ((4, 1), (6, 3))]
+    x = L.BatchNormalization(name="mixed_bn")(L.Concatenate(name="mixed")(branches))
+    x = L.Conv2D(8, 1, activation="relu", name="after")(x)
+    return keras.Model(inputs, L.Dense(3, name="head")(L.GlobalAveragePooling2D(name="pool")(x)), name="concat_cnn")
+
+
 def _with_statistics(model, seed=0):
     """Gives every BN non-trivial moving statistics and affine weights, so inference mode tests them."""
     rng = np.random.default_rng(seed)
@@ -80,6 +90,7 @@ MODELS = {
     "user_cnn": (user_cnn, TIED),
     "ops_cnn": (ops_cnn, TIED),
     "sep_cnn": (sep_cnn, TIED),
+    "concat_cnn": (concat_cnn, TIED),
 }
 
 
@@ -98,7 +109,7 @@ def test_full_shape_reproduces_the_original(models, name):
     np.testing.assert_allclose(derived(images, training=False), model(images, training=False), atol=1e-5)
 
 
-@pytest.mark.parametrize("name, mode", [("user_cnn", TIED), ("user_cnn", INDEPENDENT), ("ops_cnn", TIED), ("sep_cnn", TIED),
+@pytest.mark.parametrize("name, mode", [("user_cnn", TIED), ("user_cnn", INDEPENDENT), ("ops_cnn", TIED), ("sep_cnn", TIED), ("concat_cnn", TIED),
                                         ("mobilenet_v2", TIED), ("resnet50", INDEPENDENT),
                                         ("cifar_resnet20", INDEPENDENT)])
 def test_count_of_a_shape_is_the_count_of_its_derived_model(models, name, mode):
