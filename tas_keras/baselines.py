@@ -20,7 +20,8 @@ from tas_keras import data
 from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_shape
 from tas_keras.derive import derive_model
-from tas_keras.graph import GraphShape, load_model
+from tas_keras.graph import load_model
+from tas_keras.graph_space import GraphShape
 from tas_keras import input_convention as conventions
 from tas_keras.importance import importance_scores, magnitude_scores, order_channels, slot_groups
 from tas_keras.layer_rules import rule_for

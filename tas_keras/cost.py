@@ -12,7 +12,6 @@ built Keras model).
 """
 
 import dataclasses
-import math
 
 import keras
 

@@ -1,7 +1,7 @@
 """The TAS search space of any supported Keras CNN, read from its functional graph (docs/design.md section 11).
 
 `read_model(model)` walks the nodes of a functional model (or a built Sequential) from its output back
-to its input and returns a `GraphSpace`: every layer with the width slot it reads and the one it
+to its input and returns a `GraphSpace` (`tas_keras.graph_space`): every layer with the width slot it reads and the one it
 writes, the width slots with their candidate widths, the stages of droppable residual blocks with their
 depth choices, and (in "independent" mode) the identity shortcuts a derived network may project.
 `GraphShape` is one point of that space; `GraphSpace.plan(shape)` resolves it into the layers the
@@ -84,300 +84,19 @@ LayerNormalization, PReLU, ...).
 """
 
 import dataclasses
-import functools
 import inspect
-import json
 import os
-from typing import Mapping
 
 import keras
 
+from tas_keras.graph_space import (ADD_MODES, INDEPENDENT, TIED, GraphLayer, GraphSpace, IdentityShortcut,
+                                   ResidualBlock, Stage, WidthSlot)
 from tas_keras.layer_rules import (CHANNEL_MIXING_ACTIVATIONS, ELEMENTWISE_ACTIVATIONS, FOLLOWING_CLASSES,
                                    NORMALIZATION_CLASSES, RANDOM_AUGMENTATION_CLASSES, UnsupportedModelError,
-                                   activation_name, refuse,
-                                   rule_for, rule_for_layer)
-from tas_keras.search_space import WIDTH_RATIOS, ArchConfig, candidate_widths, conv_slots, depth_choices
-from tas_keras.search_space import parse_model_name
-
-TIED = "tied"
-INDEPENDENT = "independent"
-ADD_MODES = (TIED, INDEPENDENT)
+                                   activation_name, refuse, rule_for_layer)
+from tas_keras.search_space import WIDTH_RATIOS, candidate_widths, depth_choices
 
 _L = keras.layers
-
-
-@dataclasses.dataclass(frozen=True)
-class WidthSlot:
-    """A group of channels that share one width: opened by `name`, widened to `full_width` at most."""
-
-    name: str
-    full_width: int
-    candidates: tuple  # sorted; (full_width,) when fixed
-    fixed_reason: str = ""  # why the reader keeps it at full width; empty when the search chooses it
-
-    @property
-    def searchable(self):
-        return not self.fixed_reason
-
-
-@dataclasses.dataclass(frozen=True)
-class GraphLayer:
-    """One layer of the model, as the search space sees it.
-
-    kind: input | conv (Conv2D) | depthwise | dense | batch_norm | pass (weightless, keeps the slot) |
-    reshape (Flatten of a map, Reshape: fixed in and out) | merge (Add and other elementwise merges) |
-    concat (Concatenate: fixed in and out).
-    """
-
-    name: str
-    class_name: str
-    kind: str
-    inputs: tuple  # names of the layers whose outputs it reads, in call order
-    in_slots: tuple  # the slot of each input
-    out_slot: str
-    output_size: tuple = ()  # (height, width) of a spatial output, () for a vector
-    kernel: tuple = ()  # (k_h, k_w) of a conv or depthwise conv
-    strides: tuple = ()
-    use_bias: bool = False
-    depth_multiplier: int = 1
-    affine: int = 0  # BatchNormalization: per-channel trainable vectors (gamma and/or beta)
-    block: str = ""  # the droppable identity block it belongs to
-    call_arguments: Mapping = dataclasses.field(default_factory=dict)  # e.g. Dropout's training=False
-    operands: tuple = ()  # a keras.ops operation's arguments: None for each input tensor, else the constant
-
-
-@dataclasses.dataclass(frozen=True)
-class IdentityShortcut:
-    """An independent-mode Add(x, r) whose x a derived network projects when the widths differ."""
-
-    add: str
-    shortcut: str  # the layer whose output is x
-    residual: str  # the layer whose output is r
-    conv: str  # the Conv2D opening r's slot: the projection conv copies its settings
-    batch_norm: str  # the BN between that conv and r ("" when none): the projection BN copies it
-    conv_name: str  # names of the projection layers in the derived network
-    batch_norm_name: str
-
-
-@dataclasses.dataclass(frozen=True)
-class ResidualBlock:
-    name: str  # the Add's name without "_add"
-    entry: str  # the layer whose output x the block reads (and hands on when dropped)
-    add: str
-    exit: str  # the layer whose output leaves the block: the Add or its trailing activation
-    layers: tuple  # the residual branch, the Add and the trailing activations, in graph order
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """A chain of droppable identity blocks and the stage's always-kept first block.
-
-    The first block is `opener` (a projection block or a stage-opening block without an Add) when there
-    is one, else `blocks[0]`.
-    """
-
-    name: str
-    opener: str
-    blocks: tuple  # ResidualBlock, in order
-    choices: tuple  # depth_choices(num_blocks)
-
-    @property
-    def first_block(self):
-        return self.opener or self.blocks[0].name
-
-    @property
-    def num_blocks(self):
-        return len(self.blocks) + bool(self.opener)
-
-    def kept_blocks(self, depth):
-        """The identity blocks a stage keeping `depth` blocks (first block included) keeps."""
-        return self.blocks[:depth - bool(self.opener)]
-
-
-@dataclasses.dataclass(frozen=True)
-class GraphShape:
-    """A point of a GraphSpace: the width of every searchable slot and the blocks kept per stage."""
-
-    widths: Mapping[str, int]
-    depths: Mapping[str, int]
-
-    def __post_init__(self):
-        object.__setattr__(self, "widths", {str(k): int(v) for k, v in dict(self.widths).items()})
-        object.__setattr__(self, "depths", {str(k): int(v) for k, v in dict(self.depths).items()})
-
-    def to_dict(self):
-        return {"widths": dict(self.widths), "depths": dict(self.depths)}
-
-    @classmethod
-    def from_dict(cls, config):
-        unknown = sorted(set(config) - {"widths", "depths"})
-        if unknown:
-            raise ValueError(f"unknown GraphShape keys {unknown}")
-        return cls(config.get("widths", {}), config.get("depths", {}))
-
-    def to_json(self):
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text):
-        return cls.from_dict(json.loads(text))
-
-
-@dataclasses.dataclass(frozen=True)
-class DerivedLayer:
-    """A layer of the derived network: `layer` with its inputs rewired past dropped blocks, built with
-    the class and settings of the original layer `source` (itself, or for a projection shortcut the
-    conv or BN it mirrors) and `out_channels` output channels."""
-
-    layer: GraphLayer
-    source: str
-    in_channels: int
-    out_channels: int
-
-
-@dataclasses.dataclass(frozen=True)
-class DerivedPlan:
-    layers: tuple
-    output: str
-
-
-@dataclasses.dataclass(frozen=True)
-class GraphSpace:
-    """The search space read from a model: layers in graph order, width slots, stages, shortcuts."""
-
-    name: str
-    input_shape: tuple
-    add_mode: str
-    multiple_of: int
-    layers: tuple
-    slots: tuple
-    stages: tuple
-    shortcuts: tuple  # IdentityShortcut, independent mode only
-    output: str
-
-    def layer(self, name):
-        return self._layers_by_name[name]
-
-    def slot(self, name):
-        return self._slots_by_name[name]
-
-    @functools.cached_property
-    def _layers_by_name(self):
-        return {layer.name: layer for layer in self.layers}
-
-    @functools.cached_property
-    def _slots_by_name(self):
-        return {slot.name: slot for slot in self.slots}
-
-    @property
-    def searchable_slots(self):
-        return tuple(slot for slot in self.slots if slot.searchable)
-
-    def full_shape(self):
-        return GraphShape({s.name: s.full_width for s in self.searchable_slots},
-                          {stage.name: stage.num_blocks for stage in self.stages})
-
-    def validate(self, shape):
-        expected, given = {s.name for s in self.searchable_slots}, set(shape.widths)
-        if expected != given:
-            raise ValueError(f"shape widths do not match the space {self.name!r}: missing "
-                             f"{sorted(expected - given)}, unknown {sorted(given - expected)}")
-        for slot in self.searchable_slots:
-            width = shape.widths[slot.name]
-            if not 1 <= width <= slot.full_width:
-                raise ValueError(f"{slot.name}: width {width} is outside 1..{slot.full_width}")
-        stages = {stage.name: stage for stage in self.stages}
-        if set(shape.depths) != set(stages):
-            raise ValueError(f"shape depths name the stages {sorted(shape.depths)}, the space has "
-                             f"{sorted(stages)}")
-        for name, depth in shape.depths.items():
-            if not 1 <= depth <= stages[name].num_blocks:
-                raise ValueError(f"{name}: {depth} blocks kept is outside 1..{stages[name].num_blocks}")
-
-    def width(self, shape, slot_name):
-        slot = self.slot(slot_name)
-        return shape.widths[slot_name] if slot.searchable else slot.full_width
-
-    def plan(self, shape):
-        """The layers the derived network of `shape` builds, in order, with their channel counts."""
-        self.validate(shape)
-        dropped, handed_on = set(), {}
-        for stage in self.stages:
-            for block in stage.blocks[len(stage.kept_blocks(shape.depths[stage.name])):]:
-                dropped.update(block.layers)
-                handed_on[block.exit] = block.entry
-
-        def kept(name):
-            while name in handed_on:
-                name = handed_on[name]
-            return name
-
-        shortcuts = {s.add: s for s in self.shortcuts}
-        channels, planned = {}, []
-        for layer in self.layers:
-            if layer.name in dropped:
-                continue
-            inputs = tuple(kept(name) for name in layer.inputs)
-            widths = [channels[name] for name in inputs]
-            if layer.name in shortcuts and len(set(widths)) > 1:
-                shortcut = shortcuts[layer.name]
-                x, r = inputs.index(kept(shortcut.shortcut)), inputs.index(kept(shortcut.residual))
-                projection = self.projection(shortcut, inputs[x], widths[x], widths[r])
-                planned.extend(projection)
-                channels.update({p.layer.name: p.out_channels for p in projection})
-                inputs = inputs[:x] + (projection[-1].layer.name,) + inputs[x + 1:]
-                out = widths[r]
-            else:
-                rule = rule_for(layer)
-                if not rule.opens_slot and len(set(widths)) > 1:  # a Concatenate's inputs may differ
-                    raise AssertionError(f"{layer.name}: tied inputs of widths {widths}")
-                out = rule.out_channels(layer, widths, self.width(shape, layer.out_slot))
-            planned.append(DerivedLayer(dataclasses.replace(layer, inputs=inputs), layer.name,
-                                        widths[0] if widths else out, out))
-            channels[layer.name] = out
-        return DerivedPlan(tuple(planned), kept(self.output))
-
-    def projection(self, shortcut, source, in_channels, out_channels):
-        """The layers a derived network adds to an identity shortcut whose x (the output of layer
-        `source`) and r differ in width: a 1x1 conv from `in_channels` to `out_channels` with the
-        settings of the conv that opens r's slot, then a BN like r's, when r has one."""
-        add = self.layer(shortcut.add)
-        conv = dataclasses.replace(
-            self.layer(shortcut.conv), name=shortcut.conv_name, inputs=(source,),
-            in_slots=(self.layer(shortcut.shortcut).out_slot,), kernel=(1, 1), strides=(1, 1),
-            output_size=add.output_size, block=add.block)
-        layers = [DerivedLayer(conv, shortcut.conv, in_channels, out_channels)]
-        if shortcut.batch_norm:
-            bn = dataclasses.replace(self.layer(shortcut.batch_norm), name=shortcut.batch_norm_name,
-                                     inputs=(conv.name,), output_size=add.output_size, block=add.block)
-            layers.append(DerivedLayer(bn, shortcut.batch_norm, out_channels, out_channels))
-        return layers
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, config):
-        config = dict(config)
-        config["layers"] = tuple(GraphLayer(**_tuples(layer)) for layer in config["layers"])
-        config["slots"] = tuple(WidthSlot(**_tuples(slot)) for slot in config["slots"])
-        config["stages"] = tuple(
-            Stage(**{**_tuples(stage), "blocks": tuple(ResidualBlock(**_tuples(b)) for b in stage["blocks"])})
-            for stage in config["stages"])
-        config["shortcuts"] = tuple(IdentityShortcut(**s) for s in config["shortcuts"])
-        config["input_shape"] = tuple(config["input_shape"])
-        return cls(**config)
-
-    def to_json(self):
-        return json.dumps(self.to_dict(), indent=1)
-
-    @classmethod
-    def from_json(cls, text):
-        return cls.from_dict(json.loads(text))
-
-
-def _tuples(record):
-    return {key: tuple(value) if isinstance(value, list) else value for key, value in record.items()}
 
 
 def load_model(model_or_path, logits=True):
@@ -658,7 +377,7 @@ class _GraphReader:
     def read_merge(self, layer, in_slots):
         """The slot of a merge's output (`tas_keras.layer_rules.MergeRule`): the Add rule of the module
         docstring, tied or independent."""
-        name, sources = layer.name, self.inputs[layer.name]
+        sources = self.inputs[layer.name]
         if len({self.channels(source) for source in sources}) > 1:
             refuse(layer, "merges inputs of different channel counts: "
                            f"{[self.channels(source) for source in sources]}")
@@ -814,45 +533,3 @@ def _common_prefix(names):
     prefix = os.path.commonprefix(list(names))
     prefix = prefix[:prefix.rfind("_")] if "_" in prefix else prefix
     return prefix or names[-1]
-
-
-# The CIFAR ResNets: an ArchConfig is a GraphShape of their independent-mode space (slots and stages keep
-# the conv names and the stage order of ArchConfig).
-
-def shape_from_arch(space, arch):
-    """The GraphShape of `arch` in the space read from the full CifarResNet of the same model."""
-    widths = {slot.name: width for slot, width in zip(arch.slots, arch.widths)}
-    unknown = {s.name for s in space.searchable_slots} - set(widths)
-    if unknown:
-        raise ValueError(f"{arch.name} has no width for the slots {sorted(unknown)} of space {space.name!r}")
-    depths = {}
-    for stage_index, kept in enumerate(arch.stage_blocks, start=1):
-        stage = _cifar_stage(space, stage_index)
-        if stage is None:
-            if kept != 1:
-                raise ValueError(f"{space.name!r} has no droppable blocks in stage {stage_index}")
-            continue
-        depths[stage.name] = kept
-    shape = GraphShape({s.name: widths[s.name] for s in space.searchable_slots}, depths)
-    space.validate(shape)
-    return shape
-
-
-def arch_from_shape(space, shape):
-    """The ArchConfig of a GraphShape of a CIFAR ResNet's space."""
-    space.validate(shape)
-    depth, block = parse_model_name(space.name)
-    stage_blocks = []
-    for stage_index in range(1, 4):
-        stage = _cifar_stage(space, stage_index)
-        stage_blocks.append(shape.depths[stage.name] if stage else 1)
-    classes = space.slot(space.layer(space.output).out_slot).full_width
-    return ArchConfig(depth=depth, block=block, num_classes=classes,
-                      widths=[space.width(shape, slot.name) for slot in conv_slots(depth, block)],
-                      stage_blocks=stage_blocks, input_shape=space.input_shape,
-                      provenance={"source": "graph shape"})
-
-
-def _cifar_stage(space, stage_index):
-    first = f"s{stage_index}_b1"
-    return next((stage for stage in space.stages if stage.first_block == first), None)

@@ -22,7 +22,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from tas_keras.graph import INDEPENDENT, arch_from_shape
+from tas_keras.cifar_shapes import arch_from_shape
+from tas_keras.graph_space import INDEPENDENT
 from tas_keras.models.cifar_resnet import network_plan
 from tas_keras.search_space import ArchConfig, candidate_widths, read_json_file
 

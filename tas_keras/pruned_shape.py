@@ -17,7 +17,9 @@ import os
 from typing import Mapping
 
 from tas_keras.derive import derive_model
-from tas_keras.graph import ADD_MODES, INDEPENDENT, GraphShape, read_model, shape_from_arch
+from tas_keras.cifar_shapes import shape_from_arch
+from tas_keras.graph import read_model
+from tas_keras.graph_space import ADD_MODES, INDEPENDENT, GraphShape
 from tas_keras.models.registry import build_model, is_model_file
 from tas_keras.search_space import ArchConfig, read_json_file
 

@@ -13,7 +13,8 @@ from tas_keras import data, plots
 from tas_keras import input_convention as conventions
 from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_shape
-from tas_keras.graph import ADD_MODES, INDEPENDENT, GraphShape, arch_from_shape, shape_from_arch
+from tas_keras.cifar_shapes import arch_from_shape, shape_from_arch
+from tas_keras.graph_space import ADD_MODES, INDEPENDENT, GraphShape
 from tas_keras.latency import LatencyTable, SupernetLatency, predict_latency
 from tas_keras.precision import in_dtype_policy
 from tas_keras.models.registry import build_model, image_size_for, is_cifar_model, is_model_file

@@ -34,11 +34,11 @@ last kept block, an independent shortcut projected where its widths differ), so 
 import inspect
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tas_keras import cost
-from tas_keras.graph import INDEPENDENT, TIED, GraphShape, load_model, operation, read_model
+from tas_keras.graph import load_model, operation, read_model
+from tas_keras.graph_space import INDEPENDENT, TIED, GraphShape
 from tas_keras.layer_rules import maps_zero_to_zero, rule_for
 from tas_keras.layers import DepthMixer, SearchableConv, WidthChoice, width_mask
 from tas_keras.models.cifar_resnet import BN_EPSILON, WEIGHT_DECAY

@@ -57,7 +57,9 @@ def pytest_collection_modifyitems(items):
 def predefined_arch(full, target_ratio, tolerance=0.05):
     """The pre-defined (uniform) baseline of a CIFAR ResNet `full` (an ArchConfig) as an ArchConfig."""
     from tas_keras.baselines import predefined_shape
-    from tas_keras.graph import INDEPENDENT, arch_from_shape, read_model
+    from tas_keras.cifar_shapes import arch_from_shape
+    from tas_keras.graph import read_model
+    from tas_keras.graph_space import INDEPENDENT
     from tas_keras.models.cifar_resnet import CifarResNet
 
     space = read_model(CifarResNet(full), INDEPENDENT)

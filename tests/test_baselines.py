@@ -10,7 +10,8 @@ import pytest
 
 from tas_keras.baselines import OBJECTIVE, FlopBandOracle, make_baseline, shape_from_values
 from tas_keras.cost import count_shape
-from tas_keras.graph import INDEPENDENT, read_model
+from tas_keras.graph import read_model
+from tas_keras.graph_space import INDEPENDENT
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search_space import ArchConfig, candidate_widths
 

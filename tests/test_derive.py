@@ -9,7 +9,9 @@ import pytest
 
 from tas_keras.cost import count_arch, count_model, count_shape
 from tas_keras.derive import derive_model
-from tas_keras.graph import INDEPENDENT, TIED, GraphShape, arch_from_shape, read_model, shape_from_arch
+from tas_keras.cifar_shapes import arch_from_shape, shape_from_arch
+from tas_keras.graph import read_model
+from tas_keras.graph_space import INDEPENDENT, TIED, GraphShape
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.registry import build_model
 from tas_keras.search_space import ArchConfig

@@ -12,8 +12,8 @@ import pytest
 from tas_keras import input_convention
 from tas_keras.cost import count_arch, count_model, count_shape
 from tas_keras.derive import derive_model
-from tas_keras.graph import (INDEPENDENT, TIED, GraphShape, GraphSpace, UnsupportedModelError, load_model,
-                             read_model, softmax_head)
+from tas_keras.graph import UnsupportedModelError, load_model, read_model, softmax_head
+from tas_keras.graph_space import INDEPENDENT, TIED, GraphShape, GraphSpace
 from tas_keras.models.registry import build_model
 from tas_keras.search_space import ArchConfig
 

@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 from export import layer_latency
-from tas_keras.graph import GraphShape, arch_from_shape
+from tas_keras.cifar_shapes import arch_from_shape
+from tas_keras.graph_space import GraphShape
 from tas_keras.latency import TABLE_FORMAT, LatencyTable, SupernetLatency, predict_latency, required_entries
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search import run_search

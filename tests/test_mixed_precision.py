@@ -14,7 +14,8 @@ import pytest
 
 from export.pipeline import export_and_verify
 from tas_keras.distill import KnowledgeDistiller
-from tas_keras.graph import INDEPENDENT, TIED, read_model
+from tas_keras.graph import read_model
+from tas_keras.graph_space import INDEPENDENT, TIED
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.precision import computes_in_float32, dtype_policy_scope, float32_copy
 from tas_keras.search import TASSearchModel

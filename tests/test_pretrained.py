@@ -13,7 +13,8 @@ import tensorflow as tf
 from tas_keras import baselines, importance, input_convention
 from tas_keras.cost import count_shape
 from tas_keras.data import from_arrays
-from tas_keras.graph import INDEPENDENT, read_model
+from tas_keras.graph import read_model
+from tas_keras.graph_space import INDEPENDENT
 from tas_keras.models import efficientnet_lite
 from tas_keras.models.registry import build_model
 from tas_keras.models.torch_checkpoint import LEGACY_MAGIC, CheckpointError, load_state_dict

@@ -10,7 +10,8 @@ import pytest
 
 from export import verify
 from tas_keras.cost import count_model
-from tas_keras.graph import INDEPENDENT, read_model
+from tas_keras.graph import read_model
+from tas_keras.graph_space import INDEPENDENT
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.registry import build_model
 from tas_keras.pruned_shape import PrunedShape

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from tas_keras.cost import count_arch, count_model
-from tas_keras.graph import arch_from_shape
+from tas_keras.cifar_shapes import arch_from_shape
 from tas_keras.layers import DepthMixer, WidthChoice, cwi_transition, sample_two_widths
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.pruned_shape import PrunedShape

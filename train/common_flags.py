@@ -11,7 +11,7 @@ from absl import app, flags  # noqa: E402
 
 from tas_keras.data import BUNDLED_DATASET, STREAMING  # noqa: E402
 from tas_keras.distribute import STRATEGIES  # noqa: E402
-from tas_keras.graph import ADD_MODES  # noqa: E402
+from tas_keras.graph_space import ADD_MODES  # noqa: E402
 from tas_keras.input_convention import CONVENTIONS  # noqa: E402
 from tas_keras.precision import MIXED_PRECISION  # noqa: E402
 from tas_keras.training import CHECKPOINT_STEPS, DivergenceError  # noqa: E402

@@ -19,7 +19,9 @@ from tas_keras import input_convention as conventions
 from tas_keras.cost import count_shape
 from tas_keras.distill import distill, load_teacher
 from tas_keras.distribute import make_strategy
-from tas_keras.graph import INDEPENDENT, GraphShape, arch_from_shape, load_model, read_model, softmax_head
+from tas_keras.cifar_shapes import arch_from_shape
+from tas_keras.graph import load_model, read_model, softmax_head
+from tas_keras.graph_space import INDEPENDENT, GraphShape
 from tas_keras.latency import LatencyTable, predict_latency
 from tas_keras.importance import importance_scores, order_channels
 from tas_keras.models.registry import check_weights, image_size_for, is_cifar_model, is_model_file

@@ -1,0 +1,290 @@
+"""The search space read from a model (`tas_keras.graph.read_model`): its layers, width slots, stages of
+droppable blocks and identity shortcuts (`GraphSpace`), a point of it (`GraphShape`), and the layers the
+derived network of a point builds (`GraphSpace.plan`), which both the builder (`tas_keras.derive`) and
+the FLOP counter (`tas_keras.cost.count_shape`) read, so the counted network is the built one.
+"""
+
+import dataclasses
+import functools
+import json
+from typing import Mapping
+
+from tas_keras.layer_rules import rule_for
+
+TIED = "tied"
+INDEPENDENT = "independent"
+ADD_MODES = (TIED, INDEPENDENT)
+
+
+@dataclasses.dataclass(frozen=True)
+class WidthSlot:
+    """A group of channels that share one width: opened by `name`, widened to `full_width` at most."""
+
+    name: str
+    full_width: int
+    candidates: tuple  # sorted; (full_width,) when fixed
+    fixed_reason: str = ""  # why the reader keeps it at full width; empty when the search chooses it
+
+    @property
+    def searchable(self):
+        return not self.fixed_reason
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphLayer:
+    """One layer of the model, as the search space sees it.
+
+    kind: input | conv (Conv2D) | depthwise | dense | batch_norm | pass (weightless, keeps the slot) |
+    reshape (Flatten of a map, Reshape: fixed in and out) | merge (Add and other elementwise merges) |
+    concat (Concatenate: fixed in and out).
+    """
+
+    name: str
+    class_name: str
+    kind: str
+    inputs: tuple  # names of the layers whose outputs it reads, in call order
+    in_slots: tuple  # the slot of each input
+    out_slot: str
+    output_size: tuple = ()  # (height, width) of a spatial output, () for a vector
+    kernel: tuple = ()  # (k_h, k_w) of a conv or depthwise conv
+    strides: tuple = ()
+    use_bias: bool = False
+    depth_multiplier: int = 1
+    affine: int = 0  # BatchNormalization: per-channel trainable vectors (gamma and/or beta)
+    block: str = ""  # the droppable identity block it belongs to
+    call_arguments: Mapping = dataclasses.field(default_factory=dict)  # e.g. Dropout's training=False
+    operands: tuple = ()  # a keras.ops operation's arguments: None for each input tensor, else the constant
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityShortcut:
+    """An independent-mode Add(x, r) whose x a derived network projects when the widths differ."""
+
+    add: str
+    shortcut: str  # the layer whose output is x
+    residual: str  # the layer whose output is r
+    conv: str  # the Conv2D opening r's slot: the projection conv copies its settings
+    batch_norm: str  # the BN between that conv and r ("" when none): the projection BN copies it
+    conv_name: str  # names of the projection layers in the derived network
+    batch_norm_name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidualBlock:
+    name: str  # the Add's name without "_add"
+    entry: str  # the layer whose output x the block reads (and hands on when dropped)
+    add: str
+    exit: str  # the layer whose output leaves the block: the Add or its trailing activation
+    layers: tuple  # the residual branch, the Add and the trailing activations, in graph order
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A chain of droppable identity blocks and the stage's always-kept first block.
+
+    The first block is `opener` (a projection block or a stage-opening block without an Add) when there
+    is one, else `blocks[0]`.
+    """
+
+    name: str
+    opener: str
+    blocks: tuple  # ResidualBlock, in order
+    choices: tuple  # depth_choices(num_blocks)
+
+    @property
+    def first_block(self):
+        return self.opener or self.blocks[0].name
+
+    @property
+    def num_blocks(self):
+        return len(self.blocks) + bool(self.opener)
+
+    def kept_blocks(self, depth):
+        """The identity blocks a stage keeping `depth` blocks (first block included) keeps."""
+        return self.blocks[:depth - bool(self.opener)]
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphShape:
+    """A point of a GraphSpace: the width of every searchable slot and the blocks kept per stage."""
+
+    widths: Mapping[str, int]
+    depths: Mapping[str, int]
+
+    def __post_init__(self):
+        object.__setattr__(self, "widths", {str(k): int(v) for k, v in dict(self.widths).items()})
+        object.__setattr__(self, "depths", {str(k): int(v) for k, v in dict(self.depths).items()})
+
+    def to_dict(self):
+        return {"widths": dict(self.widths), "depths": dict(self.depths)}
+
+    @classmethod
+    def from_dict(cls, config):
+        unknown = sorted(set(config) - {"widths", "depths"})
+        if unknown:
+            raise ValueError(f"unknown GraphShape keys {unknown}")
+        return cls(config.get("widths", {}), config.get("depths", {}))
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text):
+        return cls.from_dict(json.loads(text))
+
+
+@dataclasses.dataclass(frozen=True)
+class DerivedLayer:
+    """A layer of the derived network: `layer` with its inputs rewired past dropped blocks, built with
+    the class and settings of the original layer `source` (itself, or for a projection shortcut the
+    conv or BN it mirrors) and `out_channels` output channels."""
+
+    layer: GraphLayer
+    source: str
+    in_channels: int
+    out_channels: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DerivedPlan:
+    layers: tuple
+    output: str
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphSpace:
+    """The search space read from a model: layers in graph order, width slots, stages, shortcuts."""
+
+    name: str
+    input_shape: tuple
+    add_mode: str
+    multiple_of: int
+    layers: tuple
+    slots: tuple
+    stages: tuple
+    shortcuts: tuple  # IdentityShortcut, independent mode only
+    output: str
+
+    def layer(self, name):
+        return self._layers_by_name[name]
+
+    def slot(self, name):
+        return self._slots_by_name[name]
+
+    @functools.cached_property
+    def _layers_by_name(self):
+        return {layer.name: layer for layer in self.layers}
+
+    @functools.cached_property
+    def _slots_by_name(self):
+        return {slot.name: slot for slot in self.slots}
+
+    @property
+    def searchable_slots(self):
+        return tuple(slot for slot in self.slots if slot.searchable)
+
+    def full_shape(self):
+        return GraphShape({s.name: s.full_width for s in self.searchable_slots},
+                          {stage.name: stage.num_blocks for stage in self.stages})
+
+    def validate(self, shape):
+        expected, given = {s.name for s in self.searchable_slots}, set(shape.widths)
+        if expected != given:
+            raise ValueError(f"shape widths do not match the space {self.name!r}: missing "
+                             f"{sorted(expected - given)}, unknown {sorted(given - expected)}")
+        for slot in self.searchable_slots:
+            width = shape.widths[slot.name]
+            if not 1 <= width <= slot.full_width:
+                raise ValueError(f"{slot.name}: width {width} is outside 1..{slot.full_width}")
+        stages = {stage.name: stage for stage in self.stages}
+        if set(shape.depths) != set(stages):
+            raise ValueError(f"shape depths name the stages {sorted(shape.depths)}, the space has "
+                             f"{sorted(stages)}")
+        for name, depth in shape.depths.items():
+            if not 1 <= depth <= stages[name].num_blocks:
+                raise ValueError(f"{name}: {depth} blocks kept is outside 1..{stages[name].num_blocks}")
+
+    def width(self, shape, slot_name):
+        slot = self.slot(slot_name)
+        return shape.widths[slot_name] if slot.searchable else slot.full_width
+
+    def plan(self, shape):
+        """The layers the derived network of `shape` builds, in order, with their channel counts."""
+        self.validate(shape)
+        dropped, handed_on = set(), {}
+        for stage in self.stages:
+            for block in stage.blocks[len(stage.kept_blocks(shape.depths[stage.name])):]:
+                dropped.update(block.layers)
+                handed_on[block.exit] = block.entry
+
+        def kept(name):
+            while name in handed_on:
+                name = handed_on[name]
+            return name
+
+        shortcuts = {s.add: s for s in self.shortcuts}
+        channels, planned = {}, []
+        for layer in self.layers:
+            if layer.name in dropped:
+                continue
+            inputs = tuple(kept(name) for name in layer.inputs)
+            widths = [channels[name] for name in inputs]
+            if layer.name in shortcuts and len(set(widths)) > 1:
+                shortcut = shortcuts[layer.name]
+                x, r = inputs.index(kept(shortcut.shortcut)), inputs.index(kept(shortcut.residual))
+                projection = self.projection(shortcut, inputs[x], widths[x], widths[r])
+                planned.extend(projection)
+                channels.update({p.layer.name: p.out_channels for p in projection})
+                inputs = inputs[:x] + (projection[-1].layer.name,) + inputs[x + 1:]
+                out = widths[r]
+            else:
+                rule = rule_for(layer)
+                if not rule.opens_slot and len(set(widths)) > 1:  # a Concatenate's inputs may differ
+                    raise AssertionError(f"{layer.name}: tied inputs of widths {widths}")
+                out = rule.out_channels(layer, widths, self.width(shape, layer.out_slot))
+            planned.append(DerivedLayer(dataclasses.replace(layer, inputs=inputs), layer.name,
+                                        widths[0] if widths else out, out))
+            channels[layer.name] = out
+        return DerivedPlan(tuple(planned), kept(self.output))
+
+    def projection(self, shortcut, source, in_channels, out_channels):
+        """The layers a derived network adds to an identity shortcut whose x (the output of layer
+        `source`) and r differ in width: a 1x1 conv from `in_channels` to `out_channels` with the
+        settings of the conv that opens r's slot, then a BN like r's, when r has one."""
+        add = self.layer(shortcut.add)
+        conv = dataclasses.replace(
+            self.layer(shortcut.conv), name=shortcut.conv_name, inputs=(source,),
+            in_slots=(self.layer(shortcut.shortcut).out_slot,), kernel=(1, 1), strides=(1, 1),
+            output_size=add.output_size, block=add.block)
+        layers = [DerivedLayer(conv, shortcut.conv, in_channels, out_channels)]
+        if shortcut.batch_norm:
+            bn = dataclasses.replace(self.layer(shortcut.batch_norm), name=shortcut.batch_norm_name,
+                                     inputs=(conv.name,), output_size=add.output_size, block=add.block)
+            layers.append(DerivedLayer(bn, shortcut.batch_norm, out_channels, out_channels))
+        return layers
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, config):
+        config = dict(config)
+        config["layers"] = tuple(GraphLayer(**_tuples(layer)) for layer in config["layers"])
+        config["slots"] = tuple(WidthSlot(**_tuples(slot)) for slot in config["slots"])
+        config["stages"] = tuple(
+            Stage(**{**_tuples(stage), "blocks": tuple(ResidualBlock(**_tuples(b)) for b in stage["blocks"])})
+            for stage in config["stages"])
+        config["shortcuts"] = tuple(IdentityShortcut(**s) for s in config["shortcuts"])
+        config["input_shape"] = tuple(config["input_shape"])
+        return cls(**config)
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text):
+        return cls.from_dict(json.loads(text))
+
+
+def _tuples(record):
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in record.items()}
