@@ -248,7 +248,7 @@ RECORDED_SEARCH = [
 def test_run_search_writes_a_shape_that_builds_and_counts(tmp_path):
     out = str(tmp_path / "search")
     settings = dict(model_name="resnet20", epochs=2, batch_size=32, max_train_examples=256,
-                    target_ratio=0.5, arch_warmup=0.0)
+                    target_ratio=0.5, arch_warmup=0.0, entropy_weight=2.0)  # as RECORDED_SEARCH ran
     result = run_search(out, **settings)
     arch = ArchConfig.load(os.path.join(out, "arch.json"))
     assert arch.to_dict() == result

@@ -37,7 +37,8 @@ _ARCH_WARMUP = flags.DEFINE_float("arch_warmup", ARCH_WARMUP, "Fraction of the s
                                   "weights train (the reference: 0).")
 _ENTROPY = flags.DEFINE_float("entropy_weight", ENTROPY_WEIGHT, "Weight, reached at the last step (linear "
                                "from the warm-up's end), of the architecture distributions' mean entropy in the "
-                               "architecture loss: makes a short search decide. The reference: 0.", lower_bound=0)
+                               "architecture loss: makes a short search's distributions sharp. Off by default, as the reference.",
+                               lower_bound=0)
 _ARCH_DECAY = flags.DEFINE_enum("arch_decay", "cosine", list(ARCH_DECAYS), "Architecture learning rate after "
                                 "the warm-up: cosine to 0, or constant (the reference).")
 _INIT = flags.DEFINE_string("init_from", None, "Start the supernet from this trained full network "
