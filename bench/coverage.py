@@ -20,7 +20,9 @@ InceptionV3 75, Xception 71) and, in its own subprocess (so memory does not pile
                weights: untrained keras.applications outputs are ~1e-10 and would make it vacuous. It
                must be <= 1e-5 relative;
   flops        `cost.count_shape` of the full shape (multiply-accumulates, as the project counts) and
-               of the uniform 50% shape (`baselines.predefined_shape(space, 0.5)`), with its ratio;
+               of the uniform 50% shape (`baselines.predefined_shape(space, 0.5)`), with its ratio and
+               width ratio, and the FLOPs ratio of the smallest shape the search space expresses (where
+               it is above the target, train.prune refuses the target);
   prune        (--prune) whether `train.pipeline.run_prune` runs end to end on the model saved as a
                .keras file and a tiny synthetic image folder at its input size (10 classes x 4 train
                + 2 test random PNGs; base, search and distill epochs 1, batch 8, the fp32 export only,
@@ -30,10 +32,10 @@ keras.applications of Keras 3 has no RegNet (tf.keras 2 had it): RegNetX002 is t
 4 stages of X blocks with grouped 3x3 convs of group width 8, depths 1, 1, 4, 7, widths 24, 56, 152,
 368) rebuilt here with Keras 3 layers (an Add for its `x + skip`).
 
-Writes bench/results/coverage.json. A family already there is skipped unless --refresh; with --prune,
-a family recorded without its prune part gets only that part run (each part records its commit and the
-library files that differed from it, since the tool changes as rules land). `--table` prints the
-results as markdown (`--compact`: the README's family table).
+Writes bench/results/coverage.json. A family already there is skipped unless --refresh (which with
+--noprune keeps its recorded prune part); with --prune, a family recorded without its prune part gets only
+that part run. Each part records its commit and the library files that differed from it, since the tool
+changes as rules land. `--table` prints the results as markdown (`--compact`: the README's family table).
 """
 
 import collections
@@ -238,12 +240,18 @@ def derive(logits, space):
 
 
 def flops(space):
-    """Multiply-accumulates of the full shape and of the uniform 50% shape."""
+    """Multiply-accumulates of the full shape and of the uniform 50% shape (any uniform width ratio, as the
+    pre-defined baseline takes it), and the ratio of the smallest shape of the search space (every slot at
+    its smallest candidate, every stage at its smallest depth: what a search can reach)."""
     from tas_keras.baselines import predefined_shape
     from tas_keras.cost import count_shape
+    from tas_keras.graph import GraphShape
 
     full = count_shape(space, space.full_shape())
-    result = {"full": full.flops, "params": full.params}
+    smallest = GraphShape({slot.name: slot.candidates[0] for slot in space.searchable_slots},
+                          {stage.name: stage.choices[0] for stage in space.stages})
+    result = {"full": full.flops, "params": full.params,
+              "smallest_ratio": round(count_shape(space, smallest).flops / full.flops, 4)}
     try:
         _, shape = predefined_shape(space, 0.5)
         result["uniform_50"] = {"flops": shape["flops"], "ratio": round(shape["flops_ratio"], 4),
@@ -360,9 +368,13 @@ def _derive_cell(derive):
 
 def _flops_cells(flops, derive):
     if "error" in flops:
-        return ["-", "fails: the same error" if flops["error"] == derive.get("error") else f"fails: {flops['error']}"]
+        return ["-", "fails: the same error" if flops["error"] == derive.get("error") else f"fails: {flops['error']}",
+                "-"]
     shape = flops["uniform_50"]
-    return [f"{flops['full'] / 1e6:.1f}", f"{shape['ratio']:.3f}" if "ratio" in shape else shape["error"]]
+    return [f"{flops['full'] / 1e6:.1f}",
+            f"{shape['flops'] / 1e6:.1f} ({shape['ratio']:.3f}) at width x{shape['width_ratio']:.2f}"
+            if "ratio" in shape else shape["error"], f"{flops['smallest_ratio']:.3f}" if "smallest_ratio" in flops
+            else "-"]
 
 
 def _note(entry):
@@ -384,11 +396,13 @@ def table(results, compact=False):
             lines.append(f"| {family} | {_read_cell(entry)} | {widths} | {_prune_cell(entry, details=False)} |")
         return "\n".join(lines)
     lines = ["| family | input px | read | searchable slots | searchable convs | depth stages (blocks) | full-shape "
-             "derive: max diff (relative) | MMACs | uniform 50% shape: FLOPs ratio | `train.prune` end to end | "
-             "fixed convs or refusal |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "derive: max diff (relative) | MMACs | uniform 50% shape: MMACs (ratio) | smallest shape: ratio | "
+             "`train.prune` end to end | fixed convs or refusal |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for family, entry in families.items():
-        cells = ([str(entry["searchable_slots"]), f"{entry['searchable_convs']}/{entry['convs']}", _stages(entry),
-                  _derive_cell(entry["derive"]), *_flops_cells(entry["flops"], entry["derive"])] if entry.get("read") else ["-"] * 6)
+        cells = ["-"] * 7
+        if entry.get("read"):
+            cells = [str(entry["searchable_slots"]), f"{entry['searchable_convs']}/{entry['convs']}", _stages(entry),
+                     _derive_cell(entry["derive"]), *_flops_cells(entry["flops"], entry["derive"])]
         lines.append(f"| {family} | {entry.get('input_size', '-')} | {_read_cell(entry)} | " + " | ".join(cells)
                      + f" | {_prune_cell(entry)} | {_note(entry)} |")
     return "\n".join(lines)
@@ -407,9 +421,11 @@ def main(argv):
         raise app.UsageError(f"unknown families {unknown}: expected some of {', '.join(FAMILIES)}")
     results = read_json(_RESULTS.value) if os.path.exists(_RESULTS.value) else {"families": {}}
     import tensorflow as tf
+    command = ("python -m bench.coverage" + ("" if _PRUNE.value else " --noprune")
+               + (f" --image_size={_IMAGE_SIZE.value}" if _IMAGE_SIZE.value != 64 else ""))
     results.update({
-        "command": "python -m bench.coverage" + ("" if _PRUNE.value else " --noprune")
-                   + (f" --image_size={_IMAGE_SIZE.value}" if _IMAGE_SIZE.value != 64 else ""),
+        "command": command,  # the last run's; "commands": every run that wrote the file
+        "commands": sorted(set(results.get("commands", [])) | {command}),
         "setting": {"image_size": _IMAGE_SIZE.value, "classes": CLASSES, "derive_tolerance": TOLERANCE,
                     "prune": "run_prune(target_ratio=0.5, base/search/distill epochs 1, batch 8, quantizations "
                              f"('none',), check_base=False, max_train_examples={_MAX_TRAIN.value}) on 10 classes x "
@@ -421,8 +437,9 @@ def main(argv):
     })
     for family in _FAMILIES.value:
         entry = results["families"].get(family)
-        if entry is None or _REFRESH.value:
-            parts, entry = ["read"] + (["prune"] if _PRUNE.value else []), {}
+        if entry is None or _REFRESH.value:  # --refresh --noprune keeps a recorded prune part (with its commit)
+            parts = ["read"] + (["prune"] if _PRUNE.value else [])
+            entry = {"prune": entry["prune"]} if entry and "prune" in entry and not _PRUNE.value else {}
         elif _PRUNE.value and "prune" not in entry:
             parts = ["prune"]
         else:
