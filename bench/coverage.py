@@ -245,10 +245,9 @@ def flops(space):
     its smallest candidate, every stage at its smallest depth: what a search can reach)."""
     from tas_keras.baselines import predefined_shape
     from tas_keras.cost import count_shape
-    from tas_keras.graph import GraphShape
 
     full = count_shape(space, space.full_shape())
-    smallest = GraphShape({slot.name: slot.candidates[0] for slot in space.searchable_slots},
+    smallest = type(space.full_shape())({slot.name: slot.candidates[0] for slot in space.searchable_slots},
                           {stage.name: stage.choices[0] for stage in space.stages})
     result = {"full": full.flops, "params": full.params,
               "smallest_ratio": round(count_shape(space, smallest).flops / full.flops, 4)}
