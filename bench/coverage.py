@@ -23,7 +23,7 @@ InceptionV3 75, Xception 71) and, in its own subprocess (so memory does not pile
                of the uniform 50% shape (`baselines.predefined_shape(space, 0.5)`), with its ratio and
                width ratio, and the FLOPs ratio of the smallest shape the search space expresses (where
                it is above the target, train.prune refuses the target);
-  prune        (--prune) whether `train.pipeline.run_prune` runs end to end on the model saved as a
+  prune        (--prune) whether `tas_keras.prune.run_prune` runs end to end on the model saved as a
                .keras file and a tiny synthetic image folder at its input size (10 classes x 4 train
                + 2 test random PNGs; base, search and distill epochs 1, batch 8, the fp32 export only,
                check_base=False, --max_train_examples): ok, or the error's last line, and its wall time.
@@ -280,8 +280,8 @@ def _last_line(error):
 
 
 def prune(model, max_train_examples):
-    """The prune part of a family's entry: train.pipeline.run_prune on the model saved as a .keras file."""
-    from train.pipeline import run_prune
+    """The prune part of a family's entry: tas_keras.prune.run_prune on the model saved as a .keras file."""
+    from tas_keras.prune import run_prune
 
     side = model.input_shape[1]
     with tempfile.TemporaryDirectory(prefix="coverage_") as tmp:
@@ -304,7 +304,7 @@ def prune(model, max_train_examples):
 def run_worker(family, parts, image_size, max_train_examples):
     import tas_keras.derive  # noqa: F401 - the library as it is when the provenance is read
     if "prune" in parts:
-        import train.pipeline  # noqa: F401
+        import tas_keras.prune  # noqa: F401
     model = build_family(family, image_size)
     entry = {}
     if "read" in parts:

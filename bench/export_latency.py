@@ -25,7 +25,7 @@ from absl import app, flags
 import keras
 import tensorflow as tf
 
-from export import convert, verify
+from tas_keras.export import convert, verify
 from tas_keras import data
 from tas_keras.cost import count_arch
 from tas_keras.models.cifar_resnet import CifarResNet

@@ -2,7 +2,7 @@
 
   python -m bench.latency_prediction --tables=fp32.json,int8.json [--models=resnet20,resnet56] [--shapes=20]
 
-For every table (made by `python -m tas_keras.latency_table` on this machine) and every model: random
+For every table (made by `python -m export.latency_table` on this machine) and every model: random
 shapes of the table's search space (every width drawn uniformly from its conv's candidates, every
 stage's depth from its choices) plus the full network, each built with random weights, exported to
 .tflite as the table's quantisation (fp32, or int8 with float input and output like the pipeline's
@@ -21,7 +21,7 @@ import tempfile
 from absl import app, flags, logging
 import numpy as np
 
-from export.layer_latency import environment, measure_networks
+from tas_keras.export.layer_latency import environment, measure_networks
 from tas_keras.latency import LatencyTable
 from tas_keras.search_space import ArchConfig, random_shape
 from tas_keras.training import read_json, write_json

@@ -9,7 +9,7 @@ mode kd) after a TAS search of the same length:
   flops        --cost=flops at the FLOP target (of --flop_targets) whose searched shape's measured
                int8 latency is closest to the latency arm's: the two compare at equal measured latency;
   latency_x16  (with --latency_table_x16) the mobile preset's space: latency cost, widths multiples of 16.
-Each trained shape is exported to int8 (`export.pipeline.export_and_verify`: accuracy of the .tflite on
+Each trained shape is exported to int8 (`tas_keras.export.exporter.export_and_verify`: accuracy of the .tflite on
 the test split) and all of them and the full teacher are timed interleaved with LiteRT at the table's
 threads (each timed invoke right after an untimed one, as the table was made). Reported per arm:
 measured latency, FLOPs, accuracy, and speed-up / FLOP reduction against the full network (1.0: the
@@ -27,8 +27,8 @@ import tempfile
 from absl import app, flags, logging
 import numpy as np
 
-from export.layer_latency import REWARM, environment, measure_networks, spread, time_interleaved
-from export.pipeline import TFLITE_FILE, export_and_verify
+from tas_keras.export.layer_latency import REWARM, environment, measure_networks, spread, time_interleaved
+from tas_keras.export.exporter import TFLITE_FILE, export_and_verify
 from tas_keras import data
 from tas_keras.cost import count_arch
 from tas_keras.distill import distill

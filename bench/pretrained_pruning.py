@@ -36,7 +36,7 @@ from absl import app, flags
 import keras
 import numpy as np
 
-from export.pipeline import export_and_verify
+from tas_keras.export.exporter import export_and_verify
 from tas_keras import data, input_convention
 from tas_keras.baselines import predefined_shape, random_search, ranked_shape
 from tas_keras.distill import distill

@@ -6,7 +6,7 @@ quantization-aware training (QAT)?
 
 The model is exported as train.prune exports it (uint8 pixels in, the normalisation inside) with
 --quantize=int8, once calibrated post-training and once per --qat_epochs value fine-tuned with QAT
-(export/tfmot_bridge.py; needs requirements-tfmot.txt). Calibration, QAT fine-tuning and the
+(tas_keras/export/tfmot_bridge.py; needs requirements-tfmot.txt). Calibration, QAT fine-tuning and the
 normalisation use --train_dataset, the data the model was trained on; accuracies are measured on the
 test split of --test_dataset (the full CIFAR-10 test split: 10,000 images), for Keras (float) and for
 the .tflite under LiteRT. Writes bench/results/qat_int8.json.
@@ -25,7 +25,7 @@ from absl import app, flags
 import keras
 import tensorflow as tf
 
-from export.pipeline import export_and_verify
+from tas_keras.export.exporter import export_and_verify
 from tas_keras import data
 from tas_keras.runs import write_json
 

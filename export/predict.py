@@ -10,7 +10,7 @@ from train import common_flags  # first: it quiets TensorFlow's logging before T
 
 from absl import flags  # noqa: E402
 
-from export.verify import classify_files  # noqa: E402
+from tas_keras.export.verify import classify_files  # noqa: E402
 
 _TOP = flags.DEFINE_integer("top", 5, "How many classes to print per image.", lower_bound=1)
 _THREADS = flags.DEFINE_integer("threads", 1, "LiteRT CPU threads.", lower_bound=1)

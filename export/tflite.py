@@ -15,8 +15,8 @@ from train import common_flags  # first: it quiets TensorFlow's logging before T
 
 from absl import flags  # noqa: E402
 
-from export.convert import QUANTIZATIONS  # noqa: E402
-from export.pipeline import OUTPUTS, format_report  # noqa: E402
+from tas_keras.export.convert import QUANTIZATIONS  # noqa: E402
+from tas_keras.export.exporter import OUTPUTS, format_report  # noqa: E402
 from tas_keras import api  # noqa: E402
 from tas_keras.data import BUNDLED_DATASET  # noqa: E402
 

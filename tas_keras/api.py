@@ -24,7 +24,7 @@ import os
 import keras
 import numpy as np
 
-from export.pipeline import export_and_verify
+from tas_keras.export.exporter import export_and_verify
 from tas_keras import distill as distill_stage
 from tas_keras.data import CroppedImageDataset, ImageDataset, from_arrays, from_tf_data
 from tas_keras.distribute import make_strategy
@@ -33,7 +33,7 @@ from tas_keras.pruned_shape import PrunedShape
 from tas_keras.runs import GIVEN_FILES, run_dir
 from tas_keras.search import run_search
 from tas_keras.training import MODEL_FILE, save_model, train_base
-from train.pipeline import run_prune
+from tas_keras.prune import run_prune
 
 __all__ = ["train", "search", "derive", "distill", "export", "prune", "from_arrays", "from_tf_data"]
 

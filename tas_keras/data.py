@@ -564,7 +564,7 @@ def eval_pipeline(images, labels, batch_size, mean, std, bgr=False):
 def normalisation(mean, std):
     """(scale, offset), float32 per channel: (p / 255 - mean) / std, the pipelines' normalisation of a
     pixel p, as p * scale + offset, the form of a Keras Rescaling layer (the exported models'
-    export.convert.pixel_input_model). The two forms round differently, by about 1e-7 relative."""
+    tas_keras.export.convert.pixel_input_model). The two forms round differently, by about 1e-7 relative."""
     mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
     return (1 / (255 * std)).astype(np.float32), (-mean / std).astype(np.float32)
 

@@ -203,7 +203,7 @@ def logits_model(model):
     """`model` without its final softmax (`softmax_head`), with the same layers, names and weights: a
     Softmax or Activation layer is left off, a Dense or Conv2D is rebuilt with a linear activation;
     `model` itself when it ends in no softmax. The export puts the softmax back
-    (`export.pipeline.export_and_verify`'s `output`)."""
+    (`tas_keras.export.exporter.export_and_verify`'s `output`)."""
     head = softmax_head(model)
     if head is None:
         return model

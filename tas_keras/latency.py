@@ -1,7 +1,7 @@
 """Latency as a search cost: a table of measured LiteRT layer times, and the latency of a network in it.
 
-A latency table (made on the target device by `python -m tas_keras.latency_table`, measured by
-`export.layer_latency`) holds, for every distinct layer geometry of a search space (what a layer's
+A latency table (made on the target device by `python -m export.latency_table`, measured by
+`tas_keras.export.layer_latency`) holds, for every distinct layer geometry of a search space (what a layer's
 time depends on besides its widths: kind, kernel, stride, input size, the pooling, BN, ReLU and
 residual Add the converter fuses with it) and every (input width, output width) pair of candidates,
 the median batch-1 time of that layer alone, minus the interpreter's per-invoke overhead; plus the
@@ -27,7 +27,7 @@ from tas_keras.graph_space import INDEPENDENT
 from tas_keras.models.cifar_resnet import network_plan
 from tas_keras.search_space import ArchConfig, candidate_widths, read_json_file
 
-TABLE_FORMAT = "tas_keras.latency_table/1"
+TABLE_FORMAT = "tas_keras.latency_table/1"  # the name the format was first written under
 QUANTIZATIONS = ("none", "int8")
 IMAGE_SLOT = "image"
 CONV, HEAD = "conv", "head"
@@ -84,7 +84,7 @@ def pair_key(in_width, out_width):
 
 
 class LatencyTable:
-    """A measured latency table (the JSON written by `export.layer_latency.make_table`)."""
+    """A measured latency table (the JSON written by `tas_keras.export.layer_latency.make_table`)."""
 
     def __init__(self, content, path=None):
         self.content, self.path = content, path
@@ -92,7 +92,7 @@ class LatencyTable:
             raise ValueError(f"{self._name}: not a latency table (format {content.get('format')!r}, expected "
                              f"{TABLE_FORMAT!r})")
         if not content.get("complete"):
-            raise ValueError(f"{self._name} is unfinished: run `python -m tas_keras.latency_table` with "
+            raise ValueError(f"{self._name} is unfinished: run `python -m export.latency_table` with "
                              "the same flags again to complete it")
 
     @property

@@ -25,7 +25,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tas_keras.models.cifar_resnet import BN_EPSILON, he_normal_fan_out
+
+# The BN settings of the networks the project builds and of a searchable conv's own BN where the model has
+# none: PyTorch's epsilon, as the reference; momentum 0.9 rather than Keras' 0.99, whose moving statistics
+# are still far off after the few hundred steps of a short run.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def he_normal_fan_out():
+    """The reference's conv initialiser (PyTorch's kaiming_normal_, mode="fan_out")."""
+    return keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
 
 
 # What one element of a memory-bound pass (a gather, an elementwise op, and their gradients) costs, in

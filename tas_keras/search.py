@@ -526,7 +526,7 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     entropy_weight=0`.
 
     `cost_metric="latency"`: the cost is the latency of `latency_table` (a path, made by
-    `python -m tas_keras.latency_table`), and `target_latency_ms`, if given, sets the target ratio
+    `python -m export.latency_table`), and `target_latency_ms`, if given, sets the target ratio
     (ms / the full network's table latency).
 
     `mixed_precision`: None (float32), "mixed_bfloat16" or "mixed_float16" (`tas_keras.precision`).
@@ -551,7 +551,7 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     if cost_metric not in COSTS:
         raise ValueError(f"cost must be one of {COSTS}, got {cost_metric!r}")
     if cost_metric == LATENCY and not latency_table:
-        raise ValueError("the latency cost needs a latency table (make one with `python -m tas_keras.latency_table`)")
+        raise ValueError("the latency cost needs a latency table (make one with `python -m export.latency_table`)")
     if cost_metric != LATENCY and (latency_table or target_latency_ms):
         raise ValueError(f"a latency table or target is for the latency cost, got cost {cost_metric!r}")
     if cost_metric == LATENCY and not (cifar and add_mode in (None, INDEPENDENT)):

@@ -40,11 +40,11 @@ from tas_keras import cost
 from tas_keras.graph import load_model, operation, read_model
 from tas_keras.graph_space import INDEPENDENT, TIED, GraphShape
 from tas_keras.layer_rules import maps_zero_to_zero, rule_for
-from tas_keras.layers import DepthMixer, SearchableConv, WidthChoice, width_mask
-from tas_keras.models.cifar_resnet import BN_EPSILON, WEIGHT_DECAY
+from tas_keras.layers import BN_EPSILON, DepthMixer, SearchableConv, WidthChoice, width_mask
 from tas_keras.models.registry import is_cifar_model
 
 COST_METRICS = ("flops", "params")
+WEIGHT_DECAY = 5e-4  # the reference's, on the weights of a search
 
 
 def _check_metric(metric):

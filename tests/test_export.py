@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
-from export import convert, verify
-from export.pipeline import REPORT_FILE, TFLITE_FILE, export_and_verify, format_report
+from tas_keras.export import convert, verify
+from tas_keras.export.exporter import REPORT_FILE, TFLITE_FILE, export_and_verify, format_report
 from tas_keras import data
 from tas_keras.cost import count_model
 from tas_keras.models.cifar_resnet import CifarResNet
@@ -222,7 +222,7 @@ def test_tfmot_bridge_quantization_aware_int8(trained, tmp_path):
     # In a child process: importing TFMOT rebinds tf.keras for the whole process.
     code = textwrap.dedent(f"""
         import json, keras, numpy as np
-        from export import convert, tfmot_bridge, verify
+        from tas_keras.export import convert, tfmot_bridge, verify
         from tas_keras import data
         from tas_keras.models import cifar_resnet  # registers the trained network's class
         model = keras.saving.load_model({trained!r})

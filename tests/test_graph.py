@@ -414,7 +414,7 @@ def test_cifar_flops_through_the_graph_match_the_design_table(model, mflops):
 
 
 def _flops_cli(*args):
-    return subprocess.run([sys.executable, "-m", "tas_keras.flops", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "train.flops", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=180)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export import layer_latency
+from tas_keras.export import layer_latency
 from tas_keras.cifar_shapes import arch_from_shape
 from tas_keras.graph_space import GraphShape
 from tas_keras.latency import TABLE_FORMAT, LatencyTable, SupernetLatency, predict_latency, required_entries
@@ -16,7 +16,7 @@ from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search import run_search
 from tas_keras.search_space import ArchConfig
 from tas_keras.supernet import build_supernet
-from train.pipeline import run_prune
+from tas_keras.prune import run_prune
 
 from .conftest import REPO, assert_refused_before_any_work
 

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from export.pipeline import export_and_verify
+from tas_keras.export.exporter import export_and_verify
 from tas_keras.distill import KnowledgeDistiller
 from tas_keras.graph import read_model
 from tas_keras.graph_space import INDEPENDENT, TIED
@@ -22,7 +22,7 @@ from tas_keras.search import TASSearchModel
 from tas_keras.search_space import ArchConfig
 from tas_keras.supernet import GraphSupernet
 from tas_keras.training import save_model, train_base
-from train.pipeline import run_prune
+from tas_keras.prune import run_prune
 
 from .conftest import REPO, predefined_arch
 from .test_supernet import user_cnn

@@ -111,7 +111,7 @@ def test_builder_rejects_bad_arguments():
 
 
 def _flops_cli(*args):
-    return subprocess.run([sys.executable, "-m", "tas_keras.flops", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "train.flops", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 

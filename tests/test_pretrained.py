@@ -261,7 +261,7 @@ def test_fine_tuning_from_imagenet_weights_replaces_the_head(tmp_path):
 
 
 def test_caffe_convention_feeds_bgr_minus_the_imagenet_means_and_exports_it_inside(tmp_path):
-    from export import convert
+    from tas_keras.export import convert
     images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
     dataset = from_arrays(images, np.arange(6) % 2, images, np.arange(6) % 2)
     image = keras.Input((8, 8, 3))

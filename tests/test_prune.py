@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from export import verify
+from tas_keras.export import verify
 from tas_keras.cost import count_model
 from tas_keras.graph import read_model
 from tas_keras.graph_space import INDEPENDENT
@@ -16,7 +16,7 @@ from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.registry import build_model
 from tas_keras.pruned_shape import PrunedShape
 from tas_keras.search_space import ArchConfig
-from train.pipeline import run_prune, smallest_ratio
+from tas_keras.prune import run_prune, smallest_ratio
 
 from .conftest import REPO, assert_refused_before_any_work
 from .test_supernet import user_cnn

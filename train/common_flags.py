@@ -64,7 +64,7 @@ def define_cost_flags(target_help):
                       "parameters, or the latency in --latency_table.")
     flags.DEFINE_float("target_flops_ratio", 0.5, target_help)
     flags.DEFINE_string("latency_table", None, "With --cost=latency: a table made on the target device by "
-                        "`python -m tas_keras.latency_table` (its quantisation and threads).")
+                        "`python -m export.latency_table` (its quantisation and threads).")
     flags.DEFINE_float("target_latency_ratio", None, "With --cost=latency: keep this fraction of the full "
                        "network's latency in the table (default 0.5).")
     flags.DEFINE_float("target_latency_ms", None, "With --cost=latency: the target latency in ms instead of a "

@@ -14,7 +14,7 @@ from absl import flags
 
 from train import common_flags
 from tas_keras import api
-from train.pipeline import PRESETS
+from tas_keras.prune import PRESETS
 
 common_flags.define_common_flags(epochs=None, batch_size=None, dataset=None)
 common_flags.define_mixed_precision_flag()

@@ -10,10 +10,9 @@ import math
 
 import keras
 
+from tas_keras.layers import BN_EPSILON, BN_MOMENTUM, he_normal_fan_out
 from tas_keras.search_space import ArchConfig
 
-BN_MOMENTUM = 0.9
-BN_EPSILON = 1e-5
 WEIGHT_DECAY = 5e-4
 
 
@@ -94,10 +93,6 @@ def network_plan(arch):
             shortcut = None
         blocks.append(BlockPlan(prefix, tuple(convs), shortcut))
     return NetworkPlan(arch, stem, tuple(blocks))
-
-
-def he_normal_fan_out():
-    return keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
 
 
 def _regularizer(weight_decay):

@@ -22,7 +22,7 @@ import string
 import keras
 import numpy as np
 
-from tas_keras.models.cifar_resnet import BN_MOMENTUM, he_normal_fan_out
+from tas_keras.layers import BN_MOMENTUM, he_normal_fan_out
 from tas_keras.models.torch_checkpoint import load_state_dict
 
 # (blocks, kernel, stride, expansion, output channels) per stage; the input of stage 1 is the stem's 32.

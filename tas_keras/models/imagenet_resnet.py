@@ -13,7 +13,7 @@ The models hold no weight decay: as for the keras.applications models, the train
 
 import keras
 
-from tas_keras.models.cifar_resnet import BN_EPSILON, BN_MOMENTUM, he_normal_fan_out
+from tas_keras.layers import BN_EPSILON, BN_MOMENTUM, he_normal_fan_out
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}

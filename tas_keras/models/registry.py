@@ -18,7 +18,8 @@ import keras
 
 from tas_keras import data
 from tas_keras.graph import load_model
-from tas_keras.models.cifar_resnet import BN_MOMENTUM, CifarResNet
+from tas_keras.layers import BN_MOMENTUM
+from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.efficientnet_lite import efficientnet_lite0
 from tas_keras.models.imagenet_resnet import imagenet_resnet
 from tas_keras.search_space import ArchConfig, parse_model_name
@@ -77,7 +78,7 @@ def build_model(name, input_shape=None, num_classes=None, weights=None):
         model = application(weights=None, input_tensor=image, classes=num_classes, classifier_activation=None)
         for layer in model.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
-                # The project's BN momentum (models/cifar_resnet.py): keras.applications' 0.999
+                # The project's BN momentum (tas_keras/layers.py): keras.applications' 0.999
                 # (MobileNetV2) and 0.99 (ResNet50) suit ImageNet-long schedules; after the few hundred
                 # steps of a short run their moving statistics are still far off and evaluation is
                 # near chance (MobileNetV2 on Imagenette: 10% test accuracy at 42% training accuracy).

@@ -30,10 +30,11 @@ import numpy as np
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
-from export import convert, verify
+from tas_keras.export import convert, verify
 from tas_keras.cost import count_arch
 from tas_keras.latency import CONV, QUANTIZATIONS, TABLE_FORMAT, pair_key, predict_latency, required_entries
-from tas_keras.models.cifar_resnet import BN_EPSILON, BN_MOMENTUM, CifarResNet
+from tas_keras.layers import BN_EPSILON, BN_MOMENTUM
+from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search_space import ArchConfig
 from tas_keras.training import read_json, write_json
 

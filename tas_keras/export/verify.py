@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
-from export.convert import LABELS_FILE
+from tas_keras.export.convert import LABELS_FILE
 from tas_keras import data
 
 # What each conversion must keep, on the test split. fp32 and fp16 bound the logits themselves, relative

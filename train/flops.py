@@ -1,10 +1,10 @@
 """Prints the exact FLOPs and parameters of a network, layer by layer.
 
-  python -m tas_keras.flops resnet56 [--num_classes=100] [--json]
-  python -m tas_keras.flops runs/x/search/arch.json
-  python -m tas_keras.flops tests/data/released_shapes/NeurIPS-2019__C010-ResNet56.config
-  python -m tas_keras.flops mobilenet_v2 --image_size=224 --num_classes=1000 [--json]
-  python -m tas_keras.flops my_model.keras
+  python -m train.flops resnet56 [--num_classes=100] [--json]
+  python -m train.flops runs/x/search/arch.json
+  python -m train.flops tests/data/released_shapes/NeurIPS-2019__C010-ResNet56.config
+  python -m train.flops mobilenet_v2 --image_size=224 --num_classes=1000 [--json]
+  python -m train.flops my_model.keras
 """
 
 import json

@@ -1,11 +1,11 @@
 """Measures a latency table on this machine, for `--cost=latency` searches.
 
-  python -m tas_keras.latency_table --model=resnet20 --quantize=int8 --threads=1 --out=table.json
+  python -m export.latency_table --model=resnet20 --quantize=int8 --threads=1 --out=table.json
 
 Every layer geometry of the model's search space and every (input width, output width) pair of its
 candidate widths, timed alone with LiteRT (XNNPACK, batch 1, --threads), plus the fixed cost of the
 rest of the network. Runs wherever ai-edge-litert installs (run it on the device the model will run
-on); re-running the same command continues an interrupted table. See export/layer_latency.py.
+on); re-running the same command continues an interrupted table. See tas_keras/export/layer_latency.py.
 """
 
 import logging
@@ -16,7 +16,7 @@ from train import common_flags  # first: it quiets TensorFlow's logging before T
 from absl import flags  # noqa: E402
 import keras  # noqa: E402
 
-from export.layer_latency import RUNS, WARMUP, make_table  # noqa: E402
+from tas_keras.export.layer_latency import RUNS, WARMUP, make_table  # noqa: E402
 from tas_keras.latency import QUANTIZATIONS  # noqa: E402
 
 _MODEL = flags.DEFINE_list("model", ["resnet20"], "Model(s) whose search space the table covers (resnet20, "

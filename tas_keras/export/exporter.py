@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from export import convert, tfmot_bridge, verify
+from tas_keras.export import convert, tfmot_bridge, verify
 from tas_keras import data
 from tas_keras import input_convention as conventions
 from tas_keras.cost import count_model

@@ -3,7 +3,7 @@
 TFMOT wraps only tf_keras (Keras 2) models. The bridge rebuilds the functional Keras 3 model in
 tf_keras layer by layer (same classes, names and settings), copies the Keras 3 weights by layer name, fine-tunes
 with fake quantisation (tfmot.quantization.keras.quantize_model) and converts to an int8 .tflite that
-takes RGB pixels, like every export (export.convert.pixel_input_model).
+takes RGB pixels, like every export (tas_keras.export.convert.pixel_input_model).
 
 Needs the packages of requirements-tfmot.txt. Import this module only where QAT is wanted: importing
 TFMOT sets TF_USE_LEGACY_KERAS=1, which changes what `tf.keras` means for the whole process.
@@ -15,7 +15,7 @@ import os
 import keras
 import tensorflow as tf
 
-from export import convert
+from tas_keras.export import convert
 
 
 class TfmotMissingError(ValueError):
