@@ -21,10 +21,15 @@ Width rules (each layer class's is its rule in `tas_keras.layer_rules`). Every t
     its BN follow the width of the slot that feeds them.
   - A layer that holds per-channel constants it cannot slice (Normalization, a Rescaling with a vector
     scale or offset) or mixes the channels (softmax over the channel axis, also as a conv activation)
-    fixes its slot. Flatten of a spatial map, Reshape, Concatenate (channel axis) and a DepthwiseConv2D
-    with depth_multiplier > 1 fix their input slots and open a fixed slot for their output; a Reshape
-    that only adds or drops axes of size 1 before the channels (a squeeze-excitation gate's
-    (batch, C) -> (batch, 1, 1, C)) keeps its input's slot.
+    fixes its slot. Flatten of a spatial map, Reshape and a DepthwiseConv2D with depth_multiplier > 1
+    fix their input slots and open a fixed slot for their output; a Reshape that only adds or drops axes
+    of size 1 before the channels (a squeeze-excitation gate's (batch, C) -> (batch, 1, 1, C)) keeps its
+    input's slot.
+  - A Concatenate (channel axis) opens a slot whose members are its inputs' slots (a Concatenate's
+    members in turn), each keeping its own width: a derived network keeps each member's leading
+    channels at that member's offset, and the layers reading it read those (DenseNet, Inception). Fixing
+    it fixes its members; merging it with another tensor (an Add) fixes both, as their widths could
+    not be kept equal.
   - Element-wise keras.ops operations on symbolic tensors (`x + 3.0`, `keras.ops.relu6(x)`, `x * gate`)
     follow their tensor input's slot, or tie the slots of two tensor inputs; the constants they are
     called with are recorded (`GraphLayer.operands`) and the derived network calls the same operation.
@@ -278,13 +283,23 @@ def _functional_graph(model):
 
 
 class _Slots:
-    """Union-find over width slots; a group's name is its root's."""
+    """Union-find over width slots; a group's name is its root's. A Concatenate's output is a slot of
+    member slots (`WidthSlot.members`): fixing it fixes its members, and tying it to another slot, which
+    would need equal widths that no member can promise, fixes both."""
 
     def __init__(self):
-        self.parent, self.full_width, self.fixed_reason = {}, {}, {}
+        self.parent, self.full_width, self.fixed_reason, self.members = {}, {}, {}, {}
 
     def open(self, name, full_width, fixed_reason=""):
         self.parent[name], self.full_width[name], self.fixed_reason[name] = name, full_width, fixed_reason
+        return name
+
+    def concatenate(self, name, in_slots):
+        members = []
+        for slot in in_slots:
+            members.extend(self.members.get(self.find(slot), (slot,)))
+        self.open(name, sum(self.full_width[self.find(slot)] for slot in in_slots))
+        self.members[name] = tuple(members)
         return name
 
     def find(self, name):
@@ -295,14 +310,23 @@ class _Slots:
 
     def tie(self, keep, other):
         keep, other = self.find(keep), self.find(other)
-        if keep != other:
-            self.parent[other] = keep
-            self.fixed_reason[keep] = self.fixed_reason[keep] or self.fixed_reason[other]
+        if keep == other:
+            return
+        for joined in (keep, other):
+            if joined in self.members:
+                reason = f"{joined} (Concatenate) is merged with another tensor"
+                self.fix(keep, reason)
+                self.fix(other, reason)
+        if keep in self.members and other not in self.members:  # a root's members must not resolve to it
+            keep, other = other, keep
+        self.parent[other] = keep
+        self.fixed_reason[keep] = self.fixed_reason[keep] or self.fixed_reason[other]
 
     def fix(self, name, reason):
         root = self.find(name)
         self.fixed_reason[root] = self.fixed_reason[root] or reason
-
+        for member in self.members.get(root, ()):
+            self.fix(member, reason)
 
 class _GraphReader:
     def __init__(self, model, add_mode, multiple_of, ratios):
@@ -368,8 +392,9 @@ class _GraphReader:
 
     def _width_slot(self, name):
         full, reason = self.slots.full_width[name], self.slots.fixed_reason[name]
-        candidates = (full,) if reason else candidate_widths(full, self.multiple_of, self.ratios)
-        return WidthSlot(name, full, candidates, reason)
+        members = tuple(self.slots.find(member) for member in self.slots.members.get(name, ()))
+        candidates = (full,) if reason or members else candidate_widths(full, self.multiple_of, self.ratios)
+        return WidthSlot(name, full, candidates, reason, members)
 
     def is_channel_axis(self, name, axis):
         return axis in (-1, len(self.shapes[name]) - 1)
@@ -381,8 +406,9 @@ class _GraphReader:
         if len({self.channels(source) for source in sources}) > 1:
             refuse(layer, "merges inputs of different channel counts: "
                            f"{[self.channels(source) for source in sources]}")
+        concatenated = any(self.slots.find(slot) in self.slots.members for slot in in_slots)
         if type(layer) is _L.Add and self.add_mode == INDEPENDENT and len(sources) == 2 and (
-                self.shapes[sources[0]] == self.shapes[sources[1]]):
+                self.shapes[sources[0]] == self.shapes[sources[1]]) and not concatenated:
             a, b = sources
             identity = (a, b) if self.is_ancestor(a, b) else (b, a) if self.is_ancestor(b, a) else None
             if identity and self._identity_shortcut(layer, *identity):

@@ -9,6 +9,8 @@ import functools
 import json
 from typing import Mapping
 
+import numpy as np
+
 from tas_keras.layer_rules import rule_for
 
 TIED = "tied"
@@ -18,16 +20,22 @@ ADD_MODES = (TIED, INDEPENDENT)
 
 @dataclasses.dataclass(frozen=True)
 class WidthSlot:
-    """A group of channels that share one width: opened by `name`, widened to `full_width` at most."""
+    """A group of channels that share one width: opened by `name`, widened to `full_width` at most.
+
+    A Concatenate's output is a slot of `members`: the slots it joins, in channel order, each at its own
+    width, so the channels it keeps are each member's leading ones at that member's offset
+    (`GraphSpace.kept_channels`). The search chooses its members' widths, not its own.
+    """
 
     name: str
     full_width: int
     candidates: tuple  # sorted; (full_width,) when fixed
     fixed_reason: str = ""  # why the reader keeps it at full width; empty when the search chooses it
+    members: tuple = ()
 
     @property
     def searchable(self):
-        return not self.fixed_reason
+        return not self.fixed_reason and not self.members
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +44,8 @@ class GraphLayer:
 
     kind: input | conv (Conv2D) | depthwise | dense | batch_norm | pass (weightless, keeps the slot) |
     reshape (Flatten of a map, Reshape: fixed in and out) | merge (Add and other elementwise merges) |
-    concat (Concatenate: fixed in and out).
+    op (element-wise keras.ops) | concat (Concatenate: its output's slot has its inputs' as members),
+    and the kinds of `tas_keras.layer_rules`' other rules.
     """
 
     name: str
@@ -206,7 +215,25 @@ class GraphSpace:
 
     def width(self, shape, slot_name):
         slot = self.slot(slot_name)
+        if slot.members:
+            return sum(self.width(shape, member) for member in slot.members)
         return shape.widths[slot_name] if slot.searchable else slot.full_width
+
+    def varies(self, slot_name):
+        """Whether a shape may keep fewer than all of the slot's channels."""
+        slot = self.slot(slot_name)
+        return slot.searchable or any(self.varies(member) for member in slot.members)
+
+    def kept_channels(self, shape, slot_name):
+        """The indices of the slot's channels that the derived network of `shape` keeps, in order."""
+        slot = self.slot(slot_name)
+        if not slot.members:
+            return np.arange(self.width(shape, slot_name))
+        kept, offset = [], 0
+        for member in slot.members:
+            kept.append(offset + self.kept_channels(shape, member))
+            offset += self.slot(member).full_width
+        return np.concatenate(kept)
 
     def plan(self, shape):
         """The layers the derived network of `shape` builds, in order, with their channel counts."""
@@ -239,7 +266,7 @@ class GraphSpace:
                 out = widths[r]
             else:
                 rule = rule_for(layer)
-                if not rule.opens_slot and len(set(widths)) > 1:  # a Concatenate's inputs may differ
+                if rule.ties_inputs and len(set(widths)) > 1:
                     raise AssertionError(f"{layer.name}: tied inputs of widths {widths}")
                 out = rule.out_channels(layer, widths, self.width(shape, layer.out_slot))
             planned.append(DerivedLayer(dataclasses.replace(layer, inputs=inputs), layer.name,

@@ -21,7 +21,9 @@ transfer and the one-shot baselines), so after `order_channels` it keeps the k m
   matching channels.
 - Permutation: one per group, applied to every producer (a conv's output channels and bias, the BN and
   depthwise conv that follow) and consumer (a conv's or Dense's input channels). Fixed slots, and groups
-  holding one, are not permuted.
+  holding one, are not permuted. A Concatenate's output is permuted member by member, each member's
+  channels within its own range; a BN on it scores each member by its range (DenseNet's convs have their
+  BN only after the Concatenate).
 """
 
 import keras
@@ -56,6 +58,19 @@ def _scored_groups(space):
     return groups, {group for group in set(groups.values()) if group not in fixed}
 
 
+def _segments(space, slot_name):
+    """(slot, its channels in a tensor of `slot_name`) for the slot, or for each member of a Concatenate's."""
+    slot = space.slot(slot_name)
+    if not slot.members:
+        return [(slot_name, slice(None))]
+    segments, offset = [], 0
+    for member in slot.members:
+        width = space.slot(member).full_width
+        segments.append((member, slice(offset, offset + width)))
+        offset += width
+    return segments
+
+
 def _averaged(members):
     """{group: the mean of its members' scores, each divided by its own mean}."""
     return {group: np.mean([score / max(float(score.mean()), 1e-30) for score in scores], axis=0)
@@ -79,7 +94,7 @@ def taylor_scores(model, space, batches):
     BN (with a scale or a centre) is scored by `magnitude_scores`."""
     groups, scored = _scored_groups(space)
     norms = [(layer, model.get_layer(layer.name)) for layer in space.layers
-             if layer.kind == "batch_norm" and groups[layer.out_slot] in scored]
+             if layer.kind == "batch_norm" and any(groups[slot] in scored for slot, _ in _segments(space, layer.out_slot))]
     affines = [[v for v in (bn.gamma, bn.beta) if v is not None] for _, bn in norms]
     norms = [(layer, bn, affine) for (layer, bn), affine in zip(norms, affines) if affine]
     variables = [v for _, _, affine in norms for v in affine]
@@ -95,7 +110,9 @@ def taylor_scores(model, space, batches):
             totals[index] = totals[index] + change ** 2
     members = {}
     for (layer, _, _), total in zip(norms, totals):
-        members.setdefault(groups[layer.out_slot], []).append(np.asarray(total, np.float64))
+        for slot, channels in _segments(space, layer.out_slot):
+            if groups[slot] in scored:
+                members.setdefault(groups[slot], []).append(np.asarray(total, np.float64)[channels])
     scores = _averaged(members)
     if len(scores) == len(scored):
         return scores
@@ -111,10 +128,17 @@ def importance_scores(model, space, dataset, batch_size=64, num_batches=8, seed=
 
 
 def permutations(space, scores):
-    """{slot name: channel order, most important first} for every slot of a scored group."""
+    """{slot name: channel order, most important first} for every slot of a scored group, and for every
+    Concatenate's output with such a member (each member's order at its offset)."""
     groups = slot_groups(space)
     orders = {group: np.argsort(-score, kind="stable") for group, score in scores.items()}
-    return {slot.name: orders[groups[slot.name]] for slot in space.slots if groups[slot.name] in orders}
+    ordered = {slot.name: orders[groups[slot.name]] for slot in space.slots if groups[slot.name] in orders}
+    for slot in space.slots:
+        if any(member in ordered for member in slot.members):
+            ordered[slot.name] = np.concatenate([
+                channels.start + ordered.get(member, np.arange(channels.stop - channels.start))
+                for member, channels in _segments(space, slot.name)])
+    return ordered
 
 
 def order_channels(model, space, scores=None):

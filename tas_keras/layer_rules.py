@@ -31,7 +31,7 @@ from keras.src.ops import numpy as numpy_ops
 import numpy as np
 import tensorflow as tf
 
-from tas_keras.layers import SearchableConv, SearchableSeparableConv
+from tas_keras.layers import SearchableConv, SearchableSeparableConv, channel_mask
 
 _L = keras.layers
 CHANNEL_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
@@ -68,6 +68,7 @@ class LayerRule:
     classes = ()
     multiple_inputs = False  # called with the list of its inputs (merges, Concatenate)
     opens_slot = False  # its output width is its slot's width, not its input's
+    ties_inputs = False  # its inputs share one width (merges, element-wise ops of two tensors)
     costed = False  # counted by `counts`
     searchable_conv = False  # where it opens a searchable slot the supernet runs it as a `searchable` conv
 
@@ -123,6 +124,12 @@ class LayerRule:
     def call(self, layer, inputs, graph_layer, **call_arguments):
         """Calls a copy or rebuild of the layer on its inputs' tensors, in `graph_layer.inputs` order."""
         return layer(inputs if self.multiple_inputs else inputs[0], **call_arguments)
+
+    def supernet_width(self, inputs):
+        """The width the supernet carries beside the layer's output (`tas_keras.supernet`), from its
+        inputs' (tensor, width) pairs: as its input's; of zero-padded inputs merged, the widest."""
+        widths = [width for _, width in inputs]
+        return widths[0] if len(widths) == 1 else tf.reduce_max(tf.stack(widths))
 
     def permuted(self, layer, weights, in_order, out_order):
         """Its weights with the input channels in `in_order`, the output channels in `out_order` (None:
@@ -386,23 +393,29 @@ class ReshapeRule(LayerRule):
 
 
 class ConcatenateRule(LayerRule):
-    """Concatenate on the channel axis: fixes its inputs' slots and opens a fixed one."""
+    """Concatenate on the channel axis: its output is a slot of its inputs' slots, each keeping its own
+    width (`WidthSlot.members`); its readers read the channels each member keeps."""
 
-    kind, classes, opens_slot, multiple_inputs = "concat", (_L.Concatenate,), True, True
+    kind, classes, multiple_inputs = "concat", (_L.Concatenate,), True
 
     def read(self, reader, layer, in_slots):
         if not reader.is_channel_axis(layer.name, layer.axis):
             refuse(layer, f"concatenates along axis {layer.axis}; only the channel axis is supported")
-        for slot in in_slots:
-            reader.slots.fix(slot, f"{layer.name} (Concatenate) reads it")
-        return reader.slots.open(layer.name, reader.channels(layer.name), "concatenated")
+        return reader.slots.concatenate(layer.name, in_slots)
+
+    def out_channels(self, layer, in_channels, slot_width):
+        return sum(in_channels)
+
+    def supernet_width(self, inputs):
+        """The channel mask of the kept channels of every input, one after the other."""
+        return tf.concat([channel_mask(width, y.shape[-1]) for y, width in inputs], axis=0)
 
 
 class MergeRule(LayerRule):
     """Add and the other elementwise merges of equal-width inputs: the reader's Add rule (tied or
     independent, `tas_keras.graph`) decides the slots."""
 
-    kind, multiple_inputs = "merge", True
+    kind, multiple_inputs, ties_inputs = "merge", True, True
     classes = (_L.Add, _L.Multiply, _L.Subtract, _L.Average, _L.Maximum, _L.Minimum)
 
     def read(self, reader, layer, in_slots):
@@ -417,7 +430,7 @@ class ElementwiseOpRule(LayerRule):
     broadcast over the positions (`x * gate`: they tie the two slots, as a merge does). The reader
     records where the constants go (`operands`); the derived network calls the same operation."""
 
-    kind = "op"
+    kind, ties_inputs = "op", True
     _BINARY = _existing(numpy_ops, ("Add", "Subtract", "Multiply", "Maximum", "Minimum", "Divide", "TrueDivide"))
     _DIVISIONS = _existing(numpy_ops, ("Divide", "TrueDivide"))
     classes = _BINARY + _existing(numpy_ops, ("Negative", "Abs", "Square", "Tanh", "Clip")) + _existing(

@@ -49,6 +49,13 @@ def width_mask(width, full_width):
     return tf.cast(tf.range(full_width) < width, tf.float32)
 
 
+def channel_mask(width, full_width):
+    """float32 [full_width]: 1 on the channels a supernet tensor's width keeps: its leading `width`
+    channels, or where `width` is itself a mask (a Concatenate's output: each input's leading channels
+    at that input's offset), that mask."""
+    return width if width.shape.rank == 1 else width_mask(width, full_width)
+
+
 def cwi_taps(from_width, to_width, full_width):
     """The first and the last input channel that output channel j averages when CWI widens a tensor
     from `from_width` to `to_width` >= from_width channels (1-D adaptive average pooling: output j

@@ -40,7 +40,7 @@ from tas_keras import cost
 from tas_keras.graph import load_model, operation, read_model
 from tas_keras.graph_space import INDEPENDENT, TIED, GraphShape
 from tas_keras.layer_rules import maps_zero_to_zero, rule_for
-from tas_keras.layers import BN_EPSILON, DepthMixer, SearchableConv, WidthChoice, width_mask
+from tas_keras.layers import BN_EPSILON, DepthMixer, SearchableConv, WidthChoice, channel_mask
 from tas_keras.models.registry import is_cifar_model
 
 COST_METRICS = ("flops", "params")
@@ -113,7 +113,7 @@ class GraphSupernet(keras.Model):
         # project's first, CIFAR-only supernet drew them: a seed's CIFAR search stays what it was.)
         made = {}
         for layer in space.layers:
-            searchable = space.slot(layer.out_slot).searchable
+            varies = space.varies(layer.out_slot)
             if layer.kind == "input" or layer.name in self.absorbed or self._runs_searchable(layer):
                 continue
             source = operation(model, layer.name)
@@ -124,7 +124,7 @@ class GraphSupernet(keras.Model):
             if "training" in inspect.signature(source.call).parameters:
                 arguments.setdefault("training", True)
             self._call_arguments[layer.name] = arguments
-            if searchable and rule_for(layer).masked(layer, made[layer.name]):
+            if varies and rule_for(layer).masked(layer, made[layer.name]):
                 self._masked.add(layer.name)
 
         stage_outputs = {}  # the exit a stage mixes -> (stage, the outputs after 1, 2, ... blocks)
@@ -246,14 +246,13 @@ class GraphSupernet(keras.Model):
             if layer.name in self._activations:
                 y = self._activations[layer.name](y)
         else:
-            values = [y for y, _ in inputs]
-            y = rule_for(layer).call(keras_layer, values, layer, **self._call_arguments[layer.name])
-            # A merge adds zero-padded inputs: the wider width wins.
-            width = inputs[0][1] if len(inputs) == 1 else tf.reduce_max(tf.stack([w for _, w in inputs]))
-        if not slot.searchable:
+            rule = rule_for(layer)
+            y = rule.call(keras_layer, [y for y, _ in inputs], layer, **self._call_arguments[layer.name])
+            width = rule.supernet_width(inputs)
+        if not self.space.varies(slot.name):
             return y, tf.constant(slot.full_width)
         if layer.name in self._masked:
-            y = y * tf.cast(width_mask(width, slot.full_width), y.dtype)
+            y = y * tf.cast(channel_mask(width, slot.full_width), y.dtype)
         return y, width
 
     def argmax_widths(self):
@@ -290,6 +289,8 @@ class GraphSupernet(keras.Model):
         widths = {slot.name: float(slot.full_width) for slot in self.space.slots}
         widths.update({slot: choice.expected_width()
                        for slot, choice in zip(self._choice_of_slot, self.width_choices)})
+        widths.update({slot.name: sum(widths[member] for member in slot.members)
+                       for slot in self.space.slots if slot.members})
         keep = self.keep_probabilities()
         total = 0.0
         for layer in self.space.layers:

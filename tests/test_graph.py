@@ -187,9 +187,11 @@ def test_layers_it_cannot_shrink_are_kept_full():
     outputs = L.Dense(4, name="classifier")(L.Dense(16, name="hidden")(x))
     space = read_model(keras.Model(inputs, outputs))
     fixed = {slot.name for slot in space.slots if not slot.searchable}
-    # Concatenate and Flatten read full widths; Dense layers are not searched; the image is fixed.
-    assert fixed == {"pixels", "left", "right", "both", "to_flatten", "flat", "hidden", "classifier"}
-    assert [slot.name for slot in space.searchable_slots] == ["mid"]
+    # Flatten reads full widths; Dense layers are not searched; the image is fixed. The Concatenate's
+    # output is not searched itself: its inputs are, each at its own width.
+    assert fixed == {"pixels", "both", "to_flatten", "flat", "hidden", "classifier"}
+    assert [slot.name for slot in space.searchable_slots] == ["left", "right", "mid"]
+    assert space.slot("both").members == ("left", "right") and space.varies("both")
 
 
 def test_a_conv_classifier_and_a_channel_softmax_are_fixed():

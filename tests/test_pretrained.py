@@ -19,7 +19,7 @@ from tas_keras.models import efficientnet_lite
 from tas_keras.models.registry import build_model
 from tas_keras.models.torch_checkpoint import LEGACY_MAGIC, CheckpointError, load_state_dict
 
-from .test_supernet import sep_cnn
+from .test_supernet import dense_cnn, sep_cnn
 from tests.conftest import SHARED
 
 IMAGENETTE = SHARED / "data" / "imagenette2-224.zip"
@@ -103,10 +103,11 @@ def _randomised_batch_norms(model, seed=0):
 
 @pytest.mark.parametrize("name, add_mode", [("mobilenet_v2", "tied"), ("resnet50", "tied"),
                                             ("efficientnet_lite0", "tied"), ("resnet8", INDEPENDENT),
-                                            ("sep_cnn", "tied")])
+                                            ("sep_cnn", "tied"), ("dense_cnn", "tied")])
 def test_ordered_channels_compute_the_same_function_most_important_first(name, add_mode):
     keras.utils.set_random_seed(0)
-    model = _randomised_batch_norms(sep_cnn() if name == "sep_cnn" else
+    built = {"sep_cnn": sep_cnn, "dense_cnn": dense_cnn}.get(name)
+    model = _randomised_batch_norms(built() if built else
                                     build_model(name, (32, 32, 3) if name != "resnet8" else None, 10))
     space = read_model(model, add_mode)
     ordered = importance.order_channels(model, space)

@@ -75,6 +75,25 @@ def sep_cnn():
     return keras.Model(inputs, outputs, name="sep_cnn")
 
 
+def dense_cnn():
+    """DenseNet's idiom: each layer's new channels concatenated to what came before (nested
+    Concatenates), every Concatenate read by BN + ReLU + conv, a transition, a BN before the head."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = L.Conv2D(6, 3, padding="same", use_bias=False, name="stem")(inputs)
+    for block, layers in (("d1", 2), ("d2", 1)):
+        for index in range(1, layers + 1):
+            name = f"{block}_l{index}"
+            y = L.ReLU(name=f"{name}_relu")(L.BatchNormalization(name=f"{name}_bn")(x))
+            y = L.Conv2D(4, 3, padding="same", use_bias=False, name=f"{name}_conv")(y)
+            x = L.Concatenate(name=f"{name}_concat")([x, y])
+        if block == "d1":
+            x = L.ReLU(name="transition_relu")(L.BatchNormalization(name="transition_bn")(x))
+            x = L.AveragePooling2D(2, name="transition_pool")(L.Conv2D(8, 1, name="transition_conv")(x))
+    x = L.ReLU(name="head_relu")(L.BatchNormalization(name="head_bn")(x))
+    outputs = L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="pool")(x))
+    return keras.Model(inputs, outputs, name="dense_cnn")
+
+
 def _source(name):
     """A source model with non-trivial BN affines and biases, so a wrong copy shows."""
     keras.utils.set_random_seed(0)
@@ -84,6 +103,8 @@ def _source(name):
         model = ops_cnn()
     elif name == "sep_cnn":
         model = sep_cnn()
+    elif name == "dense_cnn":
+        model = dense_cnn()
     elif name == "resnet20":
         model = CifarResNet(ArchConfig.full("resnet20", input_shape=(8, 8, 3)))
     else:
@@ -261,7 +282,7 @@ def test_cifar_forward_is_the_reference_forward(cifar_supernet):
 # Any model: exact costs, and the source model at the full sample.
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "resnet50", "user_cnn", "user_cnn_independent",
-                                  "ops_cnn", "sep_cnn"])
+                                  "ops_cnn", "sep_cnn", "dense_cnn"])
 def test_argmax_cost_is_the_count_of_the_derived_shape(name):
     _, space, supernet = _supernet(name)
     for seed in range(4):
@@ -275,7 +296,7 @@ def test_argmax_cost_is_the_count_of_the_derived_shape(name):
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "resnet50", "user_cnn", "user_cnn_independent",
-                                  "ops_cnn", "sep_cnn"])
+                                  "ops_cnn", "sep_cnn", "dense_cnn"])
 def test_full_sample_from_the_source_equals_the_source_in_training_mode(name):
     model, space, supernet = _supernet(name)  # resnet20 without normalize_every_conv: its stride-2
     images = tf.random.stateless_normal((8, *space.input_shape), [2, 0])  # shortcuts stay bare
@@ -287,7 +308,7 @@ def test_full_sample_from_the_source_equals_the_source_in_training_mode(name):
     np.testing.assert_allclose(actual, expected, atol=max(1e-4, 2 * np.abs(reversed_batch - expected).max()))
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "user_cnn", "ops_cnn", "sep_cnn"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "user_cnn", "ops_cnn", "sep_cnn", "dense_cnn"])
 def test_one_hot_sample_equals_the_derived_network_in_training_mode(name):
     """At a narrower one-hot sample the supernet is the derived network (tied slots share one width;
     depthwise convs, BNs and activations follow it; the masks keep the zero channels zero)."""
@@ -317,6 +338,35 @@ def test_expected_cost_of_a_user_cnn_by_hand():
                 + d * 4 + 4)  # head
     assert float(supernet.expected_cost()) == pytest.approx(expected, rel=1e-6)
     assert expected == pytest.approx(35541.5)
+
+
+def test_expected_cost_of_a_dense_cnn_by_hand():
+    """A Concatenate's readers count the sum of its inputs' expected widths."""
+    _, space, supernet = _supernet("dense_cnn")
+    assert space.slot("d1_l2_concat").members == ("stem", "d1_l1_conv", "d1_l2_conv")
+    assert space.slot("d2_l1_concat").members == ("transition_conv", "d2_l1_conv")
+    for variable in supernet.arch_variables:
+        variable.assign(tf.zeros_like(variable))
+    # Candidates (floor of the ratios 0.3 .. 1.0 of docs/design.md section 4): of 6: 1 .. 6 (mean 3.5);
+    # of 4: 1 .. 4 (mean 2.5); of 8: 2 .. 8 (mean 5). 8x8 maps, 4x4 after the transition.
+    s, g, t = 3.5, 2.5, 5
+    expected = (9 * 3 * s * 64  # stem
+                + 9 * s * g * 64  # d1_l1_conv reads the stem
+                + 9 * (s + g) * g * 64  # d1_l2_conv reads the stem and d1_l1
+                + ((s + 2 * g) * t + t) * 64  # transition_conv, with bias
+                + 9 * t * g * 16  # d2_l1_conv
+                + (t + g) * 4 + 4)  # head
+    assert float(supernet.expected_cost()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_concatenate_merged_with_another_tensor_fixes_its_inputs():
+    inputs = keras.Input((8, 8, 3))
+    a, b = (L.Conv2D(4, 1, name=name)(inputs) for name in ("a", "b"))
+    joined = L.Concatenate(name="joined")([a, b])
+    x = L.Add(name="sum")([joined, L.Conv2D(8, 1, name="c")(inputs)])
+    space = read_model(keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(x))))
+    assert not any(space.varies(space.layer(name).out_slot) for name in ("a", "b", "c", "joined", "sum"))
+    assert "joined (Concatenate) is merged" in space.slot("a").fixed_reason
 
 
 @pytest.mark.parametrize("name, compiled", [("mobilenet_v2", False), ("resnet50", False), ("user_cnn", True)])
