@@ -11,8 +11,9 @@ InceptionV3 75, Xception 71) and, in its own subprocess (so memory does not pile
   read         `tas_keras.graph.read_model` of the logits model (`graph.load_model` takes the softmax off, as
                the pipeline does), or the refusal's one line (UnsupportedModelError);
   widths       searchable slots, searchable convs / all convs (Conv2D, SeparableConv2D: the layers whose
-               rule opens a slot as a conv; a conv is searchable when its output slot is), and why the other
-               convs keep their full width (reasons with the layer name left off);
+               rule opens a slot as a conv, and grouped Conv2Ds, which follow their input's slot in whole
+               groups; a conv is searchable when its output slot is), and why the other convs keep their
+               full width (reasons with the layer name left off);
   depth        the stages of droppable blocks (`space.stages`) and their block counts;
   derive       the max |output difference| of `derive.derive_model` at the full shape from the logits
                model, absolute and relative to the max |output|, on 2 random images (0-255), after every
@@ -178,10 +179,10 @@ def _reason_kind(reason, layer_names):
 
 
 def _is_conv(layer):
-    """Whether a GraphLayer is a conv whose rule opens a searchable slot (Conv2D, SeparableConv2D, ...; not
-    Dense, DepthwiseConv2D)."""
+    """Whether a GraphLayer is a conv whose rule opens a searchable slot (Conv2D, SeparableConv2D, ...) or a
+    grouped Conv2D; not a Dense or DepthwiseConv2D."""
     from tas_keras.layer_rules import rule_for
-    return layer.kind == "conv" or getattr(rule_for(layer), "searchable_conv", False)
+    return layer.kind in ("conv", "grouped") or getattr(rule_for(layer), "searchable_conv", False)
 
 
 def read_and_derive(model):

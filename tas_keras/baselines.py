@@ -23,7 +23,8 @@ from tas_keras.derive import derive_model
 from tas_keras.graph import load_model
 from tas_keras.graph_space import GraphShape
 from tas_keras import input_convention as conventions
-from tas_keras.importance import importance_scores, magnitude_scores, order_channels, slot_groups
+from tas_keras.importance import (group_steps, importance_scores, magnitude_scores, order_channels, slot_groups,
+                                  step_scores)
 from tas_keras.layer_rules import rule_for
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json, run_dir, write_json
 from tas_keras.search import cost_band, searched_shapes, source_model
@@ -49,10 +50,11 @@ def _graph_band(space, target_ratio, tolerance, band):
 
 
 def uniform_shape(space, ratio):
-    """Every searchable slot of a GraphSpace at round(C * ratio) channels (at least 1), all blocks kept."""
+    """Every searchable slot of a GraphSpace at round(C * ratio) channels, in whole multiples of its
+    `width_step` (at least one), all blocks kept."""
     full = space.full_shape()
-    return GraphShape({slot.name: max(1, round(slot.full_width * ratio)) for slot in space.searchable_slots},
-                      full.depths)
+    return GraphShape({slot.name: slot.width_step * max(1, round(slot.full_width * ratio / slot.width_step))
+                       for slot in space.searchable_slots}, full.depths)
 
 
 def _widest_within(space, shapes, high):
@@ -86,20 +88,23 @@ def ranked_shape(space, scores, target_ratio, tolerance=0.05, band="code", sourc
     smallest candidate width; all blocks kept. Where removing the next channel would fall below the
     band (a small network's channels move its FLOPs in big steps), that channel is kept and the next
     one in the ranking tried. The channels are taken as `importance.order_channels` orders them by the
-    same scores: a slot of width k keeps its k most important."""
+    same scores: a slot of width k keeps its k most important. Where a grouped conv keeps whole groups,
+    the channels go in those units (`importance.group_steps`), ranked by their mean score."""
     base, low, high = _graph_band(space, target_ratio, tolerance, band)
-    groups = slot_groups(space)
+    groups, steps = slot_groups(space), group_steps(space)
     slots = space.searchable_slots
-    # Every (score, slot) whose channel may go, least important first; a slot's own channels go in order.
+    step = {slot.name: steps[groups[slot.name]] for slot in slots}
+    descending = {slot.name: np.sort(step_scores(scores[groups[slot.name]], step[slot.name]))[::-1] for slot in slots}
+    # Every (score, slot) whose unit of channels may go, least important first; a slot's own units go in order.
     ranked = sorted((float(score), index, slot.name) for slot in slots
-                    for index, score in enumerate(np.sort(scores[groups[slot.name]])[::-1])
-                    if index >= slot.candidates[0])
+                    for index, score in enumerate(descending[slot.name])
+                    if index * step[slot.name] >= slot.candidates[0])
     full = space.full_shape()
 
-    def removing(count):  # the shape after the `count` least important channels go
+    def removing(count):  # the shape after the `count` least important units go
         widths = dict(full.widths)
         for _, _, name in ranked[:count]:
-            widths[name] -= 1
+            widths[name] -= step[name]
         return GraphShape(widths, full.depths)
 
     lo, hi = 0, len(ranked)  # the fewest removals that reach the band's top, by bisection
@@ -110,7 +115,7 @@ def ranked_shape(space, scores, target_ratio, tolerance=0.05, band="code", sourc
     for _, _, name in ranked[max(0, lo - 1):]:
         if count_shape(space, shape).flops <= high:
             break
-        narrower = GraphShape({**shape.widths, name: shape.widths[name] - 1}, full.depths)
+        narrower = GraphShape({**shape.widths, name: shape.widths[name] - step[name]}, full.depths)
         if count_shape(space, narrower).flops >= low:
             shape = narrower
     flops = count_shape(space, shape).flops

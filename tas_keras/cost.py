@@ -1,10 +1,11 @@
 """Exact FLOP and parameter counts, in the paper's convention.
 
-FLOPs are multiply-accumulates of Conv2D (k_h*k_w*C_in*C_out*H_out*W_out), DepthwiseConv2D
-(k_h*k_w*C_out*H_out*W_out) and Dense (in*out), plus one per output value for a bias (C_out*H_out*W_out,
-out), as the reference code's counter counts them; BN, activations, pooling and additions are not
-counted. Parameters are the trainable weights (kernels, biases, BN gamma and beta), as PyTorch's
-parameter count reports them; BN moving statistics are not parameters.
+FLOPs are multiply-accumulates of Conv2D (k_h*k_w*C_in*C_out*H_out*W_out; with g groups, each reading
+C_in/g channels: k_h*k_w*(C_in/g)*C_out*H_out*W_out), DepthwiseConv2D (k_h*k_w*C_out*H_out*W_out) and
+Dense (in*out), plus one per output value for a bias (C_out*H_out*W_out, out), as the reference code's
+counter counts them; BN, activations, pooling and additions are not counted. Parameters are the
+trainable weights (kernels, biases, BN gamma and beta), as PyTorch's parameter count reports them; BN
+moving statistics are not parameters.
 
 Three routes, one rule per layer class (`layer_cost` asks `tas_keras.layer_rules`): `count_arch` (a CIFAR ArchConfig, without
 building), `count_shape` (a point of any model's GraphSpace, without building) and `count_model` (a
@@ -23,7 +24,7 @@ from tas_keras.models.cifar_resnet import network_plan
 @dataclasses.dataclass(frozen=True)
 class LayerCost:
     name: str
-    kind: str  # conv | depthwise | dense | batch_norm
+    kind: str  # conv | grouped | depthwise | separable | dense | batch_norm
     in_channels: int
     out_channels: int
     kernel: tuple = ()  # (k_h, k_w)
@@ -72,13 +73,14 @@ def _report(layers):
 
 
 def layer_cost(name, kind, in_channels, out_channels, kernel=(), stride=(), output_size=(), use_bias=False,
-               affine=2, depth_multiplier=1):
+               affine=2, depth_multiplier=1, group_width=1):
     """The cost of one layer of a kind whose rule counts it (`tas_keras.layer_rules`); `affine` is the
-    number of per-channel trainable vectors of a BN."""
+    number of per-channel trainable vectors of a BN, `group_width` a grouped conv's input channels per group."""
     rule = rule_of_kind(kind)
     if not rule.costed:
         raise ValueError(f"{name}: no cost rule for a layer of kind {kind!r}")
-    flops, params = rule.counts(in_channels, out_channels, kernel, output_size, use_bias, affine, depth_multiplier)
+    flops, params = rule.counts(in_channels, out_channels, kernel, output_size, use_bias, affine, depth_multiplier,
+                                group_width)
     return LayerCost(name, kind, in_channels, out_channels, tuple(kernel), tuple(stride), tuple(output_size),
                      flops, params)
 
@@ -104,21 +106,20 @@ def count_shape(space, shape):
         if rule_for(layer).costed:
             layers.append(layer_cost(layer.name, layer.kind, derived.in_channels, derived.out_channels,
                                      layer.kernel, layer.strides, layer.output_size, layer.use_bias,
-                                     layer.affine, layer.depth_multiplier))
+                                     layer.affine, layer.depth_multiplier, layer.group_width))
     return _report(layers)
 
 
 def count_model(model):
-    """Counts a built Keras model from its Conv2D, DepthwiseConv2D, Dense and BatchNormalization layers
-    (those of its nested models too)."""
+    """Counts a built Keras model from its Conv2D (grouped too), SeparableConv2D, DepthwiseConv2D, Dense and
+    BatchNormalization layers (those of its nested models too)."""
     layers = []
     for layer in plain_graph(model).layers:
         if isinstance(layer, keras.layers.Conv2D):
-            if layer.groups != 1:
-                raise ValueError(f"{layer.name}: only ungrouped convolutions are counted")
-            _, _, in_channels, out_channels = layer.kernel.shape
-            layers.append(layer_cost(layer.name, "conv", in_channels, out_channels, layer.kernel_size,
-                                     layer.strides, layer.output.shape[1:3], layer.use_bias))
+            _, _, group_width, out_channels = layer.kernel.shape
+            layers.append(layer_cost(layer.name, "conv" if layer.groups == 1 else "grouped",
+                                     group_width * layer.groups, out_channels, layer.kernel_size, layer.strides,
+                                     layer.output.shape[1:3], layer.use_bias, group_width=group_width))
         elif isinstance(layer, keras.layers.SeparableConv2D):
             _, _, in_channels, multiplier = layer.depthwise_kernel.shape
             layers.append(layer_cost(layer.name, "separable", in_channels, layer.pointwise_kernel.shape[-1],

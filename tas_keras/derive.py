@@ -1,14 +1,15 @@
 """Rebuilds a point of a GraphSpace as a plain functional Keras model and moves the weights into it.
 
 `derive_model(model, space, shape)` builds the layers of `space.plan(shape)`, each from its source
-layer's `get_config()` with only the channel count changed (and, for a projection shortcut, a 1x1 kernel
-and stride 1), so the derived model has the user's layer types, names and settings, narrower and
-shallower, and nothing but stock Keras layers: `keras.models.load_model` opens its .keras file without
-this package. `transfer_weights` copies the kept channels of every variable (kernels, biases, BN
-gamma/beta and moving statistics, depthwise kernels) of the layers both models have, as train.distill's
-"init" does: a slot's leading channels, and for a Concatenate's output the leading channels of each of its
-inputs (`GraphSpace.kept_channels`); a dropped block has nothing to copy and a projection only the derived
-model has keeps its fresh initialisation.
+layer's `get_config()` with only the channel count changed (a grouped conv's groups with it; for a
+projection shortcut, a 1x1 kernel and stride 1), so the derived model has the user's layer types, names
+and settings, narrower and shallower, and nothing but stock Keras layers: `keras.models.load_model`
+opens its .keras file without this package. `transfer_weights` copies the kept channels of every
+variable (kernels, biases, BN gamma/beta and moving statistics, depthwise kernels; a grouped conv's
+leading groups) of the layers both models have, as train.distill's "init" does: a slot's leading
+channels, and for a Concatenate's output the leading channels of each of its inputs
+(`GraphSpace.kept_channels`); a dropped block has nothing to copy and a projection only the derived model
+has keeps its fresh initialisation.
 """
 
 import logging

@@ -12,6 +12,12 @@ Width rules (each layer class's is its rule in `tas_keras.layer_rules`). Every t
   - The input layer opens a fixed slot (the image channels).
   - A Conv2D with groups=1 opens a searchable slot named after it, whose candidates are
     `candidate_widths(filters, multiple_of)` (the paper's ratios 0.3 .. 1.0).
+  - A grouped Conv2D (groups > 1) is pruned in whole groups. When each group has as many outputs as
+    inputs (RegNet's and ResNeXt's), it follows its input's slot like a depthwise conv (keeping k groups
+    keeps k groups of inputs and of outputs), and every width of that slot is a whole number of groups:
+    its `width_step` is the group width (the least common multiple where grouped convs of several group
+    widths read it) and its candidates are `candidate_widths(filters, lcm(multiple_of, width_step))`.
+    One whose groups change the channel count fixes its input slot and opens a fixed one.
   - A SeparableConv2D is a depthwise conv that follows its input's slot and a pointwise conv that opens a
     searchable slot named after it (the supernet runs it as a depthwise conv and a searchable 1x1 conv).
   - A Dense opens a fixed slot (Dense layers are not searched); it must see a 2-D input.
@@ -46,9 +52,9 @@ Width rules (each layer class's is its rule in `tas_keras.layer_rules`). Every t
           network feeds x through `<block>_shortcut_conv` (a 1x1 conv with the settings of the conv
           that opens r's slot) and `<block>_shortcut_bn` (with the settings of the BN between that
           conv and r, when there is one); `<block>` is the Add's name without its "_add" suffix. When
-          r does not come from a Conv2D through BN and pass-through layers only (say, through a
-          squeeze-excitation Multiply), there are no settings to copy and the Add is tied.
-        * projection shortcut: one input p comes from a Conv2D P through single-consumer BN /
+          r does not come from an ungrouped Conv2D through BN and pass-through layers only (say,
+          through a squeeze-excitation Multiply), there are no settings to copy and the Add is tied.
+        * projection shortcut: one input p comes from an ungrouped Conv2D P through single-consumer BN /
           pass-through layers only, and the tensor P reads (followed back through single-consumer
           pass-through layers to where the graph branches) is an ancestor of the other input r.
           P does not open a slot of its own: it takes r's slot (the shortcut reuses the block-output
@@ -79,17 +85,16 @@ augmentation layers out (`plain_graph`), and takes a final softmax off (`logits_
 
 Refused (UnsupportedModelError, one line naming the layer and its class): subclassed models, models
 with several inputs or outputs, unknown spatial sizes, channels_first layers, nested subclassed models,
-shared
-layers, keras.ops operations other than the element-wise ones (and a division by a tensor, an operand
-that is an array), layers called with arguments other than plain values
-(plain ones, such as the training=False Keras records for a Dropout, are carried into the derived
-model), grouped Conv2D, Dense on a spatial map, Concatenate along another axis than the channels, and
-every layer class not listed above (Lambda, recurrent layers, Conv1D/3D, Conv2DTranspose,
-LayerNormalization, PReLU, ...).
+shared layers, keras.ops operations other than the element-wise ones (and a division by a tensor, an
+operand that is an array), layers called with arguments other than plain values (plain ones, such as
+the training=False Keras records for a Dropout, are carried into the derived model), Dense on a spatial
+map, Concatenate along another axis than the channels, and every layer class not listed above (Lambda,
+recurrent layers, Conv1D/3D, Conv2DTranspose, LayerNormalization, PReLU, ...).
 """
 
 import dataclasses
 import inspect
+import math
 import os
 
 import keras
@@ -288,10 +293,11 @@ class _Slots:
     would need equal widths that no member can promise, fixes both."""
 
     def __init__(self):
-        self.parent, self.full_width, self.fixed_reason, self.members = {}, {}, {}, {}
+        self.parent, self.full_width, self.fixed_reason, self.width_step, self.members = {}, {}, {}, {}, {}
 
     def open(self, name, full_width, fixed_reason=""):
         self.parent[name], self.full_width[name], self.fixed_reason[name] = name, full_width, fixed_reason
+        self.width_step[name] = 1
         return name
 
     def concatenate(self, name, in_slots):
@@ -321,12 +327,21 @@ class _Slots:
             keep, other = other, keep
         self.parent[other] = keep
         self.fixed_reason[keep] = self.fixed_reason[keep] or self.fixed_reason[other]
+        self.width_step[keep] = math.lcm(self.width_step[keep], self.width_step[other])
 
     def fix(self, name, reason):
         root = self.find(name)
         self.fixed_reason[root] = self.fixed_reason[root] or reason
         for member in self.members.get(root, ()):
             self.fix(member, reason)
+
+    def keep_multiples(self, name, step):
+        """Every width of the slot becomes a multiple of `step` (a grouped conv keeps whole groups)."""
+        root = self.find(name)
+        self.width_step[root] = math.lcm(self.width_step[root], step)
+        for member in self.members.get(root, ()):
+            self.keep_multiples(member, step)
+
 
 class _GraphReader:
     def __init__(self, model, add_mode, multiple_of, ratios):
@@ -391,10 +406,11 @@ class _GraphReader:
             call_arguments=self.call_arguments[name], **rule.details(layer, self.nodes_by_name[name]))
 
     def _width_slot(self, name):
-        full, reason = self.slots.full_width[name], self.slots.fixed_reason[name]
+        full, reason, step = self.slots.full_width[name], self.slots.fixed_reason[name], self.slots.width_step[name]
         members = tuple(self.slots.find(member) for member in self.slots.members.get(name, ()))
-        candidates = (full,) if reason or members else candidate_widths(full, self.multiple_of, self.ratios)
-        return WidthSlot(name, full, candidates, reason, members)
+        candidates = (full,) if reason or members else candidate_widths(full, math.lcm(self.multiple_of, step),
+                                                                        self.ratios)
+        return WidthSlot(name, full, candidates, reason, step, members)
 
     def is_channel_axis(self, name, axis):
         return axis in (-1, len(self.shapes[name]) - 1)
@@ -421,6 +437,10 @@ class _GraphReader:
             self.slots.tie(in_slots[0], slot)
         return in_slots[0]
 
+    def _opens_conv_slot(self, name):
+        """Whether the layer is a Conv2D that opens its own slot (a grouped one follows its input's)."""
+        return rule_for_layer(self.keras_layers[name]).kind == "conv"
+
     def _walk_back(self, name, through):
         """Follows single-input layers of the given kinds back from `name` while each output it passes
         has one consumer; returns the layers passed and the first layer that stopped the walk."""
@@ -435,7 +455,7 @@ class _GraphReader:
         """Records the projection a derived network needs where x and r differ; False when r does not
         come from a conv whose settings the projection could copy (the Add is tied then)."""
         passed, conv = self._walk_back(residual, FOLLOWING_CLASSES + NORMALIZATION_CLASSES)
-        if type(self.keras_layers[conv]) is not _L.Conv2D:
+        if not self._opens_conv_slot(conv):
             return False
         norms = [n for n in passed if type(self.keras_layers[n]) is _L.BatchNormalization]
         block = _block_name(add.name)
@@ -453,7 +473,7 @@ class _GraphReader:
         if len(self.consumers[source]) != 1:
             return False
         _, conv = self._walk_back(source, FOLLOWING_CLASSES + NORMALIZATION_CLASSES)
-        if type(self.keras_layers[conv]) is not _L.Conv2D or len(self.consumers[conv]) != 1:
+        if not self._opens_conv_slot(conv) or len(self.consumers[conv]) != 1:
             return False
         _, branch = self._walk_back(self.inputs[conv][0], FOLLOWING_CLASSES)
         return self.is_ancestor(branch, other)

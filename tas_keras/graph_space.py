@@ -31,6 +31,9 @@ class WidthSlot:
     full_width: int
     candidates: tuple  # sorted; (full_width,) when fixed
     fixed_reason: str = ""  # why the reader keeps it at full width; empty when the search chooses it
+    # Its widths are whole multiples of this: the group widths of the grouped convs that follow it keep
+    # whole groups (their least common multiple; 1 without one).
+    width_step: int = 1
     members: tuple = ()
 
     @property
@@ -42,7 +45,8 @@ class WidthSlot:
 class GraphLayer:
     """One layer of the model, as the search space sees it.
 
-    kind: input | conv (Conv2D) | depthwise | dense | batch_norm | pass (weightless, keeps the slot) |
+    kind: input | conv (Conv2D) | grouped (Conv2D, groups > 1) | depthwise | separable | dense | batch_norm |
+    pass (weightless, keeps the slot) |
     reshape (Flatten of a map, Reshape: fixed in and out) | merge (Add and other elementwise merges) |
     op (element-wise keras.ops) | concat (Concatenate: its output's slot has its inputs' as members),
     and the kinds of `tas_keras.layer_rules`' other rules.
@@ -59,6 +63,7 @@ class GraphLayer:
     strides: tuple = ()
     use_bias: bool = False
     depth_multiplier: int = 1
+    group_width: int = 1  # a grouped conv's input channels per group (a depthwise conv's: 1)
     affine: int = 0  # BatchNormalization: per-channel trainable vectors (gamma and/or beta)
     block: str = ""  # the droppable identity block it belongs to
     call_arguments: Mapping = dataclasses.field(default_factory=dict)  # e.g. Dropout's training=False
@@ -205,6 +210,9 @@ class GraphSpace:
             width = shape.widths[slot.name]
             if not 1 <= width <= slot.full_width:
                 raise ValueError(f"{slot.name}: width {width} is outside 1..{slot.full_width}")
+            if width % slot.width_step:
+                raise ValueError(f"{slot.name}: width {width} is not a multiple of {slot.width_step}: its grouped "
+                                 f"convs keep whole groups of {slot.width_step} channels")
         stages = {stage.name: stage for stage in self.stages}
         if set(shape.depths) != set(stages):
             raise ValueError(f"shape depths name the stages {sorted(shape.depths)}, the space has "

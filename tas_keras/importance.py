@@ -21,10 +21,14 @@ transfer and the one-shot baselines), so after `order_channels` it keeps the k m
   matching channels.
 - Permutation: one per group, applied to every producer (a conv's output channels and bias, the BN and
   depthwise conv that follow) and consumer (a conv's or Dense's input channels). Fixed slots, and groups
-  holding one, are not permuted. A Concatenate's output is permuted member by member, each member's
-  channels within its own range; a BN on it scores each member by its range (DenseNet's convs have their
-  BN only after the Concatenate).
+  holding one, are not permuted. A group read by a grouped conv moves in whole groups of that conv
+  (`group_steps`), ordered by their mean score, each keeping its channels' order: a grouped conv keeps
+  or drops whole groups, and its kernel pairs a group's inputs with its outputs by position. A
+  Concatenate's output is permuted member by member, each member's channels within its own range; a BN
+  on it scores each member by its range (DenseNet's convs have their BN only after the Concatenate).
 """
+
+import math
 
 import keras
 import numpy as np
@@ -127,11 +131,29 @@ def importance_scores(model, space, dataset, batch_size=64, num_batches=8, seed=
     return taylor_scores(model, space, batches.take(num_batches))
 
 
+def group_steps(space):
+    """{group name: the channels that move and go together in it}: the least common multiple of its slots'
+    `width_step`s, so that a grouped conv's groups move whole and keep their own order."""
+    groups, steps = slot_groups(space), {}
+    for slot in space.slots:
+        steps[groups[slot.name]] = math.lcm(steps.get(groups[slot.name], 1), slot.width_step)
+    return steps
+
+
+def step_scores(score, step):
+    """The mean score of every run of `step` channels (the units a group of that step keeps or drops)."""
+    return np.reshape(score, (-1, step)).mean(axis=1)
+
+
 def permutations(space, scores):
-    """{slot name: channel order, most important first} for every slot of a scored group, and for every
-    Concatenate's output with such a member (each member's order at its offset)."""
-    groups = slot_groups(space)
-    orders = {group: np.argsort(-score, kind="stable") for group, score in scores.items()}
+    """{slot name: channel order, most important first} for every slot of a scored group: its units of
+    `group_steps` channels by their mean score, each unit's channels in their own order; and for every
+    Concatenate's output with such a member, each member's order at its offset."""
+    groups, steps = slot_groups(space), group_steps(space)
+    orders = {}
+    for group, score in scores.items():
+        units = np.argsort(-step_scores(score, steps[group]), kind="stable")
+        orders[group] = (units[:, None] * steps[group] + np.arange(steps[group])).reshape(-1)
     ordered = {slot.name: orders[groups[slot.name]] for slot in space.slots if groups[slot.name] in orders}
     for slot in space.slots:
         if any(member in ordered for member in slot.members):

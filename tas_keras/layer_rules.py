@@ -2,8 +2,8 @@
 
 A rule answers, for the layer classes it covers:
   - `read`: how the layer acts on width slots while `tas_keras.graph` reads a model: it opens a slot
-    (Conv2D), follows its input's (BatchNormalization, activations), ties its inputs (merges) or fixes
-    them (Concatenate), or refuses the layer with one line naming it;
+    (Conv2D), follows its input's (BatchNormalization, activations; a grouped conv, in whole groups),
+    ties its inputs (merges) or fixes them (Concatenate), or refuses the layer with one line naming it;
   - `details`: the settings a `GraphLayer` records for the other questions (kernel, strides, ...);
   - `out_channels`: its output channels in a derived network, given its inputs' and its slot's widths;
   - `counts`: its FLOPs and parameters at given widths (`tas_keras.cost`; numbers or tensors);
@@ -19,7 +19,8 @@ Besides layers, a functional model may hold keras.ops operations applied to symb
 `x * gate`, `keras.ops.hard_silu(x)`): the element-wise ones have a rule (`ElementwiseOpRule`) too.
 
 `rule_for_layer(layer)` finds the rule of a Keras layer or operation (by exact class: a subclass may
-compute something else), `rule_for(graph_layer)` the rule of a layer the reader recorded (by its kind).
+compute something else; where a class computes two kinds of layer, by `matches`: a Conv2D with groups > 1
+is a grouped conv), `rule_for(graph_layer)` the rule of a layer the reader recorded (by its kind).
 """
 
 import math
@@ -72,6 +73,11 @@ class LayerRule:
     costed = False  # counted by `counts`
     searchable_conv = False  # where it opens a searchable slot the supernet runs it as a `searchable` conv
 
+    def matches(self, layer):
+        """Whether the rule covers `layer`, of one of its classes. One class may compute two kinds of layer
+        (a Conv2D with groups > 1 is a grouped conv): the first rule of `RULES` that matches covers it."""
+        return True
+
     def read(self, reader, layer, in_slots):
         """Returns the slot of the layer's output, opening, tying or fixing slots through `reader`."""
         return in_slots[0]
@@ -85,7 +91,7 @@ class LayerRule:
         return slot_width if self.opens_slot else in_channels[0]
 
     def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
-               depth_multiplier=1):
+               depth_multiplier=1, group_width=1):
         """(FLOPs, parameters) at the given widths; the convention is `tas_keras.cost`'s."""
         return 0, 0
 
@@ -152,8 +158,6 @@ class ConvRule(LayerRule):
     kind, classes, opens_slot, costed, searchable_conv = "conv", (_L.Conv2D,), True, True, True
 
     def read(self, reader, layer, in_slots):
-        if getattr(layer, "groups", 1) != 1:
-            refuse(layer, f"grouped convolution (groups={layer.groups}) is not supported")
         slot = reader.slots.open(layer.name, layer.filters)
         if activation_name(layer) in CHANNEL_MIXING_ACTIVATIONS:
             reader.slots.fix(slot, f"{layer.name} applies {activation_name(layer)} over the channels")
@@ -163,7 +167,7 @@ class ConvRule(LayerRule):
         return {"kernel": tuple(layer.kernel_size), "strides": tuple(layer.strides), "use_bias": layer.use_bias}
 
     def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
-               depth_multiplier=1):
+               depth_multiplier=1, group_width=1):
         weights = math.prod(kernel) * in_channels * out_channels + (out_channels if use_bias else 0)
         return weights * math.prod(output_size), weights
 
@@ -207,7 +211,7 @@ class SeparableConvRule(ConvRule):
         return {**super().details(layer, node), "depth_multiplier": layer.depth_multiplier}
 
     def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
-               depth_multiplier=1):
+               depth_multiplier=1, group_width=1):
         weights = (math.prod(kernel) * in_channels * depth_multiplier + in_channels * depth_multiplier * out_channels
                    + (out_channels if use_bias else 0))
         return weights * math.prod(output_size), weights
@@ -253,7 +257,7 @@ class DenseRule(ConvRule):
         return {"use_bias": layer.use_bias}
 
     def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
-               depth_multiplier=1):
+               depth_multiplier=1, group_width=1):
         count = in_channels * out_channels + (out_channels if use_bias else 0)
         return count, count
 
@@ -262,31 +266,104 @@ class DenseRule(ConvRule):
         return config
 
 
-class DepthwiseRule(LayerRule):
-    """DepthwiseConv2D: follows its input's slot (depth_multiplier 1), else fixes it and opens a fixed one."""
+class GroupedRule(LayerRule):
+    """Convs whose channels are split into groups, each mapping its own input channels to its own output
+    channels: a grouped Conv2D and a DepthwiseConv2D (a group per input channel). They are pruned in whole
+    groups. Where a group has as many outputs as inputs, keeping k groups keeps k groups of inputs and of
+    outputs: the conv follows its input's slot, whose widths become whole groups (`width_step`). Where
+    a group's outputs are not as many as its inputs (a depth multiplier), the input slot is fixed and the
+    output opens a fixed one. A softmax activation fixes the slot, as a conv's does."""
 
-    kind, classes, costed = "depthwise", (_L.DepthwiseConv2D,), True
+    costed = True
+
+    def group_channels(self, layer):
+        """(input channels, output channels) of one group."""
+        raise NotImplementedError
+
+    def resizing_groups(self, layer):
+        """What its groups do to the channel count where they change it (the reason its slots are fixed)."""
+        raise NotImplementedError
 
     def read(self, reader, layer, in_slots):
-        if layer.depth_multiplier == 1:
-            return in_slots[0]
-        reader.slots.fix(in_slots[0], f"{layer.name} has depth_multiplier {layer.depth_multiplier}")
-        return reader.slots.open(layer.name, reader.channels(layer.name), "depth_multiplier > 1")
+        group_inputs, group_outputs = self.group_channels(layer)
+        if group_inputs != group_outputs:
+            reason = f"{layer.name} {self.resizing_groups(layer)}"
+            reader.slots.fix(in_slots[0], reason)
+            return reader.slots.open(layer.name, reader.channels(layer.name), reason)
+        reader.slots.keep_multiples(in_slots[0], group_inputs)
+        if activation_name(layer) in CHANNEL_MIXING_ACTIVATIONS:
+            reader.slots.fix(in_slots[0], f"{layer.name} applies {activation_name(layer)} over the channels")
+        return in_slots[0]
 
     def details(self, layer, node):
         return {"kernel": tuple(layer.kernel_size), "strides": tuple(layer.strides), "use_bias": layer.use_bias,
-                "depth_multiplier": layer.depth_multiplier}
+                "group_width": self.group_channels(layer)[0]}
 
     def out_channels(self, layer, in_channels, slot_width):
-        return in_channels[0] * layer.depth_multiplier
+        # Following its input's slot, it writes as many channels as it reads; else its slot is fixed.
+        return in_channels[0] if layer.out_slot == layer.in_slots[0] else slot_width
 
     def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
-               depth_multiplier=1):
-        weights = math.prod(kernel) * out_channels + (out_channels if use_bias else 0)
+               depth_multiplier=1, group_width=1):
+        weights = math.prod(kernel) * group_width * out_channels + (out_channels if use_bias else 0)
         return weights * math.prod(output_size), weights
 
     def masked(self, layer, keras_layer):
-        return layer.use_bias
+        return layer.use_bias or not maps_zero_to_zero(keras_layer.activation)
+
+
+def _moves_whole_groups(order, group_width):
+    """Whether a channel order moves whole groups of `group_width` channels, each keeping its own order."""
+    groups = np.reshape(order, (-1, group_width))
+    return bool(np.all(groups == groups[:, :1] + np.arange(group_width)) and np.all(groups[:, 0] % group_width == 0))
+
+
+class GroupedConvRule(GroupedRule):
+    """Conv2D with groups > 1 (RegNet's, ResNeXt's): `GroupedRule`. Keras keeps a group's channels
+    contiguous (group j reads inputs j * C_in/g .. and writes outputs j * C_out/g ..) and its kernel is
+    (k_h, k_w, C_in/g, C_out), so the leading k groups are the leading channels: a narrower copy keeps
+    the kernel's leading output channels and has k groups."""
+
+    kind, classes = "grouped", (_L.Conv2D,)
+
+    def matches(self, layer):
+        return layer.groups > 1
+
+    def group_channels(self, layer):
+        return layer.kernel.shape[2], layer.filters // layer.groups
+
+    def resizing_groups(self, layer):
+        return "maps {} to {} channels per group".format(*self.group_channels(layer))
+
+    def narrowed(self, config, planned):
+        config.update(filters=planned.out_channels, groups=planned.in_channels // planned.layer.group_width)
+        return config
+
+    def permuted(self, layer, weights, in_order, out_order):
+        """Whole groups only, in one order for the inputs and outputs (they are one slot): the kernel's
+        output channels move with their group, its input axis (within a group) stays as it is."""
+        if in_order is None and out_order is None:
+            return weights
+        if in_order is None or not np.array_equal(in_order, out_order) or not _moves_whole_groups(
+                in_order, layer.group_width):
+            raise ValueError(f"{layer.name} ({layer.class_name}): a channel order that does not move whole groups "
+                             f"of {layer.group_width} channels")
+        return [_take(weights[0], out_order, -1)] + [_take(bias, out_order, 0) for bias in weights[1:]]
+
+
+class DepthwiseRule(GroupedRule):
+    """DepthwiseConv2D: `GroupedRule` with a group per input channel (its kernel is (k_h, k_w, C, m))."""
+
+    kind, classes = "depthwise", (_L.DepthwiseConv2D,)
+
+    def group_channels(self, layer):
+        return 1, layer.depth_multiplier
+
+    def resizing_groups(self, layer):
+        return f"has depth_multiplier {layer.depth_multiplier}"
+
+    def details(self, layer, node):
+        return {**super().details(layer, node), "depth_multiplier": layer.depth_multiplier}
 
     def permuted(self, layer, weights, in_order, out_order):
         # With depth_multiplier > 1 its input slot is fixed, so in_order is None.
@@ -307,7 +384,7 @@ class BatchNormRule(LayerRule):
         return {"affine": int(layer.center) + int(layer.scale)}
 
     def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
-               depth_multiplier=1):
+               depth_multiplier=1, group_width=1):
         return 0, affine * out_channels
 
     def masked(self, layer, keras_layer):
@@ -482,9 +559,9 @@ class ElementwiseOpRule(LayerRule):
         return layer(*(next(tensors) if operand is None else operand for operand in graph_layer.operands))
 
 
-RULES = (InputRule(), ConvRule(), SeparableConvRule(), DenseRule(), DepthwiseRule(), BatchNormRule(), PassThroughRule(), ReshapeRule(),
-         ConcatenateRule(), MergeRule(), ElementwiseOpRule())
-_BY_CLASS = {cls: rule for rule in RULES for cls in rule.classes}
+RULES = (InputRule(), GroupedConvRule(), ConvRule(), SeparableConvRule(), DenseRule(), DepthwiseRule(), BatchNormRule(),
+         PassThroughRule(), ReshapeRule(), ConcatenateRule(), MergeRule(), ElementwiseOpRule())
+_BY_CLASS = {cls: tuple(rule for rule in RULES if cls in rule.classes) for rule in RULES for cls in rule.classes}
 _BY_KIND = {rule.kind: rule for rule in RULES}
 FOLLOWING_CLASSES = PassThroughRule.classes  # keep their input's channels one by one, weightless
 # Keras' random image augmentation layers (RandomFlip, RandomRotation, ...): the identity at inference, and
@@ -497,7 +574,7 @@ NORMALIZATION_CLASSES = BatchNormRule.classes
 
 def rule_for_layer(layer):
     """The rule of a Keras layer or keras.ops operation; refuses (UnsupportedModelError) a class without one."""
-    rule = _BY_CLASS.get(type(layer))
+    rule = next((rule for rule in _BY_CLASS.get(type(layer), ()) if rule.matches(layer)), None)
     if rule is None and not isinstance(layer, keras.layers.Layer):
         refuse(layer, "a keras.ops operation on symbolic tensors that the reader has no rule for; the element-wise "
                       "ones are read (x + 3.0, x * y, keras.ops.relu, ...): use a layer for the others")

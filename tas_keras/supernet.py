@@ -13,10 +13,11 @@
   no BN follows it); otherwise they mix their output (plus bias) as it is, so that the full-width,
   full-depth sample computes the source model.
 - Every other layer is a copy of the source layer (class, settings, name) and runs at full width on
-  the zero-padded tensors: a depthwise conv and the BN after it follow the width of the slot that
-  feeds them, activations, pooling and padding pass it on, and the classifier reads the first
-  channels of its kernel. Where a layer could make the channels beyond the width non-zero (a BN's
-  beta, a bias, an activation with f(0) != 0, noise), a mask zeroes them again.
+  the zero-padded tensors: a depthwise or grouped conv and the BN after it follow the width of the slot
+  that feeds them (a grouped conv's groups beyond it read zeros), activations, pooling and padding pass
+  it on, and the classifier reads the first channels of its kernel. Where a layer could make the
+  channels beyond the width non-zero (a BN's beta, a bias, an activation with f(0) != 0, noise), a mask
+  zeroes them again.
 - Merges run at full width: tied inputs share one width; an independent Add is a zero-padded add,
   where the wider width wins.
 - Depth: every block runs; a stage's output is sum_j q_j * CWI(output after d_j blocks) (`DepthMixer`).
@@ -56,7 +57,7 @@ def layer_cost(layer, in_channels, out_channels, metric):
     """The cost of a GraphLayer at the given widths (numbers or tensors): FLOPs or parameters."""
     return getattr(cost.layer_cost(layer.name, layer.kind, in_channels, out_channels, layer.kernel,
                                    layer.strides, layer.output_size, layer.use_bias, layer.affine,
-                                   layer.depth_multiplier), metric)
+                                   layer.depth_multiplier, layer.group_width), metric)
 
 
 def search_space(model_name, model, add_mode=None, width_multiple=1):

@@ -16,7 +16,7 @@ from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.registry import build_model
 from tas_keras.search_space import ArchConfig
 
-from .test_supernet import dense_cnn, ops_cnn, sep_cnn
+from .test_supernet import dense_cnn, grouped_cnn, ops_cnn, sep_cnn
 
 L = keras.layers
 
@@ -92,6 +92,7 @@ MODELS = {
     "user_cnn": (user_cnn, TIED),
     "ops_cnn": (ops_cnn, TIED),
     "sep_cnn": (sep_cnn, TIED),
+    "grouped_cnn": (grouped_cnn, TIED),
     "concat_cnn": (concat_cnn, TIED),
     "dense_cnn": (dense_cnn, TIED),
 }
@@ -112,7 +113,9 @@ def test_full_shape_reproduces_the_original(models, name):
     np.testing.assert_allclose(derived(images, training=False), model(images, training=False), atol=1e-5)
 
 
-@pytest.mark.parametrize("name, mode", [("user_cnn", TIED), ("user_cnn", INDEPENDENT), ("ops_cnn", TIED), ("sep_cnn", TIED), ("concat_cnn", TIED), ("dense_cnn", TIED),
+@pytest.mark.parametrize("name, mode", [("user_cnn", TIED), ("user_cnn", INDEPENDENT), ("ops_cnn", TIED),
+                                        ("sep_cnn", TIED), ("grouped_cnn", TIED), ("grouped_cnn", INDEPENDENT),
+                                        ("concat_cnn", TIED), ("dense_cnn", TIED),
                                         ("mobilenet_v2", TIED), ("resnet50", INDEPENDENT),
                                         ("cifar_resnet20", INDEPENDENT)])
 def test_count_of_a_shape_is_the_count_of_its_derived_model(models, name, mode):

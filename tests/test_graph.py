@@ -18,7 +18,7 @@ from tas_keras.models.registry import build_model
 from tas_keras.search_space import ArchConfig
 
 from .conftest import REPO
-from .test_supernet import ops_cnn
+from .test_supernet import grouped_cnn, ops_cnn
 
 L = keras.layers
 
@@ -135,8 +135,6 @@ def _two_inputs():
 
 
 REFUSED = {
-    "grouped conv": (lambda: _functional(lambda x: L.Conv2D(6, 3, groups=3, name="grouped")(x)),
-                     "grouped (Conv2D): grouped convolution (groups=3)"),
     "lambda": (lambda: _functional(lambda x: L.Lambda(lambda t: t * 2, name="doubling")(x)),
                "doubling (Lambda)"),
     "recurrent": (lambda: _functional(lambda x: L.LSTM(4, name="memory")(x), (10, 3)), "memory (LSTM)"),
@@ -300,6 +298,36 @@ def test_keras_ops_and_squeeze_excitation_are_read():
         ("Add", (None, 3.0)), ("Relu6", (None,)), ("Multiply", (None, None)), ("TrueDivide", (None, 6.0))]
     assert [(stage.opener, [block.name for block in stage.blocks]) for stage in space.stages] == [("", ["b1", "b2"])]
     assert GraphSpace.from_json(space.to_json()) == space
+
+
+def test_grouped_convs_follow_their_input_in_whole_groups():
+    """A grouped conv whose groups map as many channels as they read follows its input's slot (keeping k
+    groups keeps k groups of inputs and outputs), whose candidates become whole groups: multiples of the
+    group width, of the least common multiple where grouped convs of two group widths read the slot.
+    One whose groups change the channel count fixes its slots, as a depthwise conv with a depth multiplier
+    does."""
+    space = read_model(grouped_cnn())
+    assert [slot.name for slot in space.searchable_slots] == ["stem", "down_conv_1x1_1", "b1_conv_1x1_1",
+                                                               "b2_conv_1x1_1", "b2_conv_1x1_2"]
+    assert (space.layer("b1_conv_3x3").out_slot, space.layer("b1_conv_3x3").group_width) == ("b1_conv_1x1_1", 4)
+    assert {space.layer(name).out_slot for name in ("down_conv_3x3", "down_conv_3x3_wide_groups")} == {
+        "down_conv_1x1_1"}
+    # int(16 r), r = 0.3 .. 1.0 (4, 6, 8, 9, 11, 12, 14, 16), rounded to multiples of 4 and of lcm(4, 8) = 8.
+    assert [(space.slot(name).width_step, space.slot(name).candidates)
+            for name in ("b1_conv_1x1_1", "down_conv_1x1_1")] == [(4, (4, 8, 12, 16)), (8, (8, 16))]
+    assert space.slot("b2_conv_1x1_2").width_step == 1
+    assert GraphSpace.from_json(space.to_json()) == space
+    with pytest.raises(ValueError, match="b1_conv_1x1_1: width 10 is not a multiple of 4: its grouped convs keep "
+                                         "whole groups of 4 channels"):
+        space.validate(GraphShape({**space.full_shape().widths, "b1_conv_1x1_1": 10}, space.full_shape().depths))
+    def resizing_groups(x):
+        x = L.Conv2D(6, 3, groups=3, name="grouped")(L.Conv2D(3, 1, name="narrow")(x))
+        return L.Dense(2)(L.GlobalAveragePooling2D()(x))
+
+    resizing = read_model(_functional(resizing_groups))
+    assert not resizing.searchable_slots
+    assert resizing.slot("narrow").fixed_reason == resizing.slot("grouped").fixed_reason == (
+        "grouped maps 1 to 2 channels per group")
 
 
 @pytest.mark.parametrize("application, stages", [

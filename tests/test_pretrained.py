@@ -15,11 +15,12 @@ from tas_keras.cost import count_shape
 from tas_keras.data import from_arrays
 from tas_keras.graph import read_model
 from tas_keras.graph_space import INDEPENDENT
+from tas_keras.layer_rules import rule_for
 from tas_keras.models import efficientnet_lite
 from tas_keras.models.registry import build_model
 from tas_keras.models.torch_checkpoint import LEGACY_MAGIC, CheckpointError, load_state_dict
 
-from .test_supernet import dense_cnn, sep_cnn
+from .test_supernet import dense_cnn, grouped_cnn, sep_cnn
 from tests.conftest import SHARED
 
 IMAGENETTE = SHARED / "data" / "imagenette2-224.zip"
@@ -103,11 +104,14 @@ def _randomised_batch_norms(model, seed=0):
 
 @pytest.mark.parametrize("name, add_mode", [("mobilenet_v2", "tied"), ("resnet50", "tied"),
                                             ("efficientnet_lite0", "tied"), ("resnet8", INDEPENDENT),
-                                            ("sep_cnn", "tied"), ("dense_cnn", "tied")])
+                                            ("sep_cnn", "tied"), ("grouped_cnn", "tied"),
+                                            ("grouped_cnn", INDEPENDENT), ("dense_cnn", "tied")])
 def test_ordered_channels_compute_the_same_function_most_important_first(name, add_mode):
+    """Where a grouped conv reads a slot its channels move in whole groups (`importance.group_steps`),
+    ordered by their mean score, each keeping its own channels' order."""
     keras.utils.set_random_seed(0)
-    built = {"sep_cnn": sep_cnn, "dense_cnn": dense_cnn}.get(name)
-    model = _randomised_batch_norms(built() if built else
+    small = {"sep_cnn": sep_cnn, "grouped_cnn": grouped_cnn, "dense_cnn": dense_cnn}
+    model = _randomised_batch_norms(small[name]() if name in small else
                                     build_model(name, (32, 32, 3) if name != "resnet8" else None, 10))
     space = read_model(model, add_mode)
     ordered = importance.order_channels(model, space)
@@ -115,11 +119,32 @@ def test_ordered_channels_compute_the_same_function_most_important_first(name, a
     expected = model.predict(images, verbose=0)
     np.testing.assert_allclose(ordered.predict(images, verbose=0), expected, atol=1e-5 * max(1, np.abs(expected).max()))
     before, after = importance.magnitude_scores(model, space), importance.magnitude_scores(ordered, space)
-    assert set(after) and all(np.all(np.diff(score) <= 1e-5) for score in after.values())  # float32 sums
-    assert not all(np.all(np.diff(score) <= 0) for score in before.values())  # there was something to order
-    # The ordered scores are the original ones, sorted: the same channels, moved.
-    for group in before:
-        np.testing.assert_allclose(after[group], np.sort(before[group])[::-1], rtol=1e-5)
+    steps = importance.group_steps(space)
+    units_before, units_after = ({group: score.reshape(-1, steps[group]) for group, score in scores.items()}
+                                 for scores in (before, after))
+    assert set(after) and all(np.all(np.diff(units.mean(axis=1)) <= 1e-5) for units in units_after.values())
+    # There was something to order, in whole groups too.
+    assert not all(np.all(np.diff(units.mean(axis=1)) <= 0) for units in units_before.values())
+    assert name != "grouped_cnn" or any(
+        steps[group] > 1 and np.any(np.diff(units.mean(axis=1)) > 0) for group, units in units_before.items())
+    # The ordered scores are the original ones, sorted by unit: the same channels, moved.
+    for group, units in units_before.items():
+        np.testing.assert_allclose(units_after[group], units[np.argsort(-units.mean(axis=1), kind="stable")],
+                                   rtol=1e-5)
+
+
+def test_a_channel_order_that_splits_a_group_of_a_grouped_conv_is_refused():
+    model = grouped_cnn()
+    space = read_model(model)
+    layer = space.layer("b1_conv_3x3")
+    rule, weights = rule_for(layer), model.get_layer("b1_conv_3x3").get_weights()
+    whole_groups = np.array([8, 9, 10, 11, 0, 1, 2, 3, 12, 13, 14, 15, 4, 5, 6, 7])
+    (kernel,) = rule.permuted(layer, weights, whole_groups, whole_groups)
+    np.testing.assert_array_equal(kernel, weights[0][..., whole_groups])
+    for order in (np.roll(np.arange(16), 2), np.array([1, 0, *range(2, 16)])):
+        with pytest.raises(ValueError, match=r"b1_conv_3x3 \(Conv2D\): a channel order that does not move whole "
+                                             "groups of 4 channels"):
+            rule.permuted(layer, weights, order, order)
 
 
 def _conv_bn_classifier():
@@ -183,6 +208,22 @@ def test_magnitude_pruning_removes_the_globally_least_important_channels():
     assert shape.widths[weak.name] == weak.candidates[0]
     assert all(shape.widths[s.name] >= s.candidates[0] for s in space.searchable_slots)
     assert shape.depths == space.full_shape().depths
+
+
+def test_one_shot_and_uniform_shapes_keep_whole_groups():
+    """The baselines narrow a slot that grouped convs read in whole groups of them (8 channels in down, 4 in
+    b1 and b2)."""
+    keras.utils.set_random_seed(0)
+    model = _randomised_batch_norms(grouped_cnn())
+    space = read_model(model)
+    full = count_shape(space, space.full_shape()).flops
+    for shape, provenance in (baselines.ranked_shape(space, importance.magnitude_scores(model, space), 0.5),
+                              baselines.predefined_shape(space, 0.5)):
+        space.validate(shape)  # refuses a width that is not whole groups
+        assert 0.45 <= count_shape(space, shape).flops / full <= 0.5, provenance
+        widths = {name: shape.widths[name] for name in ("down_conv_1x1_1", "b1_conv_1x1_1", "b2_conv_1x1_1")}
+        assert all(width % 4 == 0 for width in widths.values()) and widths["down_conv_1x1_1"] % 8 == 0
+        assert min(widths.values()) < 16, widths
 
 
 def test_uniform_baseline_on_any_model_lands_in_the_band():

@@ -94,6 +94,35 @@ def dense_cnn():
     return keras.Model(inputs, outputs, name="dense_cnn")
 
 
+def grouped_cnn():
+    """RegNet's X blocks (ResNeXt's): a 1x1 conv, a grouped 3x3 conv (4 groups of 4) and a 1x1 conv, added to
+    a shortcut. A downsampling block (a strided grouped conv, then a second one of 2 groups of 8 with a
+    bias and no BN, whose outputs beyond a narrower width the supernet must zero: its last 1x1 conv has
+    no BN that would cancel them either; a projection shortcut), then a stage of two identity blocks."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = L.ReLU(name="stem_relu")(L.BatchNormalization(name="stem_bn")(
+        L.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(inputs)))
+
+    def conv_bn(y, filters, kernel, name, strides=1, groups=1, relu=True):
+        y = L.Conv2D(filters, kernel, strides=strides, groups=groups, padding="same", use_bias=False, name=name)(y)
+        y = L.BatchNormalization(name=f"{name}_bn")(y)
+        return L.ReLU(name=f"{name}_relu")(y) if relu else y
+
+    for b in ("down", "b1", "b2"):
+        stride = 2 if b == "down" else 1
+        skip = conv_bn(x, 12, 1, f"{b}_skip", strides=2, relu=False) if b == "down" else x
+        y = conv_bn(x, 16, 1, f"{b}_conv_1x1_1")
+        y = conv_bn(y, 16, 3, f"{b}_conv_3x3", strides=stride, groups=4)
+        if b == "down":
+            y = L.Conv2D(16, 3, groups=2, padding="same", activation="relu", name="down_conv_3x3_wide_groups")(y)
+            y = L.Conv2D(12, 1, name="down_conv_1x1_2")(y)
+        else:
+            y = conv_bn(y, 12, 1, f"{b}_conv_1x1_2", relu=False)
+        x = L.ReLU(name=f"{b}_exit_relu")(L.Add(name=f"{b}_add")([y, skip]))
+    outputs = L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="pool")(x))
+    return keras.Model(inputs, outputs, name="grouped_cnn")
+
+
 def _source(name):
     """A source model with non-trivial BN affines and biases, so a wrong copy shows."""
     keras.utils.set_random_seed(0)
@@ -105,6 +134,8 @@ def _source(name):
         model = sep_cnn()
     elif name == "dense_cnn":
         model = dense_cnn()
+    elif name == "grouped_cnn":
+        model = grouped_cnn()
     elif name == "resnet20":
         model = CifarResNet(ArchConfig.full("resnet20", input_shape=(8, 8, 3)))
     else:
@@ -282,7 +313,7 @@ def test_cifar_forward_is_the_reference_forward(cifar_supernet):
 # Any model: exact costs, and the source model at the full sample.
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "resnet50", "user_cnn", "user_cnn_independent",
-                                  "ops_cnn", "sep_cnn", "dense_cnn"])
+                                  "ops_cnn", "sep_cnn", "dense_cnn", "grouped_cnn"])
 def test_argmax_cost_is_the_count_of_the_derived_shape(name):
     _, space, supernet = _supernet(name)
     for seed in range(4):
@@ -296,7 +327,7 @@ def test_argmax_cost_is_the_count_of_the_derived_shape(name):
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "resnet50", "user_cnn", "user_cnn_independent",
-                                  "ops_cnn", "sep_cnn", "dense_cnn"])
+                                  "ops_cnn", "sep_cnn", "dense_cnn", "grouped_cnn"])
 def test_full_sample_from_the_source_equals_the_source_in_training_mode(name):
     model, space, supernet = _supernet(name)  # resnet20 without normalize_every_conv: its stride-2
     images = tf.random.stateless_normal((8, *space.input_shape), [2, 0])  # shortcuts stay bare
@@ -308,10 +339,10 @@ def test_full_sample_from_the_source_equals_the_source_in_training_mode(name):
     np.testing.assert_allclose(actual, expected, atol=max(1e-4, 2 * np.abs(reversed_batch - expected).max()))
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "user_cnn", "ops_cnn", "sep_cnn", "dense_cnn"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "user_cnn", "ops_cnn", "sep_cnn", "dense_cnn", "grouped_cnn"])
 def test_one_hot_sample_equals_the_derived_network_in_training_mode(name):
     """At a narrower one-hot sample the supernet is the derived network (tied slots share one width;
-    depthwise convs, BNs and activations follow it; the masks keep the zero channels zero)."""
+    depthwise and grouped convs, BNs and activations follow it; the masks keep the zero channels zero)."""
     model, space, supernet = _supernet(name)
     rng = np.random.default_rng(3)
     shape = GraphShape({s.name: int(rng.choice(s.candidates[:-1])) for s in space.searchable_slots},
@@ -369,10 +400,35 @@ def test_a_concatenate_merged_with_another_tensor_fixes_its_inputs():
     assert "joined (Concatenate) is merged" in space.slot("a").fixed_reason
 
 
-@pytest.mark.parametrize("name, compiled", [("mobilenet_v2", False), ("resnet50", False), ("user_cnn", True)])
+def test_counts_of_a_grouped_cnn_by_hand():
+    """A grouped conv costs k*k*(C_in/g)*C_out per output position (plus C_out for a bias): kept in whole
+    groups, its group width stays and its C_in and C_out shrink with the groups kept."""
+    _, space, _ = _supernet("grouped_cnn")
+    # Widths: the stem s; down's inner slot d (whole groups of 8, for its 2-group conv: 2 of its first
+    # grouped conv's 4 groups of 4, then 1 group of 8); the residual slot r (the Adds tie the skip and
+    # every block's last 1x1 conv); b1's inner slot e (3 groups of 4), b2's f (2 groups of 4). 8x8 maps
+    # up to down's strided grouped conv, 4x4 after.
+    s, d, r, e, f = 6, 8, 9, 12, 8
+    shape = GraphShape({"stem": s, "down_conv_1x1_1": d, "b2_conv_1x1_2": r, "b1_conv_1x1_1": e, "b2_conv_1x1_1": f},
+                       {"stage1": 3})
+    convs = {"stem": (9 * 3 * s, 64), "down_conv_1x1_1": (s * d, 64), "down_conv_3x3": (9 * 4 * d, 16),
+             "down_conv_3x3_wide_groups": (9 * 8 * d + d, 16), "down_conv_1x1_2": (d * r + r, 16),
+             "down_skip": (s * r, 16), "b1_conv_1x1_1": (r * e, 16), "b1_conv_3x3": (9 * 4 * e, 16),
+             "b1_conv_1x1_2": (e * r, 16), "b2_conv_1x1_1": (r * f, 16), "b2_conv_3x3": (9 * 4 * f, 16),
+             "b2_conv_1x1_2": (f * r, 16), "head": (r * 4 + 4, 1)}
+    batch_norms = 2 * (s + d + d + r + e + e + r + f + f + r)  # gamma and beta of every BN
+    counted = count_shape(space, shape)
+    assert {layer.name: layer.flops for layer in counted.layers if layer.kind != "batch_norm"} == {
+        name: weights * positions for name, (weights, positions) in convs.items()}
+    assert counted.flops == sum(weights * positions for weights, positions in convs.values()) == 46_872
+    assert counted.params == sum(weights for weights, _ in convs.values()) + batch_norms
+
+
+@pytest.mark.parametrize("name, compiled", [("mobilenet_v2", False), ("resnet50", False), ("user_cnn", True),
+                                            ("grouped_cnn", True)])
 def test_short_search_runs_and_moves_the_architecture(name, compiled):
     """Two search steps: eagerly for the ImageNet models (tracing them would cost a minute), through a
-    compiled `fit` for the small CNN."""
+    compiled `fit` for the small CNNs (Keras runs a grouped conv through XLA on a CPU)."""
     _, space, supernet = _supernet(name)
     search = TASSearchModel(supernet, target_ratio=0.5)
     search.compile(optimizer=keras.optimizers.SGD(0.01),
