@@ -90,7 +90,7 @@ import os
 import keras
 
 from tas_keras.graph_space import (ADD_MODES, INDEPENDENT, TIED, GraphLayer, GraphSpace, IdentityShortcut,
-                                   ResidualBlock, Stage, WidthSlot)
+                                   ResidualBlock, Stage, WidthSlot, output_size)
 from tas_keras.layer_rules import (CHANNEL_MIXING_ACTIVATIONS, ELEMENTWISE_ACTIVATIONS, FOLLOWING_CLASSES,
                                    NORMALIZATION_CLASSES, RANDOM_AUGMENTATION_CLASSES, UnsupportedModelError,
                                    activation_name, refuse, rule_for_layer)
@@ -358,12 +358,11 @@ class _GraphReader:
 
     def _graph_layer(self, name, block):
         layer, rule = self.keras_layers[name], rule_for_layer(self.keras_layers[name])
-        shape = self.shapes[name]
         return GraphLayer(
             name=name, class_name=type(layer).__name__, kind=rule.kind, inputs=self.inputs[name],
             in_slots=tuple(self.slots.find(self.out_slot[source]) for source in self.inputs[name]),
             out_slot=self.slots.find(self.out_slot[name]),
-            output_size=tuple(int(d) for d in shape[1:3]) if len(shape) == 4 else (), block=block,
+            output_size=output_size(self.shapes[name]), block=block,
             call_arguments=self.call_arguments[name], **rule.details(layer, self.nodes_by_name[name]))
 
     def _width_slot(self, name):

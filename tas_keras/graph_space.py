@@ -30,6 +30,11 @@ class WidthSlot:
         return not self.fixed_reason
 
 
+def output_size(shape):
+    """(height, width) of a layer's output of `shape` (batch axis first) when it is a feature map, else ()."""
+    return tuple(int(d) for d in shape[1:3]) if len(shape) == 4 else ()
+
+
 @dataclasses.dataclass(frozen=True)
 class GraphLayer:
     """One layer of the model, as the search space sees it.

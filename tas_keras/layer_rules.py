@@ -132,6 +132,10 @@ class LayerRule:
         return weights
 
 
+def _conv_details(layer):
+    return {"kernel": tuple(layer.kernel_size), "strides": tuple(layer.strides), "use_bias": layer.use_bias}
+
+
 class InputRule(LayerRule):
     kind, classes, opens_slot = "input", (_L.InputLayer,), True
 
@@ -144,16 +148,21 @@ class ConvRule(LayerRule):
 
     kind, classes, opens_slot, costed, searchable_conv = "conv", (_L.Conv2D,), True, True, True
 
-    def read(self, reader, layer, in_slots):
+    @staticmethod
+    def _refuse_groups(layer):
         if getattr(layer, "groups", 1) != 1:
             refuse(layer, f"grouped convolution (groups={layer.groups}) is not supported")
+
+    def read(self, reader, layer, in_slots):
+        self._refuse_groups(layer)
         slot = reader.slots.open(layer.name, layer.filters)
         if activation_name(layer) in CHANNEL_MIXING_ACTIVATIONS:
             reader.slots.fix(slot, f"{layer.name} applies {activation_name(layer)} over the channels")
         return slot
 
     def details(self, layer, node):
-        return {"kernel": tuple(layer.kernel_size), "strides": tuple(layer.strides), "use_bias": layer.use_bias}
+        self._refuse_groups(layer)  # `tas_keras.cost.count_model` reads a model without the reader
+        return _conv_details(layer)
 
     def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
                depth_multiplier=1):
@@ -267,8 +276,7 @@ class DepthwiseRule(LayerRule):
         return reader.slots.open(layer.name, reader.channels(layer.name), "depth_multiplier > 1")
 
     def details(self, layer, node):
-        return {"kernel": tuple(layer.kernel_size), "strides": tuple(layer.strides), "use_bias": layer.use_bias,
-                "depth_multiplier": layer.depth_multiplier}
+        return {**_conv_details(layer), "depth_multiplier": layer.depth_multiplier}
 
     def out_channels(self, layer, in_channels, slot_width):
         return in_channels[0] * layer.depth_multiplier
@@ -491,6 +499,13 @@ def rule_for_layer(layer):
     if rule is None:
         refuse(layer, "this layer type is not supported by the graph reader")
     return rule
+
+
+def counting_rule(layer):
+    """The rule that counts a Keras layer (`tas_keras.cost.count_model`), or None: its class has no rule,
+    or its rule counts nothing."""
+    rule = _BY_CLASS.get(type(layer))
+    return rule if rule is not None and rule.costed else None
 
 
 def rule_for(layer):

@@ -54,9 +54,7 @@ def _check_metric(metric):
 
 def layer_cost(layer, in_channels, out_channels, metric):
     """The cost of a GraphLayer at the given widths (numbers or tensors): FLOPs or parameters."""
-    return getattr(cost.layer_cost(layer.name, layer.kind, in_channels, out_channels, layer.kernel,
-                                   layer.strides, layer.output_size, layer.use_bias, layer.affine,
-                                   layer.depth_multiplier), metric)
+    return getattr(cost.graph_layer_cost(layer, in_channels, out_channels), metric)
 
 
 def search_space(model_name, model, add_mode=None, width_multiple=1):
