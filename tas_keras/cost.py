@@ -1,10 +1,12 @@
 """Exact FLOP and parameter counts, in the paper's convention.
 
 FLOPs are multiply-accumulates of Conv2D (k_h*k_w*C_in*C_out*H_out*W_out), DepthwiseConv2D
-(k_h*k_w*C_out*H_out*W_out) and Dense (in*out), plus one per output value for a bias (C_out*H_out*W_out,
-out), as the reference code's counter counts them; BN, activations, pooling and additions are not
-counted. Parameters are the trainable weights (kernels, biases, BN gamma and beta), as PyTorch's
-parameter count reports them; BN moving statistics are not parameters.
+(k_h*k_w*C_out*H_out*W_out) and Dense (in*out; on a feature map, a 1x1 conv: in*out*H_out*W_out), plus one
+per output value for a bias (C_out*H_out*W_out, out), as the reference code's counter counts them;
+normalisations (BN, LayerNormalization), per-channel scales (LayerScale), activations, pooling and
+additions are not counted. Parameters are the trainable weights (kernels, biases, the gamma and beta of
+a normalisation, a LayerScale's gamma), as PyTorch's parameter count reports them; BN moving
+statistics are not parameters.
 
 Three routes, one rule per layer class (`layer_cost` asks `tas_keras.layer_rules`): `count_arch` (a CIFAR ArchConfig, without
 building), `count_shape` (a point of any model's GraphSpace, without building) and `count_model` (a
@@ -47,7 +49,8 @@ class CostReport:
                 "layers": [dataclasses.asdict(layer) for layer in self.layers]}
 
     def table(self):
-        """The layers with FLOPs (convs and Dense), one line each; BN parameters are in the totals."""
+        """The layers with FLOPs (convs and Dense), one line each; the parameters of normalisations and
+        scales are in the totals."""
         lines = [f"{'layer':<26} {'kernel':>6} {'stride':>6} {'in':>5} {'out':>5} {'output':>7} "
                  f"{'MFLOPs':>9} {'params':>9} {'%FLOPs':>7}"]
         for layer in self.layers:
@@ -109,8 +112,8 @@ def count_shape(space, shape):
 
 def count_model(model):
     """Counts a built Keras model (the layers of its nested models too) by the same rules, each layer as
-    the graph reader records it: the layers whose rule counts them (convs, Dense, BN); a layer of a
-    class without a rule counts nothing. A grouped conv is refused (UnsupportedModelError)."""
+    the graph reader records it: the layers whose rule counts them (convs, Dense, normalisations, scales);
+    a layer of a class without a rule counts nothing. A grouped conv is refused (UnsupportedModelError)."""
     layers = []
     for layer in plain_graph(model).layers:
         rule = counting_rule(layer)

@@ -14,11 +14,14 @@ Width rules (each layer class's is its rule in `tas_keras.layer_rules`). Every t
     `candidate_widths(filters, multiple_of)` (the paper's ratios 0.3 .. 1.0).
   - A SeparableConv2D is a depthwise conv that follows its input's slot and a pointwise conv that opens a
     searchable slot named after it (the supernet runs it as a depthwise conv and a searchable 1x1 conv).
-  - A Dense opens a fixed slot (Dense layers are not searched); it must see a 2-D input.
-  - DepthwiseConv2D (depth_multiplier 1), BatchNormalization (channel axis last), activations (ReLU,
-    Activation, LeakyReLU, ELU, Softmax), pooling, padding, cropping, up-sampling, dropout and noise
-    layers, Identity, Rescaling and Normalization pass their input's slot through: a depthwise conv and
-    its BN follow the width of the slot that feeds them.
+  - A Dense on a feature map (4-D) is a 1x1 conv: it opens a searchable slot as a Conv2D does (ConvNeXt's
+    pointwise convs). A Dense on a vector opens a fixed slot (it is not searched); other ranks are refused.
+  - DepthwiseConv2D (depth_multiplier 1), a Conv2D whose groups are its input and output channels (a
+    depthwise conv, as ConvNeXt writes it), BatchNormalization and LayerNormalization (over the channel
+    axis only), ConvNeXt's LayerScale and StochasticDepth, activations (ReLU, Activation, LeakyReLU,
+    ELU, Softmax), pooling, padding, cropping, up-sampling, dropout and noise layers, Identity,
+    Rescaling and Normalization pass their input's slot through: a depthwise conv and its BN follow
+    the width of the slot that feeds them.
   - A layer that holds per-channel constants it cannot slice (Normalization, a Rescaling with a vector
     scale or offset) or mixes the channels (softmax over the channel axis, also as a conv activation)
     fixes its slot. Flatten of a spatial map, Reshape, Concatenate (channel axis) and a DepthwiseConv2D
@@ -78,9 +81,11 @@ shared
 layers, keras.ops operations other than the element-wise ones (and a division by a tensor, an operand
 that is an array), layers called with arguments other than plain values
 (plain ones, such as the training=False Keras records for a Dropout, are carried into the derived
-model), grouped Conv2D, Dense on a spatial map, Concatenate along another axis than the channels, and
-every layer class not listed above (Lambda, recurrent layers, Conv1D/3D, Conv2DTranspose,
-LayerNormalization, PReLU, ...).
+model), grouped Conv2D (other than depthwise), Dense on an input that is neither a vector nor a feature
+map, LayerNormalization over other axes than the channels (or with rms_scaling), GroupNormalization (a
+narrower network's groups would hold other channels), Concatenate along another axis than the channels,
+and every layer class not listed above (Lambda, recurrent layers, Conv1D/3D, Conv2DTranspose, PReLU,
+...).
 """
 
 import dataclasses

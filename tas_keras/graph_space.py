@@ -39,9 +39,11 @@ def output_size(shape):
 class GraphLayer:
     """One layer of the model, as the search space sees it.
 
-    kind: input | conv (Conv2D) | depthwise | dense | batch_norm | pass (weightless, keeps the slot) |
-    reshape (Flatten of a map, Reshape: fixed in and out) | merge (Add and other elementwise merges) |
-    concat (Concatenate: fixed in and out).
+    kind: the kind of its rule (`tas_keras.layer_rules`): input | conv (Conv2D) | separable | dense |
+    depthwise | grouped_depthwise (a Conv2D whose groups are its channels) | batch_norm | layer_norm |
+    layer_scale | pass (weightless, keeps the slot) | reshape (Flatten of a map, Reshape: fixed in and
+    out) | concat (Concatenate: fixed in and out) | merge (Add and other elementwise merges) | op (an
+    element-wise keras.ops operation).
     """
 
     name: str
@@ -51,11 +53,11 @@ class GraphLayer:
     in_slots: tuple  # the slot of each input
     out_slot: str
     output_size: tuple = ()  # (height, width) of a spatial output, () for a vector
-    kernel: tuple = ()  # (k_h, k_w) of a conv or depthwise conv
+    kernel: tuple = ()  # (k_h, k_w) of a conv or depthwise conv; (1, 1) of a Dense on a feature map
     strides: tuple = ()
     use_bias: bool = False
     depth_multiplier: int = 1
-    affine: int = 0  # BatchNormalization: per-channel trainable vectors (gamma and/or beta)
+    affine: int = 0  # a normalisation or scale: its per-channel trainable vectors (gamma and/or beta)
     block: str = ""  # the droppable identity block it belongs to
     call_arguments: Mapping = dataclasses.field(default_factory=dict)  # e.g. Dropout's training=False
     operands: tuple = ()  # a keras.ops operation's arguments: None for each input tensor, else the constant

@@ -6,6 +6,7 @@ import pickle
 import zipfile
 
 import keras
+from keras.src.applications.convnext import LayerScale
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -19,7 +20,7 @@ from tas_keras.models import efficientnet_lite
 from tas_keras.models.registry import build_model
 from tas_keras.models.torch_checkpoint import LEGACY_MAGIC, CheckpointError, load_state_dict
 
-from .test_supernet import sep_cnn
+from .test_supernet import convnext_cnn, sep_cnn
 from tests.conftest import SHARED
 
 IMAGENETTE = SHARED / "data" / "imagenette2-224.zip"
@@ -90,24 +91,30 @@ def test_checkpoint_reader_refuses_what_is_not_a_state_dict(tmp_path):
         load_state_dict(path)
 
 
-def _randomised_batch_norms(model, seed=0):
-    """Trained-looking BNs: gammas, betas and moving statistics that differ per channel."""
+def _randomised_normalizations(model, seed=0):
+    """Trained-looking BNs: gammas, betas and moving statistics that differ per channel; and so the
+    vectors of LayerNormalizations and ConvNeXt's LayerScales (built as 1e-6)."""
     rng = np.random.default_rng(seed)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             gamma, beta, mean, variance = layer.get_weights()
             layer.set_weights([rng.uniform(0.1, 2, gamma.shape), rng.normal(0, 0.5, beta.shape),
                                rng.normal(0, 0.5, mean.shape), rng.uniform(0.5, 2, variance.shape)])
+        elif isinstance(layer, (keras.layers.LayerNormalization, LayerScale)):
+            layer.set_weights([rng.uniform(0.1, 2, vector.shape) for vector in layer.get_weights()])
     return model
+
+
+_TEST_MODELS = {"sep_cnn": sep_cnn, "convnext_cnn": convnext_cnn}
 
 
 @pytest.mark.parametrize("name, add_mode", [("mobilenet_v2", "tied"), ("resnet50", "tied"),
                                             ("efficientnet_lite0", "tied"), ("resnet8", INDEPENDENT),
-                                            ("sep_cnn", "tied")])
+                                            ("sep_cnn", "tied"), ("convnext_cnn", "tied")])
 def test_ordered_channels_compute_the_same_function_most_important_first(name, add_mode):
     keras.utils.set_random_seed(0)
-    model = _randomised_batch_norms(sep_cnn() if name == "sep_cnn" else
-                                    build_model(name, (32, 32, 3) if name != "resnet8" else None, 10))
+    model = _randomised_normalizations(_TEST_MODELS[name]() if name in _TEST_MODELS else
+                                       build_model(name, (32, 32, 3) if name != "resnet8" else None, 10))
     space = read_model(model, add_mode)
     ordered = importance.order_channels(model, space)
     images = np.random.default_rng(1).uniform(0, 255, (4, *model.input_shape[1:])).astype("float32")
