@@ -150,6 +150,13 @@ def _supernet_config(source, dtype, regularizer):
     return config
 
 
+def _fixed_if_mixing(reader, layer, slot):
+    """`slot`, fixed when the layer's activation mixes the channels (a softmax over them)."""
+    if activation_name(layer) in CHANNEL_MIXING_ACTIVATIONS:
+        reader.slots.fix(slot, f"{layer.name} applies {activation_name(layer)} over the channels")
+    return slot
+
+
 def _conv_details(layer):
     return {"kernel": tuple(layer.kernel_size), "strides": tuple(layer.strides), "use_bias": layer.use_bias}
 
@@ -180,10 +187,7 @@ class ConvRule(LayerRule):
 
     def read(self, reader, layer, in_slots):
         self._refuse_groups(layer)
-        slot = reader.slots.open(layer.name, reader.channels(layer.name))
-        if activation_name(layer) in CHANNEL_MIXING_ACTIVATIONS:
-            reader.slots.fix(slot, f"{layer.name} applies {activation_name(layer)} over the channels")
-        return slot
+        return _fixed_if_mixing(reader, layer, reader.slots.open(layer.name, reader.channels(layer.name)))
 
     def details(self, layer, node):
         self._refuse_groups(layer)  # `tas_keras.cost.count_model` reads a model without the reader
@@ -309,13 +313,14 @@ class DenseRule(ConvRule):
 
 
 class DepthwiseRule(LayerRule):
-    """DepthwiseConv2D: follows its input's slot (depth_multiplier 1), else fixes it and opens a fixed one."""
+    """DepthwiseConv2D: follows its input's slot (depth_multiplier 1), else fixes it and opens a fixed one.
+    A softmax activation fixes its slot; a bias, or an activation not 0 at 0, is masked in the supernet."""
 
     kind, classes, costed = "depthwise", (_L.DepthwiseConv2D,), True
 
     def read(self, reader, layer, in_slots):
         if layer.depth_multiplier == 1:
-            return in_slots[0]
+            return _fixed_if_mixing(reader, layer, in_slots[0])
         reader.slots.fix(in_slots[0], f"{layer.name} has depth_multiplier {layer.depth_multiplier}")
         return reader.slots.open(layer.name, reader.channels(layer.name), "depth_multiplier > 1")
 
@@ -331,7 +336,7 @@ class DepthwiseRule(LayerRule):
         return weights * math.prod(output_size), weights
 
     def masked(self, layer, keras_layer):
-        return layer.use_bias
+        return layer.use_bias or not maps_zero_to_zero(keras_layer.activation)
 
     def permuted(self, layer, weights, in_order, out_order):
         # With depth_multiplier > 1 its input slot is fixed, so in_order is None.
@@ -345,7 +350,7 @@ class GroupedDepthwiseRule(DepthwiseRule):
     kind, classes = "grouped_depthwise", ()  # reached through ConvRule.for_layer
 
     def read(self, reader, layer, in_slots):
-        return in_slots[0]
+        return _fixed_if_mixing(reader, layer, in_slots[0])
 
     def details(self, layer, node):
         return _conv_details(layer)

@@ -332,6 +332,24 @@ def test_one_hot_sample_equals_the_derived_network_in_training_mode(name):
                                _log_probabilities(derived(images, training=True), model), atol=1e-4)
 
 
+def test_depthwise_convs_with_an_activation_keep_the_zero_channels_zero():
+    """A depthwise conv (a DepthwiseConv2D, or a Conv2D whose groups are its channels) whose activation is
+    not 0 at 0 (sigmoid) makes the channels beyond the sampled width non-zero: the supernet masks them, so
+    a one-hot sample is still the derived network."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = L.Conv2D(8, 3, padding="same", name="stem")(inputs)
+    x = L.DepthwiseConv2D(3, padding="same", activation="sigmoid", use_bias=False, name="dw")(x)
+    x = L.Conv2D(8, 3, padding="same", groups=8, activation="sigmoid", use_bias=False, name="grouped_dw")(x)
+    model = keras.Model(inputs, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="pool")(x)))
+    space = read_model(model)
+    supernet = GraphSupernet(model, space)
+    supernet.init_from_source(model)
+    shape = GraphShape({"stem": 5}, {})
+    images = tf.random.stateless_normal((4, 8, 8, 3), [5, 0])
+    np.testing.assert_allclose(supernet(images, _one_hot_sample(supernet, shape)),
+                               derive_model(model, space, shape)(images, training=True), atol=1e-5)
+
+
 def test_expected_cost_of_a_user_cnn_by_hand():
     _, _, supernet = _supernet("user_cnn")
     for variable in supernet.arch_variables:
