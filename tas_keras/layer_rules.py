@@ -2,7 +2,7 @@
 
 A rule answers, for the layer classes it covers:
   - `read`: how the layer acts on width slots while `tas_keras.graph` reads a model: it opens a slot
-    (Conv2D), follows its input's (BatchNormalization, activations), ties its inputs (merges) or fixes
+    (Conv2D, a Dense on a feature map), follows its input's (BatchNormalization, activations), ties its inputs (merges) or fixes
     them (Concatenate), or refuses the layer with one line naming it;
   - `details`: the settings a `GraphLayer` records for the other questions (kernel, strides, ...);
   - `out_channels`: its output channels in a derived network, given its inputs' and its slot's widths;

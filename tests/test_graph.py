@@ -173,6 +173,7 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
+@pytest.mark.filterwarnings("ignore:You passed `rms_scaling=True`")  # Keras deprecates what the case builds
 def test_unsupported_models_are_refused_by_name(case):
     build, message = REFUSED[case]
     model = build()
