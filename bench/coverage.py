@@ -10,16 +10,17 @@ input_shape=(s, s, 3))`, ending in its softmax; s is --image_size or the family'
 InceptionV3 75, Xception 71) and, in its own subprocess (so memory does not pile up), gives:
   read         `tas_keras.graph.read_model` of the logits model (`graph.load_model` takes the softmax off, as
                the pipeline does), or the refusal's one line (UnsupportedModelError);
-  widths       searchable slots, searchable convs / all convs (Conv2D, SeparableConv2D: the layers whose
-               rule opens a slot as a conv, and grouped Conv2Ds, which follow their input's slot in whole
-               groups; a conv is searchable when its output slot is), and why the other convs keep their
-               full width (reasons with the layer name left off);
+  widths       searchable slots, searchable convs / all convs (Conv2D, SeparableConv2D, Dense on a feature
+               map: the layers whose rule opens a slot as a conv, and grouped Conv2Ds, which follow their
+               input's slot in whole groups; a conv is searchable when its output slot is), and why the
+               other convs keep their full width (reasons with the layer name left off);
   depth        the stages of droppable blocks (`space.stages`) and their block counts;
   derive       the max |output difference| of `derive.derive_model` at the full shape from the logits
                model, absolute and relative to the max |output|, on 2 random images (0-255), after every
                BatchNormalization (and Layer/GroupNormalization) got random statistics and affine
-               weights: untrained keras.applications outputs are ~1e-10 and would make it vacuous. It
-               must be <= 1e-5 relative;
+               weights, and every LayerScale a random scale: untrained keras.applications outputs are
+               ~1e-10 (and ConvNeXt's blocks scaled by 1e-6) and would make it vacuous. It must be
+               <= 1e-5 relative;
   flops        `cost.count_shape` of the full shape (multiply-accumulates, as the project counts) and
                of the uniform 50% shape (`baselines.predefined_shape(space, 0.5)`), with its ratio and
                width ratio, and the FLOPs ratio of the smallest shape the search space expresses (where
@@ -50,6 +51,7 @@ import time
 
 from absl import app, flags
 import keras
+from keras.src.applications.convnext import LayerScale  # Keras exports ConvNeXt's layers only inside it
 import numpy as np
 
 from tas_keras.runs import read_json, write_json
@@ -155,11 +157,12 @@ def _layers(model):
 
 def with_statistics(model, seed=0):
     """Every BatchNormalization gets random moving statistics and affine weights, every Layer/Group
-    normalisation random affine weights (as tests/test_derive.py's `_with_statistics`)."""
+    normalisation random affine weights (as tests/test_derive.py's `_with_statistics`), every LayerScale
+    (ConvNeXt's, 1e-6 as built) a random scale."""
     rng = np.random.default_rng(seed)
     for layer in _layers(model):
         if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization,
-                              keras.layers.GroupNormalization)):
+                              keras.layers.GroupNormalization, LayerScale)):
             if isinstance(layer, keras.layers.BatchNormalization):
                 channels = layer.moving_mean.shape[0]
                 layer.moving_mean.assign(rng.normal(0, 0.5, channels))
@@ -179,10 +182,11 @@ def _reason_kind(reason, layer_names):
 
 
 def _is_conv(layer):
-    """Whether a GraphLayer is a conv whose rule opens a searchable slot (Conv2D, SeparableConv2D, ...) or a
-    grouped Conv2D; not a Dense or DepthwiseConv2D."""
+    """Whether a GraphLayer is a conv whose rule opens a searchable slot (Conv2D, SeparableConv2D, a Dense on
+    a feature map: a 1x1 conv; not a Dense on a vector, which has no kernel size, nor a depthwise conv) or
+    a grouped Conv2D."""
     from tas_keras.layer_rules import rule_for
-    return layer.kind in ("conv", "grouped") or getattr(rule_for(layer), "searchable_conv", False)
+    return layer.kind == "grouped" or (rule_for(layer).searchable_conv and bool(layer.kernel))
 
 
 def read_and_derive(model):

@@ -2,10 +2,11 @@
 
 FLOPs are multiply-accumulates of Conv2D (k_h*k_w*C_in*C_out*H_out*W_out; with g groups, each reading
 C_in/g channels: k_h*k_w*(C_in/g)*C_out*H_out*W_out), DepthwiseConv2D (k_h*k_w*C_out*H_out*W_out) and
-Dense (in*out), plus one per output value for a bias (C_out*H_out*W_out, out), as the reference code's
-counter counts them; BN, activations, pooling and additions are not counted. Parameters are the
-trainable weights (kernels, biases, BN gamma and beta), as PyTorch's parameter count reports them; BN
-moving statistics are not parameters.
+Dense (in*out; on a feature map, a 1x1 conv: in*out*H_out*W_out), plus one per output value for a bias
+(C_out*H_out*W_out, out), as the reference code's counter counts them; normalisations (BN,
+LayerNormalization), per-channel scales (LayerScale), activations, pooling and additions are not
+counted. Parameters are the trainable weights (kernels, biases, the gamma and beta of a normalisation, a
+LayerScale's gamma), as PyTorch's parameter count reports them; BN moving statistics are not parameters.
 
 Three routes, one rule per layer class (`layer_cost` asks `tas_keras.layer_rules`): `count_arch` (a CIFAR ArchConfig, without
 building), `count_shape` (a point of any model's GraphSpace, without building) and `count_model` (a
@@ -14,10 +15,9 @@ built Keras model).
 
 import dataclasses
 
-import keras
-
 from tas_keras.graph import plain_graph
-from tas_keras.layer_rules import rule_for, rule_of_kind
+from tas_keras.graph_space import GraphLayer, output_size
+from tas_keras.layer_rules import counting_rule, rule_for, rule_of_kind
 from tas_keras.models.cifar_resnet import network_plan
 
 
@@ -49,11 +49,12 @@ class CostReport:
                 "layers": [dataclasses.asdict(layer) for layer in self.layers]}
 
     def table(self):
-        """The conv and Dense layers, one line each; BN parameters are in the totals."""
+        """The layers with FLOPs (convs and Dense), one line each; the parameters of normalisations and
+        scales are in the totals."""
         lines = [f"{'layer':<26} {'kernel':>6} {'stride':>6} {'in':>5} {'out':>5} {'output':>7} "
                  f"{'MFLOPs':>9} {'params':>9} {'%FLOPs':>7}"]
         for layer in self.layers:
-            if layer.kind == "batch_norm":
+            if not layer.flops:
                 continue
             size = "x".join(map(str, layer.output_size)) or "-"
             kernel = "x".join(map(str, layer.kernel)) or "-"
@@ -85,6 +86,12 @@ def layer_cost(name, kind, in_channels, out_channels, kernel=(), stride=(), outp
                      flops, params)
 
 
+def graph_layer_cost(layer, in_channels, out_channels):
+    """The cost of a GraphLayer (whose rule counts it) at the given widths (numbers or tensors)."""
+    return layer_cost(layer.name, layer.kind, in_channels, out_channels, layer.kernel, layer.strides,
+                      layer.output_size, layer.use_bias, layer.affine, layer.depth_multiplier, layer.group_width)
+
+
 def count_arch(arch):
     """Counts the network that `CifarResNet(arch)` builds, without building it."""
     plan = network_plan(arch)
@@ -100,40 +107,22 @@ def count_arch(arch):
 
 def count_shape(space, shape):
     """Counts the network `tas_keras.derive.derive_model(model, space, shape)` builds, without building it."""
-    layers = []
-    for derived in space.plan(shape).layers:
-        layer = derived.layer
-        if rule_for(layer).costed:
-            layers.append(layer_cost(layer.name, layer.kind, derived.in_channels, derived.out_channels,
-                                     layer.kernel, layer.strides, layer.output_size, layer.use_bias,
-                                     layer.affine, layer.depth_multiplier, layer.group_width))
-    return _report(layers)
+    return _report(graph_layer_cost(derived.layer, derived.in_channels, derived.out_channels)
+                   for derived in space.plan(shape).layers if rule_for(derived.layer).costed)
 
 
 def count_model(model):
-    """Counts a built Keras model from its Conv2D (grouped too), SeparableConv2D, DepthwiseConv2D, Dense and
-    BatchNormalization layers (those of its nested models too)."""
+    """Counts a built Keras model (the layers of its nested models too) by the same rules, each layer as
+    the graph reader records it: the layers whose rule counts them (convs, Dense, normalisations, scales);
+    a layer of a class without a rule counts nothing."""
     layers = []
     for layer in plain_graph(model).layers:
-        if isinstance(layer, keras.layers.Conv2D):
-            _, _, group_width, out_channels = layer.kernel.shape
-            layers.append(layer_cost(layer.name, "conv" if layer.groups == 1 else "grouped",
-                                     group_width * layer.groups, out_channels, layer.kernel_size, layer.strides,
-                                     layer.output.shape[1:3], layer.use_bias, group_width=group_width))
-        elif isinstance(layer, keras.layers.SeparableConv2D):
-            _, _, in_channels, multiplier = layer.depthwise_kernel.shape
-            layers.append(layer_cost(layer.name, "separable", in_channels, layer.pointwise_kernel.shape[-1],
-                                     layer.kernel_size, layer.strides, layer.output.shape[1:3], layer.use_bias,
-                                     depth_multiplier=multiplier))
-        elif isinstance(layer, keras.layers.DepthwiseConv2D):
-            _, _, in_channels, multiplier = layer.kernel.shape
-            layers.append(layer_cost(layer.name, "depthwise", in_channels, in_channels * multiplier,
-                                     layer.kernel_size, layer.strides, layer.output.shape[1:3],
-                                     layer.use_bias))
-        elif isinstance(layer, keras.layers.Dense):
-            layers.append(layer_cost(layer.name, "dense", *layer.kernel.shape, use_bias=layer.use_bias))
-        elif isinstance(layer, keras.layers.BatchNormalization):
-            channels = layer.moving_mean.shape[0]
-            layers.append(layer_cost(layer.name, "batch_norm", channels, channels,
-                                     affine=int(layer.center) + int(layer.scale)))
+        rule = counting_rule(layer)
+        if rule is None:
+            continue
+        node = layer._inbound_nodes[0]
+        record = GraphLayer(name=layer.name, class_name=type(layer).__name__, kind=rule.kind, inputs=(),
+                            in_slots=(), out_slot="", output_size=output_size(node.outputs[0].shape),
+                            **rule.details(layer, node))
+        layers.append(graph_layer_cost(record, node.input_tensors[0].shape[-1], node.outputs[0].shape[-1]))
     return _report(layers)

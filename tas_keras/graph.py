@@ -20,11 +20,14 @@ Width rules (each layer class's is its rule in `tas_keras.layer_rules`). Every t
     One whose groups change the channel count fixes its input slot and opens a fixed one.
   - A SeparableConv2D is a depthwise conv that follows its input's slot and a pointwise conv that opens a
     searchable slot named after it (the supernet runs it as a depthwise conv and a searchable 1x1 conv).
-  - A Dense opens a fixed slot (Dense layers are not searched); it must see a 2-D input.
-  - DepthwiseConv2D (depth_multiplier 1), BatchNormalization (channel axis last), activations (ReLU,
-    Activation, LeakyReLU, ELU, Softmax), pooling, padding, cropping, up-sampling, dropout and noise
-    layers, Identity, Rescaling and Normalization pass their input's slot through: a depthwise conv and
-    its BN follow the width of the slot that feeds them.
+  - A Dense on a feature map (4-D) is a 1x1 conv: it opens a searchable slot as a Conv2D does (ConvNeXt's
+    pointwise convs). A Dense on a vector opens a fixed slot (it is not searched); other ranks are refused.
+  - DepthwiseConv2D (depth_multiplier 1), a Conv2D whose groups are its input and output channels (a
+    depthwise conv, as ConvNeXt writes it), BatchNormalization and LayerNormalization (over the channel
+    axis only), ConvNeXt's LayerScale and StochasticDepth, activations (ReLU, Activation, LeakyReLU,
+    ELU, Softmax), pooling, padding, cropping, up-sampling, dropout and noise layers, Identity,
+    Rescaling and Normalization pass their input's slot through: a depthwise conv and its BN follow
+    the width of the slot that feeds them.
   - A layer that holds per-channel constants it cannot slice (Normalization, a Rescaling with a vector
     scale or offset) or mixes the channels (softmax over the channel axis, also as a conv activation)
     fixes its slot. Flatten of a spatial map, Reshape and a DepthwiseConv2D with depth_multiplier > 1
@@ -87,9 +90,11 @@ Refused (UnsupportedModelError, one line naming the layer and its class): subcla
 with several inputs or outputs, unknown spatial sizes, channels_first layers, nested subclassed models,
 shared layers, keras.ops operations other than the element-wise ones (and a division by a tensor, an
 operand that is an array), layers called with arguments other than plain values (plain ones, such as
-the training=False Keras records for a Dropout, are carried into the derived model), Dense on a spatial
-map, Concatenate along another axis than the channels, and every layer class not listed above (Lambda,
-recurrent layers, Conv1D/3D, Conv2DTranspose, LayerNormalization, PReLU, ...).
+the training=False Keras records for a Dropout, are carried into the derived model), Dense on an input
+that is neither a vector nor a feature map, LayerNormalization over other axes than the channels (or
+with rms_scaling), GroupNormalization (a narrower network's groups would hold other channels),
+Concatenate along another axis than the channels, and every layer class not listed above (Lambda,
+recurrent layers, Conv1D/3D, Conv2DTranspose, PReLU, ...).
 """
 
 import dataclasses
@@ -100,7 +105,7 @@ import os
 import keras
 
 from tas_keras.graph_space import (ADD_MODES, INDEPENDENT, TIED, GraphLayer, GraphSpace, IdentityShortcut,
-                                   ResidualBlock, Stage, WidthSlot)
+                                   ResidualBlock, Stage, WidthSlot, output_size)
 from tas_keras.layer_rules import (CHANNEL_MIXING_ACTIVATIONS, ELEMENTWISE_ACTIVATIONS, FOLLOWING_CLASSES,
                                    NORMALIZATION_CLASSES, RANDOM_AUGMENTATION_CLASSES, UnsupportedModelError,
                                    activation_name, refuse, rule_for_layer)
@@ -397,12 +402,11 @@ class _GraphReader:
 
     def _graph_layer(self, name, block):
         layer, rule = self.keras_layers[name], rule_for_layer(self.keras_layers[name])
-        shape = self.shapes[name]
         return GraphLayer(
             name=name, class_name=type(layer).__name__, kind=rule.kind, inputs=self.inputs[name],
             in_slots=tuple(self.slots.find(self.out_slot[source]) for source in self.inputs[name]),
             out_slot=self.slots.find(self.out_slot[name]),
-            output_size=tuple(int(d) for d in shape[1:3]) if len(shape) == 4 else (), block=block,
+            output_size=output_size(self.shapes[name]), block=block,
             call_arguments=self.call_arguments[name], **rule.details(layer, self.nodes_by_name[name]))
 
     def _width_slot(self, name):

@@ -41,15 +41,20 @@ class WidthSlot:
         return not self.fixed_reason and not self.members
 
 
+def output_size(shape):
+    """(height, width) of a layer's output of `shape` (batch axis first) when it is a feature map, else ()."""
+    return tuple(int(d) for d in shape[1:3]) if len(shape) == 4 else ()
+
+
 @dataclasses.dataclass(frozen=True)
 class GraphLayer:
     """One layer of the model, as the search space sees it.
 
-    kind: input | conv (Conv2D) | grouped (Conv2D, groups > 1) | depthwise | separable | dense | batch_norm |
-    pass (weightless, keeps the slot) |
-    reshape (Flatten of a map, Reshape: fixed in and out) | merge (Add and other elementwise merges) |
-    op (element-wise keras.ops) | concat (Concatenate: its output's slot has its inputs' as members),
-    and the kinds of `tas_keras.layer_rules`' other rules.
+    kind: the kind of its rule (`tas_keras.layer_rules`): input | conv (Conv2D) | grouped (Conv2D, groups >
+    1) | separable | dense | depthwise | batch_norm | layer_norm | layer_scale | pass (weightless, keeps
+    the slot) | reshape (Flatten of a map, Reshape: fixed in and out) | concat (Concatenate: its output's
+    slot has its inputs' as members) | merge (Add and other elementwise merges) | op (an element-wise
+    keras.ops operation).
     """
 
     name: str
@@ -59,12 +64,12 @@ class GraphLayer:
     in_slots: tuple  # the slot of each input
     out_slot: str
     output_size: tuple = ()  # (height, width) of a spatial output, () for a vector
-    kernel: tuple = ()  # (k_h, k_w) of a conv or depthwise conv
+    kernel: tuple = ()  # (k_h, k_w) of a conv or depthwise conv; (1, 1) of a Dense on a feature map
     strides: tuple = ()
     use_bias: bool = False
     depth_multiplier: int = 1
     group_width: int = 1  # a grouped conv's input channels per group (a depthwise conv's: 1)
-    affine: int = 0  # BatchNormalization: per-channel trainable vectors (gamma and/or beta)
+    affine: int = 0  # a normalisation or scale: its per-channel trainable vectors (gamma and/or beta)
     block: str = ""  # the droppable identity block it belongs to
     call_arguments: Mapping = dataclasses.field(default_factory=dict)  # e.g. Dropout's training=False
     operands: tuple = ()  # a keras.ops operation's arguments: None for each input tensor, else the constant

@@ -2,15 +2,17 @@
 
 A rule answers, for the layer classes it covers:
   - `read`: how the layer acts on width slots while `tas_keras.graph` reads a model: it opens a slot
-    (Conv2D), follows its input's (BatchNormalization, activations; a grouped conv, in whole groups),
-    ties its inputs (merges) or fixes them (Concatenate), or refuses the layer with one line naming it;
+    (Conv2D, a Dense on a feature map), follows its input's (BatchNormalization, activations; a grouped
+    conv, in whole groups), ties its inputs (merges) or fixes them (Concatenate), or refuses the layer
+    with one line naming it;
   - `details`: the settings a `GraphLayer` records for the other questions (kernel, strides, ...);
   - `out_channels`: its output channels in a derived network, given its inputs' and its slot's widths;
   - `counts`: its FLOPs and parameters at given widths (`tas_keras.cost`; numbers or tensors);
   - `masked`: whether the supernet, which runs every layer at full width on zero-padded tensors, must
     zero the channels beyond the sampled width after it (a BN's beta, a bias, f(0) != 0);
   - `copy` and `rebuilt`: a fresh copy for the supernet, and the layer of a derived network with fewer
-    channels (`tas_keras.derive`); `call`: how either is called on its inputs;
+    channels (`tas_keras.derive`); `call`: how either is called on its inputs, `supernet_call`: how the
+    copy is, knowing its inputs' widths (a LayerNormalization's statistics depend on them);
   - `permuted`: its weights with its input and output channels permuted (`tas_keras.importance`).
 The reader, the supernet, derive, the cost and the importance ordering consult these rules and switch on
 no layer class themselves: a layer class is supported by adding its rule here.
@@ -26,13 +28,14 @@ is a grouped conv), `rule_for(graph_layer)` the rule of a layer the reader recor
 import math
 
 import keras
-# The classes of the keras.ops operations: Keras exports the functions only.
+# ConvNeXt's own layers, and the classes of the keras.ops operations: Keras exports neither.
+from keras.src.applications.convnext import LayerScale, StochasticDepth
 from keras.src.ops import nn as nn_ops
 from keras.src.ops import numpy as numpy_ops
 import numpy as np
 import tensorflow as tf
 
-from tas_keras.layers import SearchableConv, SearchableSeparableConv, channel_mask
+from tas_keras.layers import MaskedLayerNormalization, SearchableConv, SearchableSeparableConv, channel_mask
 
 _L = keras.layers
 CHANNEL_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
@@ -110,12 +113,7 @@ class LayerRule:
     def copy(self, source, dtype, regularizer):
         """A new layer of the source layer's class, settings and name (fresh weights) for the supernet,
         computing in `dtype` (a dtype policy), every weight regularised by `regularizer`."""
-        config = source.get_config()
-        config["dtype"] = dtype
-        for key in config:
-            if key.endswith("_regularizer") and key != "activity_regularizer":
-                config[key] = regularizer
-        return type(source).from_config(config)
+        return type(source).from_config(_supernet_config(source, dtype, regularizer))
 
     def rebuilt(self, source, planned, dtype):
         """The layer of a derived network (`planned`: its `DerivedLayer`), of `source`'s class and
@@ -137,12 +135,38 @@ class LayerRule:
         widths = [width for _, width in inputs]
         return widths[0] if len(widths) == 1 else tf.reduce_max(tf.stack(widths))
 
+    def supernet_call(self, layer, inputs, widths, graph_layer, **call_arguments):
+        """Calls the supernet's copy on its inputs' zero-padded tensors, whose leading `widths` channels
+        are the sampled ones: a layer whose function depends on the width reads them."""
+        return self.call(layer, inputs, graph_layer, **call_arguments)
+
     def permuted(self, layer, weights, in_order, out_order):
         """Its weights with the input channels in `in_order`, the output channels in `out_order` (None:
         as they are)."""
         if weights and (in_order is not None or out_order is not None):
             raise ValueError(f"{layer.name} ({layer.class_name}) holds weights in a permuted slot")
         return weights
+
+
+def _supernet_config(source, dtype, regularizer):
+    """The source layer's config with `dtype` and every weight regularizer set to `regularizer`."""
+    config = source.get_config()
+    config["dtype"] = dtype
+    for key in config:
+        if key.endswith("_regularizer") and key != "activity_regularizer":
+            config[key] = regularizer
+    return config
+
+
+def _fixed_if_mixing(reader, layer, slot):
+    """`slot`, fixed when the layer's activation mixes the channels (a softmax over them)."""
+    if activation_name(layer) in CHANNEL_MIXING_ACTIVATIONS:
+        reader.slots.fix(slot, f"{layer.name} applies {activation_name(layer)} over the channels")
+    return slot
+
+
+def _conv_details(layer):
+    return {"kernel": tuple(layer.kernel_size), "strides": tuple(layer.strides), "use_bias": layer.use_bias}
 
 
 class InputRule(LayerRule):
@@ -153,18 +177,16 @@ class InputRule(LayerRule):
 
 
 class ConvRule(LayerRule):
-    """Conv2D (groups 1): opens a searchable slot named after it; a softmax activation fixes it."""
+    """Conv2D (groups 1; `GroupedConvRule` covers the others): opens a searchable slot named after it; a
+    softmax activation fixes it."""
 
     kind, classes, opens_slot, costed, searchable_conv = "conv", (_L.Conv2D,), True, True, True
 
     def read(self, reader, layer, in_slots):
-        slot = reader.slots.open(layer.name, layer.filters)
-        if activation_name(layer) in CHANNEL_MIXING_ACTIVATIONS:
-            reader.slots.fix(slot, f"{layer.name} applies {activation_name(layer)} over the channels")
-        return slot
+        return _fixed_if_mixing(reader, layer, reader.slots.open(layer.name, reader.channels(layer.name)))
 
     def details(self, layer, node):
-        return {"kernel": tuple(layer.kernel_size), "strides": tuple(layer.strides), "use_bias": layer.use_bias}
+        return _conv_details(layer)
 
     def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
                depth_multiplier=1, group_width=1):
@@ -172,20 +194,26 @@ class ConvRule(LayerRule):
         return weights * math.prod(output_size), weights
 
     def filter_norms(self, keras_layer):
-        return np.abs(keras.ops.convert_to_numpy(keras_layer.kernel)).sum(axis=(0, 1, 2))
+        kernel = keras.ops.convert_to_numpy(keras_layer.kernel)
+        return np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(axis=0)
+
+    def conv_settings(self, source):
+        """The searchable conv's full width, kernel, strides, padding and dilation for `source`."""
+        return {"filters": source.filters, "kernel_size": source.kernel_size, "strides": source.strides,
+                "padding": source.padding, "dilation_rate": source.dilation_rate}
 
     def searchable(self, source, candidates, normalize, epsilon, weight_decay):
         """The supernet's searchable conv for `source`, mixing the sampled widths of `candidates`."""
         config = source.get_config()
         return SearchableConv(
-            source.filters, candidates, source.kernel_size, source.strides, weight_decay=weight_decay,
-            padding=source.padding, dilation_rate=source.dilation_rate, normalize=normalize,
+            candidates=candidates, weight_decay=weight_decay, normalize=normalize,
             use_bias=source.use_bias and not normalize, epsilon=epsilon,
-            kernel_initializer=keras.initializers.get(config["kernel_initializer"]), name=source.name)
+            kernel_initializer=keras.initializers.get(config["kernel_initializer"]), name=source.name,
+            **self.conv_settings(source))
 
     def init_searchable(self, searchable, source):
         """Copies a trained source layer's weights into its searchable conv."""
-        searchable.kernel.assign(source.kernel)
+        searchable.kernel.assign(tf.reshape(source.kernel, searchable.kernel.shape))  # a Dense's (in, out) is 1x1
         if searchable.use_bias:
             searchable.bias.assign(source.bias)
 
@@ -244,22 +272,35 @@ class SeparableConvRule(ConvRule):
 
 
 class DenseRule(ConvRule):
-    """Dense on a vector: opens a fixed slot (Dense layers are not searched)."""
+    """Dense on a feature map is a 1x1 conv (ConvNeXt's pointwise convs): it opens a searchable slot as a
+    Conv2D does. Dense on a vector (a classifier, an MLP head) opens a fixed slot: it is not searched."""
 
-    kind, classes, searchable_conv = "dense", (_L.Dense,), False
+    kind, classes = "dense", (_L.Dense,)
 
     def read(self, reader, layer, in_slots):
-        if len(reader.shapes[reader.inputs[layer.name][0]]) != 2:
-            refuse(layer, "Dense on a spatial map; use a 1x1 Conv2D, or pool or flatten first")
-        return reader.slots.open(layer.name, layer.units, "Dense layers are not searched")
+        rank = len(reader.shapes[reader.inputs[layer.name][0]])
+        if rank == 2:
+            return reader.slots.open(layer.name, layer.units, "a Dense on a vector is not searched")
+        if rank != 4:
+            refuse(layer, f"Dense on a {rank}-D input; the reader takes vectors and feature maps")
+        return super().read(reader, layer, in_slots)
 
     def details(self, layer, node):
-        return {"use_bias": layer.use_bias}
+        on_map = len(node.input_tensors[0].shape) == 4
+        return {"use_bias": layer.use_bias, "kernel": (1, 1) if on_map else ()}
 
     def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
                depth_multiplier=1, group_width=1):
-        count = in_channels * out_channels + (out_channels if use_bias else 0)
-        return count, count
+        if output_size:  # on a feature map: a 1x1 conv
+            return super().counts(in_channels, out_channels, kernel, output_size, use_bias)
+        # On a vector, its weights, computed as they always were: no product by an empty output size,
+        # whose extra op changes the float rounding of a search's expected cost (tests/test_search.py's
+        # RECORDED_SEARCH).
+        weights = in_channels * out_channels + (out_channels if use_bias else 0)
+        return weights, weights
+
+    def conv_settings(self, source):
+        return {"filters": source.units, "kernel_size": 1}
 
     def narrowed(self, config, planned):
         config["units"] = planned.out_channels
@@ -370,15 +411,12 @@ class DepthwiseRule(GroupedRule):
         return [_take(weights[0], in_order, 2)] + [_take(bias, in_order, 0) for bias in weights[1:]]
 
 
-class BatchNormRule(LayerRule):
-    """BatchNormalization over the channel axis: follows its input's slot; its gamma/beta are parameters."""
+class ChannelVectorsRule(LayerRule):
+    """A layer whose weights are vectors over its channels (a normalisation's gamma and beta, a scale):
+    it follows its input's slot, and its vectors are parameters (`affine` of them), sliced and permuted
+    with the channels."""
 
-    kind, classes, costed = "batch_norm", (_L.BatchNormalization,), True
-
-    def read(self, reader, layer, in_slots):
-        if not reader.is_channel_axis(layer.name, layer.axis):
-            refuse(layer, f"normalises axis {layer.axis}, not the channel axis")
-        return in_slots[0]
+    costed = True
 
     def details(self, layer, node):
         return {"affine": int(layer.center) + int(layer.scale)}
@@ -388,10 +426,61 @@ class BatchNormRule(LayerRule):
         return 0, affine * out_channels
 
     def masked(self, layer, keras_layer):
-        return True
+        return True  # a normalisation's beta makes the zero channels non-zero
 
     def permuted(self, layer, weights, in_order, out_order):
         return [_take(value, out_order, 0) for value in weights]
+
+
+class BatchNormRule(ChannelVectorsRule):
+    """BatchNormalization over the channel axis: follows its input's slot; its gamma/beta are parameters."""
+
+    kind, classes = "batch_norm", (_L.BatchNormalization,)
+
+    def read(self, reader, layer, in_slots):
+        if not reader.is_channel_axis(layer.name, layer.axis):
+            refuse(layer, f"normalises axis {layer.axis}, not the channel axis")
+        return in_slots[0]
+
+
+class LayerNormRule(ChannelVectorsRule):
+    """LayerNormalization over the channel axis: follows its input's slot; its gamma/beta are parameters.
+    Its mean and variance are over the channels, so they depend on the width: the supernet runs it as a
+    `MaskedLayerNormalization`, over the leading channels of the sampled width (the narrower network's
+    statistics). Other axes, and the deprecated rms_scaling, are refused."""
+
+    kind, classes = "layer_norm", (_L.LayerNormalization,)
+
+    def read(self, reader, layer, in_slots):
+        axes = layer.axis if isinstance(layer.axis, list) else [layer.axis]
+        if len(axes) != 1 or not reader.is_channel_axis(layer.name, axes[0]):
+            refuse(layer, f"normalises over axes {axes}; only the channel axis is supported")
+        if layer.rms_scaling:
+            refuse(layer, "rms_scaling (deprecated by Keras) is not supported")
+        return in_slots[0]
+
+    def copy(self, source, dtype, regularizer):
+        return MaskedLayerNormalization.from_config(_supernet_config(source, dtype, regularizer))
+
+    def supernet_call(self, layer, inputs, widths, graph_layer, **call_arguments):
+        return layer(inputs[0], width=widths[0], **call_arguments)
+
+
+class LayerScaleRule(ChannelVectorsRule):
+    """ConvNeXt's LayerScale (`keras.src.applications.convnext`): each channel times its gamma; follows its
+    input's slot."""
+
+    kind, classes = "layer_scale", (LayerScale,)
+
+    def details(self, layer, node):
+        return {"affine": 1}
+
+    def masked(self, layer, keras_layer):
+        return False
+
+    def narrowed(self, config, planned):
+        config["projection_dim"] = planned.out_channels
+        return config
 
 
 def _existing(module, names):
@@ -402,14 +491,15 @@ ELEMENTWISE_ACTIVATIONS = (_L.Activation, _L.ReLU, _L.LeakyReLU, _L.ELU)
 # Weightless layers that leave an all-zero channel zero.
 _ZERO_KEEPING = (_L.MaxPooling2D, _L.AveragePooling2D, _L.GlobalAveragePooling2D, _L.GlobalMaxPooling2D,
                  _L.ZeroPadding2D, _L.Cropping2D, _L.UpSampling2D, _L.Dropout, _L.SpatialDropout2D,
-                 _L.GaussianDropout, _L.ActivityRegularization, _L.Identity, _L.Resizing, _L.CenterCrop)
+                 _L.GaussianDropout, _L.ActivityRegularization, _L.Identity, _L.Resizing, _L.CenterCrop,
+                 StochasticDepth)
 
 
 class PassThroughRule(LayerRule):
     """Layers of one input that keep its channels one by one: activations, pooling, padding, dropout and
-    noise, Identity, Rescaling and Normalization. One that holds per-channel constants it cannot slice
-    (Normalization, a Rescaling with a vector scale or offset) or mixes the channels (softmax over them)
-    fixes its slot."""
+    noise (ConvNeXt's StochasticDepth too), Identity, Rescaling and Normalization. One that holds
+    per-channel constants it cannot slice (Normalization, a Rescaling with a vector scale or offset) or
+    mixes the channels (softmax over them) fixes its slot."""
 
     kind = "pass"
     classes = ELEMENTWISE_ACTIVATIONS + _ZERO_KEEPING + (
@@ -560,7 +650,8 @@ class ElementwiseOpRule(LayerRule):
 
 
 RULES = (InputRule(), GroupedConvRule(), ConvRule(), SeparableConvRule(), DenseRule(), DepthwiseRule(), BatchNormRule(),
-         PassThroughRule(), ReshapeRule(), ConcatenateRule(), MergeRule(), ElementwiseOpRule())
+         LayerNormRule(), LayerScaleRule(), PassThroughRule(), ReshapeRule(), ConcatenateRule(), MergeRule(),
+         ElementwiseOpRule())
 _BY_CLASS = {cls: tuple(rule for rule in RULES if cls in rule.classes) for rule in RULES for cls in rule.classes}
 _BY_KIND = {rule.kind: rule for rule in RULES}
 FOLLOWING_CLASSES = PassThroughRule.classes  # keep their input's channels one by one, weightless
@@ -572,6 +663,10 @@ RANDOM_AUGMENTATION_CLASSES = tuple(cls for name, cls in vars(_L).items()
 NORMALIZATION_CLASSES = BatchNormRule.classes
 
 
+# Layer classes refused with their reason rather than as unknown.
+_REFUSED_BECAUSE = {_L.GroupNormalization: "not supported: in a narrower network its groups would hold other channels"}
+
+
 def rule_for_layer(layer):
     """The rule of a Keras layer or keras.ops operation; refuses (UnsupportedModelError) a class without one."""
     rule = next((rule for rule in _BY_CLASS.get(type(layer), ()) if rule.matches(layer)), None)
@@ -579,8 +674,15 @@ def rule_for_layer(layer):
         refuse(layer, "a keras.ops operation on symbolic tensors that the reader has no rule for; the element-wise "
                       "ones are read (x + 3.0, x * y, keras.ops.relu, ...): use a layer for the others")
     if rule is None:
-        refuse(layer, "this layer type is not supported by the graph reader")
+        refuse(layer, _REFUSED_BECAUSE.get(type(layer), "this layer type is not supported by the graph reader"))
     return rule
+
+
+def counting_rule(layer):
+    """The rule that counts a Keras layer (`tas_keras.cost.count_model`), or None: its class has no rule,
+    or its rule counts nothing."""
+    rule = next((rule for rule in _BY_CLASS.get(type(layer), ()) if rule.matches(layer)), None)
+    return rule if rule is not None and rule.costed else None
 
 
 def rule_for(layer):

@@ -379,6 +379,31 @@ class SearchableSeparableConv(SearchableConv):
         return config
 
 
+class MaskedLayerNormalization(keras.layers.LayerNormalization):
+    """A LayerNormalization over the channel axis, as a supernet runs it: called on a zero-padded tensor
+    and its `width` (`channel_mask`), it takes the mean and variance over the kept channels only, which are
+    the narrower network's statistics (over all channels, the zeros would pull the mean towards 0 and
+    shrink the variance). Channels beyond the width come out as beta: the supernet masks them.
+
+    A sample of two widths reaches it as their mix, widened by CWI to the wider of the two (a searchable
+    conv's output): it normalises the mix over the wider width, like any layer after the mix."""
+
+    def call(self, inputs, width):
+        # In float32, as keras.ops.layer_normalization computes: half-precision squares lose the variance.
+        x = tf.cast(inputs, tf.float32)
+        mask = channel_mask(width, x.shape[-1])
+        count = tf.reduce_sum(mask)
+        mean = tf.reduce_sum(x * mask, axis=-1, keepdims=True) / count
+        variance = tf.reduce_sum(tf.square(x - mean) * mask, axis=-1, keepdims=True) / count
+        scale = tf.math.rsqrt(variance + self.epsilon)
+        if self.gamma is not None:
+            scale = scale * self.gamma
+        shift = -mean * scale
+        if self.beta is not None:
+            shift = shift + self.beta
+        return tf.cast(x * scale + shift, self.compute_dtype)
+
+
 class DepthMixer(keras.Layer):
     """The output of a stage: sum_j q_j * CWI(output of block d_j) over the candidate depths d_j.
 

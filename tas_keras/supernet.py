@@ -3,11 +3,12 @@
 `GraphSupernet(model, space)` lays the search out on the `GraphSpace` read from `model`
 (`tas_keras.graph.read_model`); `tas_keras.search.TASSearchModel` drives it.
 
-- Widths: one distribution (alpha, a `WidthChoice`) per searchable slot. Every Conv2D that writes a
-  searchable slot follows that slot's sample (the convs of a tied slot share one) and is a
-  `SearchableConv` of the same name: it runs at full width and mixes the two sampled widths by CWI to
-  the wider one. When a BatchNormalization (with centre and scale) is the only reader of the conv's
-  linear output, the BN becomes the conv's per-candidate affines, normalised with batch statistics.
+- Widths: one distribution (alpha, a `WidthChoice`) per searchable slot. Every Conv2D (or Dense on a
+  feature map, a 1x1 conv) that writes a searchable slot follows that slot's sample (the convs of a
+  tied slot share one) and is a `SearchableConv` of the same name: it runs at full width and mixes the
+  two sampled widths by CWI to the wider one. When a BatchNormalization (with centre and scale) is the
+  only reader of the conv's linear output, the BN becomes the conv's per-candidate affines, normalised
+  with batch statistics.
   Other searchable convs are normalised the same way with `normalize_every_conv` (the reference's
   search forward normalises every conv, its CIFAR ResNets' stride-2 shortcut conv included, although
   no BN follows it); otherwise they mix their output (plus bias) as it is, so that the full-width,
@@ -17,7 +18,9 @@
   that feeds them (a grouped conv's groups beyond it read zeros), activations, pooling and padding pass
   it on, and the classifier reads the first channels of its kernel. Where a layer could make the
   channels beyond the width non-zero (a BN's beta, a bias, an activation with f(0) != 0, noise), a mask
-  zeroes them again.
+  zeroes them again. A LayerNormalization, whose statistics are over the channels, takes them over the
+  kept channels of the width only (`layers.MaskedLayerNormalization`), so that a one-hot sample computes
+  the narrower network.
 - Merges run at full width: tied inputs share one width; an independent Add is a zero-padded add,
   where the wider width wins.
 - Depth: every block runs; a stage's output is sum_j q_j * CWI(output after d_j blocks) (`DepthMixer`).
@@ -55,9 +58,7 @@ def _check_metric(metric):
 
 def layer_cost(layer, in_channels, out_channels, metric):
     """The cost of a GraphLayer at the given widths (numbers or tensors): FLOPs or parameters."""
-    return getattr(cost.layer_cost(layer.name, layer.kind, in_channels, out_channels, layer.kernel,
-                                   layer.strides, layer.output_size, layer.use_bias, layer.affine,
-                                   layer.depth_multiplier, layer.group_width), metric)
+    return getattr(cost.graph_layer_cost(layer, in_channels, out_channels), metric)
 
 
 def search_space(model_name, model, add_mode=None, width_multiple=1):
@@ -248,7 +249,8 @@ class GraphSupernet(keras.Model):
                 y = self._activations[layer.name](y)
         else:
             rule = rule_for(layer)
-            y = rule.call(keras_layer, [y for y, _ in inputs], layer, **self._call_arguments[layer.name])
+            y = rule.supernet_call(keras_layer, [y for y, _ in inputs], [width for _, width in inputs],
+                                              layer, **self._call_arguments[layer.name])
             width = rule.supernet_width(inputs)
         if not self.space.varies(slot.name):
             return y, tf.constant(slot.full_width)

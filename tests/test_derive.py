@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import keras
+from keras.src.applications.convnext import LayerScale, StochasticDepth
 import numpy as np
 import pytest
 
@@ -16,7 +17,7 @@ from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.registry import build_model
 from tas_keras.search_space import ArchConfig
 
-from .test_supernet import dense_cnn, grouped_cnn, ops_cnn, sep_cnn
+from .test_supernet import convnext_cnn, dense_cnn, grouped_cnn, ops_cnn, sep_cnn
 
 L = keras.layers
 
@@ -62,15 +63,18 @@ def concat_cnn():
 
 
 def _with_statistics(model, seed=0):
-    """Gives every BN non-trivial moving statistics and affine weights, so inference mode tests them."""
+    """Gives every BN non-trivial moving statistics and affine weights, so inference mode tests them, and
+    every LayerNormalization and LayerScale non-trivial vectors."""
     rng = np.random.default_rng(seed)
     for layer in model.layers:
         if isinstance(layer, L.BatchNormalization):
             channels = layer.moving_mean.shape[0]
             layer.moving_mean.assign(rng.normal(0, 0.5, channels))
             layer.moving_variance.assign(rng.uniform(0.5, 2.0, channels))
-            layer.gamma.assign(rng.uniform(0.5, 1.5, channels))
-            layer.beta.assign(rng.normal(0, 0.2, channels))
+        if isinstance(layer, (L.BatchNormalization, L.LayerNormalization, LayerScale)):
+            layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape))
+        if isinstance(layer, (L.BatchNormalization, L.LayerNormalization)):
+            layer.beta.assign(rng.normal(0, 0.2, layer.beta.shape))
     return model
 
 
@@ -95,6 +99,7 @@ MODELS = {
     "grouped_cnn": (grouped_cnn, TIED),
     "concat_cnn": (concat_cnn, TIED),
     "dense_cnn": (dense_cnn, TIED),
+    "convnext_cnn": (convnext_cnn, TIED),
 }
 
 
@@ -115,7 +120,7 @@ def test_full_shape_reproduces_the_original(models, name):
 
 @pytest.mark.parametrize("name, mode", [("user_cnn", TIED), ("user_cnn", INDEPENDENT), ("ops_cnn", TIED),
                                         ("sep_cnn", TIED), ("grouped_cnn", TIED), ("grouped_cnn", INDEPENDENT),
-                                        ("concat_cnn", TIED), ("dense_cnn", TIED),
+                                        ("concat_cnn", TIED), ("dense_cnn", TIED), ("convnext_cnn", TIED),
                                         ("mobilenet_v2", TIED), ("resnet50", INDEPENDENT),
                                         ("cifar_resnet20", INDEPENDENT)])
 def test_count_of_a_shape_is_the_count_of_its_derived_model(models, name, mode):
@@ -152,6 +157,46 @@ def test_derived_layers_keep_settings_and_leading_channels(models):
     assert derived.get_layer("scale").get_config() == model.get_layer("scale").get_config()
     assert space.layer("b3_se_expand").out_slot == space.layer("b3_conv_b").out_slot  # tied by the Multiply
     assert derived.get_layer("classifier").get_config()["activation"] == "softmax"
+
+
+def test_derived_convnext_layers_keep_settings_and_leading_channels(models, tmp_path):
+    """A narrower ConvNeXt-like network: its depthwise Conv2D has as many groups as channels, its Dense
+    layers on feature maps, LayerNormalizations and LayerScales hold the leading channels, and it loads
+    from its .keras file (LayerScale is keras.applications' own layer)."""
+    model = models["convnext_cnn"]
+    space = read_model(model)
+    shape = GraphShape({**space.full_shape().widths, "stem": 6, "b1_expand": 19}, space.full_shape().depths)
+    derived = derive_model(model, space, shape)
+    dw = derived.get_layer("b1_dw")
+    assert (dw.groups, dw.filters, dw.kernel.shape) == (6, 6, (7, 7, 1, 6))
+    for name in ("b1_dw", "b1_ln", "b1_expand", "b1_project", "b1_scale", "head_ln", "head"):
+        for mine, theirs in zip(derived.get_layer(name).weights, model.get_layer(name).weights, strict=True):
+            np.testing.assert_array_equal(mine.numpy(), theirs.numpy()[tuple(slice(0, n) for n in mine.shape)])
+    assert derived.get_layer("b1_expand").kernel.shape == (6, 19)
+    assert derived.get_layer("b1_scale").get_config()["projection_dim"] == 6
+    assert derived.get_layer("b1_ln").get_config() == {**model.get_layer("b1_ln").get_config(), "trainable": True}
+    path = tmp_path / "convnext.keras"
+    derived.save(path)
+    images = _images(model)
+    np.testing.assert_allclose(keras.models.load_model(path)(images, training=False),
+                               derived(images, training=False), atol=1e-6)
+
+
+def test_stochastic_depth_is_read_through_and_kept():
+    """ConvNeXt's StochasticDepth (keras.applications adds it with a drop_path_rate): the identity at
+    inference, its input's slot followed; the derived network keeps it, with its rate, for training."""
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, padding="same", name="stem")(inputs)
+    y = StochasticDepth(0.5, name="drop_path")(L.Conv2D(8, 3, padding="same", name="branch")(x))
+    model = keras.Model(inputs, L.Dense(2, name="head")(L.GlobalAveragePooling2D()(L.Add()([x, y]))))
+    space = read_model(model)
+    assert space.layer("drop_path").out_slot == "stem" and [s.name for s in space.searchable_slots] == ["stem"]
+    derived = derive_model(model, space, GraphShape({"stem": 5}, {stage.name: 1 for stage in space.stages}))
+    assert derived.get_layer("drop_path").get_config() == {**model.get_layer("drop_path").get_config(),
+                                                           "trainable": True}
+    full = derive_model(model, space, space.full_shape())
+    images = _images(model)
+    np.testing.assert_allclose(full(images, training=False), model(images, training=False), atol=1e-6)
 
 
 def test_independent_adds_get_a_projection_where_widths_differ(models):

@@ -18,7 +18,7 @@ from tas_keras.models.registry import build_model
 from tas_keras.search_space import ArchConfig
 
 from .conftest import REPO
-from .test_supernet import grouped_cnn, ops_cnn
+from .test_supernet import convnext_cnn, grouped_cnn, ops_cnn
 
 L = keras.layers
 
@@ -152,8 +152,16 @@ REFUSED = {
     "channels_first": (
         lambda: _functional(lambda x: L.Conv2D(4, 3, data_format="channels_first", name="cf")(x)),
         "cf (Conv2D): data_format 'channels_first'"),
-    "dense on map": (lambda: _functional(lambda x: L.Dense(4, name="per_pixel")(x)),
-                     "per_pixel (Dense): Dense on a spatial map"),
+    "dense on a sequence": (lambda: _functional(lambda x: L.Dense(4, name="per_step")(x), (10, 3)),
+                            "per_step (Dense): Dense on a 3-D input"),
+    "layer norm over positions": (
+        lambda: _functional(lambda x: L.LayerNormalization(axis=(1, 2, 3), name="ln")(L.Conv2D(4, 3)(x))),
+        "ln (LayerNormalization): normalises over axes [1, 2, 3]; only the channel axis is supported"),
+    "layer norm with rms scaling": (
+        lambda: _functional(lambda x: L.LayerNormalization(rms_scaling=True, name="rms")(L.Conv2D(4, 3)(x))),
+        "rms (LayerNormalization): rms_scaling"),
+    "group norm": (lambda: _functional(lambda x: L.GroupNormalization(2, name="gn")(L.Conv2D(4, 3)(x))),
+                   "gn (GroupNormalization): not supported: in a narrower network its groups would hold other"),
     "subclassed": (_Subclassed, "my_subclassed (_Subclassed): a subclassed model"),
     "unbuilt sequential": (_unbuilt_sequential, "lazy (Sequential): build it with a keras.Input first"),
     "two inputs": (_two_inputs, "two_inputs (Functional): the reader takes one image input"),
@@ -163,6 +171,7 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
+@pytest.mark.filterwarnings("ignore:You passed `rms_scaling=True`")  # Keras deprecates what the case builds
 def test_unsupported_models_are_refused_by_name(case):
     build, message = REFUSED[case]
     model = build()
@@ -185,7 +194,7 @@ def test_layers_it_cannot_shrink_are_kept_full():
     outputs = L.Dense(4, name="classifier")(L.Dense(16, name="hidden")(x))
     space = read_model(keras.Model(inputs, outputs))
     fixed = {slot.name for slot in space.slots if not slot.searchable}
-    # Flatten reads full widths; Dense layers are not searched; the image is fixed. The Concatenate's
+    # Flatten reads full widths; Dense layers on vectors are not searched; the image is fixed. The Concatenate's
     # output is not searched itself: its inputs are, each at its own width.
     assert fixed == {"pixels", "both", "to_flatten", "flat", "hidden", "classifier"}
     assert [slot.name for slot in space.searchable_slots] == ["left", "right", "mid"]
@@ -330,6 +339,24 @@ def test_grouped_convs_follow_their_input_in_whole_groups():
         "grouped maps 1 to 2 channels per group")
 
 
+def test_convnext_idioms_are_read_with_searchable_widths():
+    """A ConvNeXt keeps its widths searchable: the stem conv opens the slot of the residual stream, which
+    its LayerNormalizations, depthwise convs (Conv2Ds whose groups are their channels) and LayerScales
+    follow and the adds tie to the projecting Dense layers; each expanding Dense on a feature map opens
+    a slot of its own, as a 1x1 conv does; the classifier Dense on the pooled vector is fixed."""
+    space = read_model(convnext_cnn())
+    assert [(slot.name, slot.full_width) for slot in space.searchable_slots] == [
+        ("stem", 8), ("b1_expand", 32), ("b2_expand", 32), ("b3_expand", 32), ("down", 12), ("b4_expand", 48)]
+    for block, stream in (("b1", "stem"), ("b2", "stem"), ("b3", "stem"), ("b4", "down")):
+        assert [_slot_of(space, f"{block}_{name}") for name in ("dw", "ln", "expand", "gelu", "project", "scale")] == [
+            stream, stream, f"{block}_expand", f"{block}_expand", stream, stream]
+    assert [_slot_of(space, name) for name in ("stem_ln", "down_ln", "head_ln")] == ["stem", "stem", "down"]
+    assert space.layer("b1_dw").kind == "grouped" and space.layer("b1_expand").kernel == (1, 1)
+    assert space.slot("head").fixed_reason == "a Dense on a vector is not searched"
+    assert [(stage.opener, [block.name for block in stage.blocks]) for stage in space.stages] == [("", ["b2", "b3"])]
+    assert GraphSpace.from_json(space.to_json()) == space
+
+
 @pytest.mark.parametrize("application, stages", [
     # The published block repeats per stage: EfficientNet-B0 1, 2, 2, 3, 3, 4, 1 and EfficientNetV2-B0
     # 1, 2, 2, 3, 5, 8 (a stage of one block has no depth choice); MobileNetV3-Small's bottlenecks 1, 2, 3,
@@ -384,6 +411,31 @@ def test_bias_terms_are_counted_as_the_reference_counter_does():
         assert {layer.name: layer.flops for layer in report.layers} == by_hand
 
 
+def test_convnext_idioms_are_counted_by_hand():
+    """A narrower shape of the ConvNeXt-like CNN, counted by hand: a Dense on a feature map is a 1x1 conv
+    (in * out + out per position), a depthwise conv written as a grouped Conv2D k * k * C + C per position;
+    LayerNormalizations (gamma and beta) and LayerScales (gamma) have parameters and no FLOPs. 8x8 maps,
+    4x4 after the downsampling conv; the stage keeps b2 only."""
+    model = convnext_cnn()
+    space = read_model(model)
+    shape = GraphShape({"stem": 6, "b1_expand": 19, "b2_expand": 12, "b3_expand": 28, "down": 9, "b4_expand": 28},
+                       {"stage1": 1})
+
+    def block(width, expanded, positions):  # {layer: (FLOPs, parameters)} of a block at those widths
+        dw, expand, project = 49 * width + width, width * expanded + expanded, expanded * width + width
+        return {"dw": (dw * positions, dw), "ln": (0, 2 * width), "expand": (expand * positions, expand),
+                "project": (project * positions, project), "scale": (0, width)}
+
+    by_hand = {"stem": ((4 * 3 * 6 + 6) * 64, 4 * 3 * 6 + 6), "stem_ln": (0, 12), "down_ln": (0, 12),
+               "down": ((4 * 6 * 9 + 9) * 16, 4 * 6 * 9 + 9), "head_ln": (0, 18), "head": (9 * 4 + 4, 9 * 4 + 4)}
+    for name, width, expanded, positions in (("b1", 6, 19, 64), ("b2", 6, 12, 64), ("b4", 9, 28, 16)):
+        by_hand.update({f"{name}_{layer}": counts for layer, counts in block(width, expanded, positions).items()})
+    derived = derive_model(model, space, shape)
+    for report in (count_shape(space, shape), count_model(derived)):
+        assert {layer.name: (layer.flops, layer.params) for layer in report.layers} == by_hand
+    assert count_model(derived).params == derived.count_params()
+
+
 def test_mobilenet_v2_flops_match_the_published_count(imagenet_models):
     space = read_model(imagenet_models["mobilenet_v2"])
     flops = count_shape(space, space.full_shape()).flops
@@ -411,6 +463,26 @@ def test_resnet50_flops_match_a_count_by_hand(imagenet_models):
     expected += 2048 * 1000 + 1000
     space = read_model(imagenet_models["resnet50"])
     assert count_shape(space, space.full_shape()).flops == expected
+
+
+def test_convnext_tiny_flops_match_a_count_by_hand():
+    # keras.applications' ConvNeXtTiny at 224 px, 1000 classes (Liu et al. 2022: 4.5 G FLOPs, 28 M
+    # parameters): a 4x4/4 stem conv to 56x56; stages of (width, blocks) (96, 3), (192, 3), (384, 9),
+    # (768, 3) at 56, 28, 14, 7 px, the last three opened by a 2x2/2 conv; a block is a 7x7 depthwise conv,
+    # a Dense to 4x the width and one back (1x1 convs), all with biases. LayerNormalizations and
+    # LayerScales hold parameters only.
+    expected, previous = (4 * 4 * 3 + 1) * 96 * 56 * 56, None
+    for width, blocks, side in ((96, 3, 56), (192, 3, 28), (384, 9, 14), (768, 3, 7)):
+        if previous:
+            expected += (2 * 2 * previous + 1) * width * side * side
+        expected += blocks * ((7 * 7 + 1) * width + (width + 1) * 4 * width + (4 * width + 1) * width) * side * side
+        previous = width
+    expected += 768 * 1000 + 1000
+    model = keras.applications.ConvNeXtTiny(weights=None)
+    space = read_model(model)
+    report = count_shape(space, space.full_shape())
+    assert (report.flops, report.params) == (expected, model.count_params())
+    assert expected == pytest.approx(4.5e9, rel=0.01) and model.count_params() == pytest.approx(28e6, rel=0.03)
 
 
 def test_resnet18_flops_and_params_match_torchvision(imagenet_models):

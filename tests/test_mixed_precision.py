@@ -25,7 +25,7 @@ from tas_keras.training import save_model, train_base
 from tas_keras.prune import run_prune
 
 from .conftest import REPO, predefined_arch
-from .test_supernet import user_cnn
+from .test_supernet import convnext_cnn, user_cnn
 
 BF16 = "mixed_bfloat16"
 # bfloat16 keeps 8 significant bits: rounding to nearest errs by at most 2^-8 of the value.
@@ -126,21 +126,22 @@ def test_base_training_steps_match_float32():
     _assert_first_loss_matches(losses, _tolerance([(logits, rounding, math.sqrt(2))]))  # |p - y| <= sqrt(2)
 
 
-@pytest.mark.parametrize("name", ["resnet8", "user_cnn"])
+@pytest.mark.parametrize("name", ["resnet8", "user_cnn", "convnext_cnn"])
 def test_search_steps_match_float32(name):
     """GraphSupernet under TASSearchModel: the CIFAR ResNet (independent adds, CWI in the depth mix, the
-    stride-2 shortcut) and a functional CNN (copied layers, masks, a depthwise conv)."""
+    stride-2 shortcut) and functional CNNs (copied layers, masks, a depthwise conv; LayerNormalizations
+    over the sampled width, Dense layers on feature maps as searchable convs)."""
     keras.utils.set_random_seed(0)
     if name == "resnet8":
         source = CifarResNet(ArchConfig.full("resnet8", input_shape=(8, 8, 3)))
         _sharpen_head(source)
         space = read_model(source, add_mode=INDEPENDENT)
     else:
-        source = user_cnn()
+        source = {"user_cnn": user_cnn, "convnext_cnn": convnext_cnn}[name]()
         space = read_model(source, add_mode=TIED)
     (images, labels), (valid_images, valid_labels) = (_images(space.input_shape, 8, seed) for seed in (1, 2))
-    batch = ((images, labels % 4), (valid_images, valid_labels % 4)) if name == "user_cnn" else (
-        (images, labels), (valid_images, valid_labels))
+    batch = ((images, labels), (valid_images, valid_labels)) if name == "resnet8" else (
+        (images, labels % 4), (valid_images, valid_labels % 4))
     losses, logits, rounding = {}, None, None
     for policy in (None, BF16):
         with dtype_policy_scope(policy):

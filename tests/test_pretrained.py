@@ -6,6 +6,7 @@ import pickle
 import zipfile
 
 import keras
+from keras.src.applications.convnext import LayerScale
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -20,7 +21,7 @@ from tas_keras.models import efficientnet_lite
 from tas_keras.models.registry import build_model
 from tas_keras.models.torch_checkpoint import LEGACY_MAGIC, CheckpointError, load_state_dict
 
-from .test_supernet import dense_cnn, grouped_cnn, sep_cnn
+from .test_supernet import convnext_cnn, dense_cnn, grouped_cnn, sep_cnn
 from tests.conftest import SHARED
 
 IMAGENETTE = SHARED / "data" / "imagenette2-224.zip"
@@ -91,28 +92,33 @@ def test_checkpoint_reader_refuses_what_is_not_a_state_dict(tmp_path):
         load_state_dict(path)
 
 
-def _randomised_batch_norms(model, seed=0):
-    """Trained-looking BNs: gammas, betas and moving statistics that differ per channel."""
+def _randomised_normalizations(model, seed=0):
+    """Trained-looking BNs: gammas, betas and moving statistics that differ per channel; and so the
+    vectors of LayerNormalizations and ConvNeXt's LayerScales (built as 1e-6)."""
     rng = np.random.default_rng(seed)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             gamma, beta, mean, variance = layer.get_weights()
             layer.set_weights([rng.uniform(0.1, 2, gamma.shape), rng.normal(0, 0.5, beta.shape),
                                rng.normal(0, 0.5, mean.shape), rng.uniform(0.5, 2, variance.shape)])
+        elif isinstance(layer, (keras.layers.LayerNormalization, LayerScale)):
+            layer.set_weights([rng.uniform(0.1, 2, vector.shape) for vector in layer.get_weights()])
     return model
+
+
+_TEST_MODELS = {"sep_cnn": sep_cnn, "convnext_cnn": convnext_cnn, "grouped_cnn": grouped_cnn, "dense_cnn": dense_cnn}
 
 
 @pytest.mark.parametrize("name, add_mode", [("mobilenet_v2", "tied"), ("resnet50", "tied"),
                                             ("efficientnet_lite0", "tied"), ("resnet8", INDEPENDENT),
                                             ("sep_cnn", "tied"), ("grouped_cnn", "tied"),
-                                            ("grouped_cnn", INDEPENDENT), ("dense_cnn", "tied")])
+                                            ("grouped_cnn", INDEPENDENT), ("dense_cnn", "tied"), ("convnext_cnn", "tied")])
 def test_ordered_channels_compute_the_same_function_most_important_first(name, add_mode):
     """Where a grouped conv reads a slot its channels move in whole groups (`importance.group_steps`),
     ordered by their mean score, each keeping its own channels' order."""
     keras.utils.set_random_seed(0)
-    small = {"sep_cnn": sep_cnn, "grouped_cnn": grouped_cnn, "dense_cnn": dense_cnn}
-    model = _randomised_batch_norms(small[name]() if name in small else
-                                    build_model(name, (32, 32, 3) if name != "resnet8" else None, 10))
+    model = _randomised_normalizations(_TEST_MODELS[name]() if name in _TEST_MODELS else
+                                       build_model(name, (32, 32, 3) if name != "resnet8" else None, 10))
     space = read_model(model, add_mode)
     ordered = importance.order_channels(model, space)
     images = np.random.default_rng(1).uniform(0, 255, (4, *model.input_shape[1:])).astype("float32")
@@ -214,7 +220,7 @@ def test_one_shot_and_uniform_shapes_keep_whole_groups():
     """The baselines narrow a slot that grouped convs read in whole groups of them (8 channels in down, 4 in
     b1 and b2)."""
     keras.utils.set_random_seed(0)
-    model = _randomised_batch_norms(grouped_cnn())
+    model = _randomised_normalizations(grouped_cnn())
     space = read_model(model)
     full = count_shape(space, space.full_shape()).flops
     for shape, provenance in (baselines.ranked_shape(space, importance.magnitude_scores(model, space), 0.5),

@@ -3,6 +3,7 @@
 import math
 
 import keras
+from keras.src.applications.convnext import LayerScale
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -123,8 +124,34 @@ def grouped_cnn():
     return keras.Model(inputs, outputs, name="grouped_cnn")
 
 
+def convnext_cnn():
+    """keras.applications.ConvNeXtTiny's idioms: a patchify stem (a strided conv and a LayerNormalization);
+    blocks of a depthwise 7x7 conv written as a Conv2D whose groups are its channels, a LayerNormalization,
+    a Dense on the feature map that widens 4x, gelu, a Dense back, a LayerScale and the residual add; a
+    downsampling LayerNormalization and strided conv; a head of pooling, LayerNormalization and Dense. The
+    first and last blocks add with `x + y`, as keras.applications writes it (not a droppable block); the
+    middle two with an Add layer, so that they are a stage whose depth is searched too."""
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = L.LayerNormalization(epsilon=1e-6, name="stem_ln")(L.Conv2D(8, 2, strides=2, name="stem")(inputs))
+
+    def block(x, name, add):
+        width = x.shape[-1]
+        y = L.Conv2D(width, 7, padding="same", groups=width, name=f"{name}_dw")(x)
+        y = L.Dense(4 * width, name=f"{name}_expand")(L.LayerNormalization(epsilon=1e-6, name=f"{name}_ln")(y))
+        y = L.Dense(width, name=f"{name}_project")(L.Activation("gelu", name=f"{name}_gelu")(y))
+        y = LayerScale(1e-6, width, name=f"{name}_scale")(y)
+        return L.Add(name=f"{name}_add")([x, y]) if add else x + y
+
+    x = block(block(block(x, "b1", add=False), "b2", add=True), "b3", add=True)
+    x = L.Conv2D(12, 2, strides=2, name="down")(L.LayerNormalization(epsilon=1e-6, name="down_ln")(x))
+    x = block(x, "b4", add=False)
+    x = L.LayerNormalization(epsilon=1e-6, name="head_ln")(L.GlobalAveragePooling2D(name="pool")(x))
+    return keras.Model(inputs, L.Dense(4, name="head")(x), name="convnext_cnn")
+
+
 def _source(name):
-    """A source model with non-trivial BN affines and biases, so a wrong copy shows."""
+    """A source model with non-trivial affines (BN, LayerNormalization, LayerScale) and biases, so a wrong
+    copy shows."""
     keras.utils.set_random_seed(0)
     if name == "user_cnn":
         model = user_cnn()
@@ -136,16 +163,19 @@ def _source(name):
         model = dense_cnn()
     elif name == "grouped_cnn":
         model = grouped_cnn()
+    elif name == "convnext_cnn":
+        model = convnext_cnn()
     elif name == "resnet20":
         model = CifarResNet(ArchConfig.full("resnet20", input_shape=(8, 8, 3)))
     else:
         model = build_model(name, (32, 32, 3), 3)
     rng = np.random.default_rng(0)
     for layer in model.layers:
-        if isinstance(layer, L.BatchNormalization):
+        if getattr(layer, "gamma", None) is not None:
             layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape))
+        if getattr(layer, "beta", None) is not None:
             layer.beta.assign(rng.normal(0, 0.5, layer.beta.shape))
-        elif getattr(layer, "bias", None) is not None:
+        if getattr(layer, "bias", None) is not None:
             layer.bias.assign(rng.normal(0, 0.5, layer.bias.shape))
     return model
 
@@ -313,7 +343,7 @@ def test_cifar_forward_is_the_reference_forward(cifar_supernet):
 # Any model: exact costs, and the source model at the full sample.
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "resnet50", "user_cnn", "user_cnn_independent",
-                                  "ops_cnn", "sep_cnn", "dense_cnn", "grouped_cnn"])
+                                  "ops_cnn", "sep_cnn", "dense_cnn", "grouped_cnn", "convnext_cnn"])
 def test_argmax_cost_is_the_count_of_the_derived_shape(name):
     _, space, supernet = _supernet(name)
     for seed in range(4):
@@ -327,7 +357,7 @@ def test_argmax_cost_is_the_count_of_the_derived_shape(name):
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "resnet50", "user_cnn", "user_cnn_independent",
-                                  "ops_cnn", "sep_cnn", "dense_cnn", "grouped_cnn"])
+                                  "ops_cnn", "sep_cnn", "dense_cnn", "grouped_cnn", "convnext_cnn"])
 def test_full_sample_from_the_source_equals_the_source_in_training_mode(name):
     model, space, supernet = _supernet(name)  # resnet20 without normalize_every_conv: its stride-2
     images = tf.random.stateless_normal((8, *space.input_shape), [2, 0])  # shortcuts stay bare
@@ -339,10 +369,12 @@ def test_full_sample_from_the_source_equals_the_source_in_training_mode(name):
     np.testing.assert_allclose(actual, expected, atol=max(1e-4, 2 * np.abs(reversed_batch - expected).max()))
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "user_cnn", "ops_cnn", "sep_cnn", "dense_cnn", "grouped_cnn"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "user_cnn", "ops_cnn", "sep_cnn", "dense_cnn", "grouped_cnn",
+                                  "convnext_cnn"])
 def test_one_hot_sample_equals_the_derived_network_in_training_mode(name):
     """At a narrower one-hot sample the supernet is the derived network (tied slots share one width;
-    depthwise and grouped convs, BNs and activations follow it; the masks keep the zero channels zero)."""
+    depthwise and grouped convs, BNs and activations follow it; the masks keep the zero channels zero; a
+    LayerNormalization takes its statistics over the sampled channels only)."""
     model, space, supernet = _supernet(name)
     rng = np.random.default_rng(3)
     shape = GraphShape({s.name: int(rng.choice(s.candidates[:-1])) for s in space.searchable_slots},
@@ -351,6 +383,24 @@ def test_one_hot_sample_equals_the_derived_network_in_training_mode(name):
     images = tf.random.stateless_normal((8, *space.input_shape), [3, 0])
     np.testing.assert_allclose(_log_probabilities(supernet(images, _one_hot_sample(supernet, shape)), model),
                                _log_probabilities(derived(images, training=True), model), atol=1e-4)
+
+
+def test_depthwise_convs_with_an_activation_keep_the_zero_channels_zero():
+    """A depthwise conv (a DepthwiseConv2D, or a Conv2D whose groups are its channels) whose activation is
+    not 0 at 0 (sigmoid) makes the channels beyond the sampled width non-zero: the supernet masks them, so
+    a one-hot sample is still the derived network."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = L.Conv2D(8, 3, padding="same", name="stem")(inputs)
+    x = L.DepthwiseConv2D(3, padding="same", activation="sigmoid", use_bias=False, name="dw")(x)
+    x = L.Conv2D(8, 3, padding="same", groups=8, activation="sigmoid", use_bias=False, name="grouped_dw")(x)
+    model = keras.Model(inputs, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="pool")(x)))
+    space = read_model(model)
+    supernet = GraphSupernet(model, space)
+    supernet.init_from_source(model)
+    shape = GraphShape({"stem": 5}, {})
+    images = tf.random.stateless_normal((4, 8, 8, 3), [5, 0])
+    np.testing.assert_allclose(supernet(images, _one_hot_sample(supernet, shape)),
+                               derive_model(model, space, shape)(images, training=True), atol=1e-5)
 
 
 def test_expected_cost_of_a_user_cnn_by_hand():
