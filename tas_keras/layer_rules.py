@@ -11,7 +11,10 @@ A rule answers, for the layer classes it covers:
     zero the channels beyond the sampled width after it (a BN's beta, a bias, f(0) != 0);
   - `copy` and `rebuilt`: a fresh copy for the supernet, and the layer of a derived network with fewer
     channels (`tas_keras.derive`); `call`: how either is called on its inputs;
-  - `permuted`: its weights with its input and output channels permuted (`tas_keras.importance`).
+  - `permuted`: its weights with its input and output channels permuted (`tas_keras.importance`);
+  - `exported`, `folds_as` and `takes_folded`: what the TFLite converter makes of it, which the latency
+    tables time (`tas_keras.latency`): an op of its own, folded into the op before it (a BN into a conv's
+    weights, a ReLU into a conv's or an Add's fused activation), or nothing (dropout at inference).
 The reader, the supernet, derive, the cost and the importance ordering consult these rules and switch on
 no layer class themselves: a layer class is supported by adding its rule here.
 
@@ -35,6 +38,10 @@ from tas_keras.layers import SearchableConv, SearchableSeparableConv
 
 _L = keras.layers
 CHANNEL_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
+# How the TFLite converter folds a layer into the op that computes its input (`LayerRule.folds_as`).
+FOLDED_BATCH_NORM, FOLDED_ACTIVATION = "batch_norm", "activation"
+# The activations TFLite ops carry as a fused activation function (RELU, RELU6).
+FUSED_ACTIVATIONS = ("relu", "relu6")
 
 
 class UnsupportedModelError(ValueError):
@@ -55,6 +62,12 @@ def activation_name(layer):
 
 def maps_zero_to_zero(function):
     return not np.any(keras.ops.convert_to_numpy(function(tf.zeros((1, 1)))))
+
+
+def _conv_foldings(keras_layer):
+    """What the converter folds into a conv, depthwise conv or Dense: a BN into its kernel and bias, then a
+    ReLU into the op, both only after a linear output."""
+    return (FOLDED_BATCH_NORM, FOLDED_ACTIVATION) if activation_name(keras_layer) == "linear" else ()
 
 
 def _take(value, order, axis):
@@ -131,12 +144,28 @@ class LayerRule:
             raise ValueError(f"{layer.name} ({layer.class_name}) holds weights in a permuted slot")
         return weights
 
+    def exported(self, keras_layer):
+        """Whether the layer computes anything in the converted .tflite (dropout and noise do not)."""
+        return True
+
+    def folds_as(self, keras_layer):
+        """FOLDED_BATCH_NORM or FOLDED_ACTIVATION when the converter can fold the layer into the op that
+        computes its input (if that op `takes_folded` it); None: the layer is an op of its own."""
+        return None
+
+    def takes_folded(self, keras_layer):
+        """The foldings (`folds_as`) the converter applies to the layer's op, in the order they may follow."""
+        return ()
+
 
 class InputRule(LayerRule):
     kind, classes, opens_slot = "input", (_L.InputLayer,), True
 
     def read(self, reader, layer, in_slots):
         return reader.slots.open(layer.name, reader.channels(layer.name), "image channels")
+
+    def exported(self, keras_layer):
+        return False  # the image input is part of a latency table's fixed cost
 
 
 class ConvRule(LayerRule):
@@ -162,6 +191,9 @@ class ConvRule(LayerRule):
 
     def filter_norms(self, keras_layer):
         return np.abs(keras.ops.convert_to_numpy(keras_layer.kernel)).sum(axis=(0, 1, 2))
+
+    def takes_folded(self, keras_layer):
+        return _conv_foldings(keras_layer)
 
     def searchable(self, source, candidates, normalize, epsilon, weight_decay):
         """The supernet's searchable conv for `source`, mixing the sampled widths of `candidates`."""
@@ -281,6 +313,9 @@ class DepthwiseRule(LayerRule):
     def masked(self, layer, keras_layer):
         return layer.use_bias
 
+    def takes_folded(self, keras_layer):
+        return _conv_foldings(keras_layer)
+
     def permuted(self, layer, weights, in_order, out_order):
         # With depth_multiplier > 1 its input slot is fixed, so in_order is None.
         return [_take(weights[0], in_order, 2)] + [_take(bias, in_order, 0) for bias in weights[1:]]
@@ -306,6 +341,9 @@ class BatchNormRule(LayerRule):
     def masked(self, layer, keras_layer):
         return True
 
+    def folds_as(self, keras_layer):
+        return FOLDED_BATCH_NORM
+
     def permuted(self, layer, weights, in_order, out_order):
         return [_take(value, out_order, 0) for value in weights]
 
@@ -319,6 +357,19 @@ ELEMENTWISE_ACTIVATIONS = (_L.Activation, _L.ReLU, _L.LeakyReLU, _L.ELU)
 _ZERO_KEEPING = (_L.MaxPooling2D, _L.AveragePooling2D, _L.GlobalAveragePooling2D, _L.GlobalMaxPooling2D,
                  _L.ZeroPadding2D, _L.Cropping2D, _L.UpSampling2D, _L.Dropout, _L.SpatialDropout2D,
                  _L.GaussianDropout, _L.ActivityRegularization, _L.Identity, _L.Resizing, _L.CenterCrop)
+# Weightless layers that compute nothing at inference.
+_INFERENCE_IDENTITIES = (_L.Dropout, _L.SpatialDropout2D, _L.GaussianDropout, _L.GaussianNoise, _L.AlphaDropout,
+                         _L.ActivityRegularization, _L.Identity)
+
+
+def _fused_activation(keras_layer):
+    """Whether an activation layer is one the converter fuses into the op before it (ReLU, ReLU6)."""
+    if type(keras_layer) is _L.Activation:
+        return activation_name(keras_layer) in FUSED_ACTIVATIONS
+    if type(keras_layer) is _L.ReLU:
+        return (keras_layer.max_value in (None, 6) and not keras_layer.negative_slope
+                and not keras_layer.threshold)
+    return False
 
 
 class PassThroughRule(LayerRule):
@@ -355,6 +406,12 @@ class PassThroughRule(LayerRule):
         if isinstance(keras_layer, ELEMENTWISE_ACTIVATIONS):
             return not maps_zero_to_zero(keras_layer)
         return True
+
+    def exported(self, keras_layer):
+        return not isinstance(keras_layer, _INFERENCE_IDENTITIES)
+
+    def folds_as(self, keras_layer):
+        return FOLDED_ACTIVATION if _fused_activation(keras_layer) else None
 
 
 class ReshapeRule(LayerRule):
@@ -408,6 +465,8 @@ class MergeRule(LayerRule):
     def read(self, reader, layer, in_slots):
         return reader.read_merge(layer, in_slots)
 
+    def takes_folded(self, keras_layer):
+        return (FOLDED_ACTIVATION,) if isinstance(keras_layer, (_L.Add, _L.Subtract, _L.Multiply)) else ()
 
 
 
@@ -453,6 +512,9 @@ class ElementwiseOpRule(LayerRule):
 
     def details(self, layer, node):
         return {"operands": self._operands(layer, node)}
+
+    def folds_as(self, keras_layer):
+        return FOLDED_ACTIVATION if type(keras_layer).__name__ in ("Relu", "Relu6") else None
 
     def masked(self, layer, keras_layer):
         zeros = tf.zeros((1, 1))
