@@ -18,7 +18,7 @@ from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.registry import build_model
 from tas_keras.prune import run_prune
 from tas_keras.pruned_shape import PrunedShape
-from tas_keras.search import run_search
+from tas_keras.search import TASSearchModel, run_search
 from tas_keras.search_space import ArchConfig
 from tas_keras.supernet import build_supernet
 
@@ -330,26 +330,40 @@ def test_latency_search_of_resnet20_records_the_table_latency_of_its_shapes(tmp_
     assert provenance["latency_ratio"] == pytest.approx(provenance["latency_ms"] / provenance["full_latency_ms"])
 
 
+def test_latency_search_steps_move_mobilenet_v2_towards_its_target():
+    """Two search steps of MobileNetV2 (32 px, 10 classes) against a table: eagerly, as tracing its
+    supernet would cost a minute (tests/test_supernet.py)."""
+    model = build_model("mobilenet_v2", (32, 32, 3), 10)
+    supernet, layout = _setup("mobilenet_v2", model, 16)
+    latency = SupernetLatency(supernet, layout, LatencyTable(synthetic_table(layout)))
+    search = TASSearchModel(supernet, target_ratio=0.2, cost_metric="latency", latency=latency)
+    search.compile(optimizer=keras.optimizers.SGD(0.01),
+                   arch_optimizer=keras.optimizers.Adam(0.01, beta_1=0.5, beta_2=0.999))
+    rng = np.random.default_rng(0)
+    batches = [tuple((rng.normal(size=(4, 32, 32, 3)).astype("float32"), rng.integers(0, 10, 4).astype("int32"))
+                     for _ in range(2)) for _ in range(2)]
+    arch = [v.numpy() for v in supernet.arch_variables]
+    start = float(latency.expected())
+    assert float(latency.argmax()) > 0.2 * latency.full_ms  # above the band: the cost term pulls it down
+    logs = [search.train_step(batch) for batch in batches][-1]
+    assert 0.2 < float(logs["argmax_cost_ratio"]) < 1 and float(logs["cost_loss"]) > 0
+    assert all(not np.array_equal(a, v.numpy()) for a, v in zip(arch, supernet.arch_variables))
+    assert float(latency.expected()) < start
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("model_name", ["mobilenet_v2", "tiny.keras"])
-def test_latency_search_runs_on_any_model(tmp_path, model_name):
-    """A tiny latency search of MobileNetV2 (32 px, 10 classes; a synthetic table) and of a user's .keras
-    model (a table measured here, a few runs per unit): arch.json records the table latency of its shape."""
-    if model_name == "tiny.keras":
-        model_name = str(tmp_path / "tiny.keras")
-        tiny_model(model_name)
-        table_path = str(tmp_path / "table.json")
-        layer_latency.make_table(table_path, models=[model_name], width_multiple=8, runs=5, warmup=1)
-        model = layer_latency.table_model(model_name)
-    else:
-        model = build_model(model_name, (32, 32, 3), 10)
-        table_path = _write(tmp_path / "table.json",
-                            synthetic_table(layer_latency.table_layout(model_name, model, 8)))
+def test_latency_search_of_a_users_model_runs_on_a_table_measured_here(tmp_path):
+    """A tiny latency search of a user's .keras model on a table measured here (a few runs per unit):
+    arch.json records the table latency of its shape."""
+    model_name = str(tmp_path / "tiny.keras")
+    tiny_model(model_name)
+    table_path = str(tmp_path / "table.json")
+    layer_latency.make_table(table_path, models=[model_name], width_multiple=8, runs=5, warmup=1)
     out = str(tmp_path / "search")
     shape = PrunedShape.from_dict(run_search(out, model_name=model_name, epochs=1, batch_size=16,
                                              max_train_examples=128, cost_metric="latency", target_ratio=0.7,
                                              latency_table=table_path, width_multiple=8))
-    layout = layer_latency.table_layout(model_name, model, 8)
+    layout = layer_latency.table_layout(model_name, layer_latency.table_model(model_name), 8)
     table = LatencyTable.load(table_path)
     assert shape.provenance["latency_ms"] == pytest.approx(predict_latency(layout, shape.shape, table), rel=1e-6)
     assert shape.provenance["full_latency_ms"] == pytest.approx(
