@@ -54,8 +54,9 @@ _OUT = flags.DEFINE_string("out", str(RESULTS / "latency_prediction_graph.json")
 def random_shapes(space, count, seed):
     """`count` shapes drawn uniformly from the space's candidates and depth choices, then the full network."""
     rng = np.random.default_rng(seed)
-    shapes = [(f"random_{index}", GraphShape({slot.name: int(rng.choice(slot.candidates)) for slot in space.searchable_slots},
-                                             {stage.name: int(rng.choice(stage.choices)) for stage in space.stages}))
+    shapes = [(f"random_{index}",
+               GraphShape({slot.name: int(rng.choice(slot.candidates)) for slot in space.searchable_slots},
+                          {stage.name: int(rng.choice(stage.choices)) for stage in space.stages}))
               for index in range(count)]
     return shapes + [("full", space.full_shape())]
 

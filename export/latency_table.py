@@ -4,8 +4,9 @@
 
 Every timed unit geometry of the model's search space (a layer with the BN and ReLU the converter folds
 into it) at every (input width, output width) pair of its candidate widths, or at --grid widths per axis,
-timed alone with LiteRT (XNNPACK, batch 1, --threads), plus the fixed cost of the exported form. Runs wherever ai-edge-litert installs (run it on the device the model will run
-on); re-running the same command continues an interrupted table. See tas_keras/export/layer_latency.py.
+timed alone with LiteRT (XNNPACK, batch 1, --threads), plus the fixed cost of the exported form. Runs
+wherever ai-edge-litert installs (run it on the device the model will run on); re-running the same
+command continues an interrupted table. See tas_keras/export/layer_latency.py.
 """
 
 import logging

@@ -172,11 +172,25 @@ class LatencyLayout:
         if kind == SLOT:
             return self.space.slot(name).candidates
         _, outputs = self.stage_exits[name]
-        return tuple(sorted({w for output in outputs for w in self.space.slot(self.space.layer(output).out_slot).candidates}))
+        slots = {self.space.layer(output).out_slot for output in outputs}
+        return tuple(sorted({width for slot in slots for width in self.space.slot(slot).candidates}))
+
+    def planned_units(self, shape):
+        """(unit, input width, output width) of every unit the network derived from `shape` builds."""
+        channels = {}
+        for planned in self.space.plan(shape).layers:
+            channels[planned.layer.name] = planned.out_channels
+            unit = self.by_name.get(planned.layer.name)
+            if unit is not None:  # inputs rewired to a projection: the width the op reads
+                yield unit, channels[planned.layer.inputs[0]], planned.out_channels
 
     def required_entries(self):
-        """{key: (geometry, {(input width, output width)})}: every entry a latency search of the space needs."""
+        """{key: (geometry, {(input width, output width)})}: every entry a latency search of the space needs:
+        its candidate widths, and the full network's (the base of the latency ratios), whose widths need not
+        be candidates (with a width multiple they are rounded)."""
         needed = {}
+        for unit, a, b in self.planned_units(self.space.full_shape()):
+            needed.setdefault(unit.key, (unit.geometry, set()))[1].add((a, b))
         for unit in self.units:
             outs = self.candidates(unit.output_source)
             if unit.one_width:
@@ -298,13 +312,7 @@ def _bilinear(measured, a, b):
 
 def predict_latency(layout, shape, table):
     """The table's latency (ms) of the network derived from `shape`: the fixed cost plus its units."""
-    channels, total = {}, table.fixed_ms
-    for planned in layout.space.plan(shape).layers:
-        channels[planned.layer.name] = planned.out_channels
-        unit = layout.by_name.get(planned.layer.name)
-        if unit is not None:  # inputs rewired to a projection: the width the op reads
-            total += table.time(unit.key, channels[planned.layer.inputs[0]], planned.out_channels)
-    return total
+    return table.fixed_ms + sum(table.time(unit.key, a, b) for unit, a, b in layout.planned_units(shape))
 
 
 class SupernetLatency:

@@ -176,6 +176,18 @@ def test_argmax_latency_is_the_priced_latency_of_the_derived_network(model_name,
     assert latency.full_ms == pytest.approx(priced_latency(model))
 
 
+def test_a_table_covers_the_full_network_whose_widths_need_not_be_candidates():
+    """At width multiple 32, MobileNetV2's 144-wide expansions have candidates up to 128 only; the full
+    network (the base of the latency ratios) still needs its own widths."""
+    model = build_model("mobilenet_v2", (32, 32, 3), 10)
+    layout = layer_latency.table_layout("mobilenet_v2", model, 32)
+    assert layout.space.slot("block_2_expand").candidates[-1] == 128
+    key = layout.by_name["block_2_expand"].key
+    assert (24, 144) in layout.required_entries()[key][1]
+    table = LatencyTable(synthetic_table(layout))
+    assert predict_latency(layout, layout.space.full_shape(), table) == pytest.approx(priced_latency(model))
+
+
 def test_an_interpolated_table_answers_between_its_grid():
     supernet, layout = _setup("tiny.keras", tiny_model(), 4)
     content = synthetic_table(layout)
