@@ -25,7 +25,6 @@ its block is kept.
 
 import collections
 import dataclasses
-import functools
 import hashlib
 import json
 
@@ -230,6 +229,10 @@ class LatencyTable:
         if not content.get("complete"):
             raise ValueError(f"{self._name} is unfinished: run `python -m export.latency_table` with "
                              "the same flags again to complete it")
+        # {key: {(input width, output width): ms}} of the measured pairs
+        self._measured = {key: {tuple(int(w) for w in pair.split("->")): times["ms"]
+                                for pair, times in entry["times"].items()}
+                          for key, entry in content["entries"].items()}
 
     @property
     def _name(self):
@@ -258,17 +261,12 @@ class LatencyTable:
                 f"{space['num_classes']} classes, width multiple {space['width_multiple']}; "
                 f"quantize={self.quantize}, {self.threads} thread(s), {self.content['environment']['machine']}")
 
-    @functools.cache
-    def _measured(self, key):
-        """{(input width, output width): ms} of a geometry's measured pairs."""
-        entry = self.content["entries"].get(key, {"times": {}})
-        return {tuple(int(w) for w in pair.split("->")): times["ms"] for pair, times in entry["times"].items()}
 
     def time(self, key, in_width, out_width):
         """The time (ms) of a unit: measured, or interpolated between the four measured pairs around it
         (linearly along the diagonal for a unit that reads and writes one slot); a ValueError names
         what is missing."""
-        measured = self._measured(key)
+        measured = self._measured.get(key, {})
         a, b = int(in_width), int(out_width)
         if (a, b) in measured:
             return measured[a, b]
