@@ -85,16 +85,17 @@ def main(argv):
     model = table_model(_MODEL.value, _IMAGE_SIZE.value, _NUM_CLASSES.value)
     layout = table_layout(_MODEL.value, model, _MULTIPLE.value)
     side = "x".join(map(str, layout.input_shape[:2]))
+    model_name = os.path.splitext(os.path.basename(_MODEL.value))[0]
     result = read_json(_OUT.value) if os.path.exists(_OUT.value) else {}
     result.update({"what": "latency-table prediction vs the measured exported .tflite of whole networks "
                            "(random weights)", "goal_median_abs_error": GOAL, "environment": environment()})
     results = result.setdefault("results", {})
     os.makedirs(_TABLES.value, exist_ok=True)
     for quantize in _QUANTIZE.value:
-        key = f"{layout.space.name}/{side}/x{_MULTIPLE.value}/{quantize}/{_THREADS.value}_threads"
+        key = f"{model_name}/{side}/x{_MULTIPLE.value}/{quantize}/{_THREADS.value}_threads"
         if key in results:
             continue
-        name = (f"{layout.space.name}_{side}_x{_MULTIPLE.value}_{quantize}_{_THREADS.value}thread"
+        name = (f"{model_name}_{side}_x{_MULTIPLE.value}_{quantize}_{_THREADS.value}thread"
                 + (f"_grid{_GRID.value}" if _GRID.value else ""))
         table_path = os.path.join(_TABLES.value, f"{name}.json")
         make_table(table_path, models=[_MODEL.value], quantize=quantize, threads=_THREADS.value,
