@@ -135,8 +135,13 @@ class LatencyLayout:
             in_full = space.slot(space.layer(shortcut.shortcut).out_slot).full_width
             projection = space.projection(shortcut, shortcut.shortcut, in_full, full[shortcut.add].out_channels)
             self.units.append(self._unit([(planned.layer, planned) for planned in projection],
-                                         self.width_sources[shortcut.add]))
+                                         self._own_source(shortcut.add)))
         self.by_name = {unit.name: unit for unit in self.units}
+
+    def _own_source(self, name):
+        """The width of a layer's own output: a stage's exit is as wide as its own slot (its readers see the
+        exit of the last block kept)."""
+        return (SLOT, self.space.layer(name).out_slot) if name in self.exit_stages else self.width_sources[name]
 
     def _unit(self, group, output_source=None):
         """The TimedUnit of `group`: [(GraphLayer, its DerivedLayer in the full network)], the op first."""
@@ -154,10 +159,7 @@ class LatencyLayout:
         geometry = {"layers": layers, "inputs": inputs}
         digest = hashlib.sha1(json.dumps(geometry, sort_keys=True, default=str).encode()).hexdigest()[:10]
         size = "x".join(map(str, first.inputs and self.space.layer(first.inputs[0]).output_size)) or "vector"
-        last = group[-1][0]
-        # A stage's exit is as wide as its own slot: its readers see the exit of the last block kept.
-        output_source = output_source or ((SLOT, last.out_slot) if last.name in self.exit_stages
-                                          else self.width_sources[last.name])
+        output_source = output_source or self._own_source(group[-1][0].name)
         # An op that merges tensors of its own width (an Add after a projection) reads its output's width.
         input_source = output_source if widths_follow and len(first.inputs) > 1 else self.width_sources[
             first.inputs[0]]

@@ -138,14 +138,17 @@ def test_units_are_the_ops_the_converter_leaves():
         unit.key for unit in layout.units}
 
 
-@pytest.mark.parametrize("model_name, multiple", [("tiny.keras", 4), ("resnet14", 32)])
-def test_expected_latency_equals_the_brute_force_expectation(model_name, multiple):
-    # The tiny model: 4 widths of the stem/block slot (read and written by the depthwise convs and Adds),
-    # 7 of the head conv, 1 or 2 blocks (56 shapes). resnet14 (independent Adds): 2 depths per stage,
-    # 2 widths of each stage-3 conv, projections where they differ, the stage outputs reaching the next
-    # stage and the classifier through the depth mixture (128 shapes).
+@pytest.mark.parametrize("model_name, multiple, add_mode", [
+    ("tiny.keras", 4, None), ("tiny.keras", 4, "independent"), ("resnet14", 32, None)])
+def test_expected_latency_equals_the_brute_force_expectation(model_name, multiple, add_mode):
+    # The tiny model, tied: 4 widths of the stem/block slot (read and written by the depthwise convs and
+    # Adds), 7 of the head conv, 1 or 2 blocks (56 shapes); independent: 4 widths of each pointwise conv
+    # too, projections where they differ from their block's input, the head conv reading the depth
+    # mixture of the block outputs (896 shapes). resnet14 (independent Adds): 2 depths per stage, 2 widths
+    # of each stage-3 conv, the stage outputs reaching the next stage and the classifier through the depth
+    # mixture (128 shapes).
     model = tiny_model() if model_name == "tiny.keras" else build_model(model_name, (8, 8, 3), 10)
-    supernet, layout = _setup(model_name, model, multiple)
+    supernet, layout = _setup(model_name, model, multiple, add_mode)
     table = LatencyTable(synthetic_table(layout))
     _randomise(supernet, seed=1)
     latency = SupernetLatency(supernet, layout, table)
