@@ -1,48 +1,64 @@
 """How well does a latency table predict the latency of a whole exported network?
 
-  python -m bench.latency_prediction --tables=fp32.json,int8.json [--models=resnet20,resnet56] [--shapes=20]
+  python -m bench.latency_prediction --model=mobilenet_v2 --image_size=128 --quantize=none,int8 --threads=1
 
-For every table (made by `python -m export.latency_table` on this machine) and every model: random
-shapes of the table's search space (every width drawn uniformly from its conv's candidates, every
-stage's depth from its choices) plus the full network, each built with random weights, exported to
-.tflite as the table's quantisation (fp32, or int8 with float input and output like the pipeline's
-export, calibrated on random images) and timed with LiteRT at the table's threads, all shapes of one
-model interleaved (A B C ..., each timed invoke right after an untimed one of the same model, as the
-table's layers are timed: an app runs its model back to back). The error of a shape is
-(predicted - measured) / measured, with the measured median; the summary gives the median and p90 of |error| over the random shapes (goal:
-median <= 10%). Writes --out (JSON) after every (table, model), so an interrupted run keeps what it
-measured and skips it when run again.
+For every quantisation: the latency table of the model's search space (`export.latency_table`'s
+`make_table` on this machine, kept under --tables and continued when interrupted), then --shapes random
+shapes of that space (every searchable slot's width drawn uniformly from its candidates, every stage's
+depth from its choices) plus the full network, each derived with random weights, in the exported form
+(uint8 pixels in, the normalisation inside, float output), converted as the table's quantisation (int8
+calibrated on random pixels) and timed with LiteRT at --threads, all shapes interleaved (A B C ..., each
+timed invoke right after an untimed one of the same model, as the table's units are timed: an app runs its
+model back to back). The error of a shape is (predicted - measured) / measured, with the measured median;
+the summary gives the median and p90 of |error| over the random shapes (goal: median <= 10%). Writes
+--out (JSON: the command, date and commit) after every quantisation, so an interrupted run keeps what it
+measured and skips it when run again. Run it on a quiet machine: other load skews both sides unequally.
 """
 
+import datetime
 import os
 import pathlib
+import subprocess
+import sys
 import tempfile
 
 from absl import app, flags, logging
 import numpy as np
 
-from tas_keras.export.layer_latency import environment, measure_networks
-from tas_keras.latency import LatencyTable
-from tas_keras.search_space import ArchConfig, random_shape
+from tas_keras.export.layer_latency import (RUNS, environment, make_table, measure_networks, table_layout,
+                                            table_model)
+from tas_keras.graph_space import GraphShape
+from tas_keras.latency import QUANTIZATIONS, LatencyTable
 from tas_keras.training import read_json, write_json
 
 GOAL = 0.10
+RESULTS = pathlib.Path(__file__).parent / "results"
 
-_TABLES = flags.DEFINE_list("tables", None, "Latency tables to check (JSON).", required=True)
-_MODELS = flags.DEFINE_list("models", ["resnet20", "resnet56"], "Networks to draw shapes of.")
-_SHAPES = flags.DEFINE_integer("shapes", 20, "Random shapes per model (the full network is added).", lower_bound=1)
+_MODEL = flags.DEFINE_string("model", "mobilenet_v2", "Registry name or .keras file.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 128, "Input side of a registry network.", lower_bound=1)
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 10, "Classes of a registry network.", lower_bound=1)
+_QUANTIZE = flags.DEFINE_list("quantize", list(QUANTIZATIONS), "Table quantisations to check.")
+_THREADS = flags.DEFINE_integer("threads", 1, "LiteRT threads.", lower_bound=1)
+_MULTIPLE = flags.DEFINE_integer("width_multiple", 8, "Candidate widths are multiples of this.", lower_bound=1)
+_GRID = flags.DEFINE_integer("grid", None, "Measure the table on this many widths per axis (default: every pair).",
+                             lower_bound=2)
+_TABLE_RUNS = flags.DEFINE_integer("table_runs", RUNS, "Timed invokes per table unit.", lower_bound=1)
+_SHAPES = flags.DEFINE_integer("shapes", 20, "Random shapes (the full network is added).", lower_bound=1)
 _RUNS = flags.DEFINE_integer("runs", 200, "Timed invokes per shape, interleaved.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the shapes.")
 _NOTE = flags.DEFINE_string("note", "", "What else ran on the machine.")
-_OUT = flags.DEFINE_string("out", str(pathlib.Path(__file__).parent / "results" / "latency_prediction.json"),
-                           "JSON path.")
+_TABLES = flags.DEFINE_string("tables", str(RESULTS / "latency_tables"), "Directory of the tables.")
+_OUT = flags.DEFINE_string("out", str(RESULTS / "latency_prediction_graph.json"), "JSON path.")
 
 
-def random_shapes(model, width_multiple, count, seed):
-    """`count` shapes of `model` drawn uniformly from the search space, then the full network."""
-    full = ArchConfig.full(model)
+def random_shapes(space, count, seed):
+    """`count` shapes drawn uniformly from the space's candidates and depth choices, then the full network."""
     rng = np.random.default_rng(seed)
-    return [(f"random_{index}", random_shape(full, rng, width_multiple)) for index in range(count)] + [("full", full)]
+    shapes = [(f"random_{index}",
+               GraphShape({slot.name: int(rng.choice(slot.candidates)) for slot in space.searchable_slots},
+                          {stage.name: int(rng.choice(stage.choices)) for stage in space.stages}))
+              for index in range(count)]
+    return shapes + [("full", space.full_shape())]
 
 
 def summary(rows):
@@ -55,27 +71,47 @@ def summary(rows):
             "meets_goal": bool(np.median(errors) <= GOAL)}
 
 
+def _commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # TensorFlow logs lines per exported model otherwise
+    model = table_model(_MODEL.value, _IMAGE_SIZE.value, _NUM_CLASSES.value)
+    layout = table_layout(_MODEL.value, model, _MULTIPLE.value)
+    side = "x".join(map(str, layout.input_shape[:2]))
+    model_name = os.path.splitext(os.path.basename(_MODEL.value))[0]
     result = read_json(_OUT.value) if os.path.exists(_OUT.value) else {}
-    result.update({"what": "latency-table prediction vs the measured .tflite of whole networks (random weights)",
-                   "goal_median_abs_error": GOAL, "environment": environment()})
+    result.update({"what": "latency-table prediction vs the measured exported .tflite of whole networks "
+                           "(random weights)", "goal_median_abs_error": GOAL, "environment": environment()})
     results = result.setdefault("results", {})
-    for table_path in _TABLES.value:
+    os.makedirs(_TABLES.value, exist_ok=True)
+    for quantize in _QUANTIZE.value:
+        key = f"{model_name}/{side}/x{_MULTIPLE.value}/{quantize}/{_THREADS.value}_threads"
+        if key in results:
+            continue
+        name = (f"{model_name}_{side}_x{_MULTIPLE.value}_{quantize}_{_THREADS.value}thread"
+                + (f"_grid{_GRID.value}" if _GRID.value else ""))
+        table_path = os.path.join(_TABLES.value, f"{name}.json")
+        make_table(table_path, models=[_MODEL.value], quantize=quantize, threads=_THREADS.value,
+                   width_multiple=_MULTIPLE.value, num_classes=_NUM_CLASSES.value, image_size=_IMAGE_SIZE.value,
+                   grid=_GRID.value, runs=_TABLE_RUNS.value, note=_NOTE.value)
         table = LatencyTable.load(table_path)
-        for model in _MODELS.value:
-            key = f"{model}/{table.quantize}/{table.threads}_threads"
-            if key in results:
-                continue
-            shapes = random_shapes(model, table.content["space"]["width_multiple"], _SHAPES.value, _SEED.value)
-            with tempfile.TemporaryDirectory() as workdir:
-                rows, load = measure_networks(table, shapes, _RUNS.value, workdir)
-            results[key] = {"table": os.path.abspath(table_path), "table_made_for": table.describe(),
-                            "runs": _RUNS.value, "seed": _SEED.value, "note": _NOTE.value,
-                            "load_average_at_start": load, "summary": summary(rows), "shapes": rows}
-            write_json(_OUT.value, result)
-            print(key, results[key]["summary"])
+        with tempfile.TemporaryDirectory() as workdir:
+            rows, load = measure_networks(table, layout, random_shapes(layout.space, _SHAPES.value, _SEED.value),
+                                          _RUNS.value, workdir)
+        results[key] = {"command": "python -m bench.latency_prediction " + " ".join(sys.argv[1:]),
+                        "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": _commit(),
+                        "table": os.path.abspath(table_path), "table_made_for": table.describe(),
+                        "runs": _RUNS.value, "seed": _SEED.value, "note": _NOTE.value,
+                        "load_average_at_start": load, "summary": summary(rows), "shapes": rows}
+        write_json(_OUT.value, result)
+        print(key, results[key]["summary"])
 
 
 if __name__ == "__main__":

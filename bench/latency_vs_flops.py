@@ -27,7 +27,9 @@ import tempfile
 from absl import app, flags, logging
 import numpy as np
 
-from tas_keras.export.layer_latency import REWARM, environment, measure_networks, spread, time_interleaved
+from tas_keras.cifar_shapes import shape_from_arch
+from tas_keras.export.layer_latency import (REWARM, environment, measure_networks, spread, table_layout,
+                                            table_model, time_interleaved)
 from tas_keras.export.exporter import TFLITE_FILE, export_and_verify
 from tas_keras import data
 from tas_keras.cost import count_arch
@@ -67,14 +69,19 @@ def _search(name, **settings):
     return os.path.join(out, ARCH_FILE)
 
 
-def best_random_ratio(table, width_multiple, target, samples, seed=0):
+def table_ms(arch, table, layout):
+    """The table latency of a ResNet-20 ArchConfig."""
+    return predict_latency(layout, shape_from_arch(layout.space, arch), table)
+
+
+def best_random_ratio(table, layout, target, samples, seed=0):
     """Over `samples` random shapes, the most FLOPs kept by one whose table latency is within `target` of
     the full network's: what speed-up / FLOP reduction the space allows at that latency."""
     full = ArchConfig.full(MODEL)
-    full_ms, full_flops = predict_latency(full, table), count_arch(full).flops
+    full_ms, full_flops = table_ms(full, table, layout), count_arch(full).flops
     best, rng = None, np.random.default_rng(seed)
-    for arch in (random_shape(full, rng, width_multiple) for _ in range(samples)):
-        latency, flops = predict_latency(arch, table) / full_ms, count_arch(arch).flops / full_flops
+    for arch in (random_shape(full, rng, layout.space.multiple_of) for _ in range(samples)):
+        latency, flops = table_ms(arch, table, layout) / full_ms, count_arch(arch).flops / full_flops
         if latency <= target and (best is None or flops > best["flops_ratio"]):
             best = {"flops_ratio": round(flops, 4), "latency_ratio": round(latency, 4),
                     "speedup_per_flop_reduction": round(flops / latency, 3), "widths": list(arch.widths),
@@ -88,10 +95,11 @@ def main(argv):
     table = LatencyTable.load(_TABLE.value)
     if table.quantize != "int8":
         raise app.UsageError(f"--latency_table must be an int8 table, got quantize={table.quantize}")
-    # The table of each arm's search space (the flops arm searches the latency arm's space).
-    spaces = {"latency": (table, 1)}
+    # The table and timed units of each arm's search space (the flops arm searches the latency arm's space).
+    model = table_model(MODEL)
+    spaces = {"latency": (table, table_layout(MODEL, model))}
     if _TABLE_X16.value:
-        spaces["latency_x16"] = (LatencyTable.load(_TABLE_X16.value), 16)
+        spaces["latency_x16"] = (LatencyTable.load(_TABLE_X16.value), table_layout(MODEL, model, 16))
     results = read_json(_RESULTS.value) if os.path.exists(_RESULTS.value) else {}
     results.update({
         "what": "ResNet-20: FLOP-searched vs latency-searched shapes at equal measured int8 latency, same KD recipe",
@@ -113,10 +121,11 @@ def main(argv):
     # The flops arm: the FLOP target whose shape is closest in measured int8 latency to the latency arm's
     # (random weights: latency does not depend on them).
     if "selection" not in results:
-        shapes = [("latency", ArchConfig.load(arches["latency"]))] + [
-            (f"flops_{t}", ArchConfig.load(path)) for t, path in flop_arches.items()]
+        layout = spaces["latency"][1]
+        shapes = [(name, shape_from_arch(layout.space, ArchConfig.load(path))) for name, path in (
+            [("latency", arches["latency"])] + [(f"flops_{t}", path) for t, path in flop_arches.items()])]
         with tempfile.TemporaryDirectory() as workdir:
-            rows, load = measure_networks(table, shapes, _RUNS.value, workdir)
+            rows, load = measure_networks(table, layout, shapes, _RUNS.value, workdir)
         results["selection"] = {"load_average_at_start": load, "shapes": rows}
         write_json(_RESULTS.value, results)
     rows = {row["shape"]: row for row in results["selection"]["shapes"]}
@@ -156,14 +165,14 @@ def main(argv):
         arm = trained[name]
         speedup = timed[0]["ms"] / latency["ms"]
         flop_reduction = full_flops / arm["flops"]
-        predicted = predict_latency(ArchConfig.load(arches[name]), spaces.get(name, spaces["latency"])[0])
+        predicted = table_ms(ArchConfig.load(arches[name]), *spaces.get(name, spaces["latency"]))
         arm.update(latency=latency, predicted_ms=round(predicted, 5),
                    latency_ratio=round(latency["ms"] / timed[0]["ms"], 4),
                    flops_ratio=round(arm["flops"] / full_flops, 4), speedup=round(speedup, 3),
                    speedup_per_flop_reduction=round(speedup / flop_reduction, 3))
     results["best_of_random_shapes"] = {
-        name: {"samples": BOUND_SAMPLES, **best_random_ratio(space, multiple, _TARGET.value, BOUND_SAMPLES)}
-        for name, (space, multiple) in spaces.items()}
+        name: {"samples": BOUND_SAMPLES, **best_random_ratio(arm_table, layout, _TARGET.value, BOUND_SAMPLES)}
+        for name, (arm_table, layout) in spaces.items()}
     results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     write_json(_RESULTS.value, results)
     for name in names:

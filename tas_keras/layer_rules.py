@@ -13,7 +13,10 @@ A rule answers, for the layer classes it covers:
   - `copy` and `rebuilt`: a fresh copy for the supernet, and the layer of a derived network with fewer
     channels (`tas_keras.derive`); `call`: how either is called on its inputs, `supernet_call`: how the
     copy is, knowing its inputs' widths (a LayerNormalization's statistics depend on them);
-  - `permuted`: its weights with its input and output channels permuted (`tas_keras.importance`).
+  - `permuted`: its weights with its input and output channels permuted (`tas_keras.importance`);
+  - `exported`, `folds_as` and `takes_folded`: what the TFLite converter makes of it, which the latency
+    tables time (`tas_keras.latency`): an op of its own, folded into the op before it (a BN into a conv's
+    weights, a ReLU into a conv's or an Add's fused activation), or nothing (dropout at inference).
 The reader, the supernet, derive, the cost and the importance ordering consult these rules and switch on
 no layer class themselves: a layer class is supported by adding its rule here.
 
@@ -39,6 +42,10 @@ from tas_keras.layers import MaskedLayerNormalization, SearchableConv, Searchabl
 
 _L = keras.layers
 CHANNEL_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
+# How the TFLite converter folds a layer into the op that computes its input (`LayerRule.folds_as`).
+FOLDED_BATCH_NORM, FOLDED_ACTIVATION = "batch_norm", "activation"
+# The activations TFLite ops carry as a fused activation function (RELU, RELU6).
+FUSED_ACTIVATIONS = ("relu", "relu6")
 
 
 class UnsupportedModelError(ValueError):
@@ -59,6 +66,12 @@ def activation_name(layer):
 
 def maps_zero_to_zero(function):
     return not np.any(keras.ops.convert_to_numpy(function(tf.zeros((1, 1)))))
+
+
+def _conv_foldings(keras_layer):
+    """What the converter folds into a conv, depthwise conv or Dense: a BN into its kernel and bias, then a
+    ReLU into the op, both only after a linear output."""
+    return (FOLDED_BATCH_NORM, FOLDED_ACTIVATION) if activation_name(keras_layer) == "linear" else ()
 
 
 def _take(value, order, axis):
@@ -147,6 +160,19 @@ class LayerRule:
             raise ValueError(f"{layer.name} ({layer.class_name}) holds weights in a permuted slot")
         return weights
 
+    def exported(self, keras_layer):
+        """Whether the layer computes anything in the converted .tflite (dropout and noise do not)."""
+        return True
+
+    def folds_as(self, keras_layer):
+        """FOLDED_BATCH_NORM or FOLDED_ACTIVATION when the converter can fold the layer into the op that
+        computes its input (if that op `takes_folded` it); None: the layer is an op of its own."""
+        return None
+
+    def takes_folded(self, keras_layer):
+        """The foldings (`folds_as`) the converter applies to the layer's op, in the order they may follow."""
+        return ()
+
 
 def _supernet_config(source, dtype, regularizer):
     """The source layer's config with `dtype` and every weight regularizer set to `regularizer`."""
@@ -175,6 +201,9 @@ class InputRule(LayerRule):
     def read(self, reader, layer, in_slots):
         return reader.slots.open(layer.name, reader.channels(layer.name), "image channels")
 
+    def exported(self, keras_layer):
+        return False  # the image input is part of a latency table's fixed cost
+
 
 class ConvRule(LayerRule):
     """Conv2D (groups 1; `GroupedConvRule` covers the others): opens a searchable slot named after it; a
@@ -201,6 +230,9 @@ class ConvRule(LayerRule):
         """The searchable conv's full width, kernel, strides, padding and dilation for `source`."""
         return {"filters": source.filters, "kernel_size": source.kernel_size, "strides": source.strides,
                 "padding": source.padding, "dilation_rate": source.dilation_rate}
+
+    def takes_folded(self, keras_layer):
+        return _conv_foldings(keras_layer)
 
     def searchable(self, source, candidates, normalize, epsilon, weight_decay):
         """The supernet's searchable conv for `source`, mixing the sampled widths of `candidates`."""
@@ -352,6 +384,9 @@ class GroupedRule(LayerRule):
     def masked(self, layer, keras_layer):
         return layer.use_bias or not maps_zero_to_zero(keras_layer.activation)
 
+    def takes_folded(self, keras_layer):
+        return _conv_foldings(keras_layer)
+
 
 def _moves_whole_groups(order, group_width):
     """Whether a channel order moves whole groups of `group_width` channels, each keeping its own order."""
@@ -442,6 +477,9 @@ class BatchNormRule(ChannelVectorsRule):
             refuse(layer, f"normalises axis {layer.axis}, not the channel axis")
         return in_slots[0]
 
+    def folds_as(self, keras_layer):
+        return FOLDED_BATCH_NORM
+
 
 class LayerNormRule(ChannelVectorsRule):
     """LayerNormalization over the channel axis: follows its input's slot; its gamma/beta are parameters.
@@ -493,6 +531,19 @@ _ZERO_KEEPING = (_L.MaxPooling2D, _L.AveragePooling2D, _L.GlobalAveragePooling2D
                  _L.ZeroPadding2D, _L.Cropping2D, _L.UpSampling2D, _L.Dropout, _L.SpatialDropout2D,
                  _L.GaussianDropout, _L.ActivityRegularization, _L.Identity, _L.Resizing, _L.CenterCrop,
                  StochasticDepth)
+# Weightless layers that compute nothing at inference.
+_INFERENCE_IDENTITIES = (_L.Dropout, _L.SpatialDropout2D, _L.GaussianDropout, _L.GaussianNoise, _L.AlphaDropout,
+                         _L.ActivityRegularization, _L.Identity, StochasticDepth)
+
+
+def _fused_activation(keras_layer):
+    """Whether an activation layer is one the converter fuses into the op before it (ReLU, ReLU6)."""
+    if type(keras_layer) is _L.Activation:
+        return activation_name(keras_layer) in FUSED_ACTIVATIONS
+    if type(keras_layer) is _L.ReLU:
+        return (keras_layer.max_value in (None, 6) and not keras_layer.negative_slope
+                and not keras_layer.threshold)
+    return False
 
 
 class PassThroughRule(LayerRule):
@@ -529,6 +580,12 @@ class PassThroughRule(LayerRule):
         if isinstance(keras_layer, ELEMENTWISE_ACTIVATIONS):
             return not maps_zero_to_zero(keras_layer)
         return True
+
+    def exported(self, keras_layer):
+        return not isinstance(keras_layer, _INFERENCE_IDENTITIES)
+
+    def folds_as(self, keras_layer):
+        return FOLDED_ACTIVATION if _fused_activation(keras_layer) else None
 
 
 class ReshapeRule(LayerRule):
@@ -588,6 +645,8 @@ class MergeRule(LayerRule):
     def read(self, reader, layer, in_slots):
         return reader.read_merge(layer, in_slots)
 
+    def takes_folded(self, keras_layer):
+        return (FOLDED_ACTIVATION,) if isinstance(keras_layer, (_L.Add, _L.Subtract, _L.Multiply)) else ()
 
 
 
@@ -633,6 +692,9 @@ class ElementwiseOpRule(LayerRule):
 
     def details(self, layer, node):
         return {"operands": self._operands(layer, node)}
+
+    def folds_as(self, keras_layer):
+        return FOLDED_ACTIVATION if type(keras_layer).__name__ in ("Relu", "Relu6") else None
 
     def masked(self, layer, keras_layer):
         zeros = tf.zeros((1, 1))

@@ -12,7 +12,6 @@ import time
 
 from tas_keras import data
 from tas_keras import input_convention as conventions
-from tas_keras.cifar_shapes import arch_from_shape
 from tas_keras.cost import count_shape
 from tas_keras.distill import distill, load_teacher
 from tas_keras.distribute import make_strategy
@@ -21,9 +20,9 @@ from tas_keras.export.convert import QUANTIZATIONS
 from tas_keras.export.exporter import REPORT_FILE, export_and_verify
 from tas_keras.export.layer_latency import make_table
 from tas_keras.graph import load_model, read_model, softmax_head
-from tas_keras.graph_space import INDEPENDENT, GraphShape
+from tas_keras.graph_space import GraphShape
 from tas_keras.importance import importance_scores, order_channels
-from tas_keras.latency import LatencyTable, predict_latency
+from tas_keras.latency import LatencyLayout, LatencyTable, predict_latency
 from tas_keras.models.registry import check_weights, image_size_for, is_cifar_model, is_model_file
 from tas_keras.precision import check_mixed_precision
 from tas_keras.report import write_report
@@ -80,15 +79,14 @@ PRESETS = {
 }
 
 
-def smallest_ratio(space, table=None):
-    """FLOPs (or with a latency table, latency) of the smallest network the search space can express, as
-    a fraction of the full one's."""
+def smallest_ratio(space, layout=None, table=None):
+    """FLOPs (or with a latency table and the space's `LatencyLayout`, latency) of the smallest network the
+    search space can express, as a fraction of the full one's."""
     full = space.full_shape()
     smallest = GraphShape({slot.name: slot.candidates[0] for slot in space.searchable_slots},
                           {stage.name: stage.choices[0] for stage in space.stages})
     if table is not None:
-        return predict_latency(arch_from_shape(space, smallest), table) / predict_latency(
-            arch_from_shape(space, full), table)
+        return predict_latency(layout, smallest, table) / predict_latency(layout, full, table)
     return count_shape(space, smallest).flops / count_shape(space, full).flops
 
 
@@ -197,12 +195,9 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
             raise ValueError(f"{model_name} is the base network and the teacher: do not give --teacher too")
         if not os.path.isfile(model_name):
             raise ValueError(f"model file {model_name!r} does not exist")
-    cifar = is_cifar_model(model_name)  # refuses an unknown name before any data is read
+    is_cifar_model(model_name)  # refuses an unknown name before any data is read
     check_weights(model_name, weights)
     conventions.check(input_convention)
-    if cost_metric == LATENCY and not (cifar and add_mode in (None, INDEPENDENT)):
-        raise ValueError(f"the latency cost needs a latency table of the model's layers, which the project "
-                         f"measures for the CIFAR ResNets with independent Adds only, not {model_name}")
     check_mixed_precision(mixed_precision)
     if qat_epochs:
         tfmot_bridge.require_tfmot()  # now, not after hours of training
@@ -210,9 +205,13 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     image_size = image_size_for(model_name, image_size)
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, seed=seed, image_size=image_size, streaming=streaming,
                                 max_train_examples=max_train_examples)
-    space = search_space(model_name, source_model(model_name, dataset), add_mode, width_multiple)
+    source = source_model(model_name, dataset)
+    space = search_space(model_name, source, add_mode, width_multiple)
+    layout = table and LatencyLayout(space, source)
+    if table:
+        table.check_covers(layout)
     if cost_metric != LATENCY or table:
-        floor = smallest_ratio(space, table)
+        floor = smallest_ratio(space, layout, table)
         if target_latency_ms is None and target_ratio < floor:
             raise ValueError(f"target ratio {target_ratio} is below the smallest {space.name} the search space "
                              f"can express ({floor:.3f} of the {'latency' if table else 'FLOPs'})")
@@ -223,10 +222,8 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     from_trained = bool(teacher_path or weights)
     # A given model ending in a softmax is searched and distilled on its logits; the exports end in it again.
     output = "probabilities" if teacher_path and softmax_head(load_model(teacher_path, logits=False)) else "logits"
-    if table:
-        table.check_covers(model_name, dataset.num_classes, dataset.image_shape, width_multiple)
-        if target_latency_ms is not None:
-            latency_target_ratio(target_latency_ms, model_name, dataset, table)
+    if table and target_latency_ms is not None:
+        latency_target_ratio(target_latency_ms, layout, table)
     threads = table.threads if table else chosen.threads
     images = dataset.train_size
     # Stage workloads in base-training images, an export about half an epoch. The rate is the last stage's, timed.
@@ -282,7 +279,8 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
             os.makedirs(os.path.dirname(latency_table), exist_ok=True)
             make_table(latency_table, models=[model_name], quantize="int8", threads=threads,
                        width_multiple=width_multiple, num_classes=dataset.num_classes,
-                       input_shape=dataset.image_shape, note=f"made by train.prune --preset={preset}")
+                       image_size=dataset.image_shape[0], add_mode=add_mode,
+                       note=f"made by train.prune --preset={preset}")
         target = f"{target_latency_ms} ms" if target_latency_ms else f"{target_ratio:.0%} of the {cost_metric}"
         progress.banner(2, f"TAS search of {model_name} at {target}")
         searched = run_search(stage_dirs["search"], model_name=model_name, epochs=search_epochs,

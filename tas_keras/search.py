@@ -15,13 +15,12 @@ from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_shape
 from tas_keras.cifar_shapes import arch_from_shape, shape_from_arch
 from tas_keras.graph_space import ADD_MODES, INDEPENDENT, GraphShape
-from tas_keras.latency import LatencyTable, SupernetLatency, predict_latency
+from tas_keras.latency import LatencyLayout, LatencyTable, SupernetLatency, predict_latency
 from tas_keras.precision import in_dtype_policy
 from tas_keras.models.registry import build_model, image_size_for, is_cifar_model, is_model_file
 from tas_keras.pruned_shape import PrunedShape
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json
-from tas_keras.search_space import ArchConfig
-from tas_keras.supernet import COST_METRICS, build_supernet
+from tas_keras.supernet import COST_METRICS, build_supernet, search_space
 from tas_keras.training import CHECKPOINT_STEPS, EpochLog, fit_resumable, sgd
 
 ARCH_FILE = "arch.json"
@@ -189,18 +188,18 @@ class TASSearchModel(keras.Model):
         entropy_weight: None (the reference), or a schedule step -> weight (`LinearRamp`) of the mean
             entropy of all width and depth distributions, added to the architecture loss: a short
             search's noisy gradients leave the distributions flat, and this term makes them decide.
-        latency_table: the LatencyTable of a "latency" cost.
+        latency: the SupernetLatency of a "latency" cost.
     """
 
     def __init__(self, supernet, target_ratio, cost_metric="flops", cost_weight=2.0, tolerance=0.05,
                  band="code", arch_weight_decay=1e-3, seed=0, sample_per_replica=True, entropy_weight=None,
-                 latency_table=None, **kwargs):
+                 latency=None, **kwargs):
         super().__init__(**kwargs)
         if not 0 < target_ratio < 1:
             raise ValueError(f"target_ratio must be in (0, 1), got {target_ratio!r}")
         if cost_metric not in COSTS:
             raise ValueError(f"cost_metric must be one of {COSTS}, got {cost_metric!r}")
-        if (cost_metric == LATENCY) != (latency_table is not None):
+        if (cost_metric == LATENCY) != (latency is not None):
             raise ValueError("a latency table is needed for the latency cost, and only for it")
         if not 0 <= tolerance < target_ratio:
             raise ValueError(f"tolerance must be in [0, target_ratio), got {tolerance!r}")
@@ -209,7 +208,7 @@ class TASSearchModel(keras.Model):
         self.tolerance, self.band, self.arch_weight_decay, self.seed = tolerance, band, arch_weight_decay, seed
         self.sample_per_replica, self.entropy_weight = sample_per_replica, entropy_weight
         self.arch_step_on = True  # ArchWarmup turns it off while the weights warm up
-        self.latency = latency_table and SupernetLatency(supernet, latency_table)
+        self.latency = latency
         self.base_cost = self.latency.full_ms if self.latency else supernet.full_cost(cost_metric)
         low, high = cost_band(target_ratio, tolerance, band)
         self.cost_low, self.cost_high = low * self.base_cost, high * self.base_cost
@@ -543,7 +542,7 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
         raise ValueError(f"add mode must be one of {ADD_MODES}, got {add_mode!r}")
     if is_model_file(model_name) and not os.path.exists(model_name):
         raise ValueError(f"model file {model_name!r} does not exist")
-    cifar = is_cifar_model(model_name)  # refuses an unknown name
+    is_cifar_model(model_name)  # refuses an unknown name
     if not 0 < target_ratio < 1:
         raise ValueError(f"target ratio must be in (0, 1), got {target_ratio!r}")
     if not 0 <= tolerance < target_ratio:
@@ -554,9 +553,6 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
         raise ValueError("the latency cost needs a latency table (make one with `python -m export.latency_table`)")
     if cost_metric != LATENCY and (latency_table or target_latency_ms):
         raise ValueError(f"a latency table or target is for the latency cost, got cost {cost_metric!r}")
-    if cost_metric == LATENCY and not (cifar and add_mode in (None, INDEPENDENT)):
-        raise ValueError("the latency cost covers the CIFAR ResNets with independent Adds (the layer geometries "
-                         f"latency tables hold), not {model_name} with {add_mode or 'tied'} Adds")
     table = latency_table and LatencyTable.load(latency_table)
     cost_band(target_ratio, tolerance, band)
     tau_at(0, epochs, tau_schedule)
@@ -576,10 +572,11 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
                                 seed=seed, image_size=image_size_for(model_name, image_size), streaming=streaming)
     model = source_model(model_name, dataset)
     dataset = conventions.feed(dataset, model, input_convention)
+    layout = table and LatencyLayout(search_space(model_name, model, add_mode, width_multiple), model)
     if table:
-        table.check_covers(model_name, dataset.num_classes, dataset.image_shape, width_multiple)
+        table.check_covers(layout)
         if target_latency_ms is not None:
-            target_ratio = latency_target_ratio(target_latency_ms, model_name, dataset, table)
+            target_ratio = latency_target_ratio(target_latency_ms, layout, table)
     smaller_half = min(half.train_size for half in dataset.search_halves(seed=seed))  # split per class
     if batch_size > smaller_half:
         raise ValueError(f"batch_size {batch_size} is larger than the smaller search half ({smaller_half} "
@@ -601,7 +598,7 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     arch_steps = total - warmup_steps
     search = TASSearchModel(supernet, target_ratio, cost_metric, cost_weight, tolerance, band, seed=seed,
                             entropy_weight=LinearRamp(entropy_weight, arch_steps) if entropy_weight else None,
-                            latency_table=table)
+                            latency=table and SupernetLatency(supernet, layout, table))
     peak = arch_learning_rate if arch_learning_rate is not None else arch_learning_rate_for(
         total, arch_warmup, ARCH_TRAVEL)
     arch_rate = ArchLearningRate(peak, arch_steps, arch_decay)
@@ -635,11 +632,11 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     return arch.to_dict()
 
 
-def latency_target_ratio(target_ms, model_name, dataset, table):
+def latency_target_ratio(target_ms, layout, table):
     """The target ratio of a target in ms: its fraction of the full network's latency in `table`."""
-    full_ms = predict_latency(ArchConfig.full(model_name, dataset.num_classes, dataset.image_shape), table)
+    full_ms = predict_latency(layout, layout.space.full_shape(), table)
     if not 0 < target_ms < full_ms:
-        raise ValueError(f"target latency {target_ms} ms must be in (0, {full_ms:.4f}), the full {model_name}'s "
+        raise ValueError(f"target latency {target_ms} ms must be in (0, {full_ms:.4f}), the full {layout.space.name}'s "
                          f"latency in {table.path}")
     return target_ms / full_ms
 

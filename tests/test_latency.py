@@ -1,69 +1,97 @@
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from tas_keras.derive import derive_model
 from tas_keras.export import layer_latency
-from tas_keras.cifar_shapes import arch_from_shape
 from tas_keras.graph_space import GraphShape
-from tas_keras.latency import TABLE_FORMAT, LatencyTable, SupernetLatency, predict_latency, required_entries
+from tas_keras.graph import read_model
+from tas_keras.latency import TABLE_FORMAT, LatencyLayout, LatencyTable, SupernetLatency, predict_latency
 from tas_keras.models.cifar_resnet import CifarResNet
-from tas_keras.search import run_search
+from tas_keras.models.registry import build_model
+from tas_keras.prune import run_prune
+from tas_keras.pruned_shape import PrunedShape
+from tas_keras.search import TASSearchModel, run_search
 from tas_keras.search_space import ArchConfig
 from tas_keras.supernet import build_supernet
-from tas_keras.prune import run_prune
 
 from .conftest import REPO, assert_refused_before_any_work
+from .test_supernet import dense_cnn
+
+# The op classes a synthetic table prices: a unit's time is PRICE[its op's class] * in * out * h * w
+# (h x w: the size of its input) + 1e-3 ms, so a test can total a derived network from its layers.
+PRICE = {"Conv2D": 3e-7, "DepthwiseConv2D": 5e-7, "Dense": 2e-7, "Add": 1e-7, "GlobalAveragePooling2D": 4e-8,
+         "AveragePooling2D": 6e-8, "ZeroPadding2D": 2e-8}
 
 
-def synthetic_table(full, width_multiple, quantize="none", seed=0):
-    """A complete table for the search space of `full` with random times (ms), as a dict."""
-    rng = np.random.default_rng(seed)
-    entries = {geometry.key: {"geometry": geometry.to_dict(),
-                              "times": {f"{a}->{b}": {"ms": float(rng.uniform(0.001, 0.1))} for a, b in pairs}}
-               for geometry, pairs in required_entries(full, width_multiple).items()}
-    return {"format": TABLE_FORMAT, "complete": True, "quantize": quantize, "threads": 1,
-            "space": {"models": [full.name], "input_shape": list(full.input_shape), "num_classes": full.num_classes,
-                      "width_multiple": width_multiple},
-            "environment": {"machine": "test"}, "fixed": {"ms": 0.0123}, "entries": entries}
+def _time(op_class, size, a, b):
+    return PRICE[op_class] * a * b * int(np.prod(size)) + 1e-3
 
 
-def table_latency(table, arch):
-    """The latency of the plain network of `arch` (a basic-block CIFAR ResNet) from the table's entries,
-    following docs/design.md section 3's network, written out independently of tas_keras.latency."""
-    times = table["entries"]
-
-    def t(key, a, b):
-        return times[key]["times"][f"{a}->{b}"]["ms"]
-
-    n = arch.num_blocks
-    size = arch.input_shape[0]
-    widths = iter(arch.widths)
-    width = next(widths)
-    total = table["fixed"]["ms"] + t(f"conv3x3/s1/{size}x{size}/bn/relu", arch.input_shape[-1], width)
-    for stage in range(3):
-        stage_widths = [(next(widths), next(widths)) for _ in range(n)]
-        for block, (width_a, width_b) in enumerate(stage_widths[:arch.stage_blocks[stage]]):
-            stride = 2 if stage > 0 and block == 0 else 1
-            out = size // stride
-            total += t(f"conv3x3/s{stride}/{size}x{size}/bn/relu", width, width_a)
-            total += t(f"conv3x3/s1/{out}x{out}/bn/add_relu", width_a, width_b)
-            if stride == 2:
-                total += t(f"conv1x1/s1/{size}x{size}/pool", width, width_b)
-            elif width != width_b:
-                total += t(f"conv1x1/s1/{size}x{size}/bn", width, width_b)
-            width, size = width_b, out
-    return total + t(f"head/{size}x{size}", width, arch.num_classes)
+def synthetic_table(layout, quantize="none", threads=1, fixed_ms=0.0123):
+    """A complete table covering `layout`'s space exactly, with the priced times (ms), as a dict."""
+    entries = {}
+    for key, (geometry, pairs) in layout.required_entries().items():
+        op_class, size = key.split("/")[0].split("+")[0], geometry["inputs"][0][:-1]
+        entries[key] = {"geometry": geometry, "times": {f"{a}->{b}": {"ms": _time(op_class, size, a, b)}
+                                                        for a, b in pairs}}
+    return {"format": TABLE_FORMAT, "complete": True, "quantize": quantize, "threads": threads,
+            "space": {"models": [layout.space.name], "input_shape": list(layout.input_shape),
+                      "num_classes": layout.num_classes, "width_multiple": layout.space.multiple_of},
+            "environment": {"machine": "test"}, "fixed": {"ms": fixed_ms}, "entries": entries}
 
 
-def _supernet(full, width_multiple):
-    """The search's supernet of the CIFAR ResNet `full` (independent Adds, every conv normalised)."""
-    return build_supernet(full.name, CifarResNet(full), width_multiple=width_multiple)
+def priced_latency(model, fixed_ms=0.0123):
+    """The synthetic table's latency of a built Keras network, from its layers alone: every op that is not
+    a BN or a ReLU the converter fuses into the op before it, priced at its input and output channels."""
+    total = fixed_ms
+    for layer in model.layers:
+        inputs = layer.input if isinstance(layer.input, list) else [layer.input]
+        before = None if isinstance(layer, keras.layers.InputLayer) else inputs[0]._keras_history.operation
+        folded = isinstance(layer, keras.layers.BatchNormalization) or (
+            isinstance(layer, keras.layers.ReLU) and isinstance(before, (
+                keras.layers.BatchNormalization, keras.layers.Conv2D, keras.layers.Add)))
+        if type(layer).__name__ not in PRICE or folded:
+            assert folded or isinstance(layer, (keras.layers.InputLayer, keras.layers.ReLU)), layer
+            continue
+        total += _time(type(layer).__name__, inputs[0].shape[1:-1], inputs[0].shape[-1], layer.output.shape[-1])
+    return total
+
+
+def tiny_model(path=None, blocks=2, classes=10, image=32):
+    """A small MobileNet-like network: a strided stem, `blocks` droppable depthwise-separable residual blocks,
+    a projection to a wider head conv, pooling and a classifier."""
+    image_input = x = keras.Input((image, image, 3), name="image")
+    x = keras.layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False, name="stem")(x)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.ReLU(6.0, name="stem_relu")(x)
+    for index in range(blocks):
+        y = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name=f"block{index}_dw")(x)
+        y = keras.layers.BatchNormalization(name=f"block{index}_dw_bn")(y)
+        y = keras.layers.ReLU(6.0, name=f"block{index}_dw_relu")(y)
+        y = keras.layers.Conv2D(16, 1, use_bias=False, name=f"block{index}_pw")(y)
+        y = keras.layers.BatchNormalization(name=f"block{index}_pw_bn")(y)
+        x = keras.layers.Add(name=f"block{index}_add")([x, y])
+    x = keras.layers.Conv2D(32, 1, name="head_conv")(x)
+    x = keras.layers.ReLU(name="head_relu")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    model = keras.Model(image_input, keras.layers.Dense(classes, name="logits")(x), name="tiny")
+    if path:
+        model.save(path)
+    return model
+
+
+def _setup(model_name, model, width_multiple, add_mode=None):
+    supernet = build_supernet(model_name, model, add_mode, width_multiple)
+    return supernet, layer_latency.table_layout(model_name, model, width_multiple, add_mode)
 
 
 def _randomise(supernet, seed):
@@ -77,83 +105,136 @@ def _softmax(x):
     return e / e.sum()
 
 
-def _brute_force_expectation(supernet, table):
-    """sum over every width and depth combination of P(combination) * its table latency."""
+def _brute_force_expectation(supernet, layout, table):
+    """sum over every shape of P(shape) * the table latency of its derived network."""
     space = supernet.space
     widths = [(choice.candidates, _softmax(choice.alpha.numpy()) if choice.alpha is not None else np.ones(1))
               for choice in supernet.width_choices]
     depths = [(mixer.depth_choices, _softmax(mixer.beta.numpy())) for _, mixer in supernet.stages]
     expected = 0.0
-    for width_pick in itertools.product(*[range(len(c)) for c, _ in widths]):
-        p_widths = np.prod([p[i] for (_, p), i in zip(widths, width_pick)])
-        shape_widths = {slot.name: c[i] for slot, (c, _), i in zip(space.searchable_slots, widths, width_pick)}
-        for depth_pick in itertools.product(*[range(len(c)) for c, _ in depths]):
-            p = p_widths * np.prod([p[i] for (_, p), i in zip(depths, depth_pick)])
-            shape = GraphShape(shape_widths, {stage.name: c[i] for (stage, _), (c, _), i in zip(
-                supernet.stages, depths, depth_pick)})
-            expected += p * table_latency(table, arch_from_shape(space, shape))
+    for pick in itertools.product(*[range(len(c)) for c, _ in widths + depths]):
+        width_pick, depth_pick = pick[:len(widths)], pick[len(widths):]
+        p = np.prod([p[i] for (_, p), i in zip(widths + depths, pick)])
+        shape = GraphShape({slot.name: c[i] for slot, (c, _), i in zip(space.searchable_slots, widths, width_pick)},
+                           {stage.name: c[i] for (stage, _), (c, _), i in zip(supernet.stages, depths, depth_pick)})
+        expected += p * predict_latency(layout, shape, table)
     return expected
 
 
-@pytest.mark.parametrize("model, multiple", [("resnet8", 8), ("resnet14", 32)])
-def test_expected_latency_equals_the_brute_force_expectation(model, multiple):
-    # resnet8 (one block per stage): 2 x 2 x 2 x 4 x 4 x 7 x 7 = 6,272 width combinations, projections
-    # in stage 1; resnet14: 2 depths per stage, 16 width combinations of stage 3 whose stage output
-    # reaches the classifier through the depth mixture.
-    full = ArchConfig.full(model, input_shape=(8, 8, 3))
-    supernet = _supernet(full, multiple)
-    content = synthetic_table(full, multiple)
+def test_units_are_the_ops_the_converter_leaves():
+    """BN and ReLU/ReLU6 fold into the conv before them, a ReLU after an Add into the Add; equal layers share
+    a geometry; the names of layers are not part of it."""
+    supernet, layout = _setup("tiny.keras", tiny_model(), 8)
+    units = {unit.name: unit for unit in layout.units}
+    assert [[layer.name for layer in unit.layers] for unit in layout.units] == [
+        ["stem", "stem_bn", "stem_relu"], ["block0_dw", "block0_dw_bn", "block0_dw_relu"],
+        ["block0_pw", "block0_pw_bn"], ["block0_add"], ["block1_dw", "block1_dw_bn", "block1_dw_relu"],
+        ["block1_pw", "block1_pw_bn"], ["block1_add"], ["head_conv", "head_relu"], ["pool"], ["logits"]]
+    assert units["block0_pw"].key == units["block1_pw"].key and units["block0_dw"].key == units["block1_dw"].key
+    assert units["block0_dw"].one_width and not units["head_conv"].one_width
+    assert re.fullmatch(r"DepthwiseConv2D\+BatchNormalization\+ReLU/16x16/[0-9a-f]{10}", units["block0_dw"].key)
+    renamed = tiny_model()
+    for layer in renamed.layers:
+        layer.name = f"other_{layer.name}"
+    assert {unit.key for unit in layer_latency.table_layout("t.keras", renamed, 8).units} == {
+        unit.key for unit in layout.units}
+
+
+@pytest.mark.parametrize("model_name, multiple, add_mode", [
+    ("tiny.keras", 4, None), ("tiny.keras", 4, "independent"), ("resnet14", 32, None)])
+def test_expected_latency_equals_the_brute_force_expectation(model_name, multiple, add_mode):
+    # The tiny model, tied: 4 widths of the stem/block slot (read and written by the depthwise convs and
+    # Adds), 7 of the head conv, 1 or 2 blocks (56 shapes); independent: 4 widths of each pointwise conv
+    # too, projections where they differ from their block's input, the head conv reading the depth
+    # mixture of the block outputs (896 shapes). resnet14 (independent Adds): 2 depths per stage, 2 widths
+    # of each stage-3 conv, the stage outputs reaching the next stage and the classifier through the depth
+    # mixture (128 shapes).
+    model = tiny_model() if model_name == "tiny.keras" else build_model(model_name, (8, 8, 3), 10)
+    supernet, layout = _setup(model_name, model, multiple, add_mode)
+    table = LatencyTable(synthetic_table(layout))
     _randomise(supernet, seed=1)
-    latency = SupernetLatency(supernet, LatencyTable(content))
-    assert float(latency.expected()) == pytest.approx(_brute_force_expectation(supernet, content), rel=1e-5)
+    latency = SupernetLatency(supernet, layout, table)
+    assert float(latency.expected()) == pytest.approx(_brute_force_expectation(supernet, layout, table), rel=1e-5)
 
 
 def test_expected_latency_is_differentiable_in_alpha_and_beta():
-    full = ArchConfig.full("resnet14", input_shape=(8, 8, 3))
-    supernet = _supernet(full, 16)
-    latency = SupernetLatency(supernet, LatencyTable(synthetic_table(full, 16)))
+    supernet, layout = _setup("resnet14", build_model("resnet14", (8, 8, 3), 10), 16)
+    latency = SupernetLatency(supernet, layout, LatencyTable(synthetic_table(layout)))
     with tf.GradientTape() as tape:
         expected = latency.expected()
     gradients = tape.gradient(expected, supernet.arch_variables)
     assert all(g is not None and np.abs(g.numpy()).sum() > 0 for g in gradients)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_argmax_latency_is_the_table_latency_of_the_derived_network(seed):
-    full = ArchConfig.full("resnet14", input_shape=(8, 8, 3))
-    supernet = _supernet(full, 8)
-    content = synthetic_table(full, 8, seed=seed)
+@pytest.mark.parametrize("model_name, seed", [("mobilenet_v2", 0), ("mobilenet_v2", 1), ("resnet14", 2)])
+def test_argmax_latency_is_the_priced_latency_of_the_derived_network(model_name, seed):
+    size = 32 if model_name == "mobilenet_v2" else 8
+    model = build_model(model_name, (size, size, 3), 10)
+    supernet, layout = _setup(model_name, model, 16)
+    content = synthetic_table(layout)
+    table = LatencyTable(content)
     _randomise(supernet, seed)
-    latency = SupernetLatency(supernet, LatencyTable(content))
-    derived = arch_from_shape(supernet.space, supernet.derive())
-    assert float(latency.argmax()) == pytest.approx(table_latency(content, derived), rel=1e-5)
-    assert latency.shape_ms(supernet.derive()) == pytest.approx(table_latency(content, derived))
-    assert predict_latency(derived, LatencyTable(content)) == pytest.approx(table_latency(content, derived))
-    assert latency.full_ms == pytest.approx(table_latency(content, full))
+    latency = SupernetLatency(supernet, layout, table)
+    shape = supernet.derive()
+    derived = derive_model(model, supernet.space, shape, transfer_weights=False)
+    assert float(latency.argmax()) == pytest.approx(priced_latency(derived), rel=1e-5)
+    assert latency.shape_ms(shape) == pytest.approx(priced_latency(derived))
+    assert latency.full_ms == pytest.approx(priced_latency(model))
 
 
-def test_table_lookup_names_what_is_missing():
-    full = ArchConfig.full("resnet8", input_shape=(8, 8, 3))
-    table = LatencyTable(synthetic_table(full, 32))
-    table.check_covers("resnet8", input_shape=(8, 8, 3), width_multiple=32)
-    with pytest.raises(ValueError, match=r"has no time for conv3x3/s1/8x8/bn/relu with 3 -> 8 channels; it was "
-                                         r"made for resnet8 at 8x8x3, 10 classes, width multiple 32"):
-        table.check_covers("resnet8", input_shape=(8, 8, 3), width_multiple=8)
+def test_a_table_covers_the_full_network_whose_widths_need_not_be_candidates():
+    """At width multiple 32, MobileNetV2's 144-wide expansions have candidates up to 128 only; the full
+    network (the base of the latency ratios) still needs its own widths."""
+    model = build_model("mobilenet_v2", (32, 32, 3), 10)
+    layout = layer_latency.table_layout("mobilenet_v2", model, 32)
+    assert layout.space.slot("block_2_expand").candidates[-1] == 128
+    key = layout.by_name["block_2_expand"].key
+    assert (24, 144) in layout.required_entries()[key][1]
+    table = LatencyTable(synthetic_table(layout))
+    assert predict_latency(layout, layout.space.full_shape(), table) == pytest.approx(priced_latency(model))
+
+
+def test_an_interpolated_table_answers_between_its_grid():
+    supernet, layout = _setup("tiny.keras", tiny_model(), 4)
+    content = synthetic_table(layout)
+    (key,) = [key for key in content["entries"] if key.startswith("Conv2D+ReLU/16x16")]  # the head conv: 4 -> 32
+    pairs = layout.required_entries()[key][1]
+    kept = layer_latency.measured_pairs(pairs, 3)
+    ins, outs = sorted({a for a, _ in pairs}), sorted({b for _, b in pairs})
+    assert sorted({a for a, _ in kept}) == [4, 12, 16] and ins == [4, 8, 12, 16]
+    assert sorted({b for _, b in kept}) == [outs[0], outs[len(outs) // 2], 32] and len(outs) > 3
+    content["entries"][key]["times"] = {pair: times for pair, times in content["entries"][key]["times"].items()
+                                        if tuple(map(int, pair.split("->"))) in kept}
+    table = LatencyTable(content)
+    # The priced time is bilinear in (in, out), so interpolation between grid points is exact.
+    assert table.time(key, 8, outs[1]) == pytest.approx(_time("Conv2D", (16, 16), 8, outs[1]))
+    table.check_covers(layout)
+    with pytest.raises(ValueError, match=f"has no time for {re.escape(key)} with 8 -> 36 channels"):
+        table.time(key, 8, 36)
+
+
+def test_a_table_that_does_not_cover_the_space_is_refused_naming_what_is_missing():
+    supernet, layout = _setup("tiny.keras", tiny_model(), 8)
+    content = synthetic_table(layout)
+    (key,) = [key for key in content["entries"] if key.startswith("Add/")]
+    del content["entries"][key]["times"]["8->8"]
+    with pytest.raises(ValueError, match=rf"latency table has no time for {re.escape(key)} with 8 -> 8 channels; it "
+                                         r"was made for tiny at 32x32x3, 10 classes, width multiple 8"):
+        LatencyTable(content).check_covers(layout)
+    other = layer_latency.table_layout("tiny.keras", tiny_model(classes=5), 8)
+    with pytest.raises(ValueError, match="was made for 32x32x3 images and 10 classes, the search takes 32x32x3 "
+                                         "images and 5 classes"):
+        LatencyTable(synthetic_table(layout)).check_covers(other)
     with pytest.raises(ValueError, match="is unfinished"):
-        LatencyTable({**table.content, "complete": False})
+        LatencyTable({**content, "complete": False})
 
 
-def test_latency_cost_refuses_a_space_its_tables_do_not_cover(tmp_path):
-    full = ArchConfig.full("resnet8", input_shape=(8, 8, 3))
-    tied = build_supernet("resnet8", CifarResNet(full), add_mode="tied", width_multiple=32)
-    with pytest.raises(ValueError, match="the latency cost covers the CIFAR ResNets read with independent Adds "
-                                         r"\(the layer geometries latency tables hold\), not resnet8 read with tied"):
-        SupernetLatency(tied, LatencyTable(synthetic_table(full, 32)))
-    with pytest.raises(ValueError, match="the latency cost covers the CIFAR ResNets with independent Adds .*, not "
-                                         "mobilenet_v2 with tied Adds"):
-        run_search(str(tmp_path / "search"), model_name="mobilenet_v2", cost_metric="latency",
-                   latency_table="/no/table.json")
-    assert not (tmp_path / "search").exists()
+def test_a_table_of_the_first_format_is_refused_in_one_line():
+    path = os.path.join(REPO, "bench", "results", "latency_tables", "resnet20_int8_1thread.json")
+    with pytest.raises(ValueError, match=r"^latency table '.*resnet20_int8_1thread.json' is in format "
+                                         r"'tas_keras.latency_table/1', not 'tas_keras.latency_table/2': remake it "
+                                         r"with `python -m export.latency_table`$"):
+        LatencyTable.load(path)
 
 
 class _Interrupt(Exception):
@@ -162,8 +243,10 @@ class _Interrupt(Exception):
 
 @pytest.mark.slow
 def test_table_of_a_tiny_model_is_measured_and_resumes(tmp_path, monkeypatch):
+    model_path = str(tmp_path / "tiny.keras")
+    tiny_model(model_path, blocks=1)
     out = str(tmp_path / "table.json")
-    settings = dict(models=["resnet8"], input_shape=(8, 8, 3), width_multiple=32, runs=20, warmup=2)
+    settings = dict(models=[model_path], width_multiple=8, runs=20, warmup=2)
     converted = []
     convert = layer_latency.convert_model
     monkeypatch.setattr(layer_latency, "convert_model", lambda model, *args, **kwargs: (
@@ -178,39 +261,40 @@ def test_table_of_a_tiny_model_is_measured_and_resumes(tmp_path, monkeypatch):
     with pytest.raises(_Interrupt):
         layer_latency.make_table(out, progress=stop_after_three, **settings)
     assert not os.path.exists(out) or not json.load(open(out))["complete"]
-    # 16 width pairs in 9 geometries for resnet8 at 8x8 with widths 16 | 32 | 32, 64, plus the fixed cost.
-    assert progress[0][1] == 17
+    # stem 3 -> 8, 16; the depthwise conv, the pointwise conv and the Add at 8, 16 (the Add ties the pointwise
+    # conv's width to the stem's); head conv 8, 16 -> 8, 16, 24, 32; pooling at 8 ... 32; logits 8 ... 32 -> 10:
+    # 24 units, plus the fixed cost.
+    assert progress[0][1] == 25
     table = layer_latency.make_table(out, **settings)
-    # Every model converted once (the overhead model, 16 layers and the rest), across both runs.
-    assert len(converted) == len(set(converted)) == 18
-    assert os.listdir(tmp_path) == ["table.json"]  # the work directory is gone
+    # Every model converted once (the overhead model, 24 units and the rest), across both runs.
+    assert len(converted) == len(set(converted)) == 26
+    assert sorted(os.listdir(tmp_path)) == ["table.json", "tiny.keras"]  # the work directory is gone
     loaded = LatencyTable.load(out)
-    loaded.check_covers("resnet8", input_shape=(8, 8, 3), width_multiple=32)
+    loaded.check_covers(layer_latency.table_layout(model_path, layer_latency.table_model(model_path), 8))
     assert table["complete"] and loaded.quantize == "none" and loaded.threads == 1
     for entry in table["entries"].values():
         for times in entry["times"].values():
             net = times["raw_median_ms"] - entry["overhead_ms"][-1]
             assert times["p10_ms"] - 1e-5 <= net <= times["p90_ms"] + 1e-5  # all rounded to 10 ns
             assert times["ms"] >= 0
-    geometry = table["entries"]["conv3x3/s1/2x2/bn/add_relu"]["times"]
-    assert geometry["64->64"]["ms"] > geometry["32->32"]["ms"]  # 4x the MACs
     assert table["fixed"]["ms"] > 0 and table["environment"]["ai_edge_litert"]
     with pytest.raises(ValueError, match="holds a table made with threads=1, not threads=2"):
         layer_latency.make_table(out, threads=2, **settings)
 
 
+def _write(path, content):
+    with open(path, "w") as f:
+        json.dump(content, f)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def table_files(tmp_path_factory):
-    """Synthetic tables: resnet20's space (32x32, widths in multiples of 16) in fp32, and resnet8 at 8x8."""
+    """Synthetic tables: resnet20's space (32x32, widths in multiples of 16) in fp32, resnet8 at 8x8."""
     directory = tmp_path_factory.mktemp("tables")
-    tables = {"resnet20_fp32": synthetic_table(ArchConfig.full("resnet20"), 16),
-              "resnet8_8x8": synthetic_table(ArchConfig.full("resnet8", input_shape=(8, 8, 3)), 32)}
-    paths = {}
-    for name, content in tables.items():
-        paths[name] = str(directory / f"{name}.json")
-        with open(paths[name], "w") as f:
-            json.dump(content, f)
-    return paths
+    layouts = {"resnet20_fp32": ("resnet20", (32, 32, 3), 16), "resnet8_8x8": ("resnet8", (8, 8, 3), 32)}
+    return {name: _write(directory / f"{name}.json", synthetic_table(layer_latency.table_layout(
+        model, build_model(model, shape, 10), multiple))) for name, (model, shape, multiple) in layouts.items()}
 
 
 def test_cli_refuses_cost_flags_that_do_not_say_one_target_in_one_line(tmp_path, table_files):
@@ -229,7 +313,9 @@ def test_cli_refuses_cost_flags_that_do_not_say_one_target_in_one_line(tmp_path,
     ("search", dict(latency_table="/no/table.json"),
      "cannot read latency table '/no/table.json': No such file or directory"),
     ("search", dict(latency_table="{resnet8_8x8}", width_multiple=16),
-     "has no time for conv3x3/s1/32x32/bn/relu with 3 -> 16 channels; it was made for resnet8 at 8x8x3"),
+     "was made for 8x8x3 images and 10 classes, the search takes 32x32x3 images and 10 classes"),
+    ("search", dict(latency_table="{resnet20_fp32}", width_multiple=8),
+     r"has no time for Add\+ReLU/16x16/\w+ with 8 -> 8 channels; it was made for resnet20 at 32x32x3"),
     ("search", dict(latency_table="{resnet20_fp32}", width_multiple=16, target_latency_ms=1000.0),
      r"target latency 1000.0 ms must be in \(0, "),
     ("prune", dict(preset="mobile", latency_table="{resnet20_fp32}"),
@@ -244,42 +330,85 @@ def test_a_bad_latency_table_or_target_is_refused_before_any_work(tmp_path, tabl
 
 
 @pytest.mark.slow
-def test_latency_search_records_the_table_latency_of_its_shapes(tmp_path, table_files):
-    with open(table_files["resnet20_fp32"]) as f:
-        content = json.load(f)
+def test_latency_search_of_resnet20_records_the_table_latency_of_its_shapes(tmp_path, table_files):
     out = str(tmp_path / "search")
     arch = ArchConfig.from_dict(run_search(out, model_name="resnet20", epochs=2, batch_size=32, max_train_examples=256,
                                            cost_metric="latency", latency_table=table_files["resnet20_fp32"],
                                            target_ratio=0.6, width_multiple=16))
     provenance = arch.provenance
-    assert provenance["latency_ms"] == pytest.approx(table_latency(content, arch))
-    assert provenance["full_latency_ms"] == pytest.approx(table_latency(content, ArchConfig.full("resnet20")))
+    full = build_model("resnet20", (32, 32, 3), 10)
+    assert provenance["latency_ms"] == pytest.approx(priced_latency(CifarResNet(arch)))
+    assert provenance["full_latency_ms"] == pytest.approx(priced_latency(full))
     assert provenance["latency_table"]["quantize"] == "none" and provenance["cost_metric"] == "latency"
     with open(os.path.join(out, "history.json")) as f:
         history = json.load(f)
     for entry in history:
         shape = arch.replace(widths=entry["widths"], stage_blocks=entry["stage_blocks"])
-        assert entry["latency"] == pytest.approx(table_latency(content, shape))
+        assert entry["latency"] == pytest.approx(priced_latency(CifarResNet(shape)))
     assert provenance["latency_ratio"] == pytest.approx(provenance["latency_ms"] / provenance["full_latency_ms"])
 
 
+def test_latency_search_steps_move_mobilenet_v2_towards_its_target():
+    """Two search steps of MobileNetV2 (32 px, 10 classes) against a table: eagerly, as tracing its
+    supernet would cost a minute (tests/test_supernet.py)."""
+    model = build_model("mobilenet_v2", (32, 32, 3), 10)
+    supernet, layout = _setup("mobilenet_v2", model, 16)
+    latency = SupernetLatency(supernet, layout, LatencyTable(synthetic_table(layout)))
+    search = TASSearchModel(supernet, target_ratio=0.2, cost_metric="latency", latency=latency)
+    search.compile(optimizer=keras.optimizers.SGD(0.01),
+                   arch_optimizer=keras.optimizers.Adam(0.01, beta_1=0.5, beta_2=0.999))
+    rng = np.random.default_rng(0)
+    batches = [tuple((rng.normal(size=(4, 32, 32, 3)).astype("float32"), rng.integers(0, 10, 4).astype("int32"))
+                     for _ in range(2)) for _ in range(2)]
+    arch = [v.numpy() for v in supernet.arch_variables]
+    start = float(latency.expected())
+    assert float(latency.argmax()) > 0.2 * latency.full_ms  # above the band: the cost term pulls it down
+    logs = [search.train_step(batch) for batch in batches][-1]
+    assert 0.2 < float(logs["argmax_cost_ratio"]) < 1 and float(logs["cost_loss"]) > 0
+    assert all(not np.array_equal(a, v.numpy()) for a, v in zip(arch, supernet.arch_variables))
+    assert float(latency.expected()) < start
+
+
 @pytest.mark.slow
-def test_mobile_preset_searches_latency_and_reports_predicted_beside_measured(tmp_path):
-    full = ArchConfig.full("resnet14")
-    table_path = str(tmp_path / "int8_x16.json")
-    with open(table_path, "w") as f:  # random times: seed 3's smallest network is below the target (0.48)
-        json.dump({**synthetic_table(full, 16, quantize="int8", seed=3), "threads": 1}, f)
+def test_latency_search_of_a_users_model_runs_on_a_table_measured_here(tmp_path):
+    """A tiny latency search of a user's .keras model on a table measured here (a few runs per unit):
+    arch.json records the table latency of its shape."""
+    model_name = str(tmp_path / "tiny.keras")
+    tiny_model(model_name)
+    table_path = str(tmp_path / "table.json")
+    layer_latency.make_table(table_path, models=[model_name], width_multiple=8, runs=5, warmup=1)
+    out = str(tmp_path / "search")
+    shape = PrunedShape.from_dict(run_search(out, model_name=model_name, epochs=1, batch_size=16,
+                                             max_train_examples=128, cost_metric="latency", target_ratio=0.7,
+                                             latency_table=table_path, width_multiple=8))
+    layout = layer_latency.table_layout(model_name, layer_latency.table_model(model_name), 8)
+    table = LatencyTable.load(table_path)
+    assert shape.provenance["latency_ms"] == pytest.approx(predict_latency(layout, shape.shape, table), rel=1e-6)
+    assert shape.provenance["full_latency_ms"] == pytest.approx(
+        predict_latency(layout, layout.space.full_shape(), table), rel=1e-6)
+    assert shape.provenance["cost_metric"] == "latency"
+
+
+@pytest.mark.slow
+def test_mobile_preset_on_a_users_model_reports_predicted_beside_measured(tmp_path):
+    model_path = str(tmp_path / "tiny.keras")
+    tiny_model(model_path)
+    layout = layer_latency.table_layout(model_path, layer_latency.table_model(model_path), 16)
+    table_path = _write(tmp_path / "int8_x16.json", synthetic_table(layout, quantize="int8", fixed_ms=0.001))
     out = str(tmp_path / "run")
-    report = run_prune(out, model_name="resnet14", preset="mobile", latency_table=table_path, target_ratio=0.6,
-                       base_epochs=1, search_epochs=2, distill_epochs=1, max_train_examples=512)
-    shape = ArchConfig.from_dict(report["searched_shape"])
-    assert all(w % 16 == 0 for w in shape.widths)
+    report = run_prune(out, model_name=model_path, preset="mobile", latency_table=table_path, target_ratio=0.8,
+                       search_epochs=1, distill_epochs=1, max_train_examples=256, check_base=False)
+    shape = PrunedShape.from_dict(report["searched_shape"])
+    assert all(w % 16 == 0 for w in shape.shape.widths.values())
     assert sorted(os.listdir(os.path.join(out, "export"))) == ["int8"]
     assert report["cost"] == "latency" and report["latency"]["threads"] == 1
     assert report["latency"]["predicted_ms"]["pruned"] == shape.provenance["latency_ms"]
     assert report["latency"]["measured_ms"]["pruned"] == report["exports"]["int8"]["model"]["latency_ms"]
-    export = json.load(open(os.path.join(out, "export", "int8", "report.json")))
-    assert export["latency"]["threads"] == 1
-    (pruned,) = [m for m in export["models"] if m["role"] == "model"]
-    assert pruned["predicted_latency"]["ms"] == shape.provenance["latency_ms"]
     assert "latency predicted by the table (1 thread(s))" in open(os.path.join(out, "report.md")).read()
+
+
+def test_a_concatenate_of_searched_widths_is_refused_in_one_line():
+    model = dense_cnn()
+    with pytest.raises(ValueError, match=r"^the latency cost does not cover a Concatenate of searched widths "
+                                         r"\(d1_l1_concat in dense_cnn\); search its FLOPs instead$"):
+        LatencyLayout(read_model(model), model)

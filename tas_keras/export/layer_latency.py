@@ -1,16 +1,16 @@
-"""Makes a latency table on this machine: every layer of a search space alone, timed with LiteRT.
+"""Makes a latency table on this machine: every timed unit of a search space alone, timed with LiteRT.
 
-For every geometry the search space needs (`tas_keras.latency.required_entries`) and every (input
-width, output width) pair of candidates, the layer is built alone as a Keras model (the same layers
-the network builder uses: Conv2D, BN, ReLU, the residual Add, the shortcut's pooling), converted the
-way the network is (SavedModel -> TFLite, fp32, or int8 calibrated on random inputs with int8 inputs
-and outputs, so no quantise/dequantise op is timed that the network does not have) and timed with
-LiteRT at batch 1 (XNNPACK, `threads`). All the pairs of one geometry and an "overhead" model (a 1x1
-conv on one value: the cost of an invoke itself) are timed interleaved, A B C ... per run after a
-warm-up; an entry is the median of its runs minus the overhead's median, with the spread (p10, p90)
-recorded. The fixed cost is the median of a model that only takes the image and gives the logits
-(global pooling and a Dense on the image: float input and output, quantised as the network is), which
-holds the invoke overhead once and the input and output conversions.
+For every geometry the search space needs (`tas_keras.latency.LatencyLayout.required_entries`) and every
+(input width, output width) pair it needs (or, with `grid`, a grid of them), the unit is built alone as
+Keras layers of the model's classes and settings (`LatencyLayout.unit_model`), converted the way the
+network is (SavedModel -> TFLite, fp32, or int8 calibrated on random inputs with int8 inputs and outputs,
+so no quantise/dequantise op is timed that the network does not have) and timed with LiteRT at batch 1
+(XNNPACK, `threads`). All the pairs of one geometry and an "overhead" model (a 1x1 conv on one value:
+the cost of an invoke itself) are timed interleaved, A B C ... per run after a warm-up; an entry is the
+median of its runs minus the overhead's median, with the spread (p10, p90) recorded. The fixed cost is
+the median of the exported form with (almost) nothing inside: uint8 pixels in, the normalisation, a
+global pooling and a Dense to the logits out (float output, as the pipeline exports), which holds the
+invoke overhead once and the input and output conversions.
 
 Resumable: converted models are kept in `<out>.work/` (each written atomically), and the table is
 rewritten atomically after every geometry, so a killed run continues where it stopped; the work
@@ -30,12 +30,12 @@ import numpy as np
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
+from tas_keras.cost import count_shape
+from tas_keras.derive import derive_model
 from tas_keras.export import convert, verify
-from tas_keras.cost import count_arch
-from tas_keras.latency import CONV, QUANTIZATIONS, TABLE_FORMAT, pair_key, predict_latency, required_entries
-from tas_keras.layers import BN_EPSILON, BN_MOMENTUM
-from tas_keras.models.cifar_resnet import CifarResNet
-from tas_keras.search_space import ArchConfig
+from tas_keras.latency import QUANTIZATIONS, TABLE_FORMAT, LatencyLayout, pair_key, predict_latency
+from tas_keras.models.registry import build_model, image_size_for, is_model_file
+from tas_keras.supernet import search_space
 from tas_keras.training import read_json, write_json
 
 RUNS = 200
@@ -46,28 +46,27 @@ WARMUP = 20
 REWARM = 1
 CALIBRATION_SAMPLES = 8
 WORK_SUFFIX = ".work"
+# The normalisation inside the exported form: its time does not depend on the statistics.
+PIXEL_MEAN, PIXEL_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
-def layer_model(geometry, in_width, out_width):
-    """One layer of the network alone (random weights: a layer's time does not depend on them)."""
-    inputs = [keras.Input((*geometry.input_size, in_width), name="input")]
-    x = inputs[0]
-    if geometry.kind != CONV:
-        x = keras.layers.GlobalAveragePooling2D()(x)
-        return keras.Model(inputs, keras.layers.Dense(out_width)(x))
-    if geometry.pool_first:
-        x = keras.layers.AveragePooling2D(2, padding="same")(x)
-    x = keras.layers.Conv2D(out_width, geometry.kernel, strides=geometry.stride, padding="same", use_bias=False)(x)
-    if geometry.batch_norm:
-        x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON)(x)
-    if geometry.residual_add:
-        # The other operand of the block's Add (the shortcut's output) is a second input; its name
-        # sorts after "input", so the converter keeps the Keras input order for calibration.
-        inputs.append(keras.Input((*geometry.output_size, out_width), name="residual"))
-        x = keras.layers.Add()([inputs[1], x])
-    if geometry.relu or geometry.residual_add:
-        x = keras.layers.ReLU()(x)
-    return keras.Model(inputs, x)
+def table_model(model_name, image_size=None, num_classes=None):
+    """The full network a table is made for: a registry network at `image_size` and `num_classes` (its
+    defaults when None), or the model of a .keras file (which brings its own)."""
+    if is_model_file(model_name):
+        return build_model(model_name)
+    size = image_size_for(model_name, image_size)
+    return build_model(model_name, (size, size, 3) if size else None, num_classes)
+
+
+def table_layout(model_name, model, width_multiple=1, add_mode=None):
+    """The timed units of the search space `run_search` reads from `model` (the network `model_name`)."""
+    return LatencyLayout(search_space(model_name, model, add_mode, width_multiple), model)
+
+
+def exported_form(model):
+    """`model` as the pipeline exports it: uint8 pixels in, the normalisation inside."""
+    return convert.pixel_input_model(model, PIXEL_MEAN, PIXEL_STD)
 
 
 def overhead_model():
@@ -77,16 +76,19 @@ def overhead_model():
 
 
 def rest_model(input_shape, num_classes):
-    """Image in, logits out and (almost) nothing in between: the network's fixed cost."""
+    """The exported form with (almost) nothing inside: the network's fixed cost."""
     inputs = keras.Input(input_shape, name="input")
-    return keras.Model(inputs, keras.layers.Dense(num_classes)(keras.layers.GlobalAveragePooling2D()(inputs)))
+    return exported_form(keras.Model(inputs, keras.layers.Dense(num_classes)(
+        keras.layers.GlobalAveragePooling2D()(inputs))))
 
 
 def convert_model(model, quantize, path, integer_io=True):
     """Writes `model` as a .tflite file at `path` (atomically), converted as the network is; int8
-    models are calibrated on random normal inputs and, with `integer_io`, take and give int8."""
+    models are calibrated on random inputs (normal, or pixels for a uint8 input) and, with `integer_io`,
+    take and give int8 (a uint8 input stays uint8)."""
     rng = np.random.default_rng(0)
-    calibration = [rng.standard_normal((CALIBRATION_SAMPLES, *x.shape[1:])).astype(np.float32)
+    calibration = [rng.integers(0, 256, (CALIBRATION_SAMPLES, *x.shape[1:])).astype(np.uint8) if x.dtype == "uint8"
+                   else rng.standard_normal((CALIBRATION_SAMPLES, *x.shape[1:])).astype(np.float32)
                    for x in model.inputs]
     with tempfile.TemporaryDirectory() as scratch:
         saved_model = os.path.join(scratch, "saved_model")
@@ -141,25 +143,26 @@ def environment():
 
 def _settings(table):
     """The settings a table was made with: a table is continued only with the same ones."""
-    return {"quantize": table["quantize"], "threads": table["threads"],
-            "width_multiple": table["space"]["width_multiple"], "num_classes": table["space"]["num_classes"],
-            "input_shape": table["space"]["input_shape"], "runs": table["measurement"]["runs"],
-            "warmup": table["measurement"]["warmup"]}
+    return {"quantize": table["quantize"], "threads": table["threads"], **{
+        key: table["space"][key] for key in ("width_multiple", "num_classes", "input_shape", "grid", "add_mode")},
+        "runs": table["measurement"]["runs"], "warmup": table["measurement"]["warmup"]}
 
 
-def _new_table(models, quantize, threads, width_multiple, num_classes, input_shape, runs, warmup, note):
+def _new_table(models, quantize, threads, width_multiple, num_classes, input_shape, grid, add_mode, runs, warmup,
+               note):
     return {
         "format": TABLE_FORMAT,
         "quantize": quantize,
         "threads": threads,
         "space": {"models": sorted(models), "input_shape": list(input_shape), "num_classes": num_classes,
-                  "width_multiple": width_multiple},
+                  "width_multiple": width_multiple, "grid": grid, "add_mode": add_mode},
         "measurement": {
             "runtime": "LiteRT (ai_edge_litert.interpreter), XNNPACK, batch 1", "runs": runs, "warmup": warmup,
             "rewarm": REWARM,
             "method": "each geometry's width pairs and an overhead model (1x1 conv on one value) timed "
-                      "interleaved, A B C ... per run, each timed invoke right after an untimed one; entry = median - the overhead's median; fixed = median "
-                      "of an image-in, logits-out model (global pooling + Dense, float I/O)"},
+                      "interleaved, A B C ... per run, each timed invoke right after an untimed one; entry = "
+                      "median - the overhead's median; fixed = median of the exported form (uint8 pixels, "
+                      "normalisation, global pooling + Dense, float output)"},
         "environment": environment(),
         "note": note,
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -177,7 +180,8 @@ def _continued(out, new):
     except (ValueError, OSError):
         table = {}
     if table.get("format") != TABLE_FORMAT:
-        raise ValueError(f"{out} exists and is not a latency table; use another --out or --overwrite")
+        raise ValueError(f"{out} exists and is not a latency table of format {TABLE_FORMAT!r}; use another --out "
+                         "or --overwrite")
     held, wanted = _settings(table), _settings(new)
     changed = sorted(key for key in wanted if held[key] != wanted[key])
     if changed:
@@ -188,27 +192,59 @@ def _continued(out, new):
     return table
 
 
+def grid_widths(widths, grid):
+    """`grid` widths spread evenly over the sorted `widths`, the narrowest and the widest among them;
+    all of them when `grid` is None or not smaller."""
+    widths = sorted(widths)
+    if not grid or len(widths) <= grid:
+        return widths
+    return [widths[i] for i in np.round(np.linspace(0, len(widths) - 1, grid)).astype(int)]
+
+
+def measured_pairs(pairs, grid):
+    """The pairs a table measures for a geometry needing `pairs`: all, or a grid of widths on each axis
+    (along the diagonal when only equal widths are needed) between which the table interpolates."""
+    if not grid:
+        return set(pairs)
+    if all(a == b for a, b in pairs):
+        return {(w, w) for w in grid_widths({a for a, _ in pairs}, grid)}
+    return {(a, b) for a in grid_widths({a for a, _ in pairs}, grid) for b in grid_widths({b for _, b in pairs}, grid)}
+
+
 def _file_name(key):
     return key.replace("/", "_")
 
 
 def make_table(out, models=("resnet20",), quantize="none", threads=1, width_multiple=1, num_classes=10,
-               input_shape=(32, 32, 3), runs=RUNS, warmup=WARMUP, note="", overwrite=False, progress=None):
-    """Measures (or completes) the latency table of the search spaces of `models` into `out` (JSON).
+               image_size=None, grid=None, add_mode=None, runs=RUNS, warmup=WARMUP, note="", overwrite=False,
+               progress=None):
+    """Measures (or completes) the latency table of the search spaces of `models` (registry names, built at
+    `image_size` and `num_classes`, or .keras files) into `out` (JSON), at every width pair they need or,
+    with `grid`, at `grid` widths per axis of every geometry.
 
     `progress(done, total)`, if given, is called as models are converted and timed. Returns the table.
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
-    if min(threads, runs, width_multiple) < 1 or warmup < 0:
-        raise ValueError(f"threads, runs and width_multiple must be >= 1 and warmup >= 0, got {threads}, {runs}, "
-                         f"{width_multiple} and {warmup}")
-    needed = {}
-    for model_name in models:
-        full = ArchConfig.full(model_name, num_classes=num_classes, input_shape=input_shape)
-        for geometry, pairs in required_entries(full, width_multiple).items():
-            needed.setdefault(geometry, set()).update(pairs)
-    table = _new_table(models, quantize, threads, width_multiple, num_classes, input_shape, runs, warmup, note)
+    if min(threads, runs, width_multiple) < 1 or warmup < 0 or (grid is not None and grid < 2):
+        raise ValueError(f"threads, runs and width_multiple must be >= 1, warmup >= 0 and grid >= 2, got {threads}, "
+                         f"{runs}, {width_multiple}, {warmup} and {grid}")
+    layouts = {}
+    for name in models:
+        model = table_model(name, image_size, num_classes)
+        layouts[name] = table_layout(name, model, width_multiple, add_mode)
+    inputs = {(layout.input_shape, layout.num_classes) for layout in layouts.values()}
+    if len(inputs) > 1:
+        raise ValueError(f"the models of one table must take one input shape and give one number of classes, got "
+                         f"{sorted(inputs)}")
+    ((input_shape, classes),) = inputs
+    needed, made_by = {}, {}
+    for layout in layouts.values():
+        for key, (geometry, pairs) in layout.required_entries().items():
+            needed.setdefault(key, (geometry, set()))[1].update(pairs)
+            made_by.setdefault(key, layout)
+    table = _new_table(models, quantize, threads, width_multiple, classes, input_shape, grid, add_mode, runs, warmup,
+                       note)
     if overwrite:
         shutil.rmtree(out + WORK_SUFFIX, ignore_errors=True)
     elif os.path.exists(out):
@@ -218,37 +254,40 @@ def make_table(out, models=("resnet20",), quantize="none", threads=1, width_mult
     if not os.path.exists(overhead):
         convert_model(overhead_model(), quantize, overhead)
 
-    pending = {geometry: sorted(pairs - {tuple(int(w) for w in key.split("->"))
-                                         for key in table["entries"].get(geometry.key, {}).get("times", {})})
-               for geometry, pairs in sorted(needed.items(), key=lambda item: item[0].key)}
+    pending = {key: sorted(measured_pairs(pairs, grid) - {tuple(int(w) for w in pair.split("->"))
+                                                          for pair in table["entries"].get(key, {}).get("times", {})})
+               for key, (_, pairs) in sorted(needed.items())}
     total = sum(len(pairs) for pairs in pending.values()) + (table["fixed"] is None)
     done = 0
-    logging.info("latency table %s: %d layer models to time (%s, %d thread(s))", out, total, quantize, threads)
-    for geometry, pairs in pending.items():
+    logging.info("latency table %s: %d unit models to time (%s, %d thread(s))", out, total, quantize, threads)
+    for key, pairs in pending.items():
         if not pairs:
             continue
         paths = []
         for a, b in pairs:
-            path = os.path.join(work, _file_name(geometry.key), f"{a}-{b}.tflite")
+            path = os.path.join(work, _file_name(key), f"{a}-{b}.tflite")
             if not os.path.exists(path):
-                convert_model(layer_model(geometry, a, b), quantize, path)
+                convert_model(made_by[key].unit_model(key, a, b), quantize, path)
             paths.append(path)
             done += 1
             if progress:
                 progress(done, total)
         base, *samples = time_interleaved([overhead, *paths], threads, runs, warmup)
         base_ms = float(np.median(base))
-        entry = table["entries"].setdefault(geometry.key, {"geometry": geometry.to_dict(), "times": {}})
+        geometry, needed_pairs = needed[key]
+        entry = table["entries"].setdefault(key, {"geometry": geometry, "times": {}})
+        entry["needs"] = {"in": sorted({a for a, _ in needed_pairs}), "out": sorted({b for _, b in needed_pairs}),
+                          "pairs": len(needed_pairs)}
         entry.setdefault("overhead_ms", []).append(round(base_ms, 5))
         for (a, b), timed in zip(pairs, samples):
             entry["times"][pair_key(a, b)] = {**spread(timed, base_ms),
                                               "raw_median_ms": round(float(np.median(timed)), 5)}
         write_json(out, table)
-        logging.info("%s: %d pairs timed (overhead %.4f ms)", geometry.key, len(pairs), base_ms)
+        logging.info("%s: %d pairs timed (overhead %.4f ms)", key, len(pairs), base_ms)
 
     if table["fixed"] is None:
         rest = os.path.join(work, "rest.tflite")
-        convert_model(rest_model(tuple(input_shape), num_classes), quantize, rest, integer_io=False)
+        convert_model(rest_model(tuple(input_shape), classes), quantize, rest, integer_io=False)
         base, timed = time_interleaved([overhead, rest], threads, runs, warmup)
         table["fixed"] = {**spread(timed), "overhead_ms": round(float(np.median(base)), 5)}
         done += 1
@@ -262,22 +301,25 @@ def make_table(out, models=("resnet20",), quantize="none", threads=1, width_mult
     return table
 
 
-def measure_networks(table, shapes, runs, workdir):
-    """The table's prediction and the measured latency of every (name, ArchConfig) of `shapes`, built
-    with random weights, converted as the table's quantisation (float input and output, as the
-    pipeline exports) and timed interleaved at its threads; with the load average at the start."""
+def measure_networks(table, layout, shapes, runs, workdir):
+    """The table's prediction and the measured latency of every (name, GraphShape) of `shapes` of the
+    layout's space, derived from its model with random weights, in the exported form (uint8 pixels, the
+    normalisation inside, float output), converted as the table's quantisation and timed interleaved at
+    its threads; with the load average at the start."""
     paths = []
-    for name, arch in shapes:
+    for name, shape in shapes:
         paths.append(os.path.join(workdir, f"{name}.tflite"))
-        convert_model(CifarResNet(arch), table.quantize, paths[-1], integer_io=False)
+        derived = derive_model(layout.model, layout.space, shape, transfer_weights=False)
+        convert_model(exported_form(derived), table.quantize, paths[-1], integer_io=False)
     load = os.getloadavg()
     samples = time_interleaved(paths, table.threads, runs)
     rows = []
-    for (name, arch), timed in zip(shapes, samples):
-        predicted = predict_latency(arch, table)
+    for (name, shape), timed in zip(shapes, samples):
+        predicted = predict_latency(layout, shape, table)
         measured = spread(timed)
-        rows.append({"shape": name, "widths": list(arch.widths), "stage_blocks": list(arch.stage_blocks),
-                     "mflops": round(count_arch(arch).flops / 1e6, 3), "predicted_ms": round(predicted, 5),
-                     "measured_ms": measured["ms"], "measured_p10_ms": measured["p10_ms"],
-                     "measured_p90_ms": measured["p90_ms"], "error": round(predicted / measured["ms"] - 1, 4)})
+        rows.append({"shape": name, **shape.to_dict(),
+                     "mflops": round(count_shape(layout.space, shape).flops / 1e6, 3),
+                     "predicted_ms": round(predicted, 5), "measured_ms": measured["ms"],
+                     "measured_p10_ms": measured["p10_ms"], "measured_p90_ms": measured["p90_ms"],
+                     "error": round(predicted / measured["ms"] - 1, 4)})
     return rows, [round(x, 2) for x in load]
