@@ -61,8 +61,8 @@ class Preset:
 
 
 PRESETS = {
-    # The README quickstart: the bundled subset, a few minutes on 2 CPU cores.
-    "quick": Preset(data.BUNDLED_DATASET, base_epochs=8, search_epochs=10, distill_epochs=8, batch_size=128,
+    # The README quickstart: the bundled subset, under 5 minutes on 2 CPU cores (docs/results.md).
+    "quick": Preset(data.BUNDLED_DATASET, base_epochs=5, search_epochs=6, distill_epochs=5, batch_size=128,
                     search_batch_size=64, latency_runs=100),
     # The reference schedule and architecture step (base network trained as long as the final
     # training), for GPUs.
@@ -73,7 +73,7 @@ PRESETS = {
     # For phones: the quick schedule, searched against the int8 latency of a table measured on this
     # machine (made in latency_table/ unless given) in widths that are multiples of 16 (XNNPACK's int8
     # kernels tile output channels by 16), exported to int8 only, timed on one thread.
-    "mobile": Preset(data.BUNDLED_DATASET, base_epochs=8, search_epochs=10, distill_epochs=8, batch_size=128,
+    "mobile": Preset(data.BUNDLED_DATASET, base_epochs=5, search_epochs=6, distill_epochs=5, batch_size=128,
                      search_batch_size=64, latency_runs=100, cost=LATENCY, width_multiple=16,
                      quantizations=("int8",), threads=1),
 }
