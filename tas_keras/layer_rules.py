@@ -729,9 +729,14 @@ NORMALIZATION_CLASSES = BatchNormRule.classes
 _REFUSED_BECAUSE = {_L.GroupNormalization: "not supported: in a narrower network its groups would hold other channels"}
 
 
+def _matching_rule(layer):
+    """The first rule of the layer's exact class that matches it, or None."""
+    return next((rule for rule in _BY_CLASS.get(type(layer), ()) if rule.matches(layer)), None)
+
+
 def rule_for_layer(layer):
     """The rule of a Keras layer or keras.ops operation; refuses (UnsupportedModelError) a class without one."""
-    rule = next((rule for rule in _BY_CLASS.get(type(layer), ()) if rule.matches(layer)), None)
+    rule = _matching_rule(layer)
     if rule is None and not isinstance(layer, keras.layers.Layer):
         refuse(layer, "a keras.ops operation on symbolic tensors that the reader has no rule for; the element-wise "
                       "ones are read (x + 3.0, x * y, keras.ops.relu, ...): use a layer for the others")
@@ -743,7 +748,7 @@ def rule_for_layer(layer):
 def counting_rule(layer):
     """The rule that counts a Keras layer (`tas_keras.cost.count_model`), or None: its class has no rule,
     or its rule counts nothing."""
-    rule = next((rule for rule in _BY_CLASS.get(type(layer), ()) if rule.matches(layer)), None)
+    rule = _matching_rule(layer)
     return rule if rule is not None and rule.costed else None
 
 
