@@ -206,6 +206,12 @@ class GraphSpace:
         return GraphShape({s.name: s.full_width for s in self.searchable_slots},
                           {stage.name: stage.num_blocks for stage in self.stages})
 
+    def random_shape(self, rng):
+        """A shape drawn uniformly: every searchable slot's width from its candidates, every stage's depth
+        from its choices (`rng`: a numpy Generator)."""
+        return GraphShape({slot.name: int(rng.choice(slot.candidates)) for slot in self.searchable_slots},
+                          {stage.name: int(rng.choice(stage.choices)) for stage in self.stages})
+
     def validate(self, shape):
         expected, given = {s.name for s in self.searchable_slots}, set(shape.widths)
         if expected != given:
