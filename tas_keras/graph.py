@@ -66,11 +66,15 @@ Width rules (each layer class's is its rule in `tas_keras.layer_rules`). Every t
   - A fixed slot tied to a searchable one makes the whole group fixed.
 
 Depth rules.
-  - An identity block is an Add(x, r) of two inputs of equal shape where x is an ancestor of r and the
-    layers between them (the residual branch) read only x or each other and feed only each other or
-    the Add. The block is the branch, the Add, and the elementwise activations that follow the Add
-    while each is its tensor's only consumer; its exit is the last of those. Dropping it hands x to
-    whatever read the exit. A block whose branch holds another block is not droppable.
+  - An identity block is an Add(x, r) (an Add layer, or `x + r` written with keras.ops, as ConvNeXt
+    writes it) of two inputs of equal shape where x is an ancestor of r and the layers between them (the
+    residual branch) read only x or each other and feed only each other or the Add. The block is the
+    branch, the Add, and the elementwise activations that follow the Add while each is its tensor's only
+    consumer; its exit is the last of those. Dropping it hands x to whatever read the exit. A block whose
+    branch holds another block is not droppable, nor one whose shortcut is not x itself (ResNetV2's
+    max-pooled shortcut of a stride-2 block): such a block ends the chain before it. A block is named
+    after its Add without an "_add" suffix; one a keras.ops addition closes (numbered by Keras) after
+    the common prefix of its layers with weights.
   - Identity blocks whose entry is the previous one's exit form a chain; a maximal chain is a stage.
     The stage's first block is always kept:
         * the projection block (an Add that is not an identity block) whose exit is the chain's entry;
@@ -508,7 +512,19 @@ class _GraphReader:
                                              tuple(branch) + (name,) + tuple(trailing))
         nested = {outer for outer, block in blocks.items()
                   if any(inner in block.layers for inner in blocks if inner != outer)}
-        return {name: block for name, block in blocks.items() if name not in nested}
+        return self._named({name: block for name, block in blocks.items() if name not in nested})
+
+    def _named(self, blocks):
+        """The blocks, with those a keras.ops addition closes (Keras numbers it: "add_7") named after their
+        layers with weights (users name those), as a stage opener is, where that name is no other block's."""
+        taken, named = {block.name for block in blocks.values()}, {}
+        for add, block in blocks.items():
+            weighted = [n for n in block.layers if getattr(self.keras_layers[n], "weights", None)]
+            if not self._rule(add).named_by_user and weighted and _common_prefix(weighted) not in taken:
+                block = dataclasses.replace(block, name=_common_prefix(weighted))
+                taken.add(block.name)
+            named[add] = block
+        return named
 
     def _stages(self, blocks):
         by_entry = {}

@@ -754,6 +754,9 @@ class ElementwiseOpRule(LayerRule):
     def folds_as(self, keras_layer):
         return FOLDED_ACTIVATION if type(keras_layer).__name__ in ("Relu", "Relu6") else None
 
+    def adds_inputs(self, keras_layer):
+        return type(keras_layer) is numpy_ops.Add  # `x + y` (`x + 3.0` has one tensor input)
+
     def masked(self, layer, keras_layer):
         zeros = tf.zeros((1, 1))
         return bool(np.any(keras.ops.convert_to_numpy(self.call(keras_layer, [zeros] * 2, layer))))
