@@ -25,12 +25,12 @@ def derive_model(model, space, shape, transfer_weights=True):
     plan = space.plan(shape)
     tensors = {}
     for planned in plan.layers:
-        if planned.layer.kind == "input":
+        rule = rule_for(planned.layer)
+        if rule.is_image_input:
             image = model.inputs[0]
             tensors[planned.layer.name] = keras.Input(batch_shape=image.shape, dtype=image.dtype,
                                                       name=planned.layer.name)
             continue
-        rule = rule_for(planned.layer)
         # The derived network is trained next: a frozen source (a teacher) must not freeze it (`rebuilt` makes
         # it trainable), and it computes in the stage's dtype policy (tas_keras.precision), with floatx
         # (float32) logits for the losses.
@@ -38,7 +38,7 @@ def derive_model(model, space, shape, transfer_weights=True):
                              keras.config.floatx() if planned.layer.name == plan.output else None)
         tensors[planned.layer.name] = rule.call(layer, [tensors[name] for name in planned.layer.inputs],
                                                 planned.layer, **planned.layer.call_arguments)
-    input_name = next(p.layer.name for p in plan.layers if p.layer.kind == "input")
+    input_name = next(p.layer.name for p in plan.layers if rule_for(p.layer).is_image_input)
     derived = keras.Model(tensors[input_name], tensors[plan.output], name=model.name)
     if transfer_weights:
         init_from_teacher(derived, model, space, shape)

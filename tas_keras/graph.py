@@ -66,11 +66,15 @@ Width rules (each layer class's is its rule in `tas_keras.layer_rules`). Every t
   - A fixed slot tied to a searchable one makes the whole group fixed.
 
 Depth rules.
-  - An identity block is an Add(x, r) of two inputs of equal shape where x is an ancestor of r and the
-    layers between them (the residual branch) read only x or each other and feed only each other or
-    the Add. The block is the branch, the Add, and the elementwise activations that follow the Add
-    while each is its tensor's only consumer; its exit is the last of those. Dropping it hands x to
-    whatever read the exit. A block whose branch holds another block is not droppable.
+  - An identity block is an Add(x, r) (an Add layer, or `x + r` written with keras.ops, as ConvNeXt
+    writes it) of two inputs of equal shape where x is an ancestor of r and the layers between them (the
+    residual branch) read only x or each other and feed only each other or the Add. The block is the
+    branch, the Add, and the elementwise activations that follow the Add while each is its tensor's only
+    consumer; its exit is the last of those. Dropping it hands x to whatever read the exit. A block whose
+    branch holds another block is not droppable, nor one whose shortcut is not x itself (ResNetV2's
+    max-pooled shortcut of a stride-2 block): such a block ends the chain before it. A block is named
+    after its Add without an "_add" suffix; one a keras.ops addition closes (numbered by Keras) after
+    the common prefix of its layers with weights.
   - Identity blocks whose entry is the previous one's exit form a chain; a maximal chain is a stage.
     The stage's first block is always kept:
         * the projection block (an Add that is not an identity block) whose exit is the chain's entry;
@@ -106,12 +110,9 @@ import keras
 
 from tas_keras.graph_space import (ADD_MODES, INDEPENDENT, TIED, GraphLayer, GraphSpace, IdentityShortcut,
                                    ResidualBlock, Stage, WidthSlot, output_size)
-from tas_keras.layer_rules import (CHANNEL_MIXING_ACTIVATIONS, ELEMENTWISE_ACTIVATIONS, FOLLOWING_CLASSES,
-                                   NORMALIZATION_CLASSES, RANDOM_AUGMENTATION_CLASSES, UnsupportedModelError,
-                                   activation_name, refuse, rule_for_layer)
+from tas_keras.layer_rules import (UnsupportedModelError, is_input_layer, is_random_augmentation, matching_rule,
+                                   refuse, rule_for_layer)
 from tas_keras.search_space import WIDTH_RATIOS, candidate_widths, depth_choices
-
-_L = keras.layers
 
 
 def load_model(model_or_path, logits=True):
@@ -151,14 +152,14 @@ def plain_graph(model):
     (UnsupportedModelError)."""
     if isinstance(model, keras.Sequential) and getattr(model, "_functional", None) is not None:
         model = model._functional
-    if not _nested(model) and not any(isinstance(op, RANDOM_AUGMENTATION_CLASSES) for op in _all_operations(model)):
+    if not _nested(model) and not any(is_random_augmentation(op) for op in _all_operations(model)):
         return model
 
     def inlined(functional, inputs, training):
         functional = getattr(functional, "_functional", None) or functional
 
         def operation_fn(op):
-            if isinstance(op, RANDOM_AUGMENTATION_CLASSES):
+            if is_random_augmentation(op):
                 return lambda *args, **kwargs: args[0]
             if op in _nested(functional):
                 return lambda *args, **kwargs: inlined(op, args[0], kwargs.get("training", training))
@@ -172,7 +173,7 @@ def plain_graph(model):
     inputs = keras.Input(batch_shape=image.shape, dtype=image.dtype, name=image._keras_history[0].name)
     names = {}
     for op in _all_operations(model):
-        if not isinstance(op, (keras.layers.InputLayer, *RANDOM_AUGMENTATION_CLASSES)) and (
+        if not (is_input_layer(op) or is_random_augmentation(op)) and (
                 names.setdefault(op.name, op) is not op):
             refuse(op, f"a nested model uses the name {op.name!r} for another layer too; the layers of a model "
                        "read through must have distinct names")
@@ -197,7 +198,7 @@ def operation(model, name):
 
 def softmax_head(model):
     """The name of the layer that applies the model's final softmax over the classes (a Softmax or a
-    softmax Activation layer, or the softmax activation of its last Dense or Conv2D), else None."""
+    softmax Activation layer, or the softmax activation of the Dense or conv it ends in), else None."""
     try:
         outputs = model.outputs
     except AttributeError:  # a Sequential without an input yet
@@ -205,18 +206,13 @@ def softmax_head(model):
     if not outputs or len(outputs) != 1:  # a subclassed model has none
         return None
     last = outputs[0]._keras_history[0]
-    if isinstance(last, keras.layers.Softmax) and last.axis in (-1, len(model.outputs[0].shape) - 1):
-        return last.name
-    activation = last.get_config().get("activation") if isinstance(last, keras.layers.Layer) else None
-    if activation == "softmax" and isinstance(last, (keras.layers.Activation, keras.layers.Dense,
-                                                     keras.layers.Conv2D)):
-        return last.name
-    return None
+    rule = matching_rule(last)
+    return last.name if rule is not None and rule.ends_in_softmax(last, len(outputs[0].shape)) else None
 
 
 def logits_model(model):
     """`model` without its final softmax (`softmax_head`), with the same layers, names and weights: a
-    Softmax or Activation layer is left off, a Dense or Conv2D is rebuilt with a linear activation;
+    Softmax or Activation layer is left off, a Dense or conv is rebuilt with a linear activation;
     `model` itself when it ends in no softmax. The export puts the softmax back
     (`tas_keras.export.exporter.export_and_verify`'s `output`)."""
     head = softmax_head(model)
@@ -225,13 +221,7 @@ def logits_model(model):
     last = model.get_layer(head)
     node = last._inbound_nodes[-1]
     (features,) = node.input_tensors
-    if isinstance(last, (keras.layers.Softmax, keras.layers.Activation)):
-        logits = features
-    else:
-        linear = type(last).from_config({**last.get_config(), "activation": "linear"})
-        logits = linear(features)
-        linear.set_weights(last.get_weights())
-    return keras.Model(model.inputs, logits, name=model.name)
+    return keras.Model(model.inputs, rule_for_layer(last).logits(last, features), name=model.name)
 
 
 def read_model(model, add_mode=TIED, multiple_of=1, ratios=WIDTH_RATIOS):
@@ -427,7 +417,7 @@ class _GraphReader:
             refuse(layer, "merges inputs of different channel counts: "
                            f"{[self.channels(source) for source in sources]}")
         concatenated = any(self.slots.find(slot) in self.slots.members for slot in in_slots)
-        if type(layer) is _L.Add and self.add_mode == INDEPENDENT and len(sources) == 2 and (
+        if self._adds_tensors(layer.name) and self.add_mode == INDEPENDENT and len(sources) == 2 and (
                 self.shapes[sources[0]] == self.shapes[sources[1]]) and not concatenated:
             a, b = sources
             identity = (a, b) if self.is_ancestor(a, b) else (b, a) if self.is_ancestor(b, a) else None
@@ -441,16 +431,20 @@ class _GraphReader:
             self.slots.tie(in_slots[0], slot)
         return in_slots[0]
 
-    def _opens_conv_slot(self, name):
-        """Whether the layer is a Conv2D that opens its own slot (a grouped one follows its input's)."""
-        return rule_for_layer(self.keras_layers[name]).kind == "conv"
+    def _rule(self, name):
+        return rule_for_layer(self.keras_layers[name])
 
-    def _walk_back(self, name, through):
-        """Follows single-input layers of the given kinds back from `name` while each output it passes
-        has one consumer; returns the layers passed and the first layer that stopped the walk."""
+    def _adds_tensors(self, name):
+        """Whether the layer adds tensors (an Add, `x + y`), as the end of a residual block does."""
+        return self._rule(name).adds_inputs(self.keras_layers[name]) and len(self.inputs[name]) > 1
+
+    def _walk_back(self, name, batch_norms=False):
+        """Follows single-input layers that pass their input's channels through (and with `batch_norms`,
+        batch normalisations) back from `name` while each output it passes has one consumer; returns the
+        layers passed and the first layer that stopped the walk."""
         passed = []
-        while (type(self.keras_layers[name]) in through and len(self.consumers[name]) <= 1
-               and len(self.inputs[name]) == 1):
+        while ((self._rule(name).passes_channels_through or batch_norms and self._rule(name).batch_normalizes)
+               and len(self.consumers[name]) <= 1 and len(self.inputs[name]) == 1):
             passed.append(name)
             name = self.inputs[name][0]
         return passed, name
@@ -458,10 +452,10 @@ class _GraphReader:
     def _identity_shortcut(self, add, shortcut, residual):
         """Records the projection a derived network needs where x and r differ; False when r does not
         come from a conv whose settings the projection could copy (the Add is tied then)."""
-        passed, conv = self._walk_back(residual, FOLLOWING_CLASSES + NORMALIZATION_CLASSES)
-        if not self._opens_conv_slot(conv):
+        passed, conv = self._walk_back(residual, batch_norms=True)
+        if not self._rule(conv).shortcut_projection_template:
             return False
-        norms = [n for n in passed if type(self.keras_layers[n]) is _L.BatchNormalization]
+        norms = [n for n in passed if self._rule(n).batch_normalizes]
         block = _block_name(add.name)
         names = (f"{block}_shortcut_conv", f"{block}_shortcut_bn")
         clash = [n for n in names if n in self.index]
@@ -476,10 +470,10 @@ class _GraphReader:
         """Whether Add input `source` is a projection shortcut of the other input `other`."""
         if len(self.consumers[source]) != 1:
             return False
-        _, conv = self._walk_back(source, FOLLOWING_CLASSES + NORMALIZATION_CLASSES)
-        if not self._opens_conv_slot(conv) or len(self.consumers[conv]) != 1:
+        _, conv = self._walk_back(source, batch_norms=True)
+        if not self._rule(conv).shortcut_projection_template or len(self.consumers[conv]) != 1:
             return False
-        _, branch = self._walk_back(self.inputs[conv][0], FOLLOWING_CLASSES)
+        _, branch = self._walk_back(self.inputs[conv][0])
         return self.is_ancestor(branch, other)
 
     # Depth.
@@ -489,8 +483,7 @@ class _GraphReader:
         exit_, trailing = add, []
         while len(self.consumers[exit_]) == 1 and exit_ != self.output:
             consumer = self.consumers[exit_][0]
-            layer = self.keras_layers[consumer]
-            if type(layer) not in ELEMENTWISE_ACTIVATIONS or activation_name(layer) in CHANNEL_MIXING_ACTIVATIONS:
+            if not self._rule(consumer).activates_elementwise(self.keras_layers[consumer]):
                 break
             exit_ = consumer
             trailing.append(consumer)
@@ -501,7 +494,7 @@ class _GraphReader:
         blocks = {}
         for name in self.names:
             sources = self.inputs[name]
-            if type(self.keras_layers[name]) is not _L.Add or len(sources) != 2:
+            if not self._adds_tensors(name) or len(sources) != 2:
                 continue
             if self.shapes[sources[0]] != self.shapes[sources[1]]:
                 continue
@@ -519,7 +512,19 @@ class _GraphReader:
                                              tuple(branch) + (name,) + tuple(trailing))
         nested = {outer for outer, block in blocks.items()
                   if any(inner in block.layers for inner in blocks if inner != outer)}
-        return {name: block for name, block in blocks.items() if name not in nested}
+        return self._named({name: block for name, block in blocks.items() if name not in nested})
+
+    def _named(self, blocks):
+        """The blocks, with those a keras.ops addition closes (Keras numbers it: "add_7") named after their
+        layers with weights (users name those), as a stage opener is, where that name is no other block's."""
+        taken, named = {block.name for block in blocks.values()}, {}
+        for add, block in blocks.items():
+            weighted = [n for n in block.layers if getattr(self.keras_layers[n], "weights", None)]
+            if not self._rule(add).named_by_user and weighted and _common_prefix(weighted) not in taken:
+                block = dataclasses.replace(block, name=_common_prefix(weighted))
+                taken.add(block.name)
+            named[add] = block
+        return named
 
     def _stages(self, blocks):
         by_entry = {}
@@ -529,7 +534,7 @@ class _GraphReader:
                    if len(by_entry.get(block.exit, ())) == 1}
         has_predecessor = {b.add for b in follows.values()}
         projection_exits = {self._exit(name)[0]: name for name in self.names
-                            if type(self.keras_layers[name]) is _L.Add and name not in blocks}
+                            if self._adds_tensors(name) and name not in blocks}
         stages = []
         for block in blocks.values():
             if block.add in has_predecessor:
@@ -553,7 +558,7 @@ class _GraphReader:
         previous merge."""
         def signature(names):
             return sorted(type(self.keras_layers[n]).__name__ for n in names
-                          if not isinstance(self.keras_layers[n], _NO_OP_CLASSES))
+                          if not self._rule(n).is_no_op(self.keras_layers[n]))
 
         branch = signature(first.layers[:first.layers.index(first.add)])
         stretch = []
@@ -562,17 +567,13 @@ class _GraphReader:
                 break
             if name != first.entry and not self.is_ancestor(name, first.entry):
                 continue
-            if isinstance(self.keras_layers[name], (_L.InputLayer, _L.Add, _L.Concatenate)):
+            if self._rule(name).is_image_input or self._adds_tensors(name) or self._rule(name).concatenates:
                 return ""  # the image, or the end of an earlier block: a gate's Multiply is part of the branch
             stretch.insert(0, name)
         if not stretch or signature(stretch) != branch:
             return ""
         # Named after its layers with weights: users name those, keras.ops operations are numbered.
         return _common_prefix([n for n in stretch if getattr(self.keras_layers[n], "weights", None)] or stretch)
-
-
-_NO_OP_CLASSES = (_L.ZeroPadding2D, _L.Dropout, _L.SpatialDropout2D, _L.GaussianDropout, _L.AlphaDropout,
-                  _L.ActivityRegularization, _L.Identity)
 
 
 def _block_name(add_name):

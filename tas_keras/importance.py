@@ -49,7 +49,7 @@ def slot_groups(space):
         return name
 
     for layer in space.layers:
-        if layer.kind == "merge":
+        if rule_for(layer).ties_inputs:  # its inputs' channels are paired by position
             for slot in (*layer.in_slots, layer.out_slot):
                 parent[find(slot)] = find(layer.out_slot)
     return {name: find(name) for name in parent}
@@ -97,8 +97,8 @@ def taylor_scores(model, space, batches):
     over `batches` of (images, labels) as the model is fed them (module docstring); a group without a
     BN (with a scale or a centre) is scored by `magnitude_scores`."""
     groups, scored = _scored_groups(space)
-    norms = [(layer, model.get_layer(layer.name)) for layer in space.layers
-             if layer.kind == "batch_norm" and any(groups[slot] in scored for slot, _ in _segments(space, layer.out_slot))]
+    norms = [(layer, model.get_layer(layer.name)) for layer in space.layers if rule_for(layer).batch_normalizes
+             and any(groups[slot] in scored for slot, _ in _segments(space, layer.out_slot))]
     affines = [[v for v in (bn.gamma, bn.beta) if v is not None] for _, bn in norms]
     norms = [(layer, bn, affine) for (layer, bn), affine in zip(norms, affines) if affine]
     variables = [v for _, _, affine in norms for v in affine]

@@ -18,9 +18,8 @@ applies, `dataset` by default. The exports take uint8 RGB pixels with the conven
 
 import dataclasses
 
-import keras
-
 from tas_keras.data import IMAGENET_STATS
+from tas_keras.layer_rules import is_input_layer, preprocesses_pixels
 
 DATASET = "dataset"
 RAW = "raw"
@@ -34,17 +33,16 @@ CONVENTIONS = {
     "imagenet": (*IMAGENET_STATS, False),
     "caffe": ((103.939 / 255, 116.779 / 255, 123.68 / 255), (1 / 255,) * 3, True),
 }
-_PREPROCESSING = (keras.layers.Rescaling, keras.layers.Normalization)
 
 
 def _first_layer(model):
     """The model's first layer after its input (None when it has none)."""
-    return next((layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)), None)
+    return next((layer for layer in model.layers if not is_input_layer(layer)), None)
 
 
 def held_by(model):
     """RAW when the model's first layer (`_first_layer`) is a Rescaling or Normalization, else None."""
-    return RAW if isinstance(_first_layer(model), _PREPROCESSING) else None
+    return RAW if preprocesses_pixels(_first_layer(model)) else None
 
 
 def check(convention):

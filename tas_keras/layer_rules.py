@@ -16,9 +16,14 @@ A rule answers, for the layer classes it covers:
   - `permuted`: its weights with its input and output channels permuted (`tas_keras.importance`);
   - `exported`, `folds_as` and `takes_folded`: what the TFLite converter makes of it, which the latency
     tables time (`tas_keras.latency`): an op of its own, folded into the op before it (a BN into a conv's
-    weights, a ReLU into a conv's or an Add's fused activation), or nothing (dropout at inference).
-The reader, the supernet, derive, the cost and the importance ordering consult these rules and switch on
-no layer class themselves: a layer class is supported by adding its rule here.
+    weights, a ReLU into a conv's or an Add's fused activation), or nothing (dropout at inference);
+  - what the reader's structure rules ask of it: whether it adds its inputs (`adds_inputs`: the end of a
+    residual block), is the image input, a batch normalisation, a Concatenate, a layer that passes its
+    input's channels through weightless, an element-wise activation, a no-op at inference, a conv whose
+    settings a shortcut projection copies; whether it ends in a softmax, and its logits without it.
+The reader, the supernet, derive, the cost, the importance ordering and the loading of a model consult
+these rules and switch on no layer class themselves (`tests/test_layer_rules.py` checks it): a layer
+class is supported by adding its rule here.
 
 Besides layers, a functional model may hold keras.ops operations applied to symbolic tensors (`x + 3.0`,
 `x * gate`, `keras.ops.hard_silu(x)`): the element-wise ones have a rule (`ElementwiseOpRule`) too.
@@ -88,6 +93,12 @@ class LayerRule:
     ties_inputs = False  # its inputs share one width (merges, element-wise ops of two tensors)
     costed = False  # counted by `counts`
     searchable_conv = False  # where it opens a searchable slot the supernet runs it as a `searchable` conv
+    is_image_input = False  # the model's input: the image
+    batch_normalizes = False  # its gamma and beta score its channels (Taylor); a shortcut projection copies it
+    concatenates = False  # its output is its inputs side by side
+    passes_channels_through = False  # weightless, keeps its input's channels one by one
+    shortcut_projection_template = False  # a derived network's shortcut projection copies its settings
+    named_by_user = True  # keras.ops operations are numbered by Keras instead
 
     def matches(self, layer):
         """Whether the rule covers `layer`, of one of its classes. One class may compute two kinds of layer
@@ -173,6 +184,31 @@ class LayerRule:
         """The foldings (`folds_as`) the converter applies to the layer's op, in the order they may follow."""
         return ()
 
+    def adds_inputs(self, keras_layer):
+        """Whether it adds its inputs, as a residual block's Add does (the reader counts the tensor inputs)."""
+        return False
+
+    def activates_elementwise(self, keras_layer):
+        """Whether it is an activation that acts on each value alone (a residual block's trailing ReLU)."""
+        return False
+
+    def is_no_op(self, keras_layer):
+        """Whether at inference it hands its input on, at most zero-padded (a stage opener may differ from
+        the blocks it repeats by these: padding for a stride, dropout)."""
+        return False
+
+    def ends_in_softmax(self, keras_layer, output_rank):
+        """Whether its output is a softmax over the channels (the last of `output_rank` axes)."""
+        return keras_layer.get_config().get("activation") == "softmax"
+
+    def logits(self, keras_layer, features):
+        """Its output without its softmax (`ends_in_softmax`), computed on `features`, its input: a copy
+        with the same name, settings and weights and a linear activation."""
+        linear = type(keras_layer).from_config({**keras_layer.get_config(), "activation": "linear"})
+        logits = linear(features)
+        linear.set_weights(keras_layer.get_weights())
+        return logits
+
 
 def _supernet_config(source, dtype, regularizer):
     """The source layer's config with `dtype` and every weight regularizer set to `regularizer`."""
@@ -196,7 +232,7 @@ def _conv_details(layer):
 
 
 class InputRule(LayerRule):
-    kind, classes, opens_slot = "input", (_L.InputLayer,), True
+    kind, classes, opens_slot, is_image_input = "input", (_L.InputLayer,), True, True
 
     def read(self, reader, layer, in_slots):
         return reader.slots.open(layer.name, reader.channels(layer.name), "image channels")
@@ -210,6 +246,7 @@ class ConvRule(LayerRule):
     softmax activation fixes it."""
 
     kind, classes, opens_slot, costed, searchable_conv = "conv", (_L.Conv2D,), True, True, True
+    shortcut_projection_template = True
 
     def read(self, reader, layer, in_slots):
         return _fixed_if_mixing(reader, layer, reader.slots.open(layer.name, reader.channels(layer.name)))
@@ -265,7 +302,7 @@ class SeparableConvRule(ConvRule):
     slot named after it (a softmax activation fixes it). The supernet runs it as a depthwise conv and a
     searchable 1x1 conv."""
 
-    kind, classes = "separable", (_L.SeparableConv2D,)
+    kind, classes, shortcut_projection_template = "separable", (_L.SeparableConv2D,), False
 
     def details(self, layer, node):
         return {**super().details(layer, node), "depth_multiplier": layer.depth_multiplier}
@@ -307,7 +344,7 @@ class DenseRule(ConvRule):
     """Dense on a feature map is a 1x1 conv (ConvNeXt's pointwise convs): it opens a searchable slot as a
     Conv2D does. Dense on a vector (a classifier, an MLP head) opens a fixed slot: it is not searched."""
 
-    kind, classes = "dense", (_L.Dense,)
+    kind, classes, shortcut_projection_template = "dense", (_L.Dense,), False
 
     def read(self, reader, layer, in_slots):
         rank = len(reader.shapes[reader.inputs[layer.name][0]])
@@ -470,7 +507,7 @@ class ChannelVectorsRule(LayerRule):
 class BatchNormRule(ChannelVectorsRule):
     """BatchNormalization over the channel axis: follows its input's slot; its gamma/beta are parameters."""
 
-    kind, classes = "batch_norm", (_L.BatchNormalization,)
+    kind, classes, batch_normalizes = "batch_norm", (_L.BatchNormalization,), True
 
     def read(self, reader, layer, in_slots):
         if not reader.is_channel_axis(layer.name, layer.axis):
@@ -534,6 +571,8 @@ _ZERO_KEEPING = (_L.MaxPooling2D, _L.AveragePooling2D, _L.GlobalAveragePooling2D
 # Weightless layers that compute nothing at inference.
 _INFERENCE_IDENTITIES = (_L.Dropout, _L.SpatialDropout2D, _L.GaussianDropout, _L.GaussianNoise, _L.AlphaDropout,
                          _L.ActivityRegularization, _L.Identity, StochasticDepth)
+# Layers that rescale or normalise the pixel values: a model that starts with one takes raw pixels.
+_PIXEL_PREPROCESSING = (_L.Rescaling, _L.Normalization)
 
 
 def _fused_activation(keras_layer):
@@ -552,7 +591,7 @@ class PassThroughRule(LayerRule):
     per-channel constants it cannot slice (Normalization, a Rescaling with a vector scale or offset) or
     mixes the channels (softmax over them) fixes its slot."""
 
-    kind = "pass"
+    kind, passes_channels_through = "pass", True
     classes = ELEMENTWISE_ACTIVATIONS + _ZERO_KEEPING + (
         _L.Softmax, _L.GaussianNoise, _L.AlphaDropout, _L.Rescaling, _L.Normalization)
 
@@ -587,6 +626,23 @@ class PassThroughRule(LayerRule):
     def folds_as(self, keras_layer):
         return FOLDED_ACTIVATION if _fused_activation(keras_layer) else None
 
+    def activates_elementwise(self, keras_layer):
+        return (isinstance(keras_layer, ELEMENTWISE_ACTIVATIONS)
+                and activation_name(keras_layer) not in CHANNEL_MIXING_ACTIVATIONS)
+
+    def is_no_op(self, keras_layer):
+        # StochasticDepth is not: it drops a residual branch in training, so only a residual branch has it.
+        return (isinstance(keras_layer, _INFERENCE_IDENTITIES + (_L.ZeroPadding2D,))
+                and type(keras_layer) is not StochasticDepth)
+
+    def ends_in_softmax(self, keras_layer, output_rank):
+        if type(keras_layer) is _L.Softmax:
+            return keras_layer.axis in (-1, output_rank - 1)
+        return super().ends_in_softmax(keras_layer, output_rank)
+
+    def logits(self, keras_layer, features):
+        return features  # a Softmax, or a softmax Activation, computes nothing else
+
 
 class ReshapeRule(LayerRule):
     """Flatten of a spatial map and Reshape fold positions into the channels: they fix their input's
@@ -620,7 +676,7 @@ class ConcatenateRule(LayerRule):
     """Concatenate on the channel axis: its output is a slot of its inputs' slots, each keeping its own
     width (`WidthSlot.members`); its readers read the channels each member keeps."""
 
-    kind, classes, multiple_inputs = "concat", (_L.Concatenate,), True
+    kind, classes, multiple_inputs, concatenates = "concat", (_L.Concatenate,), True, True
 
     def read(self, reader, layer, in_slots):
         if not reader.is_channel_axis(layer.name, layer.axis):
@@ -648,6 +704,8 @@ class MergeRule(LayerRule):
     def takes_folded(self, keras_layer):
         return (FOLDED_ACTIVATION,) if isinstance(keras_layer, (_L.Add, _L.Subtract, _L.Multiply)) else ()
 
+    def adds_inputs(self, keras_layer):
+        return type(keras_layer) is _L.Add
 
 
 class ElementwiseOpRule(LayerRule):
@@ -656,7 +714,7 @@ class ElementwiseOpRule(LayerRule):
     broadcast over the positions (`x * gate`: they tie the two slots, as a merge does). The reader
     records where the constants go (`operands`); the derived network calls the same operation."""
 
-    kind, ties_inputs = "op", True
+    kind, ties_inputs, named_by_user = "op", True, False
     _BINARY = _existing(numpy_ops, ("Add", "Subtract", "Multiply", "Maximum", "Minimum", "Divide", "TrueDivide"))
     _DIVISIONS = _existing(numpy_ops, ("Divide", "TrueDivide"))
     classes = _BINARY + _existing(numpy_ops, ("Negative", "Abs", "Square", "Tanh", "Clip")) + _existing(
@@ -696,6 +754,9 @@ class ElementwiseOpRule(LayerRule):
     def folds_as(self, keras_layer):
         return FOLDED_ACTIVATION if type(keras_layer).__name__ in ("Relu", "Relu6") else None
 
+    def adds_inputs(self, keras_layer):
+        return type(keras_layer) is numpy_ops.Add  # `x + y` (`x + 3.0` has one tensor input)
+
     def masked(self, layer, keras_layer):
         zeros = tf.zeros((1, 1))
         return bool(np.any(keras.ops.convert_to_numpy(self.call(keras_layer, [zeros] * 2, layer))))
@@ -716,27 +777,41 @@ RULES = (InputRule(), GroupedConvRule(), ConvRule(), SeparableConvRule(), DenseR
          ElementwiseOpRule())
 _BY_CLASS = {cls: tuple(rule for rule in RULES if cls in rule.classes) for rule in RULES for cls in rule.classes}
 _BY_KIND = {rule.kind: rule for rule in RULES}
-FOLLOWING_CLASSES = PassThroughRule.classes  # keep their input's channels one by one, weightless
 # Keras' random image augmentation layers (RandomFlip, RandomRotation, ...): the identity at inference, and
 # in training the project augments the images itself, so a model's own are left out when it is loaded.
 # (RandomCrop is not one of them: at inference it crops.)
-RANDOM_AUGMENTATION_CLASSES = tuple(cls for name, cls in vars(_L).items()
-                                    if name.startswith("Random") and name != "RandomCrop" and isinstance(cls, type))
-NORMALIZATION_CLASSES = BatchNormRule.classes
+_RANDOM_AUGMENTATIONS = tuple(cls for name, cls in vars(_L).items()
+                              if name.startswith("Random") and name != "RandomCrop" and isinstance(cls, type))
 
 
 # Layer classes refused with their reason rather than as unknown.
 _REFUSED_BECAUSE = {_L.GroupNormalization: "not supported: in a narrower network its groups would hold other channels"}
 
 
-def _matching_rule(layer):
-    """The first rule of the layer's exact class that matches it, or None."""
+def matching_rule(layer):
+    """The first rule of the layer's exact class that matches it, or None (`rule_for_layer` refuses it)."""
     return next((rule for rule in _BY_CLASS.get(type(layer), ()) if rule.matches(layer)), None)
+
+
+def is_input_layer(layer):
+    """Whether a Keras layer is a model's input (its rule `is_image_input`)."""
+    rule = matching_rule(layer)
+    return rule is not None and rule.is_image_input
+
+
+def is_random_augmentation(layer):
+    """Whether a Keras layer is a random image augmentation (`load_model` leaves them out)."""
+    return isinstance(layer, _RANDOM_AUGMENTATIONS)
+
+
+def preprocesses_pixels(layer):
+    """Whether a Keras layer rescales or normalises pixel values (Rescaling, Normalization)."""
+    return isinstance(layer, _PIXEL_PREPROCESSING)
 
 
 def rule_for_layer(layer):
     """The rule of a Keras layer or keras.ops operation; refuses (UnsupportedModelError) a class without one."""
-    rule = _matching_rule(layer)
+    rule = matching_rule(layer)
     if rule is None and not isinstance(layer, keras.layers.Layer):
         refuse(layer, "a keras.ops operation on symbolic tensors that the reader has no rule for; the element-wise "
                       "ones are read (x + 3.0, x * y, keras.ops.relu, ...): use a layer for the others")
@@ -748,7 +823,7 @@ def rule_for_layer(layer):
 def counting_rule(layer):
     """The rule that counts a Keras layer (`tas_keras.cost.count_model`), or None: its class has no rule,
     or its rule counts nothing."""
-    rule = _matching_rule(layer)
+    rule = matching_rule(layer)
     return rule if rule is not None and rule.costed else None
 
 

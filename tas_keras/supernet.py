@@ -116,7 +116,7 @@ class GraphSupernet(keras.Model):
         made = {}
         for layer in space.layers:
             varies = space.varies(layer.out_slot)
-            if layer.kind == "input" or layer.name in self.absorbed or self._runs_searchable(layer):
+            if rule_for(layer).is_image_input or layer.name in self.absorbed or self._runs_searchable(layer):
                 continue
             source = operation(model, layer.name)
             # Fresh weights under the supernet's coupled weight decay, in the dtype policy the supernet is
@@ -170,7 +170,7 @@ class GraphSupernet(keras.Model):
         if not self._runs_searchable(layer) or len(readers) != 1:
             return None
         source, reader = model.get_layer(layer.name), self.space.layer(readers[0])
-        if source.get_config()["activation"] != "linear" or reader.kind != "batch_norm":
+        if source.get_config()["activation"] != "linear" or not rule_for(reader).batch_normalizes:
             return None
         batch_norm = model.get_layer(reader.name)
         return batch_norm.name if batch_norm.center and batch_norm.scale else None
@@ -226,7 +226,7 @@ class GraphSupernet(keras.Model):
         widths, depths = sample
         tensors = {}  # layer name -> (output at full width, its width in channels)
         for layer in self.space.layers:
-            if layer.kind == "input":
+            if rule_for(layer).is_image_input:
                 tensors[layer.name] = (images, tf.constant(self.space.slot(layer.out_slot).full_width))
             elif layer.name in self.absorbed:
                 tensors[layer.name] = tensors[self.absorbed[layer.name]]

@@ -353,7 +353,9 @@ def test_convnext_idioms_are_read_with_searchable_widths():
     assert [_slot_of(space, name) for name in ("stem_ln", "down_ln", "head_ln")] == ["stem", "stem", "down"]
     assert space.layer("b1_dw").kind == "grouped" and space.layer("b1_expand").kernel == (1, 1)
     assert space.slot("head").fixed_reason == "a Dense on a vector is not searched"
-    assert [(stage.opener, [block.name for block in stage.blocks]) for stage in space.stages] == [("", ["b2", "b3"])]
+    # The blocks `x + y` closes are named after their layers, as those an Add layer closes are.
+    assert [(stage.opener, [block.name for block in stage.blocks]) for stage in space.stages] == [
+        ("", ["b1", "b2", "b3"]), ("", ["b4"])]
     assert GraphSpace.from_json(space.to_json()) == space
 
 
@@ -374,6 +376,96 @@ def test_stages_of_the_efficientnets_and_mobilenet_v3(application, stages):
     model = getattr(keras.applications, application)(input_shape=(32, 32, 3), weights=None, classes=4)
     space = read_model(model)
     assert [(stage.opener, stage.num_blocks) for stage in space.stages] == stages
+
+
+def _resnet_v2_cnn(identity_blocks):
+    """keras.applications.ResNet50V2's stacks (`resnet.stack2`), narrow: pre-activation bottlenecks (BN, ReLU,
+    1x1, padded 3x3, 1x1, added to the shortcut). Stack "a": a projection block, `identity_blocks[0]`
+    identity blocks and a last block of stride 2 whose shortcut is a 1x1 max pool with that stride; stack
+    "b": a projection block and `identity_blocks[1]` identity blocks (stride 1, as ResNet50V2's last)."""
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = L.Conv2D(8, 3, padding="same", name="stem")(inputs)
+
+    def block(x, name, projection=False, strides=1):
+        preact = L.ReLU(name=f"{name}_preact_relu")(L.BatchNormalization(name=f"{name}_preact_bn")(x))
+        if projection:
+            shortcut = L.Conv2D(8, 1, name=f"{name}_0_conv")(preact)
+        else:
+            shortcut = L.MaxPooling2D(1, strides=strides, name=f"{name}_pool")(x) if strides > 1 else x
+        y = L.Conv2D(2, 1, use_bias=False, name=f"{name}_1_conv")(preact)
+        y = L.ReLU(name=f"{name}_1_relu")(L.BatchNormalization(name=f"{name}_1_bn")(y))
+        y = L.Conv2D(2, 3, strides=strides, use_bias=False, name=f"{name}_2_conv")(
+            L.ZeroPadding2D(name=f"{name}_2_pad")(y))
+        y = L.ReLU(name=f"{name}_2_relu")(L.BatchNormalization(name=f"{name}_2_bn")(y))
+        y = L.Conv2D(8, 1, name=f"{name}_3_conv")(y)
+        return L.Add(name=f"{name}_add")([shortcut, y])
+
+    x = block(x, "a1", projection=True)
+    for index in range(identity_blocks[0]):
+        x = block(x, f"a{index + 2}")
+    x = block(x, "a_last", strides=2)
+    x = block(x, "b1", projection=True)
+    for index in range(identity_blocks[1]):
+        x = block(x, f"b{index + 2}")
+    x = L.GlobalAveragePooling2D(name="pool")(L.ReLU(name="post_relu")(L.BatchNormalization(name="post_bn")(x)))
+    return keras.Model(inputs, L.Dense(4, name="head")(x), name="resnet_v2_cnn")
+
+
+def _ops_residual_cnn(blocks):
+    """Residual blocks written `x + f(x)` with keras.ops, as keras.applications' ConvNeXt writes them:
+    `blocks[0]` blocks, a strided conv, `blocks[1]` blocks."""
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = L.Conv2D(4, 3, padding="same", name="stem")(inputs)
+    for stack, count in (("b", blocks[0]), ("c", blocks[1])):
+        if stack == "c":
+            x = L.Conv2D(6, 2, strides=2, name="down")(x)
+        for index in range(count):
+            name = f"{stack}{index + 1}"
+            y = L.Activation("gelu", name=f"{name}_gelu")(L.Conv2D(8, 3, padding="same", name=f"{name}_conv1")(x))
+            x = x + L.Conv2D(x.shape[-1], 1, name=f"{name}_conv2")(y)
+    x = L.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, L.Dense(4, name="head")(x), name="ops_residual_cnn")
+
+
+def _assert_dropping_blocks_removes_their_branches(model, space, depths, reference):
+    """The derived network keeping `depths` blocks computes what `reference` (the model built without the
+    dropped blocks, holding the model's weights) computes."""
+    for layer in reference.layers:
+        if layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    derived = derive_model(model, space, GraphShape(space.full_shape().widths, depths))
+    assert sorted(layer.name for layer in derived.layers if layer.weights) == sorted(
+        layer.name for layer in reference.layers if layer.weights)
+    images = np.random.default_rng(0).uniform(-1, 1, (2, *model.input_shape[1:])).astype("float32")
+    expected = np.asarray(reference(images, training=False))
+    assert np.max(np.abs(expected - np.asarray(model(images, training=False)))) > 1e-3  # the blocks mattered
+    np.testing.assert_allclose(np.asarray(derived(images, training=False)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_whose_shortcut_pools_ends_the_stage_before_it():
+    """ResNetV2's stacks: the identity blocks after a stack's projection block are a stage (the projection
+    block its first); the last block, whose max-pooled shortcut is not its input, is not droppable and is
+    in no stage, and the next stack's stage starts at its projection block. Dropping blocks leaves the
+    network without their residual branches."""
+    keras.utils.set_random_seed(0)
+    model = _resnet_v2_cnn(identity_blocks=(2, 1))
+    space = read_model(model)
+    assert [(stage.opener, [block.name for block in stage.blocks], stage.choices) for stage in space.stages] == [
+        ("a1", ["a2", "a3"], (1, 2, 3)), ("b1", ["b2"], (1, 2))]
+    _assert_dropping_blocks_removes_their_branches(model, space, {"stage1": 2, "stage2": 1},
+                                                   _resnet_v2_cnn(identity_blocks=(1, 0)))
+
+
+def test_residuals_written_with_keras_ops_are_droppable_blocks():
+    """`x + f(x)` closes a droppable block as an Add layer does: each run of them is a stage (with no
+    stage opener here: the first block is the stage's first), its blocks named after their layers."""
+    keras.utils.set_random_seed(0)
+    model = _ops_residual_cnn(blocks=(3, 2))
+    space = read_model(model)
+    assert [(stage.opener, [block.name for block in stage.blocks], stage.choices) for stage in space.stages] == [
+        ("", ["b1", "b2", "b3"], (1, 2, 3)), ("", ["c1", "c2"], (1, 2))]
+    _assert_dropping_blocks_removes_their_branches(model, space, {"stage1": 2, "stage2": 1},
+                                                   _ops_residual_cnn(blocks=(2, 1)))
 
 
 def test_space_and_shape_round_trip_through_json():
@@ -415,11 +507,11 @@ def test_convnext_idioms_are_counted_by_hand():
     """A narrower shape of the ConvNeXt-like CNN, counted by hand: a Dense on a feature map is a 1x1 conv
     (in * out + out per position), a depthwise conv written as a grouped Conv2D k * k * C + C per position;
     LayerNormalizations (gamma and beta) and LayerScales (gamma) have parameters and no FLOPs. 8x8 maps,
-    4x4 after the downsampling conv; the stage keeps b2 only."""
+    4x4 after the downsampling conv; the first stage keeps b1 and b2."""
     model = convnext_cnn()
     space = read_model(model)
     shape = GraphShape({"stem": 6, "b1_expand": 19, "b2_expand": 12, "b3_expand": 28, "down": 9, "b4_expand": 28},
-                       {"stage1": 1})
+                       {"stage1": 2, "stage2": 1})
 
     def block(width, expanded, positions):  # {layer: (FLOPs, parameters)} of a block at those widths
         dw, expand, project = 49 * width + width, width * expanded + expanded, expanded * width + width

@@ -129,8 +129,8 @@ def convnext_cnn():
     blocks of a depthwise 7x7 conv written as a Conv2D whose groups are its channels, a LayerNormalization,
     a Dense on the feature map that widens 4x, gelu, a Dense back, a LayerScale and the residual add; a
     downsampling LayerNormalization and strided conv; a head of pooling, LayerNormalization and Dense. The
-    first and last blocks add with `x + y`, as keras.applications writes it (not a droppable block); the
-    middle two with an Add layer, so that they are a stage whose depth is searched too."""
+    first and last blocks add with `x + y`, as keras.applications writes it, the middle two with an Add
+    layer: the first three are a stage whose depth is searched, the last a stage of its own."""
     inputs = keras.Input((16, 16, 3), name="image")
     x = L.LayerNormalization(epsilon=1e-6, name="stem_ln")(L.Conv2D(8, 2, strides=2, name="stem")(inputs))
 
@@ -378,7 +378,7 @@ def test_one_hot_sample_equals_the_derived_network_in_training_mode(name):
     model, space, supernet = _supernet(name)
     rng = np.random.default_rng(3)
     shape = GraphShape({s.name: int(rng.choice(s.candidates[:-1])) for s in space.searchable_slots},
-                       {stage.name: int(rng.choice(stage.choices[:-1])) for stage in space.stages})
+                       {stage.name: int(rng.choice(stage.choices[:-1] or stage.choices)) for stage in space.stages})
     derived = derive_model(model, space, shape)
     images = tf.random.stateless_normal((8, *space.input_shape), [3, 0])
     np.testing.assert_allclose(_log_probabilities(supernet(images, _one_hot_sample(supernet, shape)), model),

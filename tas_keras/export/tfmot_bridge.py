@@ -12,10 +12,10 @@ TFMOT sets TF_USE_LEGACY_KERAS=1, which changes what `tf.keras` means for the wh
 import inspect
 import os
 
-import keras
 import tensorflow as tf
 
 from tas_keras.export import convert
+from tas_keras.layer_rules import is_input_layer
 
 
 class TfmotMissingError(ValueError):
@@ -65,7 +65,7 @@ def build_tf_keras(model):
     tf_keras, _ = _import_tfmot()
     tensors = {id(t): tf_keras.Input(shape=t.shape[1:], name=t.name) for t in model.inputs}
     for layer in model.operations:
-        if isinstance(layer, keras.layers.InputLayer):
+        if is_input_layer(layer):
             continue
         node = layer._inbound_nodes[0]
         inputs = [tensors[id(t)] for t in node.input_tensors]
