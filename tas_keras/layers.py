@@ -390,10 +390,10 @@ class SearchableConvTranspose(SearchableConv):
     """A Conv2DTranspose whose output width is searched: a `SearchableConv` whose conv is the transposed conv
     Keras' Conv2DTranspose computes (`keras.ops.conv_transpose`). Its kernel is held in a conv's layout,
     (k_h, k_w, C_in, C), so that the mix and its routes find the output channels on the last axis; the
-    transposed conv reads it as Keras' (k_h, k_w, C, C_in). A strided transposed conv leaves output
-    positions that no input reaches, so its moments do not follow from its input's covariance: it has no
+    transposed conv reads it as Keras' (k_h, k_w, C, C_in). A strided 1x1 transposed conv leaves the output
+    positions between its inputs' at zero, so its moments are not its input's covariance's: it has no
     covariance route. (Its route costs count a conv's multiply-adds per output position, s_h * s_w times
-    its own: only the choice of an exact route depends on them.)"""
+    its own: only which exact route runs depends on them.)"""
 
     def __init__(self, filters, candidates, output_padding=None, **kwargs):
         super().__init__(filters, candidates, **kwargs)
