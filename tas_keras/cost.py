@@ -1,7 +1,8 @@
 """Exact FLOP and parameter counts, in the paper's convention.
 
 FLOPs are multiply-accumulates of Conv2D (k_h*k_w*C_in*C_out*H_out*W_out; with g groups, each reading
-C_in/g channels: k_h*k_w*(C_in/g)*C_out*H_out*W_out), DepthwiseConv2D (k_h*k_w*C_out*H_out*W_out) and
+C_in/g channels: k_h*k_w*(C_in/g)*C_out*H_out*W_out), Conv2DTranspose (k_h*k_w*C_in*C_out*H_in*W_in: it
+scatters every input position through its whole kernel), DepthwiseConv2D (k_h*k_w*C_out*H_out*W_out) and
 Dense (in*out; on a feature map, a 1x1 conv: in*out*H_out*W_out), plus one per output value for a bias
 (C_out*H_out*W_out, out), as the reference code's counter counts them; normalisations (BN,
 LayerNormalization), per-channel scales (LayerScale), activations, pooling and additions are not
@@ -24,7 +25,7 @@ from tas_keras.models.cifar_resnet import network_plan
 @dataclasses.dataclass(frozen=True)
 class LayerCost:
     name: str
-    kind: str  # conv | grouped | depthwise | separable | dense | batch_norm
+    kind: str  # conv | grouped | depthwise | separable | conv_transpose | dense | batch_norm | ...
     in_channels: int
     out_channels: int
     kernel: tuple = ()  # (k_h, k_w)
@@ -74,14 +75,15 @@ def _report(layers):
 
 
 def layer_cost(name, kind, in_channels, out_channels, kernel=(), stride=(), output_size=(), use_bias=False,
-               affine=2, depth_multiplier=1, group_width=1):
+               affine=2, depth_multiplier=1, group_width=1, input_size=()):
     """The cost of one layer of a kind whose rule counts it (`tas_keras.layer_rules`); `affine` is the
-    number of per-channel trainable vectors of a BN, `group_width` a grouped conv's input channels per group."""
+    number of per-channel trainable vectors of a BN, `group_width` a grouped conv's input channels per group,
+    `input_size` a transposed conv's input map (it costs per input position)."""
     rule = rule_of_kind(kind)
     if not rule.costed:
         raise ValueError(f"{name}: no cost rule for a layer of kind {kind!r}")
     flops, params = rule.counts(in_channels, out_channels, kernel, output_size, use_bias, affine, depth_multiplier,
-                                group_width)
+                                group_width, input_size)
     return LayerCost(name, kind, in_channels, out_channels, tuple(kernel), tuple(stride), tuple(output_size),
                      flops, params)
 
@@ -89,7 +91,8 @@ def layer_cost(name, kind, in_channels, out_channels, kernel=(), stride=(), outp
 def graph_layer_cost(layer, in_channels, out_channels):
     """The cost of a GraphLayer (whose rule counts it) at the given widths (numbers or tensors)."""
     return layer_cost(layer.name, layer.kind, in_channels, out_channels, layer.kernel, layer.strides,
-                      layer.output_size, layer.use_bias, layer.affine, layer.depth_multiplier, layer.group_width)
+                      layer.output_size, layer.use_bias, layer.affine, layer.depth_multiplier, layer.group_width,
+                      layer.input_size)
 
 
 def count_arch(arch):

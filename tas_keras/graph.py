@@ -20,6 +20,7 @@ Width rules (each layer class's is its rule in `tas_keras.layer_rules`). Every t
     One whose groups change the channel count fixes its input slot and opens a fixed one.
   - A SeparableConv2D is a depthwise conv that follows its input's slot and a pointwise conv that opens a
     searchable slot named after it (the supernet runs it as a depthwise conv and a searchable 1x1 conv).
+  - A Conv2DTranspose (a U-Net's up-convolution) opens a searchable slot named after it, as a Conv2D does.
   - A Dense on a feature map (4-D) is a 1x1 conv: it opens a searchable slot as a Conv2D does (ConvNeXt's
     pointwise convs). A Dense on a vector opens a fixed slot (it is not searched); other ranks are refused.
   - DepthwiseConv2D (depth_multiplier 1), a Conv2D whose groups are its input and output channels (a
@@ -98,7 +99,7 @@ the training=False Keras records for a Dropout, are carried into the derived mod
 that is neither a vector nor a feature map, LayerNormalization over other axes than the channels (or
 with rms_scaling), GroupNormalization (a narrower network's groups would hold other channels),
 Concatenate along another axis than the channels, and every layer class not listed above (Lambda,
-recurrent layers, Conv1D/3D, Conv2DTranspose, PReLU, ...).
+recurrent layers, Conv1D/3D and their transposed convs, PReLU, ...).
 """
 
 import dataclasses

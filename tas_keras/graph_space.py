@@ -51,7 +51,7 @@ class GraphLayer:
     """One layer of the model, as the search space sees it.
 
     kind: the kind of its rule (`tas_keras.layer_rules`): input | conv (Conv2D) | grouped (Conv2D, groups >
-    1) | separable | dense | depthwise | batch_norm | layer_norm | layer_scale | pass (weightless, keeps
+    1) | separable | conv_transpose | dense | depthwise | batch_norm | layer_norm | layer_scale | pass (weightless, keeps
     the slot) | reshape (Flatten of a map, Reshape: fixed in and out) | concat (Concatenate: its output's
     slot has its inputs' as members) | merge (Add and other elementwise merges) | op (an element-wise
     keras.ops operation).
@@ -73,6 +73,7 @@ class GraphLayer:
     block: str = ""  # the droppable identity block it belongs to
     call_arguments: Mapping = dataclasses.field(default_factory=dict)  # e.g. Dropout's training=False
     operands: tuple = ()  # a keras.ops operation's arguments: None for each input tensor, else the constant
+    input_size: tuple = ()  # (height, width) of a transposed conv's input, which its cost is counted over
 
 
 @dataclasses.dataclass(frozen=True)

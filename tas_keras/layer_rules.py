@@ -43,7 +43,8 @@ from keras.src.ops import numpy as numpy_ops
 import numpy as np
 import tensorflow as tf
 
-from tas_keras.layers import MaskedLayerNormalization, SearchableConv, SearchableSeparableConv, channel_mask
+from tas_keras.layers import (MaskedLayerNormalization, SearchableConv, SearchableConvTranspose,
+                              SearchableSeparableConv, channel_mask)
 
 _L = keras.layers
 CHANNEL_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
@@ -118,8 +119,9 @@ class LayerRule:
         return slot_width if self.opens_slot else in_channels[0]
 
     def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
-               depth_multiplier=1, group_width=1):
-        """(FLOPs, parameters) at the given widths; the convention is `tas_keras.cost`'s."""
+               depth_multiplier=1, group_width=1, input_size=()):
+        """(FLOPs, parameters) at the given widths; the convention is `tas_keras.cost`'s. `output_size` and
+        `input_size` are (height, width) of its output and input maps."""
         return 0, 0
 
     def filter_norms(self, keras_layer):
@@ -246,7 +248,7 @@ class ConvRule(LayerRule):
     softmax activation fixes it."""
 
     kind, classes, opens_slot, costed, searchable_conv = "conv", (_L.Conv2D,), True, True, True
-    shortcut_projection_template = True
+    shortcut_projection_template, searchable_class = True, SearchableConv
 
     def read(self, reader, layer, in_slots):
         return _fixed_if_mixing(reader, layer, reader.slots.open(layer.name, reader.channels(layer.name)))
@@ -255,7 +257,7 @@ class ConvRule(LayerRule):
         return _conv_details(layer)
 
     def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
-               depth_multiplier=1, group_width=1):
+               depth_multiplier=1, group_width=1, input_size=()):
         weights = math.prod(kernel) * in_channels * out_channels + (out_channels if use_bias else 0)
         return weights * math.prod(output_size), weights
 
@@ -274,7 +276,7 @@ class ConvRule(LayerRule):
     def searchable(self, source, candidates, normalize, epsilon, weight_decay):
         """The supernet's searchable conv for `source`, mixing the sampled widths of `candidates`."""
         config = source.get_config()
-        return SearchableConv(
+        return self.searchable_class(
             candidates=candidates, weight_decay=weight_decay, normalize=normalize,
             use_bias=source.use_bias and not normalize, epsilon=epsilon,
             kernel_initializer=keras.initializers.get(config["kernel_initializer"]), name=source.name,
@@ -308,7 +310,7 @@ class SeparableConvRule(ConvRule):
         return {**super().details(layer, node), "depth_multiplier": layer.depth_multiplier}
 
     def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
-               depth_multiplier=1, group_width=1):
+               depth_multiplier=1, group_width=1, input_size=()):
         weights = (math.prod(kernel) * in_channels * depth_multiplier + in_channels * depth_multiplier * out_channels
                    + (out_channels if use_bias else 0))
         return weights * math.prod(output_size), weights
@@ -340,6 +342,40 @@ class SeparableConvRule(ConvRule):
             _take(value, out_order, 0) for value in bias]
 
 
+class ConvTransposeRule(ConvRule):
+    """Conv2DTranspose: opens a searchable slot as a Conv2D does (a softmax activation fixes it). Its kernel is
+    (k_h, k_w, C_out, C_in), the output channels before the input ones. It scatters every input position
+    through its whole kernel, so it costs k_h*k_w*C_in*C_out multiply-adds per input position (plus C_out
+    per output position for a bias). The supernet runs it as a `SearchableConvTranspose`."""
+
+    kind, classes, searchable_class = "conv_transpose", (_L.Conv2DTranspose,), SearchableConvTranspose
+    shortcut_projection_template = False  # a projection shortcut is a strided conv, not an upsampling one
+
+    def details(self, layer, node):
+        return {**super().details(layer, node), "input_size": tuple(int(d) for d in node.input_tensors[0].shape[1:3])}
+
+    def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
+               depth_multiplier=1, group_width=1, input_size=()):
+        kernel_weights = math.prod(kernel) * in_channels * out_channels
+        bias = out_channels if use_bias else 0
+        return kernel_weights * math.prod(input_size) + bias * math.prod(output_size), kernel_weights + bias
+
+    def filter_norms(self, keras_layer):
+        return np.abs(keras.ops.convert_to_numpy(keras_layer.kernel)).sum(axis=(0, 1, 3))
+
+    def conv_settings(self, source):
+        return {**super().conv_settings(source), "output_padding": source.output_padding}
+
+    def init_searchable(self, searchable, source):
+        searchable.kernel.assign(tf.transpose(source.kernel, [0, 1, 3, 2]))
+        if searchable.use_bias:
+            searchable.bias.assign(source.bias)
+
+    def permuted(self, layer, weights, in_order, out_order):
+        kernel = _take(_take(weights[0], in_order, -1), out_order, -2)
+        return [kernel] + [_take(bias, out_order, 0) for bias in weights[1:]]
+
+
 class DenseRule(ConvRule):
     """Dense on a feature map is a 1x1 conv (ConvNeXt's pointwise convs): it opens a searchable slot as a
     Conv2D does. Dense on a vector (a classifier, an MLP head) opens a fixed slot: it is not searched."""
@@ -359,7 +395,7 @@ class DenseRule(ConvRule):
         return {"use_bias": layer.use_bias, "kernel": (1, 1) if on_map else ()}
 
     def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
-               depth_multiplier=1, group_width=1):
+               depth_multiplier=1, group_width=1, input_size=()):
         if output_size:  # on a feature map: a 1x1 conv
             return super().counts(in_channels, out_channels, kernel, output_size, use_bias)
         # On a vector, its weights, computed as they always were: no product by an empty output size,
@@ -414,7 +450,7 @@ class GroupedRule(LayerRule):
         return in_channels[0] if layer.out_slot == layer.in_slots[0] else slot_width
 
     def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
-               depth_multiplier=1, group_width=1):
+               depth_multiplier=1, group_width=1, input_size=()):
         weights = math.prod(kernel) * group_width * out_channels + (out_channels if use_bias else 0)
         return weights * math.prod(output_size), weights
 
@@ -494,7 +530,7 @@ class ChannelVectorsRule(LayerRule):
         return {"affine": int(layer.center) + int(layer.scale)}
 
     def counts(self, in_channels, out_channels, kernel=(), output_size=(), use_bias=False, affine=2,
-               depth_multiplier=1, group_width=1):
+               depth_multiplier=1, group_width=1, input_size=()):
         return 0, affine * out_channels
 
     def masked(self, layer, keras_layer):
@@ -774,7 +810,7 @@ class ElementwiseOpRule(LayerRule):
 
 RULES = (InputRule(), GroupedConvRule(), ConvRule(), SeparableConvRule(), DenseRule(), DepthwiseRule(), BatchNormRule(),
          LayerNormRule(), LayerScaleRule(), PassThroughRule(), ReshapeRule(), ConcatenateRule(), MergeRule(),
-         ElementwiseOpRule())
+         ElementwiseOpRule(), ConvTransposeRule())
 _BY_CLASS = {cls: tuple(rule for rule in RULES if cls in rule.classes) for rule in RULES for cls in rule.classes}
 _BY_KIND = {rule.kind: rule for rule in RULES}
 # Keras' random image augmentation layers (RandomFlip, RandomRotation, ...): the identity at inference, and

@@ -22,6 +22,8 @@ from the covariance of a 1x1 conv's input.
 import math
 
 import keras
+# Keras' output shape of a transposed conv (it exports none).
+from keras.src.backend.common.backend_utils import compute_conv_transpose_output_shape
 import numpy as np
 import tensorflow as tf
 
@@ -201,7 +203,7 @@ class SearchableConv(keras.Layer):
         self.kernel_size, self.strides, self.dilation_rate = (_pair(kernel_size), _pair(strides),
                                                               _pair(dilation_rate))
         # The ways this conv can run its step: the statistics need normalisation, the covariance a 1x1 kernel.
-        self.routes = (("matmul", "gather", "second_conv") + ("covariance",) * (self.kernel_size == (1, 1))
+        self.routes = (("matmul", "gather", "second_conv") + ("covariance",) * self.moments_from_input()
                        if normalize else ("matmul", "gather", "kernel"))
         if route is not None and route not in self.routes:
             raise ValueError(f"{self.name}: route must be None or one of {self.routes}, got {route!r}")
@@ -225,6 +227,11 @@ class SearchableConv(keras.Layer):
         if self.use_bias:
             self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros",
                                         regularizer=decay, autocast=False)
+
+    def moments_from_input(self):
+        """Whether its output's batch moments follow from its input's covariance (`_input_moments`): a 1x1
+        conv's do."""
+        return self.kernel_size == (1, 1)
 
     def cheapest_route(self, positions):
         """The cheapest exact way to run a step with `positions` output pixels in the batch (None when
@@ -377,6 +384,37 @@ class SearchableSeparableConv(SearchableConv):
                   self.depthwise_initializer and keras.initializers.serialize(
                       keras.initializers.get(self.depthwise_initializer))}
         return config
+
+
+class SearchableConvTranspose(SearchableConv):
+    """A Conv2DTranspose whose output width is searched: a `SearchableConv` whose conv is the transposed conv
+    Keras' Conv2DTranspose computes (`keras.ops.conv_transpose`). Its kernel is held in a conv's layout,
+    (k_h, k_w, C_in, C), so that the mix and its routes find the output channels on the last axis; the
+    transposed conv reads it as Keras' (k_h, k_w, C, C_in). A strided 1x1 transposed conv leaves the output
+    positions between its inputs' at zero, so its moments are not its input's covariance's: it has no
+    covariance route. (Its route costs count a conv's multiply-adds per output position, s_h * s_w times
+    its own: only which exact route runs depends on them.)"""
+
+    def __init__(self, filters, candidates, output_padding=None, **kwargs):
+        super().__init__(filters, candidates, **kwargs)
+        self.output_padding = None if output_padding is None else _pair(output_padding)
+
+    def moments_from_input(self):
+        return False
+
+    def output_positions(self, x):
+        if x.shape[0] is None:
+            return None
+        return math.prod(compute_conv_transpose_output_shape(
+            x.shape, self.kernel_size, self.filters, self.strides, self.padding, self.output_padding,
+            dilation_rate=self.dilation_rate)[:3])
+
+    def _conv(self, x, kernel):
+        return keras.ops.conv_transpose(x, tf.cast(tf.transpose(kernel, [0, 1, 3, 2]), x.dtype), self.strides,
+                                        self.padding, self.output_padding, dilation_rate=self.dilation_rate)
+
+    def get_config(self):
+        return {**super().get_config(), "output_padding": self.output_padding}
 
 
 class MaskedLayerNormalization(keras.layers.LayerNormalization):

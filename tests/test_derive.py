@@ -17,7 +17,7 @@ from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.registry import build_model
 from tas_keras.search_space import ArchConfig
 
-from .test_supernet import convnext_cnn, dense_cnn, grouped_cnn, ops_cnn, sep_cnn
+from .test_supernet import convnext_cnn, dense_cnn, grouped_cnn, ops_cnn, sep_cnn, unet_cnn
 
 L = keras.layers
 
@@ -100,6 +100,7 @@ MODELS = {
     "concat_cnn": (concat_cnn, TIED),
     "dense_cnn": (dense_cnn, TIED),
     "convnext_cnn": (convnext_cnn, TIED),
+    "unet_cnn": (unet_cnn, TIED),
 }
 
 
@@ -121,7 +122,7 @@ def test_full_shape_reproduces_the_original(models, name):
 @pytest.mark.parametrize("name, mode", [("user_cnn", TIED), ("user_cnn", INDEPENDENT), ("ops_cnn", TIED),
                                         ("sep_cnn", TIED), ("grouped_cnn", TIED), ("grouped_cnn", INDEPENDENT),
                                         ("concat_cnn", TIED), ("dense_cnn", TIED), ("convnext_cnn", TIED),
-                                        ("mobilenet_v2", TIED), ("resnet50", INDEPENDENT),
+                                        ("unet_cnn", TIED), ("mobilenet_v2", TIED), ("resnet50", INDEPENDENT),
                                         ("cifar_resnet20", INDEPENDENT)])
 def test_count_of_a_shape_is_the_count_of_its_derived_model(models, name, mode):
     model = models[name]
@@ -133,7 +134,7 @@ def test_count_of_a_shape_is_the_count_of_its_derived_model(models, name, mode):
         assert sorted((l.name, l.flops, l.params) for l in counted.layers) == sorted(
             (l.name, l.flops, l.params) for l in built.layers)
         assert built.params == sum(int(np.prod(w.shape)) for w in derived.trainable_weights)
-        assert derived(_images(model), training=False).shape == (2, model.output_shape[-1])
+        assert derived(_images(model), training=False).shape == (2, *model.output_shape[1:])
 
 
 def test_derived_layers_keep_settings_and_leading_channels(models):

@@ -138,7 +138,8 @@ REFUSED = {
     "lambda": (lambda: _functional(lambda x: L.Lambda(lambda t: t * 2, name="doubling")(x)),
                "doubling (Lambda)"),
     "recurrent": (lambda: _functional(lambda x: L.LSTM(4, name="memory")(x), (10, 3)), "memory (LSTM)"),
-    "conv transpose": (lambda: _functional(lambda x: L.Conv2DTranspose(4, 3, name="up")(x)), "up (Conv2DTranspose)"),
+    "1-D conv transpose": (lambda: _functional(lambda x: L.Conv1DTranspose(4, 3, name="up")(x), (10, 3)),
+                           "up (Conv1DTranspose)"),
     "nested model": (lambda: _functional(_nested), "my_subclassed (_Subclassed): a nested model that is not "
                                                    "functional"),
     "shared layer": (lambda: _functional(_shared), "shared_conv (Conv2D): a shared layer"),
@@ -501,6 +502,21 @@ def test_bias_terms_are_counted_as_the_reference_counter_does():
     space = read_model(model)
     for report in (count_shape(space, space.full_shape()), count_model(model)):
         assert {layer.name: layer.flops for layer in report.layers} == by_hand
+
+
+def test_a_transposed_conv_is_counted_per_input_position():
+    """A Conv2DTranspose scatters each input position through its whole kernel: k*k*C_in*C_out multiply-adds
+    per input position, plus C_out per output position for a bias. "valid" 3x3 at stride 2 takes 5x5 to
+    11x11 (4 * 2 + 3), "same" 2x2 at stride 2 takes 11x11 to 22x22."""
+    inputs = keras.Input((5, 5, 2))
+    x = L.Conv2DTranspose(4, 3, strides=2, name="up")(inputs)
+    model = keras.Model(inputs, L.Conv2DTranspose(3, 2, strides=2, padding="same", use_bias=False, name="up_same")(x))
+    space = read_model(model)
+    for up in (4, 2):
+        by_hand = {"up": (9 * 2 * up * 25 + up * 121, 9 * 2 * up + up), "up_same": (4 * up * 3 * 121, 4 * up * 3)}
+        shape = GraphShape({"up": up}, {})
+        for report in (count_shape(space, shape), count_model(derive_model(model, space, shape))):
+            assert {layer.name: (layer.flops, layer.params) for layer in report.layers} == by_hand
 
 
 def test_convnext_idioms_are_counted_by_hand():

@@ -21,7 +21,7 @@ from tas_keras.models import efficientnet_lite
 from tas_keras.models.registry import build_model
 from tas_keras.models.torch_checkpoint import LEGACY_MAGIC, CheckpointError, load_state_dict
 
-from .test_supernet import convnext_cnn, dense_cnn, grouped_cnn, sep_cnn
+from .test_supernet import convnext_cnn, dense_cnn, grouped_cnn, sep_cnn, unet_cnn
 from tests.conftest import SHARED
 
 IMAGENETTE = SHARED / "data" / "imagenette2-224.zip"
@@ -106,13 +106,15 @@ def _randomised_normalizations(model, seed=0):
     return model
 
 
-_TEST_MODELS = {"sep_cnn": sep_cnn, "convnext_cnn": convnext_cnn, "grouped_cnn": grouped_cnn, "dense_cnn": dense_cnn}
+_TEST_MODELS = {"sep_cnn": sep_cnn, "convnext_cnn": convnext_cnn, "grouped_cnn": grouped_cnn, "dense_cnn": dense_cnn,
+                "unet_cnn": unet_cnn}
 
 
 @pytest.mark.parametrize("name, add_mode", [("mobilenet_v2", "tied"), ("resnet50", "tied"),
                                             ("efficientnet_lite0", "tied"), ("resnet8", INDEPENDENT),
                                             ("sep_cnn", "tied"), ("grouped_cnn", "tied"),
-                                            ("grouped_cnn", INDEPENDENT), ("dense_cnn", "tied"), ("convnext_cnn", "tied")])
+                                            ("grouped_cnn", INDEPENDENT), ("dense_cnn", "tied"), ("convnext_cnn", "tied"),
+                                            ("unet_cnn", "tied")])
 def test_ordered_channels_compute_the_same_function_most_important_first(name, add_mode):
     """Where a grouped conv reads a slot its channels move in whole groups (`importance.group_steps`),
     ordered by their mean score, each keeping its own channels' order."""

@@ -13,7 +13,7 @@ from tas_keras.derive import derive_model
 from tas_keras.cifar_shapes import arch_from_shape
 from tas_keras.graph import read_model
 from tas_keras.graph_space import INDEPENDENT, TIED, GraphShape
-from tas_keras.layers import SearchableConv
+from tas_keras.layers import SearchableConv, SearchableConvTranspose
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.registry import build_model
 from tas_keras.search import TASSearchModel, convergence
@@ -149,6 +149,33 @@ def convnext_cnn():
     return keras.Model(inputs, L.Dense(4, name="head")(x), name="convnext_cnn")
 
 
+def unet_cnn():
+    """A small U-Net for per-pixel classes: three encoder levels of conv-BN-ReLU with max pooling between
+    them and a bottleneck at 4x4; a decoder that goes up by a strided Conv2DTranspose (with its BN), then by
+    nearest and by bilinear UpSampling2D each followed by a conv (with a bias and no BN), each step
+    concatenated with the encoder's map of its size (the skips; one with the skip first); a 1x1 conv head
+    of 3 class logits per pixel."""
+    inputs = keras.Input((32, 32, 3), name="image")
+
+    def conv_bn_relu(x, filters, name):
+        x = L.Conv2D(filters, 3, padding="same", use_bias=False, name=name)(x)
+        return L.ReLU(name=f"{name}_relu")(L.BatchNormalization(name=f"{name}_bn")(x))
+
+    enc1 = conv_bn_relu(inputs, 6, "enc1")
+    enc2 = conv_bn_relu(L.MaxPooling2D(name="pool1")(enc1), 8, "enc2")
+    enc3 = conv_bn_relu(L.MaxPooling2D(name="pool2")(enc2), 10, "enc3")
+    x = conv_bn_relu(L.MaxPooling2D(name="pool3")(enc3), 12, "bottleneck")
+    x = L.Conv2DTranspose(10, 3, strides=2, padding="same", use_bias=False, name="up3")(x)
+    x = L.ReLU(name="up3_relu")(L.BatchNormalization(name="up3_bn")(x))
+    x = conv_bn_relu(L.Concatenate(name="skip3")([x, enc3]), 10, "dec3")
+    x = L.Conv2D(8, 3, padding="same", activation="relu", name="up2_conv")(L.UpSampling2D(name="up2")(x))
+    x = conv_bn_relu(L.Concatenate(name="skip2")([enc2, x]), 8, "dec2")
+    x = L.UpSampling2D(interpolation="bilinear", name="up1")(x)
+    x = L.Conv2D(6, 3, padding="same", activation="relu", name="up1_conv")(x)
+    x = conv_bn_relu(L.Concatenate(name="skip1")([x, enc1]), 6, "dec1")
+    return keras.Model(inputs, L.Conv2D(3, 1, name="head")(x), name="unet_cnn")
+
+
 def _source(name):
     """A source model with non-trivial affines (BN, LayerNormalization, LayerScale) and biases, so a wrong
     copy shows."""
@@ -165,6 +192,8 @@ def _source(name):
         model = grouped_cnn()
     elif name == "convnext_cnn":
         model = convnext_cnn()
+    elif name == "unet_cnn":
+        model = unet_cnn()
     elif name == "resnet20":
         model = CifarResNet(ArchConfig.full("resnet20", input_shape=(8, 8, 3)))
     else:
@@ -343,7 +372,7 @@ def test_cifar_forward_is_the_reference_forward(cifar_supernet):
 # Any model: exact costs, and the source model at the full sample.
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "resnet50", "user_cnn", "user_cnn_independent",
-                                  "ops_cnn", "sep_cnn", "dense_cnn", "grouped_cnn", "convnext_cnn"])
+                                  "ops_cnn", "sep_cnn", "dense_cnn", "grouped_cnn", "convnext_cnn", "unet_cnn"])
 def test_argmax_cost_is_the_count_of_the_derived_shape(name):
     _, space, supernet = _supernet(name)
     for seed in range(4):
@@ -357,7 +386,7 @@ def test_argmax_cost_is_the_count_of_the_derived_shape(name):
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "resnet50", "user_cnn", "user_cnn_independent",
-                                  "ops_cnn", "sep_cnn", "dense_cnn", "grouped_cnn", "convnext_cnn"])
+                                  "ops_cnn", "sep_cnn", "dense_cnn", "grouped_cnn", "convnext_cnn", "unet_cnn"])
 def test_full_sample_from_the_source_equals_the_source_in_training_mode(name):
     model, space, supernet = _supernet(name)  # resnet20 without normalize_every_conv: its stride-2
     images = tf.random.stateless_normal((8, *space.input_shape), [2, 0])  # shortcuts stay bare
@@ -370,7 +399,7 @@ def test_full_sample_from_the_source_equals_the_source_in_training_mode(name):
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "user_cnn", "ops_cnn", "sep_cnn", "dense_cnn", "grouped_cnn",
-                                  "convnext_cnn"])
+                                  "convnext_cnn", "unet_cnn"])
 def test_one_hot_sample_equals_the_derived_network_in_training_mode(name):
     """At a narrower one-hot sample the supernet is the derived network (tied slots share one width;
     depthwise and grouped convs, BNs and activations follow it; the masks keep the zero channels zero; a
@@ -474,19 +503,52 @@ def test_counts_of_a_grouped_cnn_by_hand():
     assert counted.params == sum(weights for weights, _ in convs.values()) + batch_norms
 
 
+def test_counts_of_a_unet_by_hand():
+    """A Conv2DTranspose costs k*k*C_in*C_out per input position (it scatters each through its whole kernel);
+    pooling and UpSampling2D cost nothing; a conv reading a skip Concatenate reads the sum of its members'
+    widths."""
+    _, space, _ = _supernet("unet_cnn")
+    assert [space.slot(name).members for name in ("skip3", "skip2", "skip1")] == [
+        ("up3", "enc3"), ("enc2", "up2_conv"), ("up1_conv", "enc1")]
+
+    def by_hand(a, b, c, d, u3, e, u2, f, u1, g):
+        """(weights, positions) of every conv at the widths of enc1, enc2, enc3, bottleneck, up3, dec3,
+        up2_conv, dec2, up1_conv, dec1: 32x32 maps (1024 positions), 16x16 (256), 8x8 (64), the bottleneck's
+        4x4 (16), which are up3's input positions. up2_conv and up1_conv have a bias, as has the head."""
+        return {"enc1": (9 * 3 * a, 1024), "enc2": (9 * a * b, 256), "enc3": (9 * b * c, 64),
+                "bottleneck": (9 * c * d, 16), "up3": (9 * d * u3, 16), "dec3": (9 * (u3 + c) * e, 64),
+                "up2_conv": (9 * e * u2 + u2, 256), "dec2": (9 * (b + u2) * f, 256),
+                "up1_conv": (9 * f * u1 + u1, 1024), "dec1": (9 * (u1 + a) * g, 1024), "head": (g * 3 + 3, 1024)}
+
+    names = ("enc1", "enc2", "enc3", "bottleneck", "up3", "dec3", "up2_conv", "dec2", "up1_conv", "dec1")
+    for widths in ((6, 8, 10, 12, 10, 10, 8, 8, 6, 6), (4, 5, 7, 9, 6, 8, 3, 7, 2, 5)):
+        a, b, c, d, u3, e, u2, f, u1, g = widths
+        convs = by_hand(*widths)
+        counted = count_shape(space, GraphShape(dict(zip(names, widths)), {}))
+        assert {layer.name: layer.flops for layer in counted.layers if layer.kind != "batch_norm"} == {
+            name: weights * positions for name, (weights, positions) in convs.items()}
+        batch_norms = 2 * (a + b + c + d + u3 + e + f + g)  # gamma and beta of every BN (up2_conv, up1_conv: none)
+        assert counted.params == sum(weights for weights, _ in convs.values()) + batch_norms
+    assert count_shape(space, space.full_shape()).flops == sum(
+        weights * positions for weights, positions in by_hand(6, 8, 10, 12, 10, 10, 8, 8, 6, 6).values()) == 2_087_168
+
+
 @pytest.mark.parametrize("name, compiled", [("mobilenet_v2", False), ("resnet50", False), ("user_cnn", True),
-                                            ("grouped_cnn", True)])
+                                            ("grouped_cnn", True), ("unet_cnn", False)])
 def test_short_search_runs_and_moves_the_architecture(name, compiled):
-    """Two search steps: eagerly for the ImageNet models (tracing them would cost a minute), through a
-    compiled `fit` for the small CNNs (Keras runs a grouped conv through XLA on a CPU)."""
-    _, space, supernet = _supernet(name)
+    """Two search steps: eagerly for the ImageNet models and the U-Net (tracing them would cost a minute, the
+    U-Net's 10 s), through a compiled `fit` for the small CNNs (Keras runs a grouped conv through XLA on a
+    CPU). A label per output
+    position: one per image for a classifier, one per pixel for the U-Net (the search's cross-entropy and
+    accuracy take either); the argmax network derives to the source's output shape."""
+    model, space, supernet = _supernet(name)
     search = TASSearchModel(supernet, target_ratio=0.5)
     search.compile(optimizer=keras.optimizers.SGD(0.01),
                    arch_optimizer=keras.optimizers.Adam(0.01, beta_1=0.5, beta_2=0.999))
     rng = np.random.default_rng(0)
     halves = [tf.data.Dataset.from_tensor_slices((rng.normal(size=(8, *space.input_shape)).astype("float32"),
-                                                  rng.integers(0, 3, 8).astype("int32"))).batch(4)
-              for _ in range(2)]
+                                                  rng.integers(0, 3, (8, *model.output_shape[1:-1])).astype("int32")))
+              .batch(4) for _ in range(2)]
     batches = tf.data.Dataset.zip(tuple(halves))
     arch = [v.numpy() for v in supernet.arch_variables]
     weights = [v.numpy() for v in supernet.weight_variables]
@@ -497,6 +559,7 @@ def test_short_search_runs_and_moves_the_architecture(name, compiled):
     assert all(math.isfinite(float(value)) for value in logs.values()), logs
     assert all(not np.array_equal(a, v.numpy()) for a, v in zip(arch, supernet.arch_variables))
     assert sum(not np.array_equal(a, v.numpy()) for a, v in zip(weights, supernet.weight_variables)) > len(weights) / 2
+    assert derive_model(model, space, supernet.derive(), transfer_weights=False).output_shape == model.output_shape
 
 
 def test_search_state_backs_up_and_restores(tmp_path):
@@ -539,6 +602,14 @@ def test_searchable_conv_routes_equal_the_naive_route(kernel, strides, normalize
     as gathered taps or folded into the kernel) computes the naive mix of two normalised, widened picks."""
     candidates = candidate_widths(16)
     conv = SearchableConv(16, candidates, kernel, strides, normalize=normalize, use_bias=not normalize, route=route)
+    _assert_mixes_the_naive_route(conv, lambda x: tf.nn.conv2d(x, conv.kernel, strides, "SAME"))
+
+
+def _assert_mixes_the_naive_route(conv, full_conv):
+    """Checks that a searchable conv of 16 channels (its kernel random, its affines or bias set here) mixes
+    its picks of 12 and 8 channels as their naive mix on `full_conv(x)`, its output at full width: each
+    pick's leading channels, normalised with their batch statistics and the pick's affine (or plus the
+    bias), widened by CWI to 12 channels, weighted."""
     x = tf.random.stateless_normal((4, 7, 7, 5), [0, 0]) + 1.0
     picks, weights = tf.constant([5, 2]), tf.constant([0.7, 0.3])  # 12 and 8 channels
     conv(x, picks, weights)
@@ -546,16 +617,36 @@ def test_searchable_conv_routes_equal_the_naive_route(kernel, strides, normalize
         variable.assign(tf.random.stateless_uniform(variable.shape, [1, i], 0.5, 1.5))
     mixed, wider = conv(x, picks, weights)
 
-    full = tf.nn.conv2d(x, conv.kernel, strides, "SAME").numpy() + (0 if normalize else conv.bias.numpy())
+    full = full_conv(x).numpy() + (0 if conv.normalize else conv.bias.numpy())
     expected = np.zeros_like(full)
     for pick, weight in zip(picks.numpy(), weights.numpy()):
-        part = full[..., :candidates[pick]]
-        if normalize:
+        part = full[..., :conv.candidates[pick]]
+        if conv.normalize:
             part = (part - part.mean((0, 1, 2))) / np.sqrt(part.var((0, 1, 2)) + 1e-5)
             part = part * conv.gammas.numpy()[pick, :part.shape[-1]] + conv.betas.numpy()[pick, :part.shape[-1]]
         expected[..., :12] += weight * _naive_cwi(part, 12)
     assert int(wider) == 12
     np.testing.assert_allclose(mixed, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel, strides, padding, output_padding, normalize, route", [
+    (3, 2, "same", None, True, "second_conv"), (2, 2, "valid", None, True, "matmul"),
+    (1, 2, "same", None, True, "gather"), (3, 2, "valid", 1, False, "kernel"), (3, 1, "same", None, False, "gather")])
+def test_searchable_conv_transpose_routes_equal_the_naive_route(kernel, strides, padding, output_padding, normalize,
+                                                                route):
+    """A searchable Conv2DTranspose mixes its picks as a searchable conv does, on the output of Keras'
+    Conv2DTranspose whose kernel is its kernel in Keras' layout (k_h, k_w, C_out, C_in)."""
+    conv = SearchableConvTranspose(16, candidate_widths(16), output_padding, kernel_size=kernel, strides=strides,
+                                   padding=padding, normalize=normalize, use_bias=not normalize, route=route)
+
+    def full_conv(x):
+        keras_conv = L.Conv2DTranspose(16, kernel, strides=strides, padding=padding, output_padding=output_padding,
+                                       use_bias=False)
+        keras_conv.build(x.shape)
+        keras_conv.kernel.assign(np.transpose(conv.kernel.numpy(), (0, 1, 3, 2)))
+        return keras_conv(x)
+
+    _assert_mixes_the_naive_route(conv, full_conv)
 
 
 def test_the_routes_give_one_gradient():
@@ -603,6 +694,8 @@ def test_searchable_conv_refuses_a_route_it_cannot_run():
                                      ("slice", True, 1)):
         with pytest.raises(ValueError, match=f"conv: route must be None or one of .*, got '{route}'"):
             SearchableConv(8, (4, 8), kernel, normalize=normalize, use_bias=not normalize, route=route, name="conv")
+    with pytest.raises(ValueError, match="up: route must be None or one of .*, got 'covariance'"):
+        SearchableConvTranspose(8, (4, 8), kernel_size=1, route="covariance", name="up")
     config = SearchableConv(8, (4, 8), 3, route="gather").get_config()
     assert SearchableConv.from_config(config).route == "gather"
 
