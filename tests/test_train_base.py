@@ -29,12 +29,11 @@ def _cli(*args, timeout=60):
 ])
 def test_bad_flags_fail_fast_with_one_line(tmp_path, args, message):
     """What train_base refuses (below), a flag value absl's parser refuses, and a stray argument."""
-    start = time.perf_counter()
     result = _cli(f"--out={tmp_path / 'run'}", *args)
-    assert time.perf_counter() - start < 10
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # refused before any work
 
 
 @pytest.mark.parametrize("options, message", [
