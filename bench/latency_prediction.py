@@ -27,7 +27,6 @@ import numpy as np
 
 from tas_keras.export.layer_latency import (RUNS, environment, make_table, measure_networks, table_layout,
                                             table_model)
-from tas_keras.graph_space import GraphShape
 from tas_keras.latency import QUANTIZATIONS, LatencyTable
 from tas_keras.training import read_json, write_json
 
@@ -54,10 +53,7 @@ _OUT = flags.DEFINE_string("out", str(RESULTS / "latency_prediction_graph.json")
 def random_shapes(space, count, seed):
     """`count` shapes drawn uniformly from the space's candidates and depth choices, then the full network."""
     rng = np.random.default_rng(seed)
-    shapes = [(f"random_{index}",
-               GraphShape({slot.name: int(rng.choice(slot.candidates)) for slot in space.searchable_slots},
-                          {stage.name: int(rng.choice(stage.choices)) for stage in space.stages}))
-              for index in range(count)]
+    shapes = [(f"random_{index}", space.random_shape(rng)) for index in range(count)]
     return shapes + [("full", space.full_shape())]
 
 

@@ -27,16 +27,15 @@ import tempfile
 from absl import app, flags, logging
 import numpy as np
 
-from tas_keras.cifar_shapes import shape_from_arch
 from tas_keras.export.layer_latency import (REWARM, environment, measure_networks, spread, table_layout,
                                             table_model, time_interleaved)
 from tas_keras.export.exporter import TFLITE_FILE, export_and_verify
 from tas_keras import data
-from tas_keras.cost import count_arch
+from tas_keras.cost import count_shape
 from tas_keras.distill import distill
 from tas_keras.latency import LatencyTable, predict_latency
 from tas_keras.search import ARCH_FILE, run_search
-from tas_keras.search_space import ArchConfig, random_shape
+from tas_keras.shapes import load_shape
 from tas_keras.training import MODEL_FILE, read_json, write_json
 
 MODEL = "resnet20"
@@ -69,23 +68,19 @@ def _search(name, **settings):
     return os.path.join(out, ARCH_FILE)
 
 
-def table_ms(arch, table, layout):
-    """The table latency of a ResNet-20 ArchConfig."""
-    return predict_latency(layout, shape_from_arch(layout.space, arch), table)
-
-
 def best_random_ratio(table, layout, target, samples, seed=0):
     """Over `samples` random shapes, the most FLOPs kept by one whose table latency is within `target` of
     the full network's: what speed-up / FLOP reduction the space allows at that latency."""
-    full = ArchConfig.full(MODEL)
-    full_ms, full_flops = table_ms(full, table, layout), count_arch(full).flops
+    space = layout.space
+    full = space.full_shape()
+    full_ms, full_flops = predict_latency(layout, full, table), count_shape(space, full).flops
     best, rng = None, np.random.default_rng(seed)
-    for arch in (random_shape(full, rng, layout.space.multiple_of) for _ in range(samples)):
-        latency, flops = table_ms(arch, table, layout) / full_ms, count_arch(arch).flops / full_flops
+    for shape in (space.random_shape(rng) for _ in range(samples)):
+        latency = predict_latency(layout, shape, table) / full_ms
+        flops = count_shape(space, shape).flops / full_flops
         if latency <= target and (best is None or flops > best["flops_ratio"]):
             best = {"flops_ratio": round(flops, 4), "latency_ratio": round(latency, 4),
-                    "speedup_per_flop_reduction": round(flops / latency, 3), "widths": list(arch.widths),
-                    "stage_blocks": list(arch.stage_blocks)}
+                    "speedup_per_flop_reduction": round(flops / latency, 3), **shape.point()}
     return best
 
 
@@ -100,6 +95,7 @@ def main(argv):
     spaces = {"latency": (table, table_layout(MODEL, model))}
     if _TABLE_X16.value:
         spaces["latency_x16"] = (LatencyTable.load(_TABLE_X16.value), table_layout(MODEL, model, 16))
+    space = spaces["latency"][1].space  # every arm's shape is a ResNet-20's: its FLOPs count in this space
     results = read_json(_RESULTS.value) if os.path.exists(_RESULTS.value) else {}
     results.update({
         "what": "ResNet-20: FLOP-searched vs latency-searched shapes at equal measured int8 latency, same KD recipe",
@@ -122,7 +118,7 @@ def main(argv):
     # (random weights: latency does not depend on them).
     if "selection" not in results:
         layout = spaces["latency"][1]
-        shapes = [(name, shape_from_arch(layout.space, ArchConfig.load(path))) for name, path in (
+        shapes = [(name, load_shape(path)) for name, path in (
             [("latency", arches["latency"])] + [(f"flops_{t}", path) for t, path in flop_arches.items()])]
         with tempfile.TemporaryDirectory() as workdir:
             rows, load = measure_networks(table, layout, shapes, _RUNS.value, workdir)
@@ -143,9 +139,9 @@ def main(argv):
                           batch_size=_BATCH.value, max_train_examples=_MAX_TRAIN.value, **common)
         export = export_and_verify(os.path.join(out, MODEL_FILE), os.path.join(_OUT.value, f"export_{name}"),
                                    quantize="int8", threads=table.threads, latency_runs=20, **common)
-        arch = ArchConfig.load(arch_path)
-        trained[name] = {"widths": list(arch.widths), "stage_blocks": list(arch.stage_blocks),
-                         "flops": count_arch(arch).flops, "search": arch.provenance,
+        shape = load_shape(arch_path)
+        trained[name] = {**shape.point(), "flops": count_shape(space, shape).flops,
+                         "search": shape.provenance,
                          "keras_accuracy": metrics["test_accuracy"],
                          "int8_accuracy": export["models"][0]["tflite"]["accuracy"],
                          "teacher_keras_accuracy": metrics["teacher_test_accuracy"],
@@ -159,13 +155,14 @@ def main(argv):
     names = list(trained)
     timed = [spread(samples) for samples in time_interleaved(
         [os.path.join(full_export, TFLITE_FILE)] + [trained[n]["tflite"] for n in names], table.threads, _RUNS.value)]
-    full_flops = count_arch(ArchConfig.full(MODEL)).flops
+    full_flops = count_shape(space, space.full_shape()).flops
     results["full"] = {"flops": full_flops, "latency": timed[0]}
     for name, latency in zip(names, timed[1:]):
         arm = trained[name]
         speedup = timed[0]["ms"] / latency["ms"]
         flop_reduction = full_flops / arm["flops"]
-        predicted = table_ms(ArchConfig.load(arches[name]), *spaces.get(name, spaces["latency"]))
+        arm_table, layout = spaces.get(name, spaces["latency"])
+        predicted = predict_latency(layout, load_shape(arches[name]), arm_table)
         arm.update(latency=latency, predicted_ms=round(predicted, 5),
                    latency_ratio=round(latency["ms"] / timed[0]["ms"], 4),
                    flops_ratio=round(arm["flops"] / full_flops, 4), speedup=round(speedup, 3),

@@ -328,7 +328,7 @@ def test_grouped_convs_follow_their_input_in_whole_groups():
     assert GraphSpace.from_json(space.to_json()) == space
     with pytest.raises(ValueError, match="b1_conv_1x1_1: width 10 is not a multiple of 4: its grouped convs keep "
                                          "whole groups of 4 channels"):
-        space.validate(GraphShape({**space.full_shape().widths, "b1_conv_1x1_1": 10}, space.full_shape().depths))
+        space.validate(space.shape({**space.full_shape().widths, "b1_conv_1x1_1": 10}, space.full_shape().depths))
     def resizing_groups(x):
         x = L.Conv2D(6, 3, groups=3, name="grouped")(L.Conv2D(3, 1, name="narrow")(x))
         return L.Dense(2)(L.GlobalAveragePooling2D()(x))
@@ -387,11 +387,11 @@ def test_shapes_outside_the_space_are_refused():
     space = read_model(build_model("resnet20"), add_mode=INDEPENDENT)
     full = space.full_shape()
     with pytest.raises(ValueError, match=r"s1_b1_conv_a: width 17 is outside 1..16"):
-        space.validate(GraphShape({**full.widths, "s1_b1_conv_a": 17}, full.depths))
+        space.validate(space.shape({**full.widths, "s1_b1_conv_a": 17}, full.depths))
     with pytest.raises(ValueError, match=r"stage2: 4 blocks kept is outside 1..3"):
-        space.validate(GraphShape(full.widths, {**full.depths, "stage2": 4}))
+        space.validate(space.shape(full.widths, {**full.depths, "stage2": 4}))
     with pytest.raises(ValueError, match=r"missing \['stem_conv'\]"):
-        space.validate(GraphShape({k: v for k, v in full.widths.items() if k != "stem_conv"}, full.depths))
+        space.validate(space.shape({k: v for k, v in full.widths.items() if k != "stem_conv"}, full.depths))
 
 
 # FLOPs.
@@ -418,8 +418,8 @@ def test_convnext_idioms_are_counted_by_hand():
     4x4 after the downsampling conv; the stage keeps b2 only."""
     model = convnext_cnn()
     space = read_model(model)
-    shape = GraphShape({"stem": 6, "b1_expand": 19, "b2_expand": 12, "b3_expand": 28, "down": 9, "b4_expand": 28},
-                       {"stage1": 1})
+    shape = space.shape({"stem": 6, "b1_expand": 19, "b2_expand": 12, "b3_expand": 28, "down": 9, "b4_expand": 28},
+                        {"stage1": 1})
 
     def block(width, expanded, positions):  # {layer: (FLOPs, parameters)} of a block at those widths
         dw, expand, project = 49 * width + width, width * expanded + expanded, expanded * width + width
