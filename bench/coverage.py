@@ -252,10 +252,8 @@ def flops(space):
     from tas_keras.cost import count_shape
 
     full = count_shape(space, space.full_shape())
-    smallest = type(space.full_shape())({slot.name: slot.candidates[0] for slot in space.searchable_slots},
-                          {stage.name: stage.choices[0] for stage in space.stages})
     result = {"full": full.flops, "params": full.params,
-              "smallest_ratio": round(count_shape(space, smallest).flops / full.flops, 4)}
+              "smallest_ratio": round(count_shape(space, space.smallest_shape()).flops / full.flops, 4)}
     try:
         _, shape = predefined_shape(space, 0.5)
         result["uniform_50"] = {"flops": shape["flops"], "ratio": round(shape["flops_ratio"], 4),

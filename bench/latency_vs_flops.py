@@ -39,8 +39,8 @@ from tas_keras.export.exporter import TFLITE_FILE, export_and_verify
 from tas_keras.export.layer_latency import (REWARM, environment, make_table, measure_networks, spread, table_layout,
                                             table_model, time_interleaved)
 from tas_keras.latency import LatencyTable, predict_latency
-from tas_keras.pruned_shape import PrunedShape
 from tas_keras.search import ARCH_FILE, run_search
+from tas_keras.shapes import load_shape
 from tas_keras.training import MODEL_FILE, read_json, train_base, write_json
 
 GOAL = 0.9
@@ -83,7 +83,7 @@ def best_random_ratio(table, layout, target, samples, seed=0):
         flops = count_shape(space, shape).flops / full_flops
         if latency <= target and (best is None or flops > best["flops_ratio"]):
             best = {"flops_ratio": round(flops, 4), "latency_ratio": round(latency, 4),
-                    "speedup_per_flop_reduction": round(flops / latency, 3), **shape.to_dict()}
+                    "speedup_per_flop_reduction": round(flops / latency, 3), **shape.point()}
     return best
 
 
@@ -140,7 +140,7 @@ def main(argv):
     if "selection" not in results:
         searched = [("latency", shapes["latency"])] + [(f"flops_{t}", path) for t, path in flop_shapes.items()]
         with tempfile.TemporaryDirectory() as workdir:
-            rows, load = measure_networks(table, layout, [(arm, PrunedShape.load(path).shape) for arm, path in searched]
+            rows, load = measure_networks(table, layout, [(arm, load_shape(path)) for arm, path in searched]
                                           + [("full", layout.space.full_shape())], _RUNS.value, workdir)
         results["selection"] = {"load_average_at_start": load, "shapes": rows}
         write_json(results_path, results)
@@ -169,9 +169,9 @@ def main(argv):
         export = export_and_verify(os.path.join(arm_out, MODEL_FILE), os.path.join(out, f"export_{arm}"),
                                    quantize="int8", threads=table.threads, latency_runs=20,
                                    dataset_name=_DATASET.value)
-        pruned = PrunedShape.load(shape_path)
-        trained[arm] = {**pruned.shape.to_dict(), "flops": count_shape(layout.space, pruned.shape).flops,
-                        "search": dict(pruned.provenance), "keras_accuracy": metrics["test_accuracy"],
+        shape = load_shape(shape_path)
+        trained[arm] = {**shape.point(), "flops": count_shape(layout.space, shape).flops,
+                        "search": dict(shape.provenance), "keras_accuracy": metrics["test_accuracy"],
                         "int8_accuracy": export["models"][0]["tflite"]["accuracy"],
                         "teacher_keras_accuracy": metrics["teacher_test_accuracy"],
                         "tflite": os.path.relpath(export["models"][0]["tflite"]["path"]),
@@ -192,7 +192,7 @@ def main(argv):
     for arm, latency in zip(arms, timed[1:]):
         row = trained[arm]
         speedup = timed[0]["ms"] / latency["ms"]
-        predicted = predict_latency(layout, PrunedShape.load(shapes[arm]).shape, table)
+        predicted = predict_latency(layout, load_shape(shapes[arm]), table)
         row.update(latency=latency, predicted_ms=round(predicted, 5),
                    latency_ratio=round(latency["ms"] / timed[0]["ms"], 4),
                    flops_ratio=round(row["flops"] / full_flops, 4), speedup=round(speedup, 3),

@@ -27,6 +27,7 @@ TAS seeds' shapes are), and a run already recorded there is not run again, so th
 several sessions.
 """
 
+import dataclasses
 import datetime
 import os
 import platform
@@ -42,9 +43,9 @@ from tas_keras.baselines import predefined_shape, random_search, ranked_shape
 from tas_keras.distill import distill
 from tas_keras.graph import load_model, read_model
 from tas_keras.importance import importance_scores, magnitude_scores, order_channels
-from tas_keras.pruned_shape import PrunedShape
 from tas_keras.runs import read_json, write_json
 from tas_keras.search import ARCH_FILE, run_search
+from tas_keras.shapes import load_shape
 from tas_keras.training import MODEL_FILE, save_model, train_base
 
 # The entropy weight of the TAS rows but tas_no_entropy: the search's default when they ran (this
@@ -125,7 +126,7 @@ def _exported_top1(model, out, seed):
 
 
 def shape_file(row, seed, run, ordered):
-    """The row's shape file (a PrunedShape of the ordered base `ordered`) and the training epochs it leaves."""
+    """The row's shape file (a GraphShape of the ordered base `ordered`) and the training epochs it leaves."""
     budget = _BUDGET.value
     if row.startswith("tas"):
         trained = row != "tas_scratch"
@@ -154,8 +155,7 @@ def shape_file(row, seed, run, ordered):
                       importance_scores(model, space, dataset, _BATCH.value))
             shape, provenance = ranked_shape(space, scores, _TARGET.value, source=row)
         os.makedirs(run, exist_ok=True)
-        PrunedShape(os.path.abspath(ordered), space.input_shape, int(model.output_shape[-1]), space.add_mode,
-                    space.multiple_of, shape, provenance).save(path)
+        dataclasses.replace(shape, model=os.path.abspath(ordered), provenance=provenance).save(path)
     return path, budget - search_epochs
 
 
@@ -167,13 +167,13 @@ def run_row(row, seed, runs, ordered_files):
                       image_size=_IMAGE_SIZE.value, epochs=epochs, batch_size=_BATCH.value,
                       learning_rate=_KD_LEARNING_RATE.value, seed=seed, **_trial())
     exported = _exported_top1(os.path.join(run, "distill", MODEL_FILE), os.path.join(run, "export"), seed)
-    shape = PrunedShape.load(arch)
+    shape = load_shape(arch)
     return {"row": row, "seed": seed, "kd_epochs": epochs, "search_epochs": _BUDGET.value - epochs,
             "flops": metrics["flops"], "flops_ratio": metrics["flops"] / metrics["teacher_flops"],
             "params": metrics["params"], "top1": metrics["test_accuracy"],
             "top1_fp32_tflite": exported["none"], "top1_int8_tflite": exported["int8"],
             "base_top1": metrics["teacher_test_accuracy"], "wall_time_s": metrics["wall_time_s"],
-            "widths": dict(shape.shape.widths), "depths": dict(shape.shape.depths),
+            **shape.point(),
             "commit": COMMIT, "date": datetime.date.today().isoformat()}
 
 

@@ -29,9 +29,10 @@ from tas_keras import distill as distill_stage
 from tas_keras.data import CroppedImageDataset, ImageDataset, from_arrays, from_tf_data
 from tas_keras.distribute import make_strategy
 from tas_keras.graph import load_model
-from tas_keras.pruned_shape import PrunedShape
+from tas_keras.graph_space import GraphShape
 from tas_keras.runs import GIVEN_FILES, run_dir
 from tas_keras.search import run_search
+from tas_keras.shapes import derive_network, load_shape
 from tas_keras.training import MODEL_FILE, save_model, train_base
 from tas_keras.prune import run_prune
 
@@ -44,14 +45,14 @@ EXPORTED_FILE, COMPARED_FILE = "model.keras", "compare_with.keras"
 
 def train(model, data, out, epochs=10, batch_size=256, overwrite=False, **train_options):
     """Trains from scratch `model`: a registry name (at the data's image size and classes), or a shape
-    (a PrunedShape or its file), whose pruned network is trained (`train_base`, its other settings as
+    (a GraphShape or its file), whose pruned network is trained (`train_base`, its other settings as
     `train_options`, e.g. learning_rate, seed); returns (the trained model as `out`/model.keras holds it,
     not compiled; its metrics)."""
     dataset = _dataset(data)
-    if isinstance(model, PrunedShape):
+    if isinstance(model, GraphShape):
         model = _shape_file(model, out, overwrite)
     if not isinstance(model, (str, os.PathLike)):
-        raise ValueError(f"train takes a registry name or a shape (a PrunedShape or its file), got "
+        raise ValueError(f"train takes a registry name or a shape (a GraphShape or its file), got "
                          f"{type(model).__name__}")
     shape_file = os.fspath(model) if str(model).endswith(".json") else None
     metrics = train_base(out, model_name=None if shape_file else model, arch_path=shape_file, dataset_name=dataset,
@@ -62,27 +63,27 @@ def train(model, data, out, epochs=10, batch_size=256, overwrite=False, **train_
 def search(model, data, target_ratio, out, epochs=10, batch_size=256, overwrite=False, **search_options):
     """Searches a shape of `model` keeping `target_ratio` of its FLOPs (or of the cost `cost_metric`
     names) (`run_search`; its other settings as `search_options`, e.g. add_mode, width_multiple, seed);
-    returns the PrunedShape that `out`/arch.json holds."""
+    returns the GraphShape that `out`/arch.json holds."""
     dataset = _dataset(data)  # checked before anything is written
-    return PrunedShape.from_search(run_search(
+    return GraphShape.from_dict(run_search(
         out, model_name=_model_file(model, out, SOURCE_FILE, overwrite), dataset_name=dataset, epochs=epochs,
         batch_size=batch_size, target_ratio=target_ratio, overwrite=overwrite, **search_options))
 
 
 def derive(model, shape, transfer_weights=False):
-    """The pruned network of `shape` (a PrunedShape or its file) as a plain functional keras.Model,
+    """The pruned network of `shape` (a GraphShape or its file) as a plain functional keras.Model,
     built from the layers of `model` (None: the shape's source model); with `transfer_weights`,
     initialised from `model`'s leading channels."""
-    return _shape(shape).derive(model, transfer_weights=transfer_weights)
+    return derive_network(_shape(shape), model, transfer_weights=transfer_weights)
 
 
 def distill(shape, teacher, data, out, mode="kd", epochs=10, batch_size=256, overwrite=False, **distill_options):
-    """Trains the pruned network of `shape` (a PrunedShape or its file) by `mode` ("kd", "init_kd",
+    """Trains the pruned network of `shape` (a GraphShape or its file) by `mode` ("kd", "init_kd",
     "init" from `teacher`; "scratch" without one), `tas_keras.distill.distill`'s other settings as
     `distill_options`; returns (the trained model as `out`/model.keras holds it, a plain functional
     keras.Model, not compiled; its metrics)."""
     dataset = _dataset(data)
-    if isinstance(shape, PrunedShape):
+    if isinstance(shape, GraphShape):
         shape = _shape_file(shape, out, overwrite)
     teacher = None if teacher is None else _model_file(teacher, out, TEACHER_FILE, overwrite)
     metrics = distill_stage.distill(out, shape, teacher, mode=mode, dataset_name=dataset, epochs=epochs,
@@ -156,14 +157,14 @@ def _same_model(model, saved):
 
 
 def _shape(shape):
-    return shape if isinstance(shape, PrunedShape) else PrunedShape.load(shape)
+    return shape if isinstance(shape, GraphShape) else load_shape(shape)
 
 
 def _shape_file(shape, out, overwrite):
     """`shape` saved as `out`/given_shape.json for the distill stage to read, as `_model_file` saves a model."""
     path = os.path.abspath(os.path.join(out, GIVEN_SHAPE_FILE))
     if os.path.exists(path) and not overwrite:
-        if PrunedShape.load(path).to_dict() == shape.to_dict():
+        if load_shape(path).to_dict() == shape.to_dict():
             return path
         raise ValueError(f"{path} holds another shape than the one given, so {out} holds another run: use "
                          "another out, or overwrite=True to start afresh")

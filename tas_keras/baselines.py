@@ -1,14 +1,15 @@
 """Baselines at a matched FLOP target, on the graph space of any model (docs/design.md section 12): a
 uniformly shrunk ("pre-defined") shape, the best of N random shapes inside the FLOP band (a keras-tuner
 random search), and one-shot global pruning of a trained network by L1 magnitude (the standard
-structured pruning of other tools) or by Taylor importance (the least important channels removed). Each writes its shape as a search does (an ArchConfig for a CIFAR ResNet
-in the reference's space, else a PrunedShape), so it goes through train.distill exactly like a searched
+structured pruning of other tools) or by Taylor importance (the least important channels removed). Each
+writes its shape as a search does (a GraphShape), so it goes through train.distill exactly like a searched
 shape.
 
 The one-shot rankings write the trained network ordered by their scores beside the shape; a random
 search that starts its trials from a trained network takes the channels in that network's order: give
 it an importance-ordered one (`tas_keras.importance.order_channels`, as train.prune writes it)."""
 
+import dataclasses
 import logging
 import os
 
@@ -21,13 +22,12 @@ from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_shape
 from tas_keras.derive import derive_model
 from tas_keras.graph import load_model
-from tas_keras.graph_space import GraphShape
 from tas_keras import input_convention as conventions
 from tas_keras.importance import (group_steps, importance_scores, magnitude_scores, order_channels, slot_groups,
                                   step_scores)
 from tas_keras.layer_rules import rule_for
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json, run_dir, write_json
-from tas_keras.search import cost_band, searched_shapes, source_model
+from tas_keras.search import cost_band, source_model
 from tas_keras.supernet import search_space
 from tas_keras.models.registry import image_size_for, is_model_file
 from tas_keras.training import CHECKPOINT_STEPS, evaluate_classifier, fit_classifier, save_model
@@ -52,9 +52,8 @@ def _graph_band(space, target_ratio, tolerance, band):
 def uniform_shape(space, ratio):
     """Every searchable slot of a GraphSpace at round(C * ratio) channels, in whole multiples of its
     `width_step` (at least one), all blocks kept."""
-    full = space.full_shape()
-    return GraphShape({slot.name: slot.width_step * max(1, round(slot.full_width * ratio / slot.width_step))
-                       for slot in space.searchable_slots}, full.depths)
+    return space.shape({slot.name: slot.width_step * max(1, round(slot.full_width * ratio / slot.width_step))
+                        for slot in space.searchable_slots}, space.full_shape().depths)
 
 
 def _widest_within(space, shapes, high):
@@ -105,7 +104,7 @@ def ranked_shape(space, scores, target_ratio, tolerance=0.05, band="code", sourc
         widths = dict(full.widths)
         for _, _, name in ranked[:count]:
             widths[name] -= step[name]
-        return GraphShape(widths, full.depths)
+        return space.shape(widths, full.depths)
 
     lo, hi = 0, len(ranked)  # the fewest removals that reach the band's top, by bisection
     while lo < hi:
@@ -115,7 +114,7 @@ def ranked_shape(space, scores, target_ratio, tolerance=0.05, band="code", sourc
     for _, _, name in ranked[max(0, lo - 1):]:
         if count_shape(space, shape).flops <= high:
             break
-        narrower = GraphShape({**shape.widths, name: shape.widths[name] - step[name]}, full.depths)
+        narrower = space.shape({**shape.widths, name: shape.widths[name] - step[name]}, full.depths)
         if count_shape(space, narrower).flops >= low:
             shape = narrower
     flops = count_shape(space, shape).flops
@@ -175,8 +174,8 @@ def shape_hyperparameters(space):
 def shape_from_values(space, values):
     """The GraphShape of a trial's hyperparameter values. A dropped block's slots have no value (they
     are inactive) and keep the full width, which the builder ignores."""
-    return GraphShape({slot.name: values.get(slot.name, slot.full_width) for slot in space.searchable_slots},
-                      {stage.name: values[depth_name(stage)] for stage in space.stages})
+    return space.shape({slot.name: values.get(slot.name, slot.full_width) for slot in space.searchable_slots},
+                       {stage.name: values[depth_name(stage)] for stage in space.stages})
 
 
 class FlopBandOracle(keras_tuner.oracles.RandomSearchOracle):
@@ -263,15 +262,15 @@ def random_search(out, model, space, dataset, target_ratio, count, epochs, batch
             continue  # keras-tuner lost it: killed between writing its trial file and the oracle's state
         shape = shape_from_values(space, trial.hyperparameters.values)
         flops = count_shape(space, shape).flops
-        results.append({"valid_accuracy": float(trial.score), "shape": shape.to_dict(),
+        results.append({"valid_accuracy": float(trial.score), "shape": shape.point(),
                         "provenance": {"source": "random", "seed": seed, "trial": trial.trial_id,
                                        "target_ratio": target_ratio, "flops": flops, "flops_ratio": flops / base}})
     write_json(os.path.join(run_dir(out), CANDIDATES_FILE), results)
     # The first best in trial order. keras-tuner's own ranking keeps ties in the order it holds the
     # trials, which after a reload is the order of a glob over their files: not a resume's invariant.
     best = max(results, key=lambda r: r["valid_accuracy"])
-    return GraphShape.from_dict(best["shape"]), {**best["provenance"], "valid_accuracy": best["valid_accuracy"],
-                                                 "candidates": len(results), "epochs_per_candidate": epochs}
+    return space.shape(**best["shape"]), {**best["provenance"], "valid_accuracy": best["valid_accuracy"],
+                                          "candidates": len(results), "epochs_per_candidate": epochs}
 
 
 @in_strategy_scope
@@ -334,7 +333,6 @@ def make_baseline(out, kind, model_name="resnet20", target_ratio=0.5, tolerance=
         shape, provenance = random_search(out, model, space, dataset, target_ratio, count, epochs, batch_size,
                                           seed=seed, tolerance=tolerance, band=band, learning_rate=learning_rate,
                                           init=bool(trained), checkpoint_steps=checkpoint_steps)
-    shapes = searched_shapes(model_name, space)
-    shape_file = shapes.shape_file(shapes.entry(shape), provenance)
-    shape_file.save(os.path.join(run, ARCH_FILE))
-    return shape_file.to_dict()
+    shape = dataclasses.replace(shape, provenance=provenance)
+    shape.save(os.path.join(run, ARCH_FILE))
+    return shape.to_dict()

@@ -1,10 +1,13 @@
-"""The CIFAR ResNets' shapes at the edge: an ArchConfig (the released xchannels/xblocks shapes, the CIFAR
-builder's description) is a GraphShape of the CIFAR ResNet's independent-mode space, whose slots and
-stages keep the conv names and the stage order of ArchConfig.
+"""The CIFAR ResNets' shapes at the edge: an ArchConfig (the CIFAR builder's description, and the form of
+the paper's released xchannels/xblocks shapes, `ArchConfig.from_released` / `to_released`) is a GraphShape
+of the CIFAR ResNet's independent-mode space (the reference's), whose slots and stages keep the conv names
+and the stage order of ArchConfig. Shape files in those forms are read as that GraphShape
+(`tas_keras.shapes.load_shape`); a GraphShape is written in them through `arch_from_shape`.
 """
 
-from tas_keras.graph_space import GraphShape
+from tas_keras.models.registry import build_model
 from tas_keras.search_space import ArchConfig, conv_slots, parse_model_name
+from tas_keras.supernet import search_space
 
 
 def shape_from_arch(space, arch):
@@ -21,9 +24,14 @@ def shape_from_arch(space, arch):
                 raise ValueError(f"{space.name!r} has no droppable blocks in stage {stage_index}")
             continue
         depths[stage.name] = kept
-    shape = GraphShape({s.name: widths[s.name] for s in space.searchable_slots}, depths)
+    shape = space.shape({s.name: widths[s.name] for s in space.searchable_slots}, depths, arch.provenance)
     space.validate(shape)
     return shape
+
+
+def imported_shape(arch):
+    """The GraphShape of `arch` in the reference's space of its registry network (`search_space`)."""
+    return shape_from_arch(search_space(arch.name, build_model(arch.name, arch.input_shape, arch.num_classes)), arch)
 
 
 def arch_from_shape(space, shape):
@@ -34,11 +42,9 @@ def arch_from_shape(space, shape):
     for stage_index in range(1, 4):
         stage = _cifar_stage(space, stage_index)
         stage_blocks.append(shape.depths[stage.name] if stage else 1)
-    classes = space.slot(space.layer(space.output).out_slot).full_width
-    return ArchConfig(depth=depth, block=block, num_classes=classes,
+    return ArchConfig(depth=depth, block=block, num_classes=space.num_classes,
                       widths=[space.width(shape, slot.name) for slot in conv_slots(depth, block)],
-                      stage_blocks=stage_blocks, input_shape=space.input_shape,
-                      provenance={"source": "graph shape"})
+                      stage_blocks=stage_blocks, input_shape=space.input_shape, provenance=shape.provenance)
 
 
 def _cifar_stage(space, stage_index):

@@ -13,9 +13,9 @@ from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_model
 from tas_keras.graph import load_model
 from tas_keras.models.registry import image_side
-from tas_keras.pruned_shape import PrunedShape
 from tas_keras.precision import in_dtype_policy
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json, write_json
+from tas_keras.shapes import derive_network, load_shape, shape_space
 from tas_keras.training import (CHECKPOINT_STEPS, MODEL_FILE, METRICS_FILE, check_fits_data,
                                 evaluate_classifier, fit_classifier, save_model)
 
@@ -72,7 +72,7 @@ def check_prunes_teacher(pruned, teacher, teacher_path, mode):
     fits = (shape, classes) == (pruned.input_shape, pruned.num_classes)
     if fits and mode.startswith("init"):
         try:
-            pruned.space(teacher).validate(pruned.shape)
+            shape_space(pruned, teacher).validate(pruned)
         except ValueError:
             fits = False
     if not fits:
@@ -88,9 +88,9 @@ def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUND
             epochs=10, batch_size=256, learning_rate=0.1, alpha=0.9, temperature=4.0, seed=0,
             max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS, image_size=None,
             streaming="auto", mixed_precision=None, input_convention=None):
-    """Builds the plain network of the shape at `arch_path` (`PrunedShape.load`) and trains it by
-    `mode`; writes model.keras (a plain functional float32 model of stock Keras layers), shape.json
-    (its PrunedShape, with the search's provenance) and metrics.json (test accuracy, FLOPs, params,
+    """Builds the plain network of the shape at `arch_path` (`tas_keras.shapes.load_shape`) and trains it
+    by `mode`; writes model.keras (a plain functional float32 model of stock Keras layers), shape.json
+    (its GraphShape, with the search's provenance) and metrics.json (test accuracy, FLOPs, params,
     reduction against the teacher, wall time). `image_size` and `streaming`: as `data.load_dataset`
     takes them.
 
@@ -110,7 +110,7 @@ def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUND
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     if temperature <= 0:
         raise ValueError(f"KD temperature must be > 0, got {temperature!r}")
-    pruned = PrunedShape.load(arch_path)
+    pruned = load_shape(arch_path)
     if mode != "scratch" and not teacher_path:
         raise ValueError(f"mode {mode!r} needs --teacher")
     teacher = load_teacher(teacher_path) if teacher_path else None
@@ -127,7 +127,7 @@ def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUND
 
     keras.utils.set_random_seed(seed)
     initialised = mode.startswith("init")
-    student = pruned.derive(teacher if initialised else None, transfer_weights=initialised)
+    student = derive_network(pruned, teacher if initialised else None, transfer_weights=initialised)
     dataset = conventions.feed(dataset, student, input_convention)
     trained = KnowledgeDistiller(teacher, student, alpha, temperature) if mode.endswith("kd") else student
     start = time.perf_counter()

@@ -1,12 +1,14 @@
 """The search space read from a model (`tas_keras.graph.read_model`): its layers, width slots, stages of
-droppable blocks and identity shortcuts (`GraphSpace`), a point of it (`GraphShape`), and the layers the
-derived network of a point builds (`GraphSpace.plan`), which both the builder (`tas_keras.derive`) and
-the FLOP counter (`tas_keras.cost.count_shape`) read, so the counted network is the built one.
+droppable blocks and identity shortcuts (`GraphSpace`), a point of it (`GraphShape`, the project's one
+shape type), and the layers the derived network of a point builds (`GraphSpace.plan`), which both the
+builder (`tas_keras.derive`) and the FLOP counter (`tas_keras.cost.count_shape`) read, so the counted
+network is the built one.
 """
 
 import dataclasses
 import functools
 import json
+import os
 from typing import Mapping
 
 import numpy as np
@@ -16,6 +18,8 @@ from tas_keras.layer_rules import rule_for
 TIED = "tied"
 INDEPENDENT = "independent"
 ADD_MODES = (TIED, INDEPENDENT)
+# The shape files' format name from when a PrunedShape held a GraphShape and its source: their files stay readable.
+FORMAT = "tas_keras.PrunedShape"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,24 +130,78 @@ class Stage:
 
 @dataclasses.dataclass(frozen=True)
 class GraphShape:
-    """A point of a GraphSpace: the width of every searchable slot and the blocks kept per stage."""
+    """The shape of a network: a point of a GraphSpace (the width of every searchable slot, the blocks kept
+    per stage) and what reads that space again, as the search read it. The only shape type: a search, a
+    baseline, the supernet's argmax and every shape file hold one; a CIFAR ResNet's ArchConfig and the
+    paper's released shapes are converted to and from it at the edge (`tas_keras.cifar_shapes`).
+
+    Args:
+        widths: {searchable slot: width}.
+        depths: {stage: blocks kept}.
+        model: the registry name or the absolute path of the .keras file the space is read from; "" when
+            it was read from a model in memory (`GraphSpace.model`).
+        input_shape: (height, width, channels) of the model's images.
+        num_classes: classes of the model's classifier.
+        add_mode: how the space was read ("tied" or "independent", `tas_keras.graph.read_model`).
+        width_multiple: candidate widths are multiples of it.
+        provenance: where the shape came from (the search's settings and results).
+    """
 
     widths: Mapping[str, int]
     depths: Mapping[str, int]
+    model: str
+    input_shape: tuple
+    num_classes: int
+    add_mode: str
+    width_multiple: int
+    provenance: Mapping = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "widths", {str(k): int(v) for k, v in dict(self.widths).items()})
         object.__setattr__(self, "depths", {str(k): int(v) for k, v in dict(self.depths).items()})
+        if not isinstance(self.model, str):
+            raise ValueError(f"model must be a registry name or a .keras path, got {self.model!r}")
+        if len(self.input_shape) != 3 or any(not isinstance(d, int) or d < 1 for d in self.input_shape):
+            raise ValueError(f"input_shape must be 3 positive integers, got {self.input_shape!r}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {self.num_classes!r}")
+        if self.add_mode not in ADD_MODES:
+            raise ValueError(f"add_mode must be one of {ADD_MODES}, got {self.add_mode!r}")
+        if not isinstance(self.width_multiple, int) or self.width_multiple < 1:
+            raise ValueError(f"width_multiple must be a positive integer, got {self.width_multiple!r}")
+        if not isinstance(self.provenance, Mapping):
+            raise ValueError(f"provenance must be a JSON object, got {self.provenance!r}")
+        object.__setattr__(self, "input_shape", tuple(self.input_shape))
+        object.__setattr__(self, "provenance", dict(self.provenance))
+
+    @property
+    def name(self):
+        """The source model's name (a .keras file's base name)."""
+        return os.path.splitext(os.path.basename(self.model))[0] if self.model.endswith(".keras") else self.model
+
+    def point(self):
+        """Where in its space the shape is: its widths and depths (a search's history records them)."""
+        return {"widths": dict(self.widths), "depths": dict(self.depths)}
 
     def to_dict(self):
-        return {"widths": dict(self.widths), "depths": dict(self.depths)}
+        """The shape file's content."""
+        return {"format": FORMAT, "model": self.model, "input_shape": list(self.input_shape),
+                "num_classes": self.num_classes, "add_mode": self.add_mode, "width_multiple": self.width_multiple,
+                **self.point(), "provenance": dict(self.provenance)}
 
     @classmethod
     def from_dict(cls, config):
-        unknown = sorted(set(config) - {"widths", "depths"})
-        if unknown:
-            raise ValueError(f"unknown GraphShape keys {unknown}")
-        return cls(config.get("widths", {}), config.get("depths", {}))
+        """The shape of a shape file's content; ValueError naming what is wrong with any other."""
+        if not isinstance(config, Mapping) or config.get("format") != FORMAT:
+            raise ValueError(f"not a {FORMAT} (its 'format' key is {config.get('format')!r})"
+                             if isinstance(config, Mapping) else f"a shape is a JSON object, got {config!r}")
+        keys = {"format", "model", "input_shape", "num_classes", "add_mode", "width_multiple", "widths", "depths",
+                "provenance"}
+        missing, unknown = keys - {"provenance"} - set(config), set(config) - keys
+        if missing or unknown:
+            raise ValueError(f"shape keys: missing {sorted(missing)}, unknown {sorted(unknown)}")
+        return cls(config["widths"], config["depths"], config["model"], tuple(config["input_shape"]),
+                   config["num_classes"], config["add_mode"], config["width_multiple"], config.get("provenance", {}))
 
     def to_json(self):
         return json.dumps(self.to_dict(), indent=2)
@@ -151,6 +209,13 @@ class GraphShape:
     @classmethod
     def from_json(cls, text):
         return cls.from_dict(json.loads(text))
+
+    def save(self, path):
+        """Writes the shape file atomically: a reader never sees a half-written file."""
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(self.to_json() + "\n")
+        os.replace(tmp, path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +240,7 @@ class DerivedPlan:
 class GraphSpace:
     """The search space read from a model: layers in graph order, width slots, stages, shortcuts."""
 
-    name: str
+    name: str  # the Keras model's
     input_shape: tuple
     add_mode: str
     multiple_of: int
@@ -184,6 +249,9 @@ class GraphSpace:
     stages: tuple
     shortcuts: tuple  # IdentityShortcut, independent mode only
     output: str
+    # The registry name or absolute .keras path the space was read from (`tas_keras.supernet.search_space`),
+    # which its shapes name; "" for a model in memory.
+    model: str = ""
 
     def layer(self, name):
         return self._layers_by_name[name]
@@ -203,14 +271,27 @@ class GraphSpace:
     def searchable_slots(self):
         return tuple(slot for slot in self.slots if slot.searchable)
 
+    @property
+    def num_classes(self):
+        return self.slot(self.layer(self.output).out_slot).full_width
+
+    def shape(self, widths, depths, provenance=None):
+        """The GraphShape of these widths (by searchable slot) and depths (by stage) in this space."""
+        return GraphShape(widths, depths, self.model, self.input_shape, self.num_classes, self.add_mode,
+                          self.multiple_of, provenance or {})
+
     def full_shape(self):
-        return GraphShape({s.name: s.full_width for s in self.searchable_slots},
+        return self.shape({s.name: s.full_width for s in self.searchable_slots},
                           {stage.name: stage.num_blocks for stage in self.stages})
 
+    def smallest_shape(self):
+        """Every slot at its smallest candidate, every stage at its smallest depth: what a search can reach."""
+        return self.shape({s.name: s.candidates[0] for s in self.searchable_slots},
+                          {stage.name: stage.choices[0] for stage in self.stages})
+
     def random_shape(self, rng):
-        """A shape drawn uniformly: every searchable slot's width from its candidates, every stage's depth
-        from its choices (`rng`: a numpy Generator)."""
-        return GraphShape({slot.name: int(rng.choice(slot.candidates)) for slot in self.searchable_slots},
+        """A shape drawn uniformly from the candidates and depth choices (`rng`: a numpy Generator)."""
+        return self.shape({s.name: int(rng.choice(s.candidates)) for s in self.searchable_slots},
                           {stage.name: int(rng.choice(stage.choices)) for stage in self.stages})
 
     def validate(self, shape):

@@ -20,7 +20,6 @@ from tas_keras.export.convert import QUANTIZATIONS
 from tas_keras.export.exporter import REPORT_FILE, export_and_verify
 from tas_keras.export.layer_latency import make_table
 from tas_keras.graph import load_model, read_model, softmax_head
-from tas_keras.graph_space import GraphShape
 from tas_keras.importance import importance_scores, order_channels
 from tas_keras.latency import LatencyLayout, LatencyTable, predict_latency
 from tas_keras.models.registry import check_weights, image_size_for, is_cifar_model, is_model_file
@@ -82,9 +81,7 @@ PRESETS = {
 def smallest_ratio(space, layout=None, table=None):
     """FLOPs (or with a latency table and the space's `LatencyLayout`, latency) of the smallest network the
     search space can express, as a fraction of the full one's."""
-    full = space.full_shape()
-    smallest = GraphShape({slot.name: slot.candidates[0] for slot in space.searchable_slots},
-                          {stage.name: stage.choices[0] for stage in space.stages})
+    full, smallest = space.full_shape(), space.smallest_shape()
     if table is not None:
         return predict_latency(layout, smallest, table) / predict_latency(layout, full, table)
     return count_shape(space, smallest).flops / count_shape(space, full).flops
@@ -94,11 +91,11 @@ def _check_teacher(path, space):
     """The given base network must be the full network the search prunes (the report compares the two)."""
     teacher = load_teacher(path)
     try:
-        fits = read_model(teacher, space.add_mode, space.multiple_of).full_shape() == space.full_shape()
+        teacher_space = read_model(teacher, space.add_mode, space.multiple_of)
+        fits = teacher_space.full_shape().point() == space.full_shape().point()
     except ValueError:
         fits = False
-    fits = fits and tuple(teacher.input_shape[1:]) == space.input_shape and (
-        teacher.output_shape[-1] == space.slot(space.layer(space.output).out_slot).full_width)
+    fits = fits and (tuple(teacher.input_shape[1:]), teacher.output_shape[-1]) == (space.input_shape, space.num_classes)
     if not fits:
         raise ValueError(f"--teacher {path} is not the full {space.name} for this data (it is {teacher.name}, "
                          f"{teacher.output_shape[-1]} classes on {tuple(teacher.input_shape[1:])} images)")

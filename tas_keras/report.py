@@ -3,9 +3,9 @@
 import os
 
 from tas_keras.export.exporter import TFLITE_FILE
-from tas_keras.pruned_shape import PrunedShape
 from tas_keras.runs import read_json, write_json
 from tas_keras.search import ARCH_FILE, CURVES_FILE, PLOT_FILE
+from tas_keras.shapes import load_shape
 
 
 def write_report(out, model_name, target_ratio, distilled, exports, search_dir, chance):
@@ -79,7 +79,7 @@ def write_report(out, model_name, target_ratio, distilled, exports, search_dir, 
                    f"({pct(report['keras_accuracy']['base'])}): nothing here is a measurement; check the input "
                    "convention, class order and image size")
     lines += ["", f"Export checks: {verdict}. Files: {files}.", "",
-              f"## Searched shape: blocks kept per stage {dict(PrunedShape.load(os.path.join(search_dir, ARCH_FILE)).shape.depths)}", "",
+              f"## Searched shape: blocks kept per stage {load_shape(os.path.join(search_dir, ARCH_FILE)).depths}", "",
               f"![searched shape](search/{PLOT_FILE})", "", "## Search", "", f"![search curves](search/{CURVES_FILE})", ""]
     tmp = os.path.join(out, "report.md.tmp")
     with open(tmp, "w") as f:

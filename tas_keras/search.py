@@ -13,12 +13,10 @@ from tas_keras import data, plots
 from tas_keras import input_convention as conventions
 from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_shape
-from tas_keras.cifar_shapes import arch_from_shape, shape_from_arch
-from tas_keras.graph_space import ADD_MODES, INDEPENDENT, GraphShape
+from tas_keras.graph_space import ADD_MODES
 from tas_keras.latency import LatencyLayout, LatencyTable, SupernetLatency, predict_latency
 from tas_keras.precision import in_dtype_policy
 from tas_keras.models.registry import build_model, image_size_for, is_cifar_model, is_model_file
-from tas_keras.pruned_shape import PrunedShape
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json
 from tas_keras.supernet import COST_METRICS, build_supernet, search_space
 from tas_keras.training import CHECKPOINT_STEPS, EpochLog, fit_resumable, sgd
@@ -334,88 +332,29 @@ class TauSchedule(keras.callbacks.Callback):
         self.model.tau.assign(tau_at(epoch, self.epochs, self.schedule, self.tau_max, self.tau_min))
 
 
-class CifarShapes:
-    """The shapes of a CIFAR ResNet's reference space (independent Adds) as ArchConfig widths (one per
-    conv, in ArchConfig's order) and stage_blocks, the form every reader of CIFAR shapes takes (distill,
-    export, the baselines, the paper's released shapes): history.json entries and an ArchConfig arch.json."""
-
-    depth_key = "stage_blocks"
-
-    def __init__(self, space):
-        self.space, self.full = space, arch_from_shape(space, space.full_shape())
-
-    def entry(self, shape):
-        arch = arch_from_shape(self.space, shape)
-        return {"widths": list(arch.widths), "stage_blocks": list(arch.stage_blocks)}
-
-    def shape(self, entry):
-        return shape_from_arch(self.space, self.shape_file(entry, {}))
-
-    def shape_file(self, entry, provenance):
-        return self.full.replace(widths=entry["widths"], stage_blocks=entry["stage_blocks"], provenance=provenance)
-
-
-class GraphShapes:
-    """The shapes of any other space as GraphShape widths (by slot) and depths (by stage): history.json
-    entries and a PrunedShape arch.json."""
-
-    depth_key = "depths"
-
-    def __init__(self, space, model_name):
-        self.space = space
-        self.model = os.path.abspath(model_name) if is_model_file(model_name) else model_name
-
-    def entry(self, shape):
-        return shape.to_dict()
-
-    def shape(self, entry):
-        return GraphShape.from_dict({"widths": entry["widths"], "depths": entry["depths"]})
-
-    def shape_file(self, entry, provenance):
-        space = self.space
-        classes = space.slot(space.layer(space.output).out_slot).full_width
-        return PrunedShape(self.model, space.input_shape, classes, space.add_mode, space.multiple_of,
-                           self.shape(entry), provenance)
-
-
-def searched_shapes(model_name, space):
-    """How a search of `model_name` in `space` records its shapes: `CifarShapes` for a CIFAR ResNet in
-    the reference's space, else `GraphShapes`."""
-    if is_cifar_model(model_name) and space.add_mode == INDEPENDENT:
-        return CifarShapes(space)
-    return GraphShapes(space, model_name)
-
-
 def _changes(now, before):
-    """How many widths or depths (a list, or a dict by name) differ between two recorded shapes."""
-    if isinstance(now, dict):
-        return sum(now[name] != before[name] for name in now)
-    return sum(a != b for a, b in zip(now, before))
+    """How many widths or depths (a dict by name) differ between two recorded shapes."""
+    return sum(now[name] != before[name] for name in now)
 
 
 class ArchHistory(EpochLog):
-    """Records the argmax shape (as `shapes` records it) and the epoch's logs after every epoch into
-    `history.json`.
+    """Records the argmax shape (its widths by slot and depths by stage) and the epoch's logs after every
+    epoch into `history.json`.
 
     The logs gain how decided the architecture is (`convergence`, and how many widths and depths
     changed their argmax since the previous epoch), so the callbacks after this one (TensorBoard)
     record them too."""
 
-    def __init__(self, path, shapes):
-        super().__init__(path)
-        self.shapes = shapes
-
     def entry(self, epoch, logs):
         supernet = self.model.supernet
         shape = supernet.derive()
         cost = count_shape(supernet.space, shape)
-        recorded = self.shapes.entry(shape)
+        recorded = shape.point()
         previous = self.entries.get(epoch - 1)
         decided = convergence(supernet)
         if previous is not None:
-            depth_key = self.shapes.depth_key
             decided["width_changes"] = _changes(recorded["widths"], previous["widths"])
-            decided["depth_changes"] = _changes(recorded[depth_key], previous[depth_key])
+            decided["depth_changes"] = _changes(recorded["depths"], previous["depths"])
         if logs is not None:
             logs.update(decided)
         latency = self.model.latency
@@ -435,7 +374,9 @@ def select_epoch(history, model, cost_metric):
 
 
 STABLE_EPOCHS = 3
-SHAPE_KEYS = ("widths", CifarShapes.depth_key, GraphShapes.depth_key)
+# What a recorded shape holds; a CIFAR ResNet's search written before its shapes were GraphShapes kept its
+# depths as stage_blocks (bench/results/ablation_state holds such runs).
+SHAPE_KEYS = ("widths", "depths", "stage_blocks")
 
 
 def decision_summary(history, arch):
@@ -459,7 +400,7 @@ def decision_summary(history, arch):
         f"argmax_stable_last_{STABLE_EPOCHS}_epochs": stable,
         "flops_ratio": round(provenance["flops_ratio"], 4), "cost": provenance["cost_metric"],
         "cost_ratio": round(ratio, 4), "in_band": in_band, "chosen_epoch": provenance["epoch"] + 1,
-        **{key: arch[key] for key in SHAPE_KEYS[1:] if key in arch},  # stage_blocks, or a PrunedShape's depths
+        **{key: arch[key] for key in SHAPE_KEYS[1:] if key in arch},
         "supernet_valid_accuracy": round(last["valid_accuracy"], 4),
         "arch_learning_rate": provenance["arch_learning_rate"], "wall_time_s": provenance["search_wall_time_s"],
         "decides": bool(last["width_top1"] >= 0.5 and stable and in_band),
@@ -513,9 +454,9 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     classes) or a .keras file (the model as saved, which must fit the dataset). The supernet is
     `build_supernet(model_name, model, add_mode, width_multiple)`: the CIFAR ResNets with the
     reference's independent Adds, other models with tied Adds, unless `add_mode` says otherwise.
-    `init_from`: a trained full network (.keras) the supernet starts from. arch.json is an ArchConfig
-    for a CIFAR ResNet searched with independent Adds, else a PrunedShape
-    (`tas_keras.pruned_shape`).
+    `init_from`: a trained full network (.keras) the supernet starts from. arch.json is a GraphShape
+    (`tas_keras.graph_space`) naming `model_name`, and `history.json` the argmax widths and depths of every
+    epoch.
 
     The architecture optimizer is Adam with `ArchLearningRate(arch_learning_rate, warm-up of
     `arch_warmup` of the steps, `arch_decay`)`; `arch_learning_rate=None` scales it to the run's length
@@ -591,7 +532,6 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     if init_from:
         supernet.init_from_source(init_from)
     supernet.start_full(arch_start_full)
-    shapes = searched_shapes(model_name, supernet.space)
     batches, steps = search_batches(dataset, batch_size, epochs, seed)
     total = steps * epochs
     warmup_steps = round(total * arch_warmup)
@@ -604,7 +544,7 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     arch_rate = ArchLearningRate(peak, arch_steps, arch_decay)
     search.compile(optimizer=sgd(learning_rate, total),
                    arch_optimizer=keras.optimizers.Adam(arch_rate, beta_1=0.5, beta_2=0.999))
-    history = ArchHistory(os.path.join(run, HISTORY_FILE), shapes)
+    history = ArchHistory(os.path.join(run, HISTORY_FILE))
     start = time.perf_counter()
     fit_resumable(search, batches, steps, epochs, out, [
         ArchWarmup(warmup_steps), TauSchedule(epochs, tau_schedule, tau_max, tau_min), history,
@@ -614,7 +554,8 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
 
     chosen = select_epoch(history.history, search, cost_metric)
     full_flops = supernet.full_cost("flops")
-    arch = shapes.shape_file(chosen, {
+    space = supernet.space
+    arch = space.shape(chosen["widths"], chosen["depths"], {
         "source": "tas_search", "target_ratio": target_ratio, "cost_metric": cost_metric, "band": band,
         "tolerance": tolerance,
         "epoch": chosen["epoch"], "flops": chosen["flops"], "params": chosen["params"],
@@ -625,8 +566,8 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
         "entropy_weight": entropy_weight, "arch_start_full": arch_start_full, "tau_max": tau_max,
         "search_wall_time_s": round(wall, 2),
         **(latency_provenance(chosen[LATENCY], search.latency, latency_table) if table else {})})
-    plots.plot_search(history.history, supernet.space, [shapes.shape(e) for e in history.history], full_flops,
-                      os.path.join(run, PLOT_FILE))
+    plots.plot_search(history.history, space, [space.shape(e["widths"], e["depths"]) for e in history.history],
+                      full_flops, os.path.join(run, PLOT_FILE))
     plots.plot_search_curves(history.history, os.path.join(run, CURVES_FILE))
     arch.save(os.path.join(run, ARCH_FILE))
     return arch.to_dict()

@@ -3,7 +3,9 @@
 The space (docs/design.md section 4): every conv picks its width among int(C * r), r in 0.3..1.0, and every
 stage picks how many of its leading blocks it keeps. ArchConfig records one choice of all of them, in
 the order of the paper's released shapes ("xchannels": stem, then every conv of every block, dropped
-blocks included), so a shape moves between this project and the reference code unchanged.
+blocks included), so a shape moves between this project and the reference code unchanged. It is what the
+CIFAR builder (`tas_keras.models.cifar_resnet`) builds and what the reference's files hold; the pipeline's
+shape is a GraphShape, to and from which `tas_keras.cifar_shapes` converts it.
 """
 
 import dataclasses
@@ -101,14 +103,6 @@ def blocks_per_stage(depth, block):
         form = "6n+2 (8, 14, 20, 32, 56, 110, ...)" if block == "basic" else "9n+2 (11, 20, 29, ..., 164)"
         raise ValueError(f"depth {depth!r} is not valid for {block} blocks: it must be of the form {form}")
     return (depth - 2) // (3 * layers_per_block)
-
-
-def random_shape(full, rng, width_multiple=1):
-    """A shape drawn uniformly from the search space around `full`: every width among its conv's
-    candidates, every stage's depth among its choices (`rng`: a numpy Generator)."""
-    widths = [int(rng.choice(candidate_widths(slot.full_width, width_multiple))) for slot in full.slots]
-    blocks = [int(rng.choice(depth_choices(full.num_blocks))) for _ in full.stage_blocks]
-    return full.replace(widths=widths, stage_blocks=blocks, provenance={"source": "random"})
 
 
 def read_json_file(path, what):

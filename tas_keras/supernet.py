@@ -35,17 +35,19 @@ last kept block, an independent shortcut projected where its widths differ), so 
 `count_shape(space, supernet.derive())`.
 """
 
+import dataclasses
 import inspect
+import os
 
 import keras
 import tensorflow as tf
 
 from tas_keras import cost
 from tas_keras.graph import load_model, operation, read_model
-from tas_keras.graph_space import INDEPENDENT, TIED, GraphShape
+from tas_keras.graph_space import INDEPENDENT, TIED
 from tas_keras.layer_rules import maps_zero_to_zero, rule_for
 from tas_keras.layers import BN_EPSILON, DepthMixer, SearchableConv, WidthChoice, channel_mask
-from tas_keras.models.registry import is_cifar_model
+from tas_keras.models.registry import is_cifar_model, is_model_file
 
 COST_METRICS = ("flops", "params")
 WEIGHT_DECAY = 5e-4  # the reference's, on the weights of a search
@@ -63,11 +65,12 @@ def layer_cost(layer, in_channels, out_channels, metric):
 
 def search_space(model_name, model, add_mode=None, width_multiple=1):
     """The space a search of `model_name` (a registry name or a .keras path; `model` is that network)
-    explores. The CIFAR ResNets follow the reference: Adds independent; other models keep their own
-    layers: Adds tied. `add_mode` overrides the Add rule. Candidate widths are multiples of
-    `width_multiple`."""
+    explores, named by it (its shapes name it). The CIFAR ResNets follow the reference: Adds independent;
+    other models keep their own layers: Adds tied. `add_mode` overrides the Add rule. Candidate widths are
+    multiples of `width_multiple`."""
     default = INDEPENDENT if is_cifar_model(model_name) else TIED
-    return read_model(model, add_mode or default, multiple_of=width_multiple)
+    space = read_model(model, add_mode or default, multiple_of=width_multiple)
+    return dataclasses.replace(space, model=os.path.abspath(model_name) if is_model_file(model_name) else model_name)
 
 
 def build_supernet(model_name, model, add_mode=None, width_multiple=1):
@@ -265,8 +268,8 @@ class GraphSupernet(keras.Model):
 
     def derive(self):
         """The argmax shape."""
-        return GraphShape({slot: int(width) for slot, width in self.argmax_widths().items()},
-                          {stage.name: int(mixer.argmax_depth()) for stage, mixer in self.stages})
+        return self.space.shape({slot: int(width) for slot, width in self.argmax_widths().items()},
+                                {stage.name: int(mixer.argmax_depth()) for stage, mixer in self.stages})
 
     def full_cost(self, metric="flops"):
         """The cost of the source model (the full shape): the base of the cost ratios."""

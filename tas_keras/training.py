@@ -16,9 +16,9 @@ from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_model
 from tas_keras import input_convention as conventions
 from tas_keras.models.registry import build_model, check_weights, image_side, is_cifar_model, is_model_file
-from tas_keras.pruned_shape import PrunedShape
 from tas_keras.precision import float32_copy, in_dtype_policy
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json, run_dir, write_json
+from tas_keras.shapes import derive_network, load_shape
 
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.keras"
@@ -358,8 +358,8 @@ def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUN
                max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS, image_size=None,
                streaming="auto", mixed_precision=None, weights=None, input_convention=None):
     """Trains the full network `model_name` (a registry name, `tas_keras.models.registry`) at the
-    dataset's image size and classes, or the shape at `arch_path` (`PrunedShape.load`) from scratch;
-    with `weights` (e.g. "imagenet", `registry.PRETRAINED`) it starts from those pretrained weights and a
+    dataset's image size and classes, or the shape at `arch_path` (`tas_keras.shapes.load_shape`) from
+    scratch; with `weights` (e.g. "imagenet", `registry.PRETRAINED`) it starts from those pretrained weights and a
     fresh classifier for the dataset's classes instead (transfer learning: fine-tuning, at a
     fine-tuning `learning_rate` such as 0.01). The images are fed as `input_convention` says
     (`tas_keras.input_convention`; a model holding its own preprocessing takes raw pixels);
@@ -386,7 +386,7 @@ def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUN
                              "or train a registry network")
         is_cifar_model(model_name)  # fails on a bad name before any data is read
         check_weights(model_name, weights)
-    pruned = PrunedShape.load(arch_path) if arch_path else None
+    pruned = load_shape(arch_path) if arch_path else None
     if pruned and image_size is None:  # the shape states its input
         image_size = image_side(pruned.input_shape)
     dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
@@ -399,7 +399,7 @@ def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUN
         return read_json(os.path.join(out, METRICS_FILE))
 
     keras.utils.set_random_seed(seed)
-    model = pruned.derive() if pruned else build_model(model_name, dataset.image_shape, dataset.num_classes,
+    model = derive_network(pruned) if pruned else build_model(model_name, dataset.image_shape, dataset.num_classes,
                                                        weights=weights)
     dataset = conventions.feed(dataset, model, input_convention)
     start = time.perf_counter()

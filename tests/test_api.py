@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from tas_keras import api, data
 from tas_keras.cost import count_model
-from tas_keras.pruned_shape import PrunedShape
+from tas_keras.shapes import load_shape
 
 from .test_supernet import user_cnn
 
@@ -39,7 +39,7 @@ def pruned_end_to_end(tmp_path_factory):
 
 def test_search_returns_the_shape_it_wrote(pruned_end_to_end):
     root, source, dataset, shape, *_ = pruned_end_to_end
-    assert shape == PrunedShape.load(root / "search" / "arch.json")
+    assert shape == load_shape(root / "search" / "arch.json")
     assert shape.model == str(root / "search" / "source.keras")
     settings = json.loads((root / "search" / "run.json").read_text())
     assert settings["dataset_name"] == dataset.name and dataset.name.startswith("arrays-")
@@ -85,7 +85,7 @@ def test_train_from_scratch_a_registry_network_or_a_searched_shape(pruned_end_to
     assert metrics["flops"] == count_model(full).flops and metrics["model"] == "resnet8"
     pruned, metrics = api.train(shape, dataset, str(root / "train_pruned"), epochs=1, batch_size=8)
     assert count_model(pruned).flops == shape.provenance["flops"] == metrics["flops"]
-    assert PrunedShape.load(root / "train_pruned" / "given_shape.json") == shape
+    assert load_shape(root / "train_pruned" / "given_shape.json") == shape
     with pytest.raises(ValueError, match="train takes a registry name or a shape .* got Functional"):
         api.train(source, dataset, str(root / "train_model"))
 

@@ -95,7 +95,7 @@ def test_a_users_model_states_its_image_size(tmp_path):
 
 @pytest.mark.slow
 def test_baselines_of_a_users_model_are_shapes_of_its_space(tmp_path):
-    """A user's .keras model gets every baseline as a PrunedShape in the FLOP band (a 10% band: a
+    """A user's .keras model gets every baseline as a shape of its space in the FLOP band (a 10% band: a
     channel of this small model's 8-channel slots moves its FLOPs by several percent); the random
     search's trials start from its weights."""
     keras_model = tmp_path / "mine.keras"

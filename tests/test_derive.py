@@ -12,7 +12,7 @@ from tas_keras.cost import count_arch, count_model, count_shape
 from tas_keras.derive import derive_model
 from tas_keras.cifar_shapes import arch_from_shape, shape_from_arch
 from tas_keras.graph import read_model
-from tas_keras.graph_space import INDEPENDENT, TIED, GraphShape
+from tas_keras.graph_space import INDEPENDENT, TIED
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.registry import build_model
 from tas_keras.search_space import ArchConfig
@@ -84,8 +84,8 @@ def _images(model, count=2, seed=1):
 
 def _random_shape(space, seed):
     rng = np.random.default_rng(seed)
-    return GraphShape({s.name: int(rng.choice(s.candidates)) for s in space.searchable_slots},
-                      {stage.name: int(rng.choice(stage.choices)) for stage in space.stages})
+    return space.shape({s.name: int(rng.choice(s.candidates)) for s in space.searchable_slots},
+                       {stage.name: int(rng.choice(stage.choices)) for stage in space.stages})
 
 
 MODELS = {
@@ -140,8 +140,8 @@ def test_count_of_a_shape_is_the_count_of_its_derived_model(models, name, mode):
 def test_derived_layers_keep_settings_and_leading_channels(models):
     model = models["user_cnn"]
     space = read_model(model)
-    shape = GraphShape({**space.full_shape().widths, "b1_expand": 20, "stem": 16, "down_a": 8},
-                       {"stage1": 1, "stage2": 2})
+    shape = space.shape({**space.full_shape().widths, "b1_expand": 20, "stem": 16, "down_a": 8},
+                        {"stage1": 1, "stage2": 2})
     derived = derive_model(model, space, shape)
     names = {layer.name for layer in derived.layers}
     assert {"b2_expand", "b2_add"}.isdisjoint(names) and "b1_add" in names  # stage 1 keeps its first block
@@ -166,7 +166,7 @@ def test_derived_convnext_layers_keep_settings_and_leading_channels(models, tmp_
     from its .keras file (LayerScale is keras.applications' own layer)."""
     model = models["convnext_cnn"]
     space = read_model(model)
-    shape = GraphShape({**space.full_shape().widths, "stem": 6, "b1_expand": 19}, space.full_shape().depths)
+    shape = space.shape({**space.full_shape().widths, "stem": 6, "b1_expand": 19}, space.full_shape().depths)
     derived = derive_model(model, space, shape)
     dw = derived.get_layer("b1_dw")
     assert (dw.groups, dw.filters, dw.kernel.shape) == (6, 6, (7, 7, 1, 6))
@@ -192,7 +192,7 @@ def test_stochastic_depth_is_read_through_and_kept():
     model = keras.Model(inputs, L.Dense(2, name="head")(L.GlobalAveragePooling2D()(L.Add()([x, y]))))
     space = read_model(model)
     assert space.layer("drop_path").out_slot == "stem" and [s.name for s in space.searchable_slots] == ["stem"]
-    derived = derive_model(model, space, GraphShape({"stem": 5}, {stage.name: 1 for stage in space.stages}))
+    derived = derive_model(model, space, space.shape({"stem": 5}, {stage.name: 1 for stage in space.stages}))
     assert derived.get_layer("drop_path").get_config() == {**model.get_layer("drop_path").get_config(),
                                                            "trainable": True}
     full = derive_model(model, space, space.full_shape())
@@ -203,7 +203,7 @@ def test_stochastic_depth_is_read_through_and_kept():
 def test_independent_adds_get_a_projection_where_widths_differ(models):
     model = models["user_cnn"]
     space = read_model(model, add_mode=INDEPENDENT)
-    shape = GraphShape({**space.full_shape().widths, "b2_project": 10}, space.full_shape().depths)
+    shape = space.shape({**space.full_shape().widths, "b2_project": 10}, space.full_shape().depths)
     derived = derive_model(model, space, shape)
     names = [layer.name for layer in derived.layers]
     conv = derived.get_layer("b2_shortcut_conv")
@@ -223,7 +223,7 @@ def test_a_sequential_model_derives_as_a_functional_one():
     derived = derive_model(model, space, space.full_shape())
     images = _images(model)
     np.testing.assert_allclose(derived(images, training=False), model(images, training=False), atol=1e-5)
-    narrow = derive_model(model, space, GraphShape({"conv": 5}, {}))
+    narrow = derive_model(model, space, space.shape({"conv": 5}, {}))
     assert narrow.get_layer("head").kernel.shape == (5, 3)
 
 

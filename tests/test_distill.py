@@ -9,11 +9,14 @@ import pytest
 import tensorflow as tf
 
 from tas_keras.baselines import make_baseline
+from tas_keras.cifar_shapes import arch_from_shape
 from tas_keras.cost import count_arch
 from tas_keras.derive import init_from_teacher
 from tas_keras.distill import KnowledgeDistiller, distill
+from tas_keras.graph_space import GraphShape
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search_space import ArchConfig
+from tas_keras.shapes import shape_space
 
 from .conftest import REPO, assert_refused_before_any_work, predefined_arch
 
@@ -115,8 +118,9 @@ def test_one_epoch_distill_writes_all_artifacts(tmp_path):
     teacher_path = str(tmp_path / "teacher.keras")
     CifarResNet(ArchConfig.full("resnet8")).save(teacher_path)
     teacher_bytes = open(teacher_path, "rb").read()
-    arch = ArchConfig.from_dict(make_baseline(str(tmp_path / "predefined"), "predefined", model_name="resnet8",
-                                              target_ratio=0.5))
+    shape = GraphShape.from_dict(make_baseline(str(tmp_path / "predefined"), "predefined", model_name="resnet8",
+                                               target_ratio=0.5))
+    arch = arch_from_shape(shape_space(shape), shape)  # the shape as the CIFAR builder takes it
     out = str(tmp_path / "kd")
     metrics = distill(out, str(tmp_path / "predefined" / "arch.json"), teacher_path, mode="init_kd",
                       epochs=1, batch_size=64, max_train_examples=256)

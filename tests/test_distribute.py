@@ -105,7 +105,7 @@ def test_a_stage_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, 
     # the uninterrupted one did. Only the interrupted epoch's training metrics cover fewer batches.
     assert got[2]["logs"] == pytest.approx(expected[2]["logs"], rel=1e-6)
     if stage == "search":
-        for key in ("widths", "stage_blocks", "flops", "tau"):
+        for key in ("widths", "depths", "flops", "tau"):
             assert [e[key] for e in got] == [e[key] for e in expected], key
         # The same --seed gives the same arch.json (a run's wall time aside), resumed or not.
         archs = [json.loads((tmp_path / name / "arch.json").read_text()) for name in ("whole", "killed")]

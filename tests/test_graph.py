@@ -329,7 +329,7 @@ def test_grouped_convs_follow_their_input_in_whole_groups():
     assert GraphSpace.from_json(space.to_json()) == space
     with pytest.raises(ValueError, match="b1_conv_1x1_1: width 10 is not a multiple of 4: its grouped convs keep "
                                          "whole groups of 4 channels"):
-        space.validate(GraphShape({**space.full_shape().widths, "b1_conv_1x1_1": 10}, space.full_shape().depths))
+        space.validate(space.shape({**space.full_shape().widths, "b1_conv_1x1_1": 10}, space.full_shape().depths))
     def resizing_groups(x):
         x = L.Conv2D(6, 3, groups=3, name="grouped")(L.Conv2D(3, 1, name="narrow")(x))
         return L.Dense(2)(L.GlobalAveragePooling2D()(x))
@@ -434,7 +434,7 @@ def _assert_dropping_blocks_removes_their_branches(model, space, depths, referen
     for layer in reference.layers:
         if layer.weights:
             layer.set_weights(model.get_layer(layer.name).get_weights())
-    derived = derive_model(model, space, GraphShape(space.full_shape().widths, depths))
+    derived = derive_model(model, space, space.shape(space.full_shape().widths, depths))
     assert sorted(layer.name for layer in derived.layers if layer.weights) == sorted(
         layer.name for layer in reference.layers if layer.weights)
     images = np.random.default_rng(0).uniform(-1, 1, (2, *model.input_shape[1:])).astype("float32")
@@ -480,11 +480,11 @@ def test_shapes_outside_the_space_are_refused():
     space = read_model(build_model("resnet20"), add_mode=INDEPENDENT)
     full = space.full_shape()
     with pytest.raises(ValueError, match=r"s1_b1_conv_a: width 17 is outside 1..16"):
-        space.validate(GraphShape({**full.widths, "s1_b1_conv_a": 17}, full.depths))
+        space.validate(space.shape({**full.widths, "s1_b1_conv_a": 17}, full.depths))
     with pytest.raises(ValueError, match=r"stage2: 4 blocks kept is outside 1..3"):
-        space.validate(GraphShape(full.widths, {**full.depths, "stage2": 4}))
+        space.validate(space.shape(full.widths, {**full.depths, "stage2": 4}))
     with pytest.raises(ValueError, match=r"missing \['stem_conv'\]"):
-        space.validate(GraphShape({k: v for k, v in full.widths.items() if k != "stem_conv"}, full.depths))
+        space.validate(space.shape({k: v for k, v in full.widths.items() if k != "stem_conv"}, full.depths))
 
 
 # FLOPs.
@@ -514,7 +514,7 @@ def test_a_transposed_conv_is_counted_per_input_position():
     space = read_model(model)
     for up in (4, 2):
         by_hand = {"up": (9 * 2 * up * 25 + up * 121, 9 * 2 * up + up), "up_same": (4 * up * 3 * 121, 4 * up * 3)}
-        shape = GraphShape({"up": up}, {})
+        shape = space.shape({"up": up}, {})
         for report in (count_shape(space, shape), count_model(derive_model(model, space, shape))):
             assert {layer.name: (layer.flops, layer.params) for layer in report.layers} == by_hand
 
@@ -526,8 +526,8 @@ def test_convnext_idioms_are_counted_by_hand():
     4x4 after the downsampling conv; the first stage keeps b1 and b2."""
     model = convnext_cnn()
     space = read_model(model)
-    shape = GraphShape({"stem": 6, "b1_expand": 19, "b2_expand": 12, "b3_expand": 28, "down": 9, "b4_expand": 28},
-                       {"stage1": 2, "stage2": 1})
+    shape = space.shape({"stem": 6, "b1_expand": 19, "b2_expand": 12, "b3_expand": 28, "down": 9, "b4_expand": 28},
+                        {"stage1": 2, "stage2": 1})
 
     def block(width, expanded, positions):  # {layer: (FLOPs, parameters)} of a block at those widths
         dw, expand, project = 49 * width + width, width * expanded + expanded, expanded * width + width

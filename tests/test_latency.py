@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tas_keras.cifar_shapes import arch_from_shape
 from tas_keras.derive import derive_model
 from tas_keras.export import layer_latency
-from tas_keras.graph_space import GraphShape
 from tas_keras.graph import read_model
+from tas_keras.graph_space import GraphShape
 from tas_keras.latency import TABLE_FORMAT, LatencyLayout, LatencyTable, SupernetLatency, predict_latency
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.registry import build_model
 from tas_keras.prune import run_prune
-from tas_keras.pruned_shape import PrunedShape
 from tas_keras.search import TASSearchModel, run_search
-from tas_keras.search_space import ArchConfig
+from tas_keras.shapes import shape_space
 from tas_keras.supernet import build_supernet
 
 from .conftest import REPO, assert_refused_before_any_work
@@ -115,8 +115,8 @@ def _brute_force_expectation(supernet, layout, table):
     for pick in itertools.product(*[range(len(c)) for c, _ in widths + depths]):
         width_pick, depth_pick = pick[:len(widths)], pick[len(widths):]
         p = np.prod([p[i] for (_, p), i in zip(widths + depths, pick)])
-        shape = GraphShape({slot.name: c[i] for slot, (c, _), i in zip(space.searchable_slots, widths, width_pick)},
-                           {stage.name: c[i] for (stage, _), (c, _), i in zip(supernet.stages, depths, depth_pick)})
+        shape = space.shape({slot.name: c[i] for slot, (c, _), i in zip(space.searchable_slots, widths, width_pick)},
+                            {stage.name: c[i] for (stage, _), (c, _), i in zip(supernet.stages, depths, depth_pick)})
         expected += p * predict_latency(layout, shape, table)
     return expected
 
@@ -332,9 +332,12 @@ def test_a_bad_latency_table_or_target_is_refused_before_any_work(tmp_path, tabl
 @pytest.mark.slow
 def test_latency_search_of_resnet20_records_the_table_latency_of_its_shapes(tmp_path, table_files):
     out = str(tmp_path / "search")
-    arch = ArchConfig.from_dict(run_search(out, model_name="resnet20", epochs=2, batch_size=32, max_train_examples=256,
-                                           cost_metric="latency", latency_table=table_files["resnet20_fp32"],
-                                           target_ratio=0.6, width_multiple=16))
+    shape = GraphShape.from_dict(run_search(out, model_name="resnet20", epochs=2, batch_size=32,
+                                            max_train_examples=256, cost_metric="latency",
+                                            latency_table=table_files["resnet20_fp32"], target_ratio=0.6,
+                                            width_multiple=16))
+    space = shape_space(shape)
+    arch = arch_from_shape(space, shape)  # the shape as the CIFAR builder takes it
     provenance = arch.provenance
     full = build_model("resnet20", (32, 32, 3), 10)
     assert provenance["latency_ms"] == pytest.approx(priced_latency(CifarResNet(arch)))
@@ -343,8 +346,8 @@ def test_latency_search_of_resnet20_records_the_table_latency_of_its_shapes(tmp_
     with open(os.path.join(out, "history.json")) as f:
         history = json.load(f)
     for entry in history:
-        shape = arch.replace(widths=entry["widths"], stage_blocks=entry["stage_blocks"])
-        assert entry["latency"] == pytest.approx(priced_latency(CifarResNet(shape)))
+        recorded = arch_from_shape(space, space.shape(entry["widths"], entry["depths"]))
+        assert entry["latency"] == pytest.approx(priced_latency(CifarResNet(recorded)))
     assert provenance["latency_ratio"] == pytest.approx(provenance["latency_ms"] / provenance["full_latency_ms"])
 
 
@@ -378,12 +381,12 @@ def test_latency_search_of_a_users_model_runs_on_a_table_measured_here(tmp_path)
     table_path = str(tmp_path / "table.json")
     layer_latency.make_table(table_path, models=[model_name], width_multiple=8, runs=5, warmup=1)
     out = str(tmp_path / "search")
-    shape = PrunedShape.from_dict(run_search(out, model_name=model_name, epochs=1, batch_size=16,
-                                             max_train_examples=128, cost_metric="latency", target_ratio=0.7,
-                                             latency_table=table_path, width_multiple=8))
+    shape = GraphShape.from_dict(run_search(out, model_name=model_name, epochs=1, batch_size=16,
+                                            max_train_examples=128, cost_metric="latency", target_ratio=0.7,
+                                            latency_table=table_path, width_multiple=8))
     layout = layer_latency.table_layout(model_name, layer_latency.table_model(model_name), 8)
     table = LatencyTable.load(table_path)
-    assert shape.provenance["latency_ms"] == pytest.approx(predict_latency(layout, shape.shape, table), rel=1e-6)
+    assert shape.provenance["latency_ms"] == pytest.approx(predict_latency(layout, shape, table), rel=1e-6)
     assert shape.provenance["full_latency_ms"] == pytest.approx(
         predict_latency(layout, layout.space.full_shape(), table), rel=1e-6)
     assert shape.provenance["cost_metric"] == "latency"
@@ -398,8 +401,8 @@ def test_mobile_preset_on_a_users_model_reports_predicted_beside_measured(tmp_pa
     out = str(tmp_path / "run")
     report = run_prune(out, model_name=model_path, preset="mobile", latency_table=table_path, target_ratio=0.8,
                        search_epochs=1, distill_epochs=1, max_train_examples=256, check_base=False)
-    shape = PrunedShape.from_dict(report["searched_shape"])
-    assert all(w % 16 == 0 for w in shape.shape.widths.values())
+    shape = GraphShape.from_dict(report["searched_shape"])
+    assert all(w % 16 == 0 for w in shape.widths.values())
     assert sorted(os.listdir(os.path.join(out, "export"))) == ["int8"]
     assert report["cost"] == "latency" and report["latency"]["threads"] == 1
     assert report["latency"]["predicted_ms"]["pruned"] == shape.provenance["latency_ms"]

@@ -14,8 +14,8 @@ from tas_keras.graph import read_model
 from tas_keras.graph_space import INDEPENDENT
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.registry import build_model
-from tas_keras.pruned_shape import PrunedShape
 from tas_keras.search_space import ArchConfig
+from tas_keras.shapes import load_shape
 from tas_keras.prune import run_prune, smallest_ratio
 
 from .conftest import REPO, assert_refused_before_any_work
@@ -190,7 +190,7 @@ def test_any_model_goes_through_the_pipeline(tmp_path, model):
     trained_base = teacher is None and not model.endswith(".keras")
     base = out / "base" / "model.keras" if trained_base else teacher or model
     assert (out / "base").exists() == trained_base
-    pruned = PrunedShape.load(out / "search" / "arch.json")
+    pruned = load_shape(out / "search" / "arch.json")
     full_flops = count_model(keras.models.load_model(base)).flops
     derived = keras.models.load_model(out / "distill" / "model.keras")  # a plain functional model
     assert type(derived).__name__ == "Functional"

@@ -13,10 +13,10 @@ from tas_keras.cost import count_arch, count_model
 from tas_keras.cifar_shapes import arch_from_shape
 from tas_keras.layers import DepthMixer, WidthChoice, cwi_transition, sample_two_widths
 from tas_keras.models.cifar_resnet import CifarResNet
-from tas_keras.pruned_shape import PrunedShape
 from tas_keras.search import (ArchLearningRate, LinearRamp, arch_learning_rate_for, TASSearchModel, convergence,
                               cost_band, decision_summary, run_search, tau_at)
 from tas_keras.search_space import ArchConfig, candidate_widths
+from tas_keras.shapes import derive_network, load_shape, shape_space
 from tas_keras.supernet import build_supernet
 
 from .conftest import REPO, assert_refused_before_any_work
@@ -234,8 +234,8 @@ def test_tau_schedules_and_bands():
 # The outcome of this search (resnet20, seed 0, the bundled data's first 256 images, batch 32, 2 epochs,
 # target 0.5, no warm-up), recorded through run_search at commit 5871ad1, whose architecture step ran at
 # rate 0 through the warm-up (and there equalled the CIFAR-only supernet that preceded the graph one,
-# commit 5cd9e0f): the argmax (widths, stage_blocks), its FLOPs, and the epoch means of the expected and
-# argmax FLOP ratios. Without a warm-up the skipped steps of today's search change nothing.
+# commit 5cd9e0f): the argmax (widths, stage_blocks) as an ArchConfig, its FLOPs, and the epoch means of
+# the expected and argmax FLOP ratios. Without a warm-up the skipped steps of today's search change nothing.
 RECORDED_SEARCH = [
     ([11, 11, 11, 11, 12, 12, 11, 22, 22, 22, 22, 22, 22, 44, 44, 44, 44, 44, 44], [3, 2, 2], 15_610_306,
      0.4272367060184479, 0.43871572613716125),
@@ -250,26 +250,29 @@ def test_run_search_writes_a_shape_that_builds_and_counts(tmp_path):
     settings = dict(model_name="resnet20", epochs=2, batch_size=32, max_train_examples=256,
                     target_ratio=0.5, arch_warmup=0.0, entropy_weight=2.0)  # as RECORDED_SEARCH ran
     result = run_search(out, **settings)
-    arch = ArchConfig.load(os.path.join(out, "arch.json"))
-    assert arch.to_dict() == result
+    shape = load_shape(os.path.join(out, "arch.json"))
+    assert shape.to_dict() == result and shape.model == "resnet20"
+    space = shape_space(shape)
+    arch = arch_from_shape(space, shape)  # the shape as the CIFAR builder and the reference take it
     assert count_arch(arch).flops == arch.provenance["flops"]
     assert count_model(CifarResNet(arch)).flops == arch.provenance["flops"]
     with open(os.path.join(out, "history.json")) as f:
         history = json.load(f)
     assert [e["epoch"] for e in history] == [0, 1]
     for entry, (widths, stage_blocks, flops, expected_ratio, argmax_ratio) in zip(history, RECORDED_SEARCH):
-        assert (entry["widths"], entry["stage_blocks"], entry["flops"]) == (widths, stage_blocks, flops)
+        recorded = arch_from_shape(space, space.shape(entry["widths"], entry["depths"]))
+        assert (list(recorded.widths), list(recorded.stage_blocks), entry["flops"]) == (widths, stage_blocks, flops)
         # The two supernets sum their costs and weight decays in different orders: float noise only.
         assert entry["logs"]["expected_cost_ratio"] == pytest.approx(expected_ratio, rel=1e-4)
         assert entry["logs"]["argmax_cost_ratio"] == pytest.approx(argmax_ratio, rel=1e-6)
     chosen = history[arch.provenance["epoch"]]
-    assert chosen["widths"] == list(arch.widths) and chosen["stage_blocks"] == list(arch.stage_blocks)
+    assert {"widths": chosen["widths"], "depths": chosen["depths"]} == shape.point()
     band = [e for e in history if 0.45 * 40_813_194 <= e["flops"] <= 0.5 * 40_813_194]
     assert chosen == (band or history)[-1]  # the last epoch inside the band, else the last
     assert history[0]["tau"] == pytest.approx(5.0) and history[1]["tau"] == pytest.approx(2.55)
     assert os.path.getsize(os.path.join(out, "search.png")) > 10_000
     assert os.path.getsize(os.path.join(out, "curves.png")) > 10_000
-    changed = sum(a != b for a, b in zip(history[0]["widths"], history[1]["widths"]))
+    changed = sum(history[0]["widths"][slot] != width for slot, width in history[1]["widths"].items())
     assert history[1]["logs"]["width_changes"] == changed and "width_changes" not in history[0]["logs"]
     assert 1 / 8 <= history[1]["logs"]["width_top1"] < 1 and 0 < history[1]["logs"]["width_entropy"] <= math.log(8)
     assert run_search(out, **settings) == result  # finished: not searched again
@@ -295,19 +298,19 @@ def test_run_search_of_a_keras_file_writes_a_pruned_shape(tmp_path):
     _user_cnn().save(path)
     out = str(tmp_path / "search")
     result = run_search(out, model_name=path, epochs=2, batch_size=16, max_train_examples=128, target_ratio=0.5)
-    shape = PrunedShape.load(os.path.join(out, "arch.json"))
+    shape = load_shape(os.path.join(out, "arch.json"))
     assert shape.to_dict() == result
     assert (shape.model, shape.input_shape, shape.num_classes, shape.add_mode) == (path, (32, 32, 3), 10, "tied")
-    shape.space().validate(shape.shape)
+    shape_space(shape).validate(shape)
     # Tied Adds: the stem and both blocks' convs write one width; one stage of the two blocks.
-    assert len(shape.shape.widths) == 1 and len(shape.shape.depths) == 1
-    derived = shape.derive()
+    assert len(shape.widths) == 1 and len(shape.depths) == 1
+    derived = derive_network(shape)
     assert count_model(derived).flops == shape.provenance["flops"]
     assert shape.provenance["flops_ratio"] == pytest.approx(shape.provenance["flops"] / count_model(_user_cnn()).flops)
     with open(os.path.join(out, "history.json")) as f:
         history = json.load(f)
     chosen = history[shape.provenance["epoch"]]
-    assert {"widths": chosen["widths"], "depths": chosen["depths"]} == shape.shape.to_dict()
+    assert {"widths": chosen["widths"], "depths": chosen["depths"]} == shape.point()
     assert "width_changes" in history[1]["logs"] and "depth_changes" in history[1]["logs"]
     assert os.path.getsize(os.path.join(out, "search.png")) > 10_000
     summary = decision_summary(history, result)

@@ -12,7 +12,7 @@ from tas_keras.cost import count_model, count_shape
 from tas_keras.derive import derive_model
 from tas_keras.cifar_shapes import arch_from_shape
 from tas_keras.graph import read_model
-from tas_keras.graph_space import INDEPENDENT, TIED, GraphShape
+from tas_keras.graph_space import INDEPENDENT, TIED
 from tas_keras.layers import SearchableConv, SearchableConvTranspose
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.registry import build_model
@@ -406,8 +406,8 @@ def test_one_hot_sample_equals_the_derived_network_in_training_mode(name):
     LayerNormalization takes its statistics over the sampled channels only)."""
     model, space, supernet = _supernet(name)
     rng = np.random.default_rng(3)
-    shape = GraphShape({s.name: int(rng.choice(s.candidates[:-1])) for s in space.searchable_slots},
-                       {stage.name: int(rng.choice(stage.choices[:-1] or stage.choices)) for stage in space.stages})
+    shape = space.shape({s.name: int(rng.choice(s.candidates[:-1])) for s in space.searchable_slots},
+                        {stage.name: int(rng.choice(stage.choices[:-1] or stage.choices)) for stage in space.stages})
     derived = derive_model(model, space, shape)
     images = tf.random.stateless_normal((8, *space.input_shape), [3, 0])
     np.testing.assert_allclose(_log_probabilities(supernet(images, _one_hot_sample(supernet, shape)), model),
@@ -426,7 +426,7 @@ def test_depthwise_convs_with_an_activation_keep_the_zero_channels_zero():
     space = read_model(model)
     supernet = GraphSupernet(model, space)
     supernet.init_from_source(model)
-    shape = GraphShape({"stem": 5}, {})
+    shape = space.shape({"stem": 5}, {})
     images = tf.random.stateless_normal((4, 8, 8, 3), [5, 0])
     np.testing.assert_allclose(supernet(images, _one_hot_sample(supernet, shape)),
                                derive_model(model, space, shape)(images, training=True), atol=1e-5)
@@ -488,8 +488,8 @@ def test_counts_of_a_grouped_cnn_by_hand():
     # every block's last 1x1 conv); b1's inner slot e (3 groups of 4), b2's f (2 groups of 4). 8x8 maps
     # up to down's strided grouped conv, 4x4 after.
     s, d, r, e, f = 6, 8, 9, 12, 8
-    shape = GraphShape({"stem": s, "down_conv_1x1_1": d, "b2_conv_1x1_2": r, "b1_conv_1x1_1": e, "b2_conv_1x1_1": f},
-                       {"stage1": 3})
+    shape = space.shape({"stem": s, "down_conv_1x1_1": d, "b2_conv_1x1_2": r, "b1_conv_1x1_1": e, "b2_conv_1x1_1": f},
+                        {"stage1": 3})
     convs = {"stem": (9 * 3 * s, 64), "down_conv_1x1_1": (s * d, 64), "down_conv_3x3": (9 * 4 * d, 16),
              "down_conv_3x3_wide_groups": (9 * 8 * d + d, 16), "down_conv_1x1_2": (d * r + r, 16),
              "down_skip": (s * r, 16), "b1_conv_1x1_1": (r * e, 16), "b1_conv_3x3": (9 * 4 * e, 16),
@@ -524,7 +524,7 @@ def test_counts_of_a_unet_by_hand():
     for widths in ((6, 8, 10, 12, 10, 10, 8, 8, 6, 6), (4, 5, 7, 9, 6, 8, 3, 7, 2, 5)):
         a, b, c, d, u3, e, u2, f, u1, g = widths
         convs = by_hand(*widths)
-        counted = count_shape(space, GraphShape(dict(zip(names, widths)), {}))
+        counted = count_shape(space, space.shape(dict(zip(names, widths)), {}))
         assert {layer.name: layer.flops for layer in counted.layers if layer.kind != "batch_norm"} == {
             name: weights * positions for name, (weights, positions) in convs.items()}
         batch_norms = 2 * (a + b + c + d + u3 + e + f + g)  # gamma and beta of every BN (up2_conv, up1_conv: none)

@@ -13,10 +13,10 @@ import sys
 
 from absl import app, flags
 
-from tas_keras.cost import count_arch, count_shape
-from tas_keras.graph import read_model
-from tas_keras.models.registry import build_model, is_cifar_model, is_model_file
-from tas_keras.search_space import ArchConfig
+from tas_keras.cost import count_shape
+from tas_keras.models.registry import build_model, is_model_file
+from tas_keras.shapes import load_shape, shape_space
+from tas_keras.supernet import search_space
 
 _JSON = flags.DEFINE_bool("json", False, "Print {flops, params, layers} as JSON instead of a table.")
 _NUM_CLASSES = flags.DEFINE_integer(
@@ -38,20 +38,15 @@ def _input_shape():
 
 def _count(shape):
     """(header line, CostReport) of SHAPE."""
-    if _is_shape_file(shape) or is_cifar_model(shape):
-        if _is_shape_file(shape):
-            arch = ArchConfig.load(shape)
-        else:
-            arch = ArchConfig.full(shape, num_classes=_NUM_CLASSES.value or 10,
-                                   input_shape=_input_shape() or (32, 32, 3))
-        return (f"{arch.name}, {arch.num_classes} classes, blocks per stage {list(arch.stage_blocks)}",
-                count_arch(arch))
-    model = build_model(shape, _input_shape(), _NUM_CLASSES.value)
-    space = read_model(model)
-    stages = [stage.num_blocks for stage in space.stages]
-    header = (f"{model.name}, input {'x'.join(map(str, space.input_shape))}, {model.output_shape[-1]} outputs, "
-              f"blocks per stage {stages}")
-    return header, count_shape(space, space.full_shape())
+    if _is_shape_file(shape):
+        pruned = load_shape(shape)
+        space = shape_space(pruned)
+    else:
+        space = search_space(shape, build_model(shape, _input_shape(), _NUM_CLASSES.value))
+        pruned = space.full_shape()
+    header = (f"{pruned.name}, input {'x'.join(map(str, pruned.input_shape))}, {pruned.num_classes} outputs, "
+              f"blocks per stage {list(pruned.depths.values())}")
+    return header, count_shape(space, pruned)
 
 
 def main(argv):

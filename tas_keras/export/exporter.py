@@ -21,8 +21,8 @@ from tas_keras.distill import SHAPE_FILE
 from tas_keras.graph import load_model, logits_model, softmax_head
 from tas_keras.models import cifar_resnet  # noqa: F401 (registers CifarResNet for load_model)
 from tas_keras.models.registry import image_side
-from tas_keras.pruned_shape import PrunedShape
 from tas_keras.runs import write_json
+from tas_keras.shapes import load_shape
 
 OUTPUTS = ("auto", "logits", "probabilities")
 REPORT_FILE = "report.json"
@@ -172,7 +172,7 @@ def _export_one(model, model_path, directory, dataset, quantize, int8_io, float_
     cost = count_model(model)
     input_dtype, output_dtype = runtime.io_dtypes
     shape_file = os.path.join(os.path.dirname(model_path), SHAPE_FILE)  # written beside a pruned model.keras
-    provenance = PrunedShape.load(shape_file).provenance if os.path.exists(shape_file) else {}
+    provenance = load_shape(shape_file).provenance if os.path.exists(shape_file) else {}
     entry = {
         "model_path": os.path.abspath(model_path),
         "name": model.name,

@@ -317,7 +317,7 @@ def measure_networks(table, layout, shapes, runs, workdir):
     for (name, shape), timed in zip(shapes, samples):
         predicted = predict_latency(layout, shape, table)
         measured = spread(timed)
-        rows.append({"shape": name, **shape.to_dict(),
+        rows.append({"shape": name, **shape.point(),
                      "mflops": round(count_shape(layout.space, shape).flops / 1e6, 3),
                      "predicted_ms": round(predicted, 5), "measured_ms": measured["ms"],
                      "measured_p10_ms": measured["p10_ms"], "measured_p90_ms": measured["p90_ms"],
