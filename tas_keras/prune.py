@@ -22,7 +22,7 @@ from tas_keras.export.layer_latency import make_table
 from tas_keras.graph import load_model, read_model, softmax_head
 from tas_keras.importance import importance_scores, order_channels
 from tas_keras.latency import LatencyLayout, LatencyTable, predict_latency
-from tas_keras.models.registry import check_weights, image_size_for, is_cifar_model, is_model_file
+from tas_keras.models.registry import check_model_name, check_weights, image_size_for, is_model_file
 from tas_keras.precision import check_mixed_precision
 from tas_keras.report import write_report
 from tas_keras.runs import (check_overwrite, clear_run_dir, holds_own_files, lock_run_dir, locking_stage,
@@ -192,7 +192,7 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
             raise ValueError(f"{model_name} is the base network and the teacher: do not give --teacher too")
         if not os.path.isfile(model_name):
             raise ValueError(f"model file {model_name!r} does not exist")
-    is_cifar_model(model_name)  # refuses an unknown name before any data is read
+    check_model_name(model_name)
     check_weights(model_name, weights)
     conventions.check(input_convention)
     check_mixed_precision(mixed_precision)

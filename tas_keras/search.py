@@ -16,7 +16,7 @@ from tas_keras.cost import count_shape
 from tas_keras.graph_space import ADD_MODES
 from tas_keras.latency import LatencyLayout, LatencyTable, SupernetLatency, predict_latency
 from tas_keras.precision import in_dtype_policy
-from tas_keras.models.registry import build_model, image_size_for, is_cifar_model, is_model_file
+from tas_keras.models.registry import build_model, check_model_name, image_size_for, is_model_file
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json
 from tas_keras.supernet import COST_METRICS, build_supernet, search_space
 from tas_keras.training import CHECKPOINT_STEPS, EpochLog, fit_resumable, sgd
@@ -483,7 +483,7 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
         raise ValueError(f"add mode must be one of {ADD_MODES}, got {add_mode!r}")
     if is_model_file(model_name) and not os.path.exists(model_name):
         raise ValueError(f"model file {model_name!r} does not exist")
-    is_cifar_model(model_name)  # refuses an unknown name
+    check_model_name(model_name)
     if not 0 < target_ratio < 1:
         raise ValueError(f"target ratio must be in (0, 1), got {target_ratio!r}")
     if not 0 <= tolerance < target_ratio:

@@ -44,10 +44,9 @@ import tensorflow as tf
 
 from tas_keras import cost
 from tas_keras.graph import load_model, operation, read_model
-from tas_keras.graph_space import INDEPENDENT, TIED
 from tas_keras.layer_rules import maps_zero_to_zero, rule_for
 from tas_keras.layers import BN_EPSILON, DepthMixer, SearchableConv, WidthChoice, channel_mask
-from tas_keras.models.registry import is_cifar_model, is_model_file
+from tas_keras.models.registry import is_model_file, search_defaults
 
 COST_METRICS = ("flops", "params")
 WEIGHT_DECAY = 5e-4  # the reference's, on the weights of a search
@@ -68,8 +67,7 @@ def search_space(model_name, model, add_mode=None, width_multiple=1):
     explores, named by it (its shapes name it). The CIFAR ResNets follow the reference: Adds independent;
     other models keep their own layers: Adds tied. `add_mode` overrides the Add rule. Candidate widths are
     multiples of `width_multiple`."""
-    default = INDEPENDENT if is_cifar_model(model_name) else TIED
-    space = read_model(model, add_mode or default, multiple_of=width_multiple)
+    space = read_model(model, add_mode or search_defaults(model_name).add_mode, multiple_of=width_multiple)
     return dataclasses.replace(space, model=os.path.abspath(model_name) if is_model_file(model_name) else model_name)
 
 
@@ -77,7 +75,7 @@ def build_supernet(model_name, model, add_mode=None, width_multiple=1):
     """The supernet of `search_space(...)`; the CIFAR ResNets' normalise every searchable conv, as the
     reference's search forward does."""
     return GraphSupernet(model, search_space(model_name, model, add_mode, width_multiple),
-                         normalize_every_conv=is_cifar_model(model_name))
+                         normalize_every_conv=search_defaults(model_name).normalize_every_conv)
 
 
 class GraphSupernet(keras.Model):

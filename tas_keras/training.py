@@ -15,7 +15,7 @@ from tas_keras import data
 from tas_keras.distribute import in_strategy_scope
 from tas_keras.cost import count_model
 from tas_keras import input_convention as conventions
-from tas_keras.models.registry import build_model, check_weights, image_side, is_cifar_model, is_model_file
+from tas_keras.models.registry import build_model, check_model_name, check_weights, image_side, is_model_file
 from tas_keras.precision import float32_copy, in_dtype_policy
 from tas_keras.runs import locking_stage, prepare_run_dir, read_json, run_dir, write_json
 from tas_keras.shapes import derive_network, load_shape
@@ -384,7 +384,7 @@ def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUN
         if is_model_file(model_name):
             raise ValueError(f"{model_name} is a trained model already: give it to train.prune as --model, "
                              "or train a registry network")
-        is_cifar_model(model_name)  # fails on a bad name before any data is read
+        check_model_name(model_name)
         check_weights(model_name, weights)
     pruned = load_shape(arch_path) if arch_path else None
     if pruned and image_size is None:  # the shape states its input

@@ -11,6 +11,7 @@ The ImageNet models default to 224x224 and 1000 classes and take any size from 3
 keras.applications' ResNet50, not the CIFAR basic-block network of that depth.
 """
 
+import dataclasses
 import os
 import re
 
@@ -18,6 +19,7 @@ import keras
 
 from tas_keras import data
 from tas_keras.graph import load_model
+from tas_keras.graph_space import INDEPENDENT, TIED
 from tas_keras.layers import BN_MOMENTUM
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.efficientnet_lite import efficientnet_lite0
@@ -34,8 +36,9 @@ def is_model_file(name):
     return os.fspath(name).endswith(".keras")
 
 
-def is_cifar_model(name):
-    """Whether `name` is one of the CIFAR ResNets (the family ArchConfig describes)."""
+def _is_cifar_model(name):
+    """Whether `name` is one of the CIFAR ResNets (the family ArchConfig describes); a ValueError for a name
+    the registry does not know."""
     if name in IMAGENET_MODELS or is_model_file(name):
         return False
     if not re.fullmatch(r"resnet\d+(_bottleneck)?", name):
@@ -43,6 +46,32 @@ def is_cifar_model(name):
                          "resnet<depth> (resnet20 ... resnet164) or a .keras file")
     parse_model_name(name)  # an invalid depth says which depths are valid
     return True
+
+
+def check_model_name(name):
+    """ValueError unless `name` is a registry network or a .keras path."""
+    _is_cifar_model(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchDefaults:
+    """How a search reads and runs the space of a network unless told otherwise.
+
+    Args:
+        add_mode: how the space reads the network's Adds (`tas_keras.graph.read_model`).
+        normalize_every_conv: whether the supernet normalises every searchable conv's output in the search
+            forward, as the reference's search of the CIFAR ResNets does (`GraphSupernet`).
+    """
+
+    add_mode: str
+    normalize_every_conv: bool
+
+
+def search_defaults(name):
+    """The CIFAR ResNets are searched as the reference searches them (independent Adds, every searchable
+    conv normalised); every other network keeps its own layers (tied Adds)."""
+    cifar = _is_cifar_model(name)
+    return SearchDefaults(INDEPENDENT if cifar else TIED, normalize_every_conv=cifar)
 
 
 def check_weights(name, weights):
@@ -60,7 +89,7 @@ def build_model(name, input_shape=None, num_classes=None, weights=None):
         if input_shape is not None or num_classes is not None:
             raise ValueError(f"{name!r} brings its own input shape and classes; do not give them")
         return load_model(name)
-    default_shape, default_classes = CIFAR_DEFAULTS if is_cifar_model(name) else IMAGENET_DEFAULTS
+    default_shape, default_classes = CIFAR_DEFAULTS if _is_cifar_model(name) else IMAGENET_DEFAULTS
     input_shape = tuple(input_shape or default_shape)
     num_classes = default_classes if num_classes is None else num_classes
     if num_classes < 1:
