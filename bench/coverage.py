@@ -182,11 +182,11 @@ def _reason_kind(reason, layer_names):
 
 
 def _is_conv(layer):
-    """Whether a GraphLayer is a conv whose rule opens a searchable slot (Conv2D, SeparableConv2D, a Dense on
-    a feature map: a 1x1 conv; not a Dense on a vector, which has no kernel size, nor a depthwise conv) or
-    a grouped Conv2D."""
+    """Whether a GraphLayer is a conv layer (`LayerRule.conv_layer`: Conv2D, grouped too, SeparableConv2D,
+    Conv2DTranspose, a Dense on a feature map: a 1x1 conv) on a feature map; not a Dense on a vector, which
+    has no kernel size, nor a DepthwiseConv2D."""
     from tas_keras.layer_rules import rule_for
-    return layer.kind == "grouped" or (rule_for(layer).searchable_conv and bool(layer.kernel))
+    return rule_for(layer).conv_layer and bool(layer.kernel)
 
 
 def read_and_derive(model):

@@ -100,6 +100,7 @@ class LayerRule:
     passes_channels_through = False  # weightless, keeps its input's channels one by one
     shortcut_projection_template = False  # a derived network's shortcut projection copies its settings
     named_by_user = True  # keras.ops operations are numbered by Keras instead
+    conv_layer = False  # Conv2D (grouped too), SeparableConv2D, Conv2DTranspose, Dense: a conv on a feature map
 
     def matches(self, layer):
         """Whether the rule covers `layer`, of one of its classes. One class may compute two kinds of layer
@@ -248,6 +249,7 @@ class ConvRule(LayerRule):
     softmax activation fixes it."""
 
     kind, classes, opens_slot, costed, searchable_conv = "conv", (_L.Conv2D,), True, True, True
+    conv_layer = True
     shortcut_projection_template, searchable_class = True, SearchableConv
 
     def read(self, reader, layer, in_slots):
@@ -473,7 +475,7 @@ class GroupedConvRule(GroupedRule):
     (k_h, k_w, C_in/g, C_out), so the leading k groups are the leading channels: a narrower copy keeps
     the kernel's leading output channels and has k groups."""
 
-    kind, classes = "grouped", (_L.Conv2D,)
+    kind, classes, conv_layer = "grouped", (_L.Conv2D,), True
 
     def matches(self, layer):
         return layer.groups > 1
