@@ -60,14 +60,15 @@ def train(model, data, out, epochs=10, batch_size=256, overwrite=False, **train_
     return _trained_model(out, train_options), metrics
 
 
-def search(model, data, target_ratio, out, epochs=10, batch_size=256, overwrite=False, **search_options):
+def search(model, data, target_ratio, out, config=None, overwrite=False, **overrides):
     """Searches a shape of `model` keeping `target_ratio` of its FLOPs (or of the cost `cost_metric`
-    names) (`run_search`; its other settings as `search_options`, e.g. add_mode, width_multiple, seed);
-    returns the GraphShape that `out`/arch.json holds."""
+    names) (`run_search`): its settings are `config` (a SearchConfig; default its defaults) with
+    `overrides`, e.g. epochs, add_mode, width_multiple, seed; returns the GraphShape that `out`/arch.json
+    holds."""
     dataset = _dataset(data)  # checked before anything is written
     return GraphShape.from_dict(run_search(
-        out, model_name=_model_file(model, out, SOURCE_FILE, overwrite), dataset_name=dataset, epochs=epochs,
-        batch_size=batch_size, target_ratio=target_ratio, overwrite=overwrite, **search_options))
+        out, config, overwrite, model_name=_model_file(model, out, SOURCE_FILE, overwrite), dataset_name=dataset,
+        target_ratio=target_ratio, **overrides))
 
 
 def derive(model, shape, transfer_weights=False):
