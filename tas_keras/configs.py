@@ -88,21 +88,26 @@ class StageConfig:
 
 
 
+def configure(config_class, config, overrides):
+    """`config` with `overrides`; without `config`, the `config_class` of `overrides` and its defaults."""
+    return config_class.from_dict(overrides) if config is None else config.replace(**overrides)
+
+
 def configured_stage(config_class):
     """Makes a stage function `stage(out, config, overwrite)` callable as `stage(out, config=None,
-    overwrite=False, **overrides)`: `config` (default `config_class()`) with `overrides`, run in the
-    scope of its `strategy` and under the dtype policy of its `mixed_precision`, the run directories the
-    stage locked released when it returns (`runs.locking_stage`)."""
+    overwrite=False, **overrides)`: its config made by `configure`, run in the scope of its `strategy`
+    and under the dtype policy of its `mixed_precision`, the run directories the stage locked released
+    when it returns (`runs.locking_stage`)."""
 
-    def configure(stage):
+    def wrap(stage):
         locked = locking_stage(stage)
 
         @functools.wraps(stage)
         def run(out, config=None, overwrite=False, **overrides):
-            config = (config or config_class()).replace(**overrides)
+            config = configure(config_class, config, overrides)
             with strategy_scope(config.strategy), dtype_policy_scope(config.mixed_precision):
                 return locked(out, config, overwrite)
 
         return run
 
-    return configure
+    return wrap

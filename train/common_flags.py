@@ -103,8 +103,9 @@ def cost_target(cost):
     return (0.5 if f.target_latency_ratio is None else f.target_latency_ratio), f.target_latency_ms
 
 
-# The stage settings (config fields, `tas_keras.configs`) of the shared flags whose names differ from them.
-SETTING_OF_FLAG = {"dataset": "dataset_name", "cost": "cost_metric"}
+# The stage settings (config fields, `tas_keras.configs`) of the flags whose names differ from them.
+SETTING_OF_FLAG = {"dataset": "dataset_name", "cost": "cost_metric", "kd_alpha": "alpha",
+                   "kd_temperature": "temperature"}
 
 
 def given_settings(flag_names):
