@@ -124,8 +124,9 @@ def main(argv):
                     key = f"{shape}/{mode}/seed{seed}"
                     if key in cells:  # the committed JSON is the record of finished cells, so a fresh machine skips them
                         continue
-                    metrics = distill(os.path.join(runs, f"seed{seed}", f"{shape}_{mode}"), shapes[shape], teacher_path,
-                                      mode=mode, epochs=_EPOCHS.value, batch_size=_BATCH.value, seed=seed, **common)
+                    metrics = distill(os.path.join(runs, f"seed{seed}", f"{shape}_{mode}"), arch_path=shapes[shape],
+                                      teacher_path=teacher_path, mode=mode, epochs=_EPOCHS.value,
+                                      batch_size=_BATCH.value, seed=seed, **common)
                     cells[key] = {"shape": shape, "mode": mode, "seed": seed,
                                   "test_accuracy": metrics["test_accuracy"], "flops": metrics["flops"],
                                   "flops_ratio": 1 - metrics["flops_reduction"], "params": metrics["params"],

@@ -47,8 +47,8 @@ def main(argv):
     rows = []
     for name, arch_path in shapes.items():
         for mode in MODES:
-            metrics = distill(os.path.join(out, f"{name}_{mode}"), arch_path, _TEACHER.value, mode=mode,
-                              epochs=_EPOCHS.value, **common)
+            metrics = distill(os.path.join(out, f"{name}_{mode}"), arch_path=arch_path, teacher_path=_TEACHER.value,
+                              mode=mode, epochs=_EPOCHS.value, **common)
             rows.append({"shape": name, "mode": mode, "mflops": metrics["flops"] / 1e6,
                          "flops_ratio": 1 - metrics["flops_reduction"], "params": metrics["params"],
                          "test_accuracy": metrics["test_accuracy"],

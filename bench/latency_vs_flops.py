@@ -164,7 +164,7 @@ def main(argv):
         if arm in trained:
             continue
         arm_out = os.path.join(out, f"distill_{arm}")
-        metrics = distill(arm_out, shape_path, teacher, mode="kd", epochs=_DISTILL_EPOCHS.value,
+        metrics = distill(arm_out, arch_path=shape_path, teacher_path=teacher, mode="kd", epochs=_DISTILL_EPOCHS.value,
                           batch_size=_BATCH.value, **common)
         export = export_and_verify(os.path.join(arm_out, MODEL_FILE), os.path.join(out, f"export_{arm}"),
                                    quantize="int8", threads=table.threads, latency_runs=20,

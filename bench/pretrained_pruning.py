@@ -163,8 +163,8 @@ def run_row(row, seed, runs, ordered_files):
     run = os.path.join(runs, f"{row}_s{seed}")
     ordered = ordered_files["magnitude" if row == "magnitude" else "taylor"]
     arch, epochs = shape_file(row, seed, run, ordered)
-    metrics = distill(os.path.join(run, "distill"), arch, ordered, mode="init_kd", dataset_name=_DATASET.value,
-                      image_size=_IMAGE_SIZE.value, epochs=epochs, batch_size=_BATCH.value,
+    metrics = distill(os.path.join(run, "distill"), arch_path=arch, teacher_path=ordered, mode="init_kd",
+                      dataset_name=_DATASET.value, image_size=_IMAGE_SIZE.value, epochs=epochs, batch_size=_BATCH.value,
                       learning_rate=_KD_LEARNING_RATE.value, seed=seed, **_trial())
     exported = _exported_top1(os.path.join(run, "distill", MODEL_FILE), os.path.join(run, "export"), seed)
     shape = load_shape(arch)

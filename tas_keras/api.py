@@ -25,8 +25,9 @@ import keras
 import numpy as np
 
 from tas_keras.export.exporter import export_and_verify
-from tas_keras import distill as distill_stage
+from tas_keras.configs import configure
 from tas_keras.data import CroppedImageDataset, ImageDataset, from_arrays, from_tf_data
+from tas_keras.distill import DistillConfig, distill as distill_stage
 from tas_keras.distribute import make_strategy
 from tas_keras.graph import load_model
 from tas_keras.graph_space import GraphShape
@@ -57,17 +58,18 @@ def train(model, data, out, epochs=10, batch_size=256, overwrite=False, **train_
     shape_file = os.fspath(model) if str(model).endswith(".json") else None
     metrics = train_base(out, model_name=None if shape_file else model, arch_path=shape_file, dataset_name=dataset,
                          epochs=epochs, batch_size=batch_size, overwrite=overwrite, **train_options)
-    return _trained_model(out, train_options), metrics
+    return _trained_model(out, train_options.get("strategy", "auto")), metrics
 
 
-def search(model, data, target_ratio, out, epochs=10, batch_size=256, overwrite=False, **search_options):
+def search(model, data, target_ratio, out, config=None, overwrite=False, **overrides):
     """Searches a shape of `model` keeping `target_ratio` of its FLOPs (or of the cost `cost_metric`
-    names) (`run_search`; its other settings as `search_options`, e.g. add_mode, width_multiple, seed);
-    returns the GraphShape that `out`/arch.json holds."""
+    names) (`run_search`): its settings are `config` (a SearchConfig; default its defaults) with
+    `overrides`, e.g. epochs, add_mode, width_multiple, seed; returns the GraphShape that `out`/arch.json
+    holds."""
     dataset = _dataset(data)  # checked before anything is written
     return GraphShape.from_dict(run_search(
-        out, model_name=_model_file(model, out, SOURCE_FILE, overwrite), dataset_name=dataset, epochs=epochs,
-        batch_size=batch_size, target_ratio=target_ratio, overwrite=overwrite, **search_options))
+        out, config, overwrite, model_name=_model_file(model, out, SOURCE_FILE, overwrite), dataset_name=dataset,
+        target_ratio=target_ratio, **overrides))
 
 
 def derive(model, shape, transfer_weights=False):
@@ -77,18 +79,19 @@ def derive(model, shape, transfer_weights=False):
     return derive_network(_shape(shape), model, transfer_weights=transfer_weights)
 
 
-def distill(shape, teacher, data, out, mode="kd", epochs=10, batch_size=256, overwrite=False, **distill_options):
+def distill(shape, teacher, data, out, config=None, overwrite=False, **overrides):
     """Trains the pruned network of `shape` (a GraphShape or its file) by `mode` ("kd", "init_kd",
-    "init" from `teacher`; "scratch" without one), `tas_keras.distill.distill`'s other settings as
-    `distill_options`; returns (the trained model as `out`/model.keras holds it, a plain functional
-    keras.Model, not compiled; its metrics)."""
+    "init" from `teacher`; "scratch" without one): its settings are `config` (a DistillConfig) with
+    `overrides`, e.g. mode, epochs, learning_rate; returns (the trained model as `out`/model.keras holds
+    it, a plain functional keras.Model, not compiled; its metrics)."""
     dataset = _dataset(data)
     if isinstance(shape, GraphShape):
         shape = _shape_file(shape, out, overwrite)
     teacher = None if teacher is None else _model_file(teacher, out, TEACHER_FILE, overwrite)
-    metrics = distill_stage.distill(out, shape, teacher, mode=mode, dataset_name=dataset, epochs=epochs,
-                                    batch_size=batch_size, overwrite=overwrite, **distill_options)
-    return _trained_model(out, distill_options), metrics
+    config = configure(DistillConfig, config, dict(overrides, arch_path=shape, teacher_path=teacher,
+                                                    dataset_name=dataset))
+    metrics = distill_stage(out, config, overwrite)
+    return _trained_model(out, config.strategy), metrics
 
 
 def export(model, data, out, quantize="int8", compare_with=None, **export_options):
@@ -114,9 +117,9 @@ def prune(model, data, target_ratio, out, overwrite=False, **prune_options):
                      dataset_name=dataset, overwrite=overwrite, **prune_options)
 
 
-def _trained_model(out, stage_options):
+def _trained_model(out, strategy):
     """The model a training stage saved: on a cluster's other workers their own copy (`runs.run_dir`)."""
-    with make_strategy(stage_options.get("strategy", "auto")).scope():
+    with make_strategy(strategy).scope():
         return load_model(os.path.join(run_dir(out), MODEL_FILE))
 
 

@@ -1,5 +1,6 @@
 """Training the pruned network (docs/design.md section 8): from scratch, from the teacher's weights, with KD."""
 
+import dataclasses
 import logging
 import os
 import time
@@ -9,12 +10,12 @@ import tensorflow as tf
 
 from tas_keras import data
 from tas_keras import input_convention as conventions
-from tas_keras.distribute import in_strategy_scope
+from tas_keras.configs import StageConfig, configured_stage, recorded_when_given, run_only
 from tas_keras.cost import count_model
 from tas_keras.graph import load_model
 from tas_keras.models.registry import image_side
-from tas_keras.precision import in_dtype_policy
-from tas_keras.runs import locking_stage, prepare_run_dir, read_json, write_json
+from tas_keras.precision import check_mixed_precision
+from tas_keras.runs import prepare_run_dir, read_json, write_json
 from tas_keras.shapes import derive_network, load_shape, shape_space
 from tas_keras.training import (CHECKPOINT_STEPS, MODEL_FILE, METRICS_FILE, check_fits_data,
                                 evaluate_classifier, fit_classifier, save_model)
@@ -81,65 +82,96 @@ def check_prunes_teacher(pruned, teacher, teacher_path, mode):
                          f"{shape} images: give a shape of the teacher's network")
 
 
-@in_strategy_scope
-@locking_stage
-@in_dtype_policy
-def distill(out, arch_path, teacher_path=None, mode="kd", dataset_name=data.BUNDLED_DATASET, data_dir=None,
-            epochs=10, batch_size=256, learning_rate=0.1, alpha=0.9, temperature=4.0, seed=0,
-            max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS, image_size=None,
-            streaming="auto", mixed_precision=None, input_convention=None):
-    """Builds the plain network of the shape at `arch_path` (`tas_keras.shapes.load_shape`) and trains it
-    by `mode`; writes model.keras (a plain functional float32 model of stock Keras layers), shape.json
-    (its GraphShape, with the search's provenance) and metrics.json (test accuracy, FLOPs, params,
-    reduction against the teacher, wall time). `image_size` and `streaming`: as `data.load_dataset`
-    takes them.
+@dataclasses.dataclass(frozen=True)
+class DistillConfig(StageConfig):
+    """The settings of training a pruned shape (`distill`).
 
-    `mixed_precision`: None (float32), "mixed_bfloat16" or "mixed_float16" (`tas_keras.precision`); the
-    teacher is loaded under it too, so it computes in it unless its file fixes its layers' dtypes.
-    `input_convention`: how the images are fed (`tas_keras.input_convention`; the pruned network keeps
-    the source model's layers, so a model holding its own preprocessing is fed raw pixels)."""
-    # How the images are read (streaming) does not change the run.
-    settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps", "streaming")}
-    settings.update(stage="distill", dataset_name=data.recorded_name(dataset_name))
-    if input_convention is None:  # only when given, so the runs made before it was a setting still match
-        del settings["input_convention"]
-    conventions.check(input_convention)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
-    if temperature <= 0:
-        raise ValueError(f"KD temperature must be > 0, got {temperature!r}")
-    pruned = load_shape(arch_path)
-    if mode != "scratch" and not teacher_path:
-        raise ValueError(f"mode {mode!r} needs --teacher")
-    teacher = load_teacher(teacher_path) if teacher_path else None
+    `arch_path`: the shape's file (`tas_keras.shapes.load_shape`); `teacher_path`: the unpruned network
+    (.keras) that `mode` ("kd", "init", "init_kd"; "scratch" without one) trains it from. `alpha` and
+    `temperature`: `KnowledgeDistiller`'s. `image_size` as `data.load_dataset` takes it (default: the
+    shape's input side). `mixed_precision`: None (float32), "mixed_bfloat16" or "mixed_float16"
+    (`tas_keras.precision`); the teacher is loaded under it too, so it computes in it unless its file
+    fixes its layers' dtypes. `input_convention`: how the images are fed (`tas_keras.input_convention`;
+    the pruned network keeps the source model's layers, so a model holding its own preprocessing is fed
+    raw pixels). `strategy`, `streaming` and `checkpoint_steps` say how the training runs, not what it
+    trains: a resumed run may change them.
+    """
+
+    stage = "distill"
+
+    arch_path: str
+    teacher_path: str = None
+    mode: str = "kd"
+    dataset_name: object = data.BUNDLED_DATASET
+    data_dir: str = None
+    epochs: int = 10
+    batch_size: int = 256
+    learning_rate: float = 0.1
+    alpha: float = 0.9
+    temperature: float = 4.0
+    seed: int = 0
+    max_train_examples: int = None
+    image_size: int = None
+    mixed_precision: str = None
+    input_convention: str = recorded_when_given(None)
+    checkpoint_steps: int = run_only(CHECKPOINT_STEPS)
+    streaming: str = run_only("auto")
+    strategy: str = run_only("auto")
+
+    def validate(self):
+        conventions.check(self.input_convention)
+        check_mixed_precision(self.mixed_precision)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"KD alpha must be in [0, 1], got {self.alpha!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"KD temperature must be > 0, got {self.temperature!r}")
+
+    def run_record(self):
+        return {**super().run_record(), "dataset_name": data.recorded_name(self.dataset_name)}
+
+
+@configured_stage(DistillConfig)
+def distill(out, config, overwrite):
+    """Builds the plain network of the shape at `config.arch_path` and trains it by `config.mode`
+    (`DistillConfig`); writes model.keras (a plain functional float32 model of stock Keras layers),
+    shape.json (its GraphShape, with the search's provenance) and metrics.json (test accuracy, FLOPs,
+    params, reduction against the teacher, wall time), which it returns."""
+    pruned = load_shape(config.arch_path)
+    if config.mode != "scratch" and not config.teacher_path:
+        raise ValueError(f"mode {config.mode!r} needs --teacher")
+    teacher = load_teacher(config.teacher_path) if config.teacher_path else None
     if teacher is not None:
-        check_prunes_teacher(pruned, teacher, teacher_path, mode)
-    dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples, seed=seed,
-                                image_size=image_side(pruned.input_shape) if image_size is None else image_size,
-                                streaming=streaming)
+        check_prunes_teacher(pruned, teacher, config.teacher_path, config.mode)
+    image_size = image_side(pruned.input_shape) if config.image_size is None else config.image_size
+    dataset = data.load_dataset(config.dataset_name, data_dir=config.data_dir,
+                                max_train_examples=config.max_train_examples, seed=config.seed,
+                                image_size=image_size, streaming=config.streaming)
     check_fits_data(pruned.input_shape, pruned.num_classes, dataset)
-    run, finished = prepare_run_dir(out, settings, overwrite, done_file=METRICS_FILE)
+    run, finished = prepare_run_dir(out, config.run_record(), overwrite, done_file=METRICS_FILE)
     if finished:
         logging.info("%s already holds this finished run; nothing to do", out)
         return read_json(os.path.join(out, METRICS_FILE))
 
-    keras.utils.set_random_seed(seed)
-    initialised = mode.startswith("init")
+    keras.utils.set_random_seed(config.seed)
+    initialised = config.mode.startswith("init")
     student = derive_network(pruned, teacher if initialised else None, transfer_weights=initialised)
-    dataset = conventions.feed(dataset, student, input_convention)
-    trained = KnowledgeDistiller(teacher, student, alpha, temperature) if mode.endswith("kd") else student
+    dataset = conventions.feed(dataset, student, config.input_convention)
+    distilled = config.mode.endswith("kd")
+    trained = KnowledgeDistiller(teacher, student, config.alpha, config.temperature) if distilled else student
     start = time.perf_counter()
-    metrics = fit_classifier(trained, dataset, out, epochs, batch_size, learning_rate, seed,
-                             checkpoint_steps, stage=f"{mode} training")
-    metrics.update(evaluate_classifier(student, dataset, batch_size))
+    metrics = fit_classifier(trained, dataset, out, config.epochs, config.batch_size, config.learning_rate,
+                             config.seed, config.checkpoint_steps, stage=f"{config.mode} training")
+    metrics.update(evaluate_classifier(student, dataset, config.batch_size))
     cost = count_model(student)
-    metrics.update(mode=mode, model=pruned.name, dataset=dataset.name, flops=cost.flops, params=cost.params,
+    metrics.update(mode=config.mode, model=pruned.name, dataset=dataset.name, flops=cost.flops, params=cost.params,
                    arch_provenance=dict(pruned.provenance), wall_time_s=round(time.perf_counter() - start, 2))
     if teacher is not None:
         teacher_cost = count_model(teacher)
-        metrics.update(evaluate_classifier(teacher, dataset, batch_size, prefix="teacher_"))
+        metrics.update(evaluate_classifier(teacher, dataset, config.batch_size, prefix="teacher_"))
         metrics.update(teacher_flops=teacher_cost.flops, teacher_params=teacher_cost.params,
                        flops_reduction=1 - cost.flops / teacher_cost.flops,
                        params_reduction=1 - cost.params / teacher_cost.params)

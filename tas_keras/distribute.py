@@ -10,6 +10,7 @@ directory; every other worker writes the same files into `<out>/workers/<task>` 
 of them resume from the chief's checkpoint, so `--out` must be on a filesystem all workers share.
 """
 
+import contextlib
 import functools
 import os
 
@@ -45,12 +46,17 @@ def in_strategy_scope(stage):
 
     @functools.wraps(stage)
     def run(*args, strategy="auto", **kwargs):
-        if strategy == "auto" and tf.distribute.has_strategy():
-            return stage(*args, **kwargs)
-        with make_strategy(strategy).scope():
+        with strategy_scope(strategy):
             return stage(*args, **kwargs)
 
     return run
+
+
+def strategy_scope(strategy):
+    """The scope of the strategy named `strategy`; "auto" inside another strategy's scope stays in it."""
+    if strategy == "auto" and tf.distribute.has_strategy():
+        return contextlib.nullcontext()
+    return make_strategy(strategy).scope()
 
 
 def is_multi_worker():

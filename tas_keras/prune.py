@@ -289,8 +289,8 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
         progress.measured(progress.workloads[2] / searched["provenance"]["search_wall_time_s"])
 
         progress.banner(3, "training the searched shape with KD from the base network")
-        distilled = distill(stage_dirs["distill"], os.path.join(search_dir, ARCH_FILE), kd_teacher,
-                            epochs=distill_epochs, batch_size=batch_size, **trained,
+        distilled = distill(stage_dirs["distill"], arch_path=os.path.join(search_dir, ARCH_FILE),
+                            teacher_path=kd_teacher, epochs=distill_epochs, batch_size=batch_size, **trained,
                             **({"mode": "init_kd", "learning_rate": FROM_TRAINED_LEARNING_RATE} if from_trained
                                else {"mode": "kd"}))
         progress.measured(distilled["train_images_per_second"] / KD_IMAGE_COST)

@@ -1,5 +1,6 @@
 """TAS search (docs/design.md sections 6-7): alternating weight and architecture updates under a cost target."""
 
+import dataclasses
 import logging
 import math
 import os
@@ -11,13 +12,13 @@ import tensorflow as tf
 
 from tas_keras import data, plots
 from tas_keras import input_convention as conventions
-from tas_keras.distribute import in_strategy_scope
+from tas_keras.configs import StageConfig, configured_stage, recorded_when_given, run_only
 from tas_keras.cost import count_shape
 from tas_keras.graph_space import ADD_MODES
 from tas_keras.latency import LatencyLayout, LatencyTable, SupernetLatency, predict_latency
-from tas_keras.precision import in_dtype_policy
+from tas_keras.precision import check_mixed_precision
 from tas_keras.models.registry import build_model, check_model_name, image_size_for, is_model_file
-from tas_keras.runs import locking_stage, prepare_run_dir, read_json
+from tas_keras.runs import prepare_run_dir, read_json
 from tas_keras.supernet import COST_METRICS, build_supernet, search_space
 from tas_keras.training import CHECKPOINT_STEPS, EpochLog, fit_resumable, sgd
 
@@ -436,27 +437,16 @@ def source_model(model_name, dataset):
     return model
 
 
-@in_strategy_scope
-@locking_stage
-@in_dtype_policy
-def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, data_dir=None, epochs=10,
-               batch_size=256, target_ratio=0.5, cost_metric="flops", cost_weight=2.0, tolerance=0.05,
-               band="code", tau_schedule="cosine", tau_max=5.0, tau_min=0.1, width_multiple=1,
-               learning_rate=0.1, arch_learning_rate=None, arch_warmup=ARCH_WARMUP, arch_decay="cosine",
-               entropy_weight=ENTROPY_WEIGHT, init_from=None, seed=0, max_train_examples=None, overwrite=False,
-               checkpoint_steps=CHECKPOINT_STEPS, latency_table=None, target_latency_ms=None, image_size=None,
-               streaming="auto", mixed_precision=None, add_mode=None, input_convention=None, arch_start_full=0.0):
-    """Searches a shape of `model_name` keeping `target_ratio` of its cost; writes arch.json,
-    history.json, search.png, curves.png and TensorBoard logs to `out`, resuming an interrupted run from its
-    backup (every `checkpoint_steps` steps and every epoch).
+@dataclasses.dataclass(frozen=True)
+class SearchConfig(StageConfig):
+    """The settings of a search (`run_search`).
 
     `model_name` is a registry name (`tas_keras.models.registry`: built at the dataset's image size and
-    classes) or a .keras file (the model as saved, which must fit the dataset). The supernet is
+    classes) or a .keras file (the model as saved, which must fit the dataset); `dataset_name` a dataset
+    name or path as `data.load_dataset` takes it, or a loaded dataset. The supernet is
     `build_supernet(model_name, model, add_mode, width_multiple)`: the CIFAR ResNets with the
     reference's independent Adds, other models with tied Adds, unless `add_mode` says otherwise.
-    `init_from`: a trained full network (.keras) the supernet starts from. arch.json is a GraphShape
-    (`tas_keras.graph_space`) naming `model_name`, and `history.json` the argmax widths and depths of every
-    epoch.
+    `init_from`: a trained full network (.keras) the supernet starts from.
 
     The architecture optimizer is Adam with `ArchLearningRate(arch_learning_rate, warm-up of
     `arch_warmup` of the steps, `arch_decay`)`; `arch_learning_rate=None` scales it to the run's length
@@ -472,100 +462,156 @@ def run_search(out, model_name="resnet20", dataset_name=data.BUNDLED_DATASET, da
     `mixed_precision`: None (float32), "mixed_bfloat16" or "mixed_float16" (`tas_keras.precision`).
     `input_convention`: how the images are fed (`tas_keras.input_convention`). `arch_start_full`: a logit
     added to the full width and depth of every distribution at the start (`GraphSupernet.start_full`;
-    0, the reference's start: random logits near 0)."""
-    settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps", "streaming")}
-    settings.update(stage="search", dataset_name=data.recorded_name(dataset_name))
-    for key, default in (("add_mode", None), ("input_convention", None), ("arch_start_full", 0.0)):
-        if settings[key] == default:  # only when given, so the runs made before they were settings match
-            del settings[key]
-    conventions.check(input_convention)
-    if add_mode is not None and add_mode not in ADD_MODES:
-        raise ValueError(f"add mode must be one of {ADD_MODES}, got {add_mode!r}")
-    if is_model_file(model_name) and not os.path.exists(model_name):
-        raise ValueError(f"model file {model_name!r} does not exist")
-    check_model_name(model_name)
-    if not 0 < target_ratio < 1:
-        raise ValueError(f"target ratio must be in (0, 1), got {target_ratio!r}")
-    if not 0 <= tolerance < target_ratio:
-        raise ValueError(f"tolerance must be in [0, target ratio), got {tolerance!r}")
-    if cost_metric not in COSTS:
-        raise ValueError(f"cost must be one of {COSTS}, got {cost_metric!r}")
-    if cost_metric == LATENCY and not latency_table:
-        raise ValueError("the latency cost needs a latency table (make one with `python -m export.latency_table`)")
-    if cost_metric != LATENCY and (latency_table or target_latency_ms):
-        raise ValueError(f"a latency table or target is for the latency cost, got cost {cost_metric!r}")
-    table = latency_table and LatencyTable.load(latency_table)
-    cost_band(target_ratio, tolerance, band)
-    tau_at(0, epochs, tau_schedule)
-    if not 0 <= arch_warmup < 1:
-        raise ValueError(f"architecture warm-up must be a fraction in [0, 1), got {arch_warmup!r}")
-    if arch_decay not in ARCH_DECAYS:
-        raise ValueError(f"architecture decay must be one of {ARCH_DECAYS}, got {arch_decay!r}")
-    if entropy_weight < 0:
-        raise ValueError(f"entropy weight must be >= 0, got {entropy_weight!r}")
-    if arch_learning_rate is not None and arch_learning_rate < 0:
-        raise ValueError(f"architecture learning rate must be >= 0, got {arch_learning_rate!r}")
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
-    if init_from and not os.path.exists(init_from):
-        raise ValueError(f"--init_from: no such file {init_from!r}")
-    dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
-                                seed=seed, image_size=image_size_for(model_name, image_size), streaming=streaming)
-    model = source_model(model_name, dataset)
-    dataset = conventions.feed(dataset, model, input_convention)
-    layout = table and LatencyLayout(search_space(model_name, model, add_mode, width_multiple), model)
+    0, the reference's start: random logits near 0). `strategy` (`tas_keras.distribute`), `streaming`
+    (`data.load_dataset`) and `checkpoint_steps` (the backups) say how the search runs, not what it
+    finds: a resumed run may change them.
+    """
+
+    stage = "search"
+
+    model_name: str = "resnet20"
+    dataset_name: object = data.BUNDLED_DATASET
+    data_dir: str = None
+    epochs: int = 10
+    batch_size: int = 256
+    target_ratio: float = 0.5
+    cost_metric: str = "flops"
+    cost_weight: float = 2.0
+    tolerance: float = 0.05
+    band: str = "code"
+    tau_schedule: str = "cosine"
+    tau_max: float = 5.0
+    tau_min: float = 0.1
+    width_multiple: int = 1
+    learning_rate: float = 0.1
+    arch_learning_rate: float = None
+    arch_warmup: float = ARCH_WARMUP
+    arch_decay: str = "cosine"
+    entropy_weight: float = ENTROPY_WEIGHT
+    init_from: str = None
+    seed: int = 0
+    max_train_examples: int = None
+    latency_table: str = None
+    target_latency_ms: float = None
+    image_size: int = None
+    mixed_precision: str = None
+    add_mode: str = recorded_when_given(None)
+    input_convention: str = recorded_when_given(None)
+    arch_start_full: float = recorded_when_given(0.0)
+    checkpoint_steps: int = run_only(CHECKPOINT_STEPS)
+    streaming: str = run_only("auto")
+    strategy: str = run_only("auto")
+
+    def validate(self):
+        conventions.check(self.input_convention)
+        check_mixed_precision(self.mixed_precision)
+        if self.add_mode is not None and self.add_mode not in ADD_MODES:
+            raise ValueError(f"add mode must be one of {ADD_MODES}, got {self.add_mode!r}")
+        check_model_name(self.model_name)
+        if not 0 < self.target_ratio < 1:
+            raise ValueError(f"target ratio must be in (0, 1), got {self.target_ratio!r}")
+        if not 0 <= self.tolerance < self.target_ratio:
+            raise ValueError(f"tolerance must be in [0, target ratio), got {self.tolerance!r}")
+        if self.cost_metric not in COSTS:
+            raise ValueError(f"cost must be one of {COSTS}, got {self.cost_metric!r}")
+        if self.cost_metric == LATENCY and not self.latency_table:
+            raise ValueError("the latency cost needs a latency table (make one with `python -m export.latency_table`)")
+        if self.cost_metric != LATENCY and (self.latency_table or self.target_latency_ms):
+            raise ValueError(f"a latency table or target is for the latency cost, got cost {self.cost_metric!r}")
+        cost_band(self.target_ratio, self.tolerance, self.band)
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+        tau_at(0, self.epochs, self.tau_schedule)
+        if not 0 <= self.arch_warmup < 1:
+            raise ValueError(f"architecture warm-up must be a fraction in [0, 1), got {self.arch_warmup!r}")
+        if self.arch_decay not in ARCH_DECAYS:
+            raise ValueError(f"architecture decay must be one of {ARCH_DECAYS}, got {self.arch_decay!r}")
+        if self.entropy_weight < 0:
+            raise ValueError(f"entropy weight must be >= 0, got {self.entropy_weight!r}")
+        if self.arch_learning_rate is not None and self.arch_learning_rate < 0:
+            raise ValueError(f"architecture learning rate must be >= 0, got {self.arch_learning_rate!r}")
+
+    def run_record(self):
+        return {**super().run_record(), "dataset_name": data.recorded_name(self.dataset_name)}
+
+
+@configured_stage(SearchConfig)
+def run_search(out, config, overwrite):
+    """Searches a shape of `config.model_name` keeping `config.target_ratio` of its cost (`SearchConfig`);
+    writes arch.json, history.json, search.png, curves.png and TensorBoard logs to `out`, resuming an
+    interrupted run from its backup (every `checkpoint_steps` steps and every epoch). arch.json is a
+    GraphShape (`tas_keras.graph_space`) naming `model_name`, and `history.json` the argmax widths and
+    depths of every epoch; returns arch.json's dict."""
+    # The files a config names are checked when it runs: a config read back from a run.json stays valid.
+    if is_model_file(config.model_name) and not os.path.exists(config.model_name):
+        raise ValueError(f"model file {config.model_name!r} does not exist")
+    if config.init_from and not os.path.exists(config.init_from):
+        raise ValueError(f"--init_from: no such file {config.init_from!r}")
+    table = config.latency_table and LatencyTable.load(config.latency_table)
+    dataset = data.load_dataset(config.dataset_name, data_dir=config.data_dir,
+                                max_train_examples=config.max_train_examples, seed=config.seed,
+                                image_size=image_size_for(config.model_name, config.image_size),
+                                streaming=config.streaming)
+    model = source_model(config.model_name, dataset)
+    dataset = conventions.feed(dataset, model, config.input_convention)
+    layout = table and LatencyLayout(
+        search_space(config.model_name, model, config.add_mode, config.width_multiple), model)
+    target_ratio = config.target_ratio
     if table:
         table.check_covers(layout)
-        if target_latency_ms is not None:
-            target_ratio = latency_target_ratio(target_latency_ms, layout, table)
-    smaller_half = min(half.train_size for half in dataset.search_halves(seed=seed))  # split per class
-    if batch_size > smaller_half:
-        raise ValueError(f"batch_size {batch_size} is larger than the smaller search half ({smaller_half} "
+        if config.target_latency_ms is not None:
+            target_ratio = latency_target_ratio(config.target_latency_ms, layout, table)
+    smaller_half = min(half.train_size for half in dataset.search_halves(seed=config.seed))  # split per class
+    if config.batch_size > smaller_half:
+        raise ValueError(f"batch_size {config.batch_size} is larger than the smaller search half ({smaller_half} "
                          "images): lower --batch_size or train on more images")
-    run, finished = prepare_run_dir(out, settings, overwrite, done_file=ARCH_FILE)
+    run, finished = prepare_run_dir(out, config.run_record(), overwrite, done_file=ARCH_FILE)
     if finished:
         logging.info("%s already holds this finished search; nothing to do", out)
         return read_json(os.path.join(out, ARCH_FILE))
 
-    keras.utils.set_random_seed(seed)  # after the source model: the seed fixes the supernet's start
-    supernet = build_supernet(model_name, model, add_mode, width_multiple)
-    if init_from:
-        supernet.init_from_source(init_from)
-    supernet.start_full(arch_start_full)
-    batches, steps = search_batches(dataset, batch_size, epochs, seed)
-    total = steps * epochs
-    warmup_steps = round(total * arch_warmup)
+    keras.utils.set_random_seed(config.seed)  # after the source model: the seed fixes the supernet's start
+    supernet = build_supernet(config.model_name, model, config.add_mode, config.width_multiple)
+    if config.init_from:
+        supernet.init_from_source(config.init_from)
+    supernet.start_full(config.arch_start_full)
+    batches, steps = search_batches(dataset, config.batch_size, config.epochs, config.seed)
+    total = steps * config.epochs
+    warmup_steps = round(total * config.arch_warmup)
     arch_steps = total - warmup_steps
-    search = TASSearchModel(supernet, target_ratio, cost_metric, cost_weight, tolerance, band, seed=seed,
-                            entropy_weight=LinearRamp(entropy_weight, arch_steps) if entropy_weight else None,
-                            latency=table and SupernetLatency(supernet, layout, table))
-    peak = arch_learning_rate if arch_learning_rate is not None else arch_learning_rate_for(
-        total, arch_warmup, ARCH_TRAVEL)
-    arch_rate = ArchLearningRate(peak, arch_steps, arch_decay)
-    search.compile(optimizer=sgd(learning_rate, total),
+    search = TASSearchModel(
+        supernet, target_ratio, config.cost_metric, config.cost_weight, config.tolerance, config.band,
+        seed=config.seed,
+        entropy_weight=LinearRamp(config.entropy_weight, arch_steps) if config.entropy_weight else None,
+        latency=table and SupernetLatency(supernet, layout, table))
+    peak = config.arch_learning_rate if config.arch_learning_rate is not None else arch_learning_rate_for(
+        total, config.arch_warmup, ARCH_TRAVEL)
+    arch_rate = ArchLearningRate(peak, arch_steps, config.arch_decay)
+    search.compile(optimizer=sgd(config.learning_rate, total),
                    arch_optimizer=keras.optimizers.Adam(arch_rate, beta_1=0.5, beta_2=0.999))
     history = ArchHistory(os.path.join(run, HISTORY_FILE))
     start = time.perf_counter()
-    fit_resumable(search, batches, steps, epochs, out, [
-        ArchWarmup(warmup_steps), TauSchedule(epochs, tau_schedule, tau_max, tau_min), history,
-        keras.callbacks.TensorBoard(os.path.join(run, "tensorboard"))], checkpoint_steps, stage="search",
-        advice=f"Try a lower --learning_rate ({learning_rate:g}) or --arch_learning_rate (this run: {peak:g})")
+    fit_resumable(search, batches, steps, config.epochs, out, [
+        ArchWarmup(warmup_steps), TauSchedule(config.epochs, config.tau_schedule, config.tau_max, config.tau_min),
+        history,
+        keras.callbacks.TensorBoard(os.path.join(run, "tensorboard"))], config.checkpoint_steps, stage="search",
+        advice=f"Try a lower --learning_rate ({config.learning_rate:g}) or --arch_learning_rate (this run: {peak:g})")
     wall = time.perf_counter() - start
 
-    chosen = select_epoch(history.history, search, cost_metric)
+    chosen = select_epoch(history.history, search, config.cost_metric)
     full_flops = supernet.full_cost("flops")
     space = supernet.space
     arch = space.shape(chosen["widths"], chosen["depths"], {
-        "source": "tas_search", "target_ratio": target_ratio, "cost_metric": cost_metric, "band": band,
-        "tolerance": tolerance,
+        "source": "tas_search", "target_ratio": target_ratio, "cost_metric": config.cost_metric, "band": config.band,
+        "tolerance": config.tolerance,
         "epoch": chosen["epoch"], "flops": chosen["flops"], "params": chosen["params"],
         "flops_ratio": chosen["flops"] / full_flops, "params_ratio": chosen["params"] / supernet.full_cost("params"),
-        "epochs": epochs, "seed": seed,
-        "model": model_name, "dataset": dataset.name, "width_multiple": width_multiple,
-        "arch_learning_rate": peak, "arch_warmup": arch_warmup, "arch_decay": arch_decay,
-        "entropy_weight": entropy_weight, "arch_start_full": arch_start_full, "tau_max": tau_max,
+        "epochs": config.epochs, "seed": config.seed,
+        "model": config.model_name, "dataset": dataset.name, "width_multiple": config.width_multiple,
+        "arch_learning_rate": peak, "arch_warmup": config.arch_warmup, "arch_decay": config.arch_decay,
+        "entropy_weight": config.entropy_weight, "arch_start_full": config.arch_start_full, "tau_max": config.tau_max,
         "search_wall_time_s": round(wall, 2),
-        **(latency_provenance(chosen[LATENCY], search.latency, latency_table) if table else {})})
+        **(latency_provenance(chosen[LATENCY], search.latency, config.latency_table) if table else {})})
     plots.plot_search(history.history, space, [space.shape(e["widths"], e["depths"]) for e in history.history],
                       full_flops, os.path.join(run, PLOT_FILE))
     plots.plot_search_curves(history.history, os.path.join(run, CURVES_FILE))

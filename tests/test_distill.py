@@ -12,7 +12,7 @@ from tas_keras.baselines import make_baseline
 from tas_keras.cifar_shapes import arch_from_shape
 from tas_keras.cost import count_arch
 from tas_keras.derive import init_from_teacher
-from tas_keras.distill import KnowledgeDistiller, distill
+from tas_keras.distill import DistillConfig, KnowledgeDistiller, distill
 from tas_keras.graph_space import GraphShape
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search_space import ArchConfig
@@ -122,8 +122,8 @@ def test_one_epoch_distill_writes_all_artifacts(tmp_path):
                                                target_ratio=0.5))
     arch = arch_from_shape(shape_space(shape), shape)  # the shape as the CIFAR builder takes it
     out = str(tmp_path / "kd")
-    metrics = distill(out, str(tmp_path / "predefined" / "arch.json"), teacher_path, mode="init_kd",
-                      epochs=1, batch_size=64, max_train_examples=256)
+    metrics = distill(out, arch_path=str(tmp_path / "predefined" / "arch.json"), teacher_path=teacher_path,
+                      mode="init_kd", epochs=1, batch_size=64, max_train_examples=256)
     assert {"test_accuracy", "teacher_test_accuracy", "flops", "params", "flops_reduction",
             "params_reduction", "wall_time_s", "history"} <= set(metrics)
     assert metrics["flops"] == count_arch(arch).flops
@@ -198,10 +198,30 @@ def test_a_shape_of_another_network_than_the_teachers_is_refused(tmp_path):
         with pytest.raises(ValueError, match=rf"^the shape is a resnet56 with 10 classes on \(32, 32, 3\) images "
                                              rf"but the teacher {teacher} is a resnet8 with 10 classes on "
                                              r"\(32, 32, 3\) images: give a shape of the teacher's network$"):
-            distill(str(tmp_path / mode), str(released56), str(teacher), mode=mode)
+            distill(str(tmp_path / mode), arch_path=str(released56), teacher_path=str(teacher), mode=mode)
         assert not (tmp_path / mode).exists()
     hundred = tmp_path / "c100.json"  # KD compares logits: another depth is fine, other classes are not
     hundred.write_text(ArchConfig.full("resnet8", num_classes=100).to_json())
     with pytest.raises(ValueError, match=r"^the shape is a resnet8 with 100 classes on .* but the teacher .* is a "
                                          r"resnet8 with 10 classes"):
-        distill(str(tmp_path / "kd"), str(hundred), str(teacher), mode="kd")
+        distill(str(tmp_path / "kd"), arch_path=str(hundred), teacher_path=str(teacher), mode="kd")
+
+
+# The run.json of `distill(out, arch_path="arch.json", teacher_path="teacher.keras")` as the code before
+# DistillConfig wrote it (commit 73fe90b): input_convention, a later setting, only when given.
+PREVIOUS_RUN_FILE = {
+    "arch_path": "arch.json", "teacher_path": "teacher.keras", "mode": "kd", "dataset_name": "cifar10_mini",
+    "data_dir": None, "epochs": 10, "batch_size": 256, "learning_rate": 0.1, "alpha": 0.9, "temperature": 4.0,
+    "seed": 0, "max_train_examples": None, "image_size": None, "mixed_precision": None, "stage": "distill"}
+
+
+def test_a_distill_config_records_what_the_previous_code_recorded_and_refuses_bad_settings():
+    config = DistillConfig(arch_path="arch.json", teacher_path="teacher.keras", streaming="never")
+    assert config.run_record() == PREVIOUS_RUN_FILE
+    assert DistillConfig.from_dict(config.to_dict()) == config
+    for overrides, message in ((dict(mode="fast"), "mode must be one of .* got 'fast'"),
+                               (dict(alpha=1.5), r"KD alpha must be in \[0, 1\], got 1.5"),
+                               (dict(temperature=0.0), "KD temperature must be > 0, got 0.0"),
+                               (dict(kd_alpha=0.5), "DistillConfig has no setting 'kd_alpha'")):
+        with pytest.raises(ValueError, match=message):
+            config.replace(**overrides)

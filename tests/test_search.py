@@ -13,8 +13,9 @@ from tas_keras.cost import count_arch, count_model
 from tas_keras.cifar_shapes import arch_from_shape
 from tas_keras.layers import DepthMixer, WidthChoice, cwi_transition, sample_two_widths
 from tas_keras.models.cifar_resnet import CifarResNet
-from tas_keras.search import (ArchLearningRate, LinearRamp, arch_learning_rate_for, TASSearchModel, convergence,
-                              cost_band, decision_summary, run_search, tau_at)
+from tas_keras.runs import RunMismatchError, prepare_run_dir
+from tas_keras.search import (ARCH_FILE, ArchLearningRate, LinearRamp, SearchConfig, arch_learning_rate_for,
+                              TASSearchModel, convergence, cost_band, decision_summary, run_search, tau_at)
 from tas_keras.search_space import ArchConfig, candidate_widths
 from tas_keras.shapes import derive_network, load_shape, shape_space
 from tas_keras.supernet import build_supernet
@@ -352,6 +353,58 @@ def test_search_cli_rejects_bad_input_before_any_work(tmp_path, args, message):
 ])
 def test_run_search_refuses_bad_input_before_any_work(tmp_path, options, message):
     assert_refused_before_any_work(run_search, tmp_path / "run", message, **options)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(target_ratio=1.5), r"target ratio must be in \(0, 1\), got 1.5"),
+    (dict(tolerance=0.6), r"tolerance must be in \[0, target ratio\), got 0.6"),
+    (dict(epochs=0), "epochs and batch_size must be >= 1, got 0 and 256"),
+    (dict(tau_schedule="step"), "tau schedule must be one of .* got 'step'"),
+    (dict(arch_warmup=1.0), r"warm-up must be a fraction in \[0, 1\), got 1.0"),
+    (dict(cost_metric="latency"), "the latency cost needs a latency table"),
+    (dict(mixed_precision="float8"), "got 'float8'"),
+    (dict(model_name="vgg16"), "unknown model 'vgg16'"),
+    (dict(epoch=3), "SearchConfig has no setting 'epoch'; its settings: model_name, "),
+])
+def test_a_search_config_refuses_a_bad_setting_quoting_it(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        SearchConfig().replace(**overrides)
+
+
+def test_a_search_config_round_trips_through_its_dicts():
+    config = SearchConfig(model_name="resnet56", epochs=3, add_mode="tied", streaming="never")
+    assert SearchConfig.from_dict(config.to_dict()) == config
+    record = config.run_record()
+    # run.json: the settings of the result, not how the run ran (a resumed run may change those).
+    assert record["stage"] == "search" and record["add_mode"] == "tied"
+    assert not {"streaming", "checkpoint_steps", "strategy"} & set(record)
+    assert SearchConfig.from_dict(record) == config.replace(streaming="auto")
+    with pytest.raises(ValueError, match="config of the search stage, got settings of 'distill'"):
+        SearchConfig.from_dict({**record, "stage": "distill"})
+
+
+# The run.json of `run_search(out, model_name="resnet8", epochs=1)` as the code before SearchConfig wrote it
+# (commit 73fe90b): the settings added later (add_mode, input_convention, arch_start_full) only when given.
+PREVIOUS_RUN_FILE = {
+    "model_name": "resnet8", "dataset_name": "cifar10_mini", "data_dir": None, "epochs": 1, "batch_size": 256,
+    "target_ratio": 0.5, "cost_metric": "flops", "cost_weight": 2.0, "tolerance": 0.05, "band": "code",
+    "tau_schedule": "cosine", "tau_max": 5.0, "tau_min": 0.1, "width_multiple": 1, "learning_rate": 0.1,
+    "arch_learning_rate": None, "arch_warmup": 0.3, "arch_decay": "cosine", "entropy_weight": 0.0,
+    "init_from": None, "seed": 0, "max_train_examples": None, "latency_table": None, "target_latency_ms": None,
+    "image_size": None, "mixed_precision": None, "stage": "search"}
+
+
+def test_a_run_directory_of_the_previous_code_resumes_with_the_same_settings(tmp_path):
+    out = str(tmp_path / "search")
+    os.makedirs(out)
+    with open(os.path.join(out, "run.json"), "w") as f:
+        json.dump(PREVIOUS_RUN_FILE, f)
+    config = SearchConfig(model_name="resnet8", epochs=1, checkpoint_steps=7)
+    assert prepare_run_dir(out, config.run_record(), done_file=ARCH_FILE) == (out, False)
+    with pytest.raises(RunMismatchError, match="epochs: 1 -> 2"):
+        prepare_run_dir(out, config.replace(epochs=2).run_record(), done_file=ARCH_FILE)
+    with pytest.raises(RunMismatchError, match="add_mode: None -> 'tied'"):
+        prepare_run_dir(out, config.replace(add_mode="tied").run_record(), done_file=ARCH_FILE)
 
 
 def _naive_cwi(x, out_width):

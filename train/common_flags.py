@@ -103,6 +103,18 @@ def cost_target(cost):
     return (0.5 if f.target_latency_ratio is None else f.target_latency_ratio), f.target_latency_ms
 
 
+# The stage settings (config fields, `tas_keras.configs`) of the flags whose names differ from them.
+SETTING_OF_FLAG = {"dataset": "dataset_name", "cost": "cost_metric", "kd_alpha": "alpha",
+                   "kd_temperature": "temperature"}
+
+
+def given_settings(flag_names):
+    """{setting: value} of the flags among `flag_names` given on the command line, to override a stage
+    config (`StageConfig.replace`): a flag left at its default keeps the config's (or a preset's) value."""
+    f = flags.FLAGS
+    return {SETTING_OF_FLAG.get(name, name): f[name].value for name in flag_names if f[name].present}
+
+
 def run(main, positional=None):
     """absl's app.run, with ValueError (bad shape, data, flags, a run directory in use) printed as
     one line, exit status 2, and a diverged training as one line, exit status 1 (the traceback with

@@ -1,0 +1,113 @@
+"""Stage configs: every setting of a stage as one frozen, validated object.
+
+A stage's config (`search.SearchConfig`, ...) is a frozen dataclass deriving from `StageConfig`: its
+fields are the stage's settings with their defaults, checked once when the config is made (`validate`,
+one-line ValueErrors quoting the bad value). The stage functions, the Python API (`tas_keras.api`) and
+the CLIs all make one and override its fields (`replace`); the run directory's run.json is its
+`run_record`. A stage function `stage(out, config, overwrite)` made a `configured_stage` is called
+`stage(out, config=None, overwrite=False, **overrides)`.
+
+Two kinds of field are not plain settings of the result:
+- `run_only`: how a stage runs (its devices, backups, data streaming), not what it computes, so a
+  resumed run may change it and run.json leaves it out;
+- `recorded_when_given`: a setting added after runs were made, recorded only away from its default, so
+  the run.json of those earlier runs (made without it) still matches a resumed run of the same settings.
+"""
+
+import dataclasses
+import functools
+
+from tas_keras.distribute import strategy_scope
+from tas_keras.precision import dtype_policy_scope
+from tas_keras.runs import locking_stage
+
+_RUN_ONLY, _OMITTED_AT_DEFAULT = "run_only", "omitted_at_default"
+
+
+def run_only(default):
+    return dataclasses.field(default=default, metadata={_RUN_ONLY: True})
+
+
+def recorded_when_given(default):
+    return dataclasses.field(default=default, metadata={_OMITTED_AT_DEFAULT: True})
+
+
+class StageConfig:
+    """The shared behaviour of the stage configs, which are frozen dataclasses deriving from it.
+
+    `stage`: the stage's name, recorded in run.json."""
+
+    stage = None
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Raises a ValueError quoting the first bad value; a subclass checks its fields."""
+
+    @classmethod
+    def setting_names(cls):
+        return tuple(field.name for field in dataclasses.fields(cls))
+
+    @classmethod
+    def _check_names(cls, names):
+        unknown = sorted(set(names) - set(cls.setting_names()))
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no setting {unknown[0]!r}; its settings: "
+                             f"{', '.join(cls.setting_names())}")
+
+    def replace(self, **overrides):
+        """A copy with `overrides` (validated) in place of these settings."""
+        self._check_names(overrides)
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self):
+        """Every setting, by name (`from_dict` makes the same config from it)."""
+        return {name: getattr(self, name) for name in self.setting_names()}
+
+    @classmethod
+    def from_dict(cls, settings):
+        """The config of `settings` (a `to_dict` or a run.json `run_record`)."""
+        settings = dict(settings)
+        stage = settings.pop("stage", cls.stage)
+        if stage != cls.stage:
+            raise ValueError(f"{cls.__name__} is the config of the {cls.stage} stage, got settings of {stage!r}")
+        cls._check_names(settings)
+        return cls(**settings)
+
+    def run_record(self):
+        """What run.json records of the run: the stage and every setting but the `run_only` ones, the
+        `recorded_when_given` ones only away from their defaults."""
+        record = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.metadata.get(_RUN_ONLY) or (field.metadata.get(_OMITTED_AT_DEFAULT) and value == field.default):
+                continue
+            record[field.name] = value
+        return {**record, "stage": self.stage}
+
+
+
+def configure(config_class, config, overrides):
+    """`config` with `overrides`; without `config`, the `config_class` of `overrides` and its defaults."""
+    return config_class.from_dict(overrides) if config is None else config.replace(**overrides)
+
+
+def configured_stage(config_class):
+    """Makes a stage function `stage(out, config, overwrite)` callable as `stage(out, config=None,
+    overwrite=False, **overrides)`: its config made by `configure`, run in the scope of its `strategy`
+    and under the dtype policy of its `mixed_precision`, the run directories the stage locked released
+    when it returns (`runs.locking_stage`)."""
+
+    def wrap(stage):
+        locked = locking_stage(stage)
+
+        @functools.wraps(stage)
+        def run(out, config=None, overwrite=False, **overrides):
+            config = configure(config_class, config, overrides)
+            with strategy_scope(config.strategy), dtype_policy_scope(config.mixed_precision):
+                return locked(out, config, overwrite)
+
+        return run
+
+    return wrap
