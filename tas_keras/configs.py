@@ -87,7 +87,6 @@ class StageConfig:
         return {**record, "stage": self.stage}
 
 
-
 def configure(config_class, config, overrides):
     """`config` with `overrides`; without `config`, the `config_class` of `overrides` and its defaults."""
     return config_class.from_dict(overrides) if config is None else config.replace(**overrides)
