@@ -54,6 +54,7 @@ import keras
 from keras.src.applications.convnext import LayerScale  # Keras exports ConvNeXt's layers only inside it
 import numpy as np
 
+from bench.provenance import provenance
 from tas_keras.runs import read_json, write_json
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "coverage.json")
@@ -91,21 +92,6 @@ _TIMEOUT = flags.DEFINE_integer("timeout_s", 3600, "A family's subprocess is sto
 _WORKER = flags.DEFINE_string("worker", None, "(internal) Run one family in this process.")
 _PARTS = flags.DEFINE_list("parts", ["read"], "(internal) The worker's parts: read, prune.")
 _WORKER_OUT = flags.DEFINE_string("worker_out", None, "(internal) Where the worker writes its entry.")
-
-
-def _git(*args):
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def provenance():
-    """The commit this process runs and the library files that differ from it (read at its start)."""
-    changed = _git("status", "--porcelain", "--", "tas_keras", "train", "export")
-    return {"commit": _git("rev-parse", "--short", "HEAD"),
-            "uncommitted": sorted(line[3:] for line in changed.splitlines()) if changed != "unknown" else []}
 
 
 def regnet_x002(input_shape, classes, weights=None):

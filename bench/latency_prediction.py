@@ -18,13 +18,13 @@ measured and skips it when run again. Run it on a quiet machine: other load skew
 import datetime
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 
 from absl import app, flags, logging
 import numpy as np
 
+from bench.provenance import commit
 from tas_keras.export.layer_latency import (RUNS, environment, make_table, measure_networks, table_layout,
                                             table_model)
 from tas_keras.latency import QUANTIZATIONS, LatencyTable
@@ -67,14 +67,6 @@ def summary(rows):
             "meets_goal": bool(np.median(errors) <= GOAL)}
 
 
-def _commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # TensorFlow logs lines per exported model otherwise
@@ -102,7 +94,7 @@ def main(argv):
             rows, load = measure_networks(table, layout, random_shapes(layout.space, _SHAPES.value, _SEED.value),
                                           _RUNS.value, workdir)
         results[key] = {"command": "python -m bench.latency_prediction " + " ".join(sys.argv[1:]),
-                        "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": _commit(),
+                        "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit(),
                         "table": os.path.abspath(table_path), "table_made_for": table.describe(),
                         "runs": _RUNS.value, "seed": _SEED.value, "note": _NOTE.value,
                         "load_average_at_start": load, "summary": summary(rows), "shapes": rows}

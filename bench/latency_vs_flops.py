@@ -32,6 +32,7 @@ import tempfile
 from absl import app, flags, logging
 import numpy as np
 
+from bench.provenance import provenance
 from tas_keras import data
 from tas_keras.cost import count_shape
 from tas_keras.distill import distill
@@ -123,6 +124,7 @@ def main(argv):
                     "table": os.path.relpath(table_path)},
         "goal_speedup_per_flop_reduction": GOAL, "note": _NOTE.value, "environment": environment()})
     results.setdefault("started", datetime.datetime.now().isoformat(timespec="seconds"))
+    results.setdefault("code", []).append(provenance())  # every session's, as a run resumes across commits
     common = dict(dataset_name=_DATASET.value, image_size=_IMAGE_SIZE.value, max_train_examples=_MAX_TRAIN.value)
 
     def search(arm, **settings):

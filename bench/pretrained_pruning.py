@@ -31,12 +31,12 @@ import dataclasses
 import datetime
 import os
 import platform
-import subprocess
 
 from absl import app, flags
 import keras
 import numpy as np
 
+from bench.provenance import commit
 from tas_keras.export.exporter import export_and_verify
 from tas_keras import data, input_convention
 from tas_keras.baselines import predefined_shape, random_search, ranked_shape
@@ -77,16 +77,7 @@ _RESULTS = flags.DEFINE_string("results", RESULTS, "The results file.")
 _TABLE = flags.DEFINE_bool("table", False, "Only print the results file's table (markdown) and exit.")
 
 
-def _commit():
-    """The commit this process runs (read at its start: later commits are not what ran)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=os.path.dirname(__file__)).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-COMMIT = _commit()
+COMMIT = commit()
 
 
 def ordered_base(runs):

@@ -19,13 +19,13 @@ and the main job resumes its run directory.
 import datetime
 import os
 import platform
-import subprocess
 import time
 import zipfile
 
 from absl import app, flags
 import keras
 
+from bench.provenance import commit
 from tas_keras import api
 from tas_keras.runs import read_json, write_json
 
@@ -112,11 +112,9 @@ def main(argv):
     start = time.perf_counter()
     report = api.prune(model_path, _DATASET.value, _TARGET.value, os.path.join(runs, "prune"),
                        search_epochs=_SEARCH_EPOCHS.value, distill_epochs=_DISTILL_EPOCHS.value)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(__file__)).stdout.strip()
     write_json(RESULTS, {
         "command": "python -m bench.user_model --runs=" + runs, "date": datetime.date.today().isoformat(),
-        "commit": commit, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "commit": commit(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "settings": {"dataset": os.path.basename(_DATASET.value), "image_size": _IMAGE_SIZE.value,
                      "target_flops_ratio": _TARGET.value, "search_epochs": _SEARCH_EPOCHS.value,
                      "distill_epochs": _DISTILL_EPOCHS.value},
