@@ -95,16 +95,17 @@ def distill(shape, teacher, data, out, config=None, overwrite=False, **overrides
     return _trained_model(out, config.strategy), metrics
 
 
-def export(model, data, out, quantize="int8", compare_with=None, **export_options):
+def export(model, data, out, config=None, compare_with=None, **overrides):
     """Exports `model` (trained on `data`, fed as its input convention says, which the exported model
     applies to its pixels: `tas_keras.input_convention`) to a SavedModel and a .tflite in `out`, verified
-    with LiteRT, beside `compare_with` if given (`export_and_verify`, its other settings as
-    `export_options`); returns the report (`out`/report.json)."""
+    with LiteRT, beside `compare_with` if given (`export_and_verify`): its settings are `config` (an
+    ExportConfig; default its defaults but int8 quantisation) with `overrides`, e.g. quantize, threads;
+    returns the report (`out`/report.json)."""
     dataset = _dataset(data)
-    return export_and_verify(
-        _model_file(model, out, EXPORTED_FILE, overwrite=True), out, quantize=quantize,
-        compare_with=None if compare_with is None else _model_file(compare_with, out, COMPARED_FILE, overwrite=True),
-        dataset_name=dataset, **export_options)
+    settings = dict({"quantize": "int8"} if config is None else {}, **overrides)
+    return export_and_verify(out, config, **dict(
+        settings, model_path=_model_file(model, out, EXPORTED_FILE, overwrite=True), dataset_name=dataset,
+        compare_with=None if compare_with is None else _model_file(compare_with, out, COMPARED_FILE, overwrite=True)))
 
 
 def prune(model, data, target_ratio, out, overwrite=False, **prune_options):

@@ -34,7 +34,7 @@ def recorded_when_given(default):
     return dataclasses.field(default=default, metadata={_OMITTED_AT_DEFAULT: True})
 
 
-def recorded_as(key, default):
+def recorded_as(key, default=dataclasses.MISSING):
     return dataclasses.field(default=default, metadata={_RECORD_KEY: key})
 
 
