@@ -168,7 +168,7 @@ def main(argv):
         arm_out = os.path.join(out, f"distill_{arm}")
         metrics = distill(arm_out, arch_path=shape_path, teacher_path=teacher, mode="kd", epochs=_DISTILL_EPOCHS.value,
                           batch_size=_BATCH.value, **common)
-        export = export_and_verify(os.path.join(arm_out, MODEL_FILE), os.path.join(out, f"export_{arm}"),
+        export = export_and_verify(os.path.join(out, f"export_{arm}"), model_path=os.path.join(arm_out, MODEL_FILE),
                                    quantize="int8", threads=table.threads, latency_runs=20,
                                    dataset_name=_DATASET.value)
         shape = load_shape(shape_path)
@@ -182,7 +182,7 @@ def main(argv):
 
     full_export = os.path.join(out, "export_full")
     if not os.path.exists(os.path.join(full_export, TFLITE_FILE)):
-        export_and_verify(teacher, full_export, quantize="int8", threads=table.threads, latency_runs=20,
+        export_and_verify(full_export, model_path=teacher, quantize="int8", threads=table.threads, latency_runs=20,
                           dataset_name=_DATASET.value)
     arms = list(trained)
     results["load_average_at_timing"] = [round(x, 2) for x in os.getloadavg()]

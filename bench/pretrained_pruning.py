@@ -110,8 +110,8 @@ def _exported_top1(model, out, seed):
         directory = os.path.join(out, quantize)
         report = os.path.join(directory, "report.json")
         if not os.path.exists(report):
-            export_and_verify(model, directory, quantize=quantize, dataset_name=_DATASET.value, latency_runs=20,
-                              seed=seed)
+            export_and_verify(directory, model_path=model, quantize=quantize, dataset_name=_DATASET.value,
+                              latency_runs=20, seed=seed)
         top1[quantize] = read_json(report)["models"][0]["tflite"]["accuracy"]
     return top1
 

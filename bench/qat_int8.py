@@ -60,8 +60,9 @@ def main(argv):
     with tempfile.TemporaryDirectory() as workdir:
         for qat_epochs in [0, *map(int, _QAT_EPOCHS.value)]:  # post-training first: QAT imports TFMOT
             start = time.perf_counter()
-            report = export_and_verify(_MODEL.value, os.path.join(workdir, str(qat_epochs)), quantize="int8",
-                                       qat_epochs=qat_epochs, latency_runs=100, dataset=dataset)
+            report = export_and_verify(os.path.join(workdir, str(qat_epochs)), model_path=_MODEL.value,
+                                       quantize="int8", qat_epochs=qat_epochs, latency_runs=100,
+                                       dataset_name=dataset)
             name = f"qat_{qat_epochs}_epochs" if qat_epochs else "post_training"
             results[name] = _measured(report, time.perf_counter() - start)
             print(name, json.dumps(results[name]), flush=True)

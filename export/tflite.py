@@ -16,46 +16,48 @@ from train import common_flags  # first: it quiets TensorFlow's logging before T
 from absl import flags  # noqa: E402
 
 from tas_keras.export.convert import QUANTIZATIONS  # noqa: E402
-from tas_keras.export.exporter import OUTPUTS, format_report  # noqa: E402
+from tas_keras.export.exporter import OUTPUTS, ExportConfig as Defaults, format_report  # noqa: E402
 from tas_keras import api  # noqa: E402
-from tas_keras.data import BUNDLED_DATASET  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", None, "The trained model (.keras) to export.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Directory for saved_model/, model.tflite and report.json.",
                            required=True)
-_QUANTIZE = flags.DEFINE_enum("quantize", "none", QUANTIZATIONS,
-                              "none (fp32) | float16 | dynamic (int8 weights) | int8 (full integer).")
-_INT8_IO = flags.DEFINE_bool("int8_io", False, "With --quantize=int8: an int8 output tensor instead of "
-                             "float32 (and, with --float_input, an int8 input tensor).")
-_FLOAT_INPUT = flags.DEFINE_bool("float_input", False, "Take float32 pixels in 0-255 instead of uint8 ones.")
-_QAT_EPOCHS = flags.DEFINE_integer("qat_epochs", 0, "With --quantize=int8: fine-tune this many epochs with "
-                                   "quantization-aware training (needs requirements-tfmot.txt) instead of "
-                                   "post-training calibration.", lower_bound=0)
-_REPRESENTATIVE_SIZE = flags.DEFINE_integer("representative_size", 300,
-                                            "Training images that calibrate int8 activations.", lower_bound=1)
-_DATASET = flags.DEFINE_string("dataset", BUNDLED_DATASET,
+flags.DEFINE_enum("quantize", Defaults.quantize, QUANTIZATIONS,
+                  "none (fp32) | float16 | dynamic (int8 weights) | int8 (full integer).")
+flags.DEFINE_bool("int8_io", Defaults.int8_io, "With --quantize=int8: an int8 output tensor instead of "
+                  "float32 (and, with --float_input, an int8 input tensor).")
+flags.DEFINE_bool("float_input", Defaults.float_input, "Take float32 pixels in 0-255 instead of uint8 ones.")
+flags.DEFINE_integer("qat_epochs", Defaults.qat_epochs, "With --quantize=int8: fine-tune this many epochs with "
+                     "quantization-aware training (needs requirements-tfmot.txt) instead of post-training "
+                     "calibration.", lower_bound=0)
+flags.DEFINE_integer("representative_size", Defaults.representative_size,
+                     "Training images that calibrate int8 activations.", lower_bound=1)
+_DATASET = flags.DEFINE_string("dataset", Defaults.dataset_name,
                                "Data for calibration and verification: cifar10 | cifar100 | "
-                               f"{BUNDLED_DATASET} | a folder or .zip of class folders.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where tensorflow-datasets keeps cifar10/cifar100.")
-_THREADS = flags.DEFINE_integer("threads", 2, "LiteRT CPU threads.", lower_bound=1)
-_LATENCY_RUNS = flags.DEFINE_integer("latency_runs", 200, "Timed batch-1 invokes (after warm-up).",
-                                     lower_bound=1)
-_COMPARE_WITH = flags.DEFINE_string("compare_with", None, "Another model (.keras), e.g. the unpruned "
-                                    "base, exported and measured side by side.")
-_OUTPUT = flags.DEFINE_enum("output", "auto", OUTPUTS, "What the exported models output: logits, probabilities "
-                            "(a softmax after the logits) or auto: as each model file, which keeps the final "
-                            "softmax it ends in.")
+                               f"{Defaults.dataset_name} | a folder or .zip of class folders.")
+flags.DEFINE_string("data_dir", Defaults.data_dir, "Where tensorflow-datasets keeps cifar10/cifar100.")
+flags.DEFINE_integer("threads", Defaults.threads, "LiteRT CPU threads.", lower_bound=1)
+flags.DEFINE_integer("latency_runs", Defaults.latency_runs, "Timed batch-1 invokes (after warm-up).",
+                     lower_bound=1)
+_COMPARE_WITH = flags.DEFINE_string("compare_with", Defaults.compare_with, "Another model (.keras), e.g. the "
+                                    "unpruned base, exported and measured side by side.")
+flags.DEFINE_enum("output", Defaults.output, OUTPUTS, "What the exported models output: logits, probabilities "
+                  "(a softmax after the logits) or auto: as each model file, which keeps the final softmax it "
+                  "ends in.")
 
 common_flags.define_input_convention_flag()
 FLAGS = flags.FLAGS
 
+# The flags that set an ExportConfig setting (`common_flags.given_settings`); --model, --out, --dataset,
+# --compare_with and --quantize (always: api.export's own default is int8) are read apart.
+SETTING_FLAGS = ("int8_io", "float_input", "qat_epochs", "representative_size", "data_dir", "threads",
+                 "latency_runs", "output", "input_convention")
+
 
 def main(tolerances=None):
-    report = api.export(_MODEL.value, _DATASET.value, _OUT.value, quantize=_QUANTIZE.value,
-                        compare_with=_COMPARE_WITH.value, int8_io=_INT8_IO.value, float_input=_FLOAT_INPUT.value,
-                        qat_epochs=_QAT_EPOCHS.value, representative_size=_REPRESENTATIVE_SIZE.value,
-                        data_dir=_DATA_DIR.value, threads=_THREADS.value, latency_runs=_LATENCY_RUNS.value,
-                        tolerances=tolerances, input_convention=FLAGS.input_convention, output=_OUTPUT.value)
+    report = api.export(_MODEL.value, _DATASET.value, _OUT.value, compare_with=_COMPARE_WITH.value,
+                        quantize=FLAGS.quantize, tolerances=tolerances,
+                        **common_flags.given_settings(SETTING_FLAGS))
     print(format_report(report))
     failed = [check["name"] for check in report["checks"] if not check["passed"]]
     if failed:

@@ -34,7 +34,7 @@ from tas_keras.graph_space import GraphShape
 from tas_keras.runs import GIVEN_FILES, run_dir
 from tas_keras.search import run_search
 from tas_keras.shapes import derive_network, load_shape
-from tas_keras.training import MODEL_FILE, save_model, train_base
+from tas_keras.training import MODEL_FILE, BaseConfig, save_model, train_base
 from tas_keras.prune import run_prune
 
 __all__ = ["train", "search", "derive", "distill", "export", "prune", "from_arrays", "from_tf_data"]
@@ -44,11 +44,11 @@ SOURCE_FILE, TEACHER_FILE, GIVEN_SHAPE_FILE = GIVEN_FILES  # the run directory k
 EXPORTED_FILE, COMPARED_FILE = "model.keras", "compare_with.keras"
 
 
-def train(model, data, out, epochs=10, batch_size=256, overwrite=False, **train_options):
+def train(model, data, out, config=None, overwrite=False, **overrides):
     """Trains from scratch `model`: a registry name (at the data's image size and classes), or a shape
-    (a GraphShape or its file), whose pruned network is trained (`train_base`, its other settings as
-    `train_options`, e.g. learning_rate, seed); returns (the trained model as `out`/model.keras holds it,
-    not compiled; its metrics)."""
+    (a GraphShape or its file), whose pruned network is trained (`train_base`): its settings are `config`
+    (a BaseConfig; default its defaults) with `overrides`, e.g. epochs, learning_rate, seed; returns (the
+    trained model as `out`/model.keras holds it, not compiled; its metrics)."""
     dataset = _dataset(data)
     if isinstance(model, GraphShape):
         model = _shape_file(model, out, overwrite)
@@ -56,9 +56,10 @@ def train(model, data, out, epochs=10, batch_size=256, overwrite=False, **train_
         raise ValueError(f"train takes a registry name or a shape (a GraphShape or its file), got "
                          f"{type(model).__name__}")
     shape_file = os.fspath(model) if str(model).endswith(".json") else None
-    metrics = train_base(out, model_name=None if shape_file else model, arch_path=shape_file, dataset_name=dataset,
-                         epochs=epochs, batch_size=batch_size, overwrite=overwrite, **train_options)
-    return _trained_model(out, train_options.get("strategy", "auto")), metrics
+    config = configure(BaseConfig, config, dict(overrides, model_name=None if shape_file else model,
+                                                 arch_path=shape_file, dataset_name=dataset))
+    metrics = train_base(out, config, overwrite)
+    return _trained_model(out, config.strategy), metrics
 
 
 def search(model, data, target_ratio, out, config=None, overwrite=False, **overrides):
@@ -94,16 +95,17 @@ def distill(shape, teacher, data, out, config=None, overwrite=False, **overrides
     return _trained_model(out, config.strategy), metrics
 
 
-def export(model, data, out, quantize="int8", compare_with=None, **export_options):
+def export(model, data, out, config=None, compare_with=None, **overrides):
     """Exports `model` (trained on `data`, fed as its input convention says, which the exported model
     applies to its pixels: `tas_keras.input_convention`) to a SavedModel and a .tflite in `out`, verified
-    with LiteRT, beside `compare_with` if given (`export_and_verify`, its other settings as
-    `export_options`); returns the report (`out`/report.json)."""
+    with LiteRT, beside `compare_with` if given (`export_and_verify`): its settings are `config` (an
+    ExportConfig; default its defaults but int8 quantisation) with `overrides`, e.g. quantize, threads;
+    returns the report (`out`/report.json)."""
     dataset = _dataset(data)
-    return export_and_verify(
-        _model_file(model, out, EXPORTED_FILE, overwrite=True), out, quantize=quantize,
-        compare_with=None if compare_with is None else _model_file(compare_with, out, COMPARED_FILE, overwrite=True),
-        dataset_name=dataset, **export_options)
+    settings = dict({"quantize": "int8"} if config is None else {}, **overrides)
+    return export_and_verify(out, config, **dict(
+        settings, model_path=_model_file(model, out, EXPORTED_FILE, overwrite=True), dataset_name=dataset,
+        compare_with=None if compare_with is None else _model_file(compare_with, out, COMPARED_FILE, overwrite=True)))
 
 
 def prune(model, data, target_ratio, out, overwrite=False, **prune_options):

@@ -7,11 +7,13 @@ the CLIs all make one and override its fields (`replace`); the run directory's r
 `run_record`. A stage function `stage(out, config, overwrite)` made a `configured_stage` is called
 `stage(out, config=None, overwrite=False, **overrides)`.
 
-Two kinds of field are not plain settings of the result:
+Three kinds of field are not plain settings of the result:
 - `run_only`: how a stage runs (its devices, backups, data streaming), not what it computes, so a
   resumed run may change it and run.json leaves it out;
 - `recorded_when_given`: a setting added after runs were made, recorded only away from its default, so
-  the run.json of those earlier runs (made without it) still matches a resumed run of the same settings.
+  the run.json of those earlier runs (made without it) still matches a resumed run of the same settings;
+- `recorded_as`: a setting run.json records under the name it had before it was a config field, so the
+  run.json of earlier runs still matches.
 """
 
 import dataclasses
@@ -21,7 +23,7 @@ from tas_keras.distribute import strategy_scope
 from tas_keras.precision import dtype_policy_scope
 from tas_keras.runs import locking_stage
 
-_RUN_ONLY, _OMITTED_AT_DEFAULT = "run_only", "omitted_at_default"
+_RUN_ONLY, _OMITTED_AT_DEFAULT, _RECORD_KEY = "run_only", "omitted_at_default", "record_key"
 
 
 def run_only(default):
@@ -30,6 +32,14 @@ def run_only(default):
 
 def recorded_when_given(default):
     return dataclasses.field(default=default, metadata={_OMITTED_AT_DEFAULT: True})
+
+
+def recorded_as(key, default=dataclasses.MISSING):
+    return dataclasses.field(default=default, metadata={_RECORD_KEY: key})
+
+
+def _record_key(field):
+    return field.metadata.get(_RECORD_KEY, field.name)
 
 
 class StageConfig:
@@ -68,7 +78,8 @@ class StageConfig:
     @classmethod
     def from_dict(cls, settings):
         """The config of `settings` (a `to_dict` or a run.json `run_record`)."""
-        settings = dict(settings)
+        setting_of_key = {_record_key(field): field.name for field in dataclasses.fields(cls)}
+        settings = {setting_of_key.get(key, key): value for key, value in settings.items()}
         stage = settings.pop("stage", cls.stage)
         if stage != cls.stage:
             raise ValueError(f"{cls.__name__} is the config of the {cls.stage} stage, got settings of {stage!r}")
@@ -77,13 +88,13 @@ class StageConfig:
 
     def run_record(self):
         """What run.json records of the run: the stage and every setting but the `run_only` ones, the
-        `recorded_when_given` ones only away from their defaults."""
+        `recorded_when_given` ones only away from their defaults, the `recorded_as` ones under their keys."""
         record = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.metadata.get(_RUN_ONLY) or (field.metadata.get(_OMITTED_AT_DEFAULT) and value == field.default):
                 continue
-            record[field.name] = value
+            record[_record_key(field)] = value
         return {**record, "stage": self.stage}
 
 

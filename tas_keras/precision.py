@@ -18,8 +18,6 @@ stage, `keras.models.load_model`) is unaffected.
 """
 
 import contextlib
-import functools
-import inspect
 
 import keras
 
@@ -43,21 +41,6 @@ def dtype_policy_scope(mixed_precision):
         yield
     finally:
         keras.config.set_dtype_policy(previous)
-
-
-def in_dtype_policy(stage):
-    """Runs a stage function under the dtype policy of its own `mixed_precision` argument (it stays an
-    argument of the stage, so the stage records it among its settings)."""
-    signature = inspect.signature(stage)
-
-    @functools.wraps(stage)
-    def run(*args, **kwargs):
-        arguments = signature.bind(*args, **kwargs)
-        arguments.apply_defaults()
-        with dtype_policy_scope(arguments.arguments["mixed_precision"]):
-            return stage(*args, **kwargs)
-
-    return run
 
 
 def _float32_policies(config):

@@ -17,7 +17,7 @@ from tas_keras.distill import distill, load_teacher
 from tas_keras.distribute import make_strategy
 from tas_keras.export import tfmot_bridge
 from tas_keras.export.convert import QUANTIZATIONS
-from tas_keras.export.exporter import REPORT_FILE, export_and_verify
+from tas_keras.export.exporter import REPORT_FILE, ExportConfig, export_and_verify
 from tas_keras.export.layer_latency import make_table
 from tas_keras.graph import load_model, read_model, softmax_head
 from tas_keras.importance import importance_scores, order_channels
@@ -39,7 +39,6 @@ ORDERED_DIR = "ordered"
 FROM_TRAINED_LEARNING_RATE = 0.01
 STAGES = ("base", "latency table", "search", "distill", "export", "report")
 LATENCY_TABLE_FILE = os.path.join("latency_table", "table.json")
-EXPORT_THREADS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +55,8 @@ class Preset:
     cost: str = "flops"
     width_multiple: int = 1
     quantizations: tuple = ("none", "int8")  # the exports
-    threads: int = EXPORT_THREADS  # LiteRT threads of the exports' latency (and of the latency table the pipeline makes)
+    # LiteRT threads of the exports' latency (and of the latency table the pipeline makes)
+    threads: int = ExportConfig.threads
 
 
 PRESETS = {
@@ -302,21 +302,15 @@ def run_prune(out, model_name="resnet20", target_ratio=0.5, preset="quick", data
     exports = {}
     for quantize in quantizations:
         export_dir = os.path.join(out, "export", quantize)
-        settings = {"model": os.path.abspath(os.path.join(stage_dirs["distill"], MODEL_FILE)),
-                    "compare_with": os.path.abspath(teacher_path), "quantize": quantize,
-                    **common, "dataset_name": data.recorded_name(dataset_name),
-                    # only when not the default, so the exports of runs made before it was a setting still match
-                    **({} if threads == EXPORT_THREADS else {"threads": threads})}
-        qat = qat_epochs if quantize == "int8" else 0
-        if qat:  # only then: the exports of earlier runs, without the key, stay finished
-            settings["qat_epochs"] = qat
-        _, finished = prepare_run_dir(export_dir, settings, done_file=REPORT_FILE)
+        config = ExportConfig(model_path=os.path.abspath(os.path.join(stage_dirs["distill"], MODEL_FILE)),
+                              compare_with=os.path.abspath(teacher_path), quantize=quantize, threads=threads,
+                              qat_epochs=qat_epochs if quantize == "int8" else 0, output=output,
+                              latency_runs=chosen.latency_runs, **common)
+        _, finished = prepare_run_dir(export_dir, config.run_record(), done_file=REPORT_FILE)
         if finished:
             exports[quantize] = read_json(os.path.join(export_dir, REPORT_FILE))
         else:
-            exports[quantize] = export_and_verify(settings["model"], export_dir, quantize=quantize,
-                                                  qat_epochs=qat, compare_with=teacher_path, output=output,
-                                                  latency_runs=chosen.latency_runs, threads=threads, **common)
+            exports[quantize] = export_and_verify(export_dir, config)
 
     progress.banner(5, "report")
     report = write_report(out, model_name, target_ratio, distilled, exports, search_dir,

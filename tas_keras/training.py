@@ -1,6 +1,7 @@
 """What every training stage shares: the reference SGD recipe, a resumable fit that stops when
 training diverges, backups of the training state."""
 
+import dataclasses
 import logging
 import math
 import os
@@ -12,12 +13,12 @@ import numpy as np
 import tensorflow as tf
 
 from tas_keras import data
-from tas_keras.distribute import in_strategy_scope
+from tas_keras.configs import StageConfig, configured_stage, recorded_as, recorded_when_given, run_only
 from tas_keras.cost import count_model
 from tas_keras import input_convention as conventions
 from tas_keras.models.registry import build_model, check_model_name, check_weights, image_side, is_model_file
-from tas_keras.precision import float32_copy, in_dtype_policy
-from tas_keras.runs import locking_stage, prepare_run_dir, read_json, run_dir, write_json
+from tas_keras.precision import check_mixed_precision, float32_copy
+from tas_keras.runs import prepare_run_dir, read_json, run_dir, write_json
 from tas_keras.shapes import derive_network, load_shape
 
 METRICS_FILE = "metrics.json"
@@ -350,66 +351,91 @@ def fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed,
     }
 
 
-@in_strategy_scope
-@locking_stage
-@in_dtype_policy
-def train_base(out, model_name="resnet20", arch_path=None, dataset_name=data.BUNDLED_DATASET,
-               data_dir=None, epochs=10, batch_size=256, learning_rate=0.1, seed=0,
-               max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS, image_size=None,
-               streaming="auto", mixed_precision=None, weights=None, input_convention=None):
-    """Trains the full network `model_name` (a registry name, `tas_keras.models.registry`) at the
-    dataset's image size and classes, or the shape at `arch_path` (`tas_keras.shapes.load_shape`) from
-    scratch; with `weights` (e.g. "imagenet", `registry.PRETRAINED`) it starts from those pretrained weights and a
-    fresh classifier for the dataset's classes instead (transfer learning: fine-tuning, at a
-    fine-tuning `learning_rate` such as 0.01). The images are fed as `input_convention` says
-    (`tas_keras.input_convention`; a model holding its own preprocessing takes raw pixels);
-    writes model.keras (float32) and metrics.json, backing the training state up every
-    `checkpoint_steps` steps and every epoch. `image_size` and `streaming`: as `data.load_dataset`
-    takes them. `mixed_precision`: None (float32), "mixed_bfloat16" or "mixed_float16"
-    (`tas_keras.precision`)."""
-    settings = {"stage": "base", "model": model_name, "arch": arch_path,
-                "dataset": data.recorded_name(dataset_name),
-                "data_dir": data_dir, "image_size": image_size, "epochs": epochs, "batch_size": batch_size,
-                "learning_rate": learning_rate, "seed": seed, "max_train_examples": max_train_examples,
-                "mixed_precision": mixed_precision}
-    # only when given, so the runs made before they were settings still match
-    settings.update({k: v for k, v in (("weights", weights), ("input_convention", input_convention)) if v})
-    conventions.check(input_convention)
-    if weights and arch_path:
-        raise ValueError(f"pretrained weights ({weights!r}) are for a registry network, not the shape {arch_path}")
-    if epochs < 1 or batch_size < 1 or learning_rate <= 0:
-        raise ValueError(f"epochs, batch_size and learning_rate must be positive, got {epochs}, "
-                         f"{batch_size}, {learning_rate}")
-    if not arch_path:
-        if is_model_file(model_name):
-            raise ValueError(f"{model_name} is a trained model already: give it to train.prune as --model, "
-                             "or train a registry network")
-        check_model_name(model_name)
-        check_weights(model_name, weights)
-    pruned = load_shape(arch_path) if arch_path else None
-    if pruned and image_size is None:  # the shape states its input
-        image_size = image_side(pruned.input_shape)
-    dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
-                                seed=seed, image_size=image_size, streaming=streaming)
+@dataclasses.dataclass(frozen=True)
+class BaseConfig(StageConfig):
+    """The settings of training a full network or a shape from scratch (`train_base`).
+
+    `model_name`: a registry name (`tas_keras.models.registry`), built at the dataset's image size and
+    classes; or `arch_path`, a shape's file (`tas_keras.shapes.load_shape`) whose network is trained
+    instead. `weights` (e.g. "imagenet", `registry.PRETRAINED`): start the registry network from those
+    pretrained weights and a fresh classifier for the dataset's classes (transfer learning: fine-tuning,
+    at a fine-tuning `learning_rate` such as 0.01). `input_convention`: how the images are fed
+    (`tas_keras.input_convention`; a model holding its own preprocessing takes raw pixels).
+    `image_size` as `data.load_dataset` takes it (default for a shape: its input side).
+    `mixed_precision`: None (float32), "mixed_bfloat16" or "mixed_float16" (`tas_keras.precision`).
+    `strategy`, `streaming` and `checkpoint_steps` say how the training runs, not what it trains: a
+    resumed run may change them.
+    """
+
+    stage = "base"
+
+    model_name: str = recorded_as("model", "resnet20")
+    arch_path: str = recorded_as("arch", None)
+    dataset_name: object = recorded_as("dataset", data.BUNDLED_DATASET)
+    data_dir: str = None
+    image_size: int = None
+    epochs: int = 10
+    batch_size: int = 256
+    learning_rate: float = 0.1
+    seed: int = 0
+    max_train_examples: int = None
+    mixed_precision: str = None
+    weights: str = recorded_when_given(None)
+    input_convention: str = recorded_when_given(None)
+    checkpoint_steps: int = run_only(CHECKPOINT_STEPS)
+    streaming: str = run_only("auto")
+    strategy: str = run_only("auto")
+
+    def validate(self):
+        conventions.check(self.input_convention)
+        check_mixed_precision(self.mixed_precision)
+        if self.weights and self.arch_path:
+            raise ValueError(f"pretrained weights ({self.weights!r}) are for a registry network, not the shape "
+                             f"{self.arch_path}")
+        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise ValueError(f"epochs, batch_size and learning_rate must be positive, got {self.epochs}, "
+                             f"{self.batch_size}, {self.learning_rate}")
+        if not self.arch_path:
+            if is_model_file(self.model_name):
+                raise ValueError(f"{self.model_name} is a trained model already: give it to train.prune as "
+                                 "--model, or train a registry network")
+            check_model_name(self.model_name)
+            check_weights(self.model_name, self.weights)
+
+    def run_record(self):
+        return {**super().run_record(), "dataset": data.recorded_name(self.dataset_name)}
+
+
+@configured_stage(BaseConfig)
+def train_base(out, config, overwrite):
+    """Trains the full network `config.model_name`, or the shape at `config.arch_path`, from scratch or
+    from its pretrained `config.weights` (`BaseConfig`); writes model.keras (float32) and metrics.json,
+    which it returns, backing the training state up every `checkpoint_steps` steps and every epoch."""
+    pruned = load_shape(config.arch_path) if config.arch_path else None
+    image_size = image_side(pruned.input_shape) if pruned and config.image_size is None else config.image_size
+    dataset = data.load_dataset(config.dataset_name, data_dir=config.data_dir,
+                                max_train_examples=config.max_train_examples, seed=config.seed,
+                                image_size=image_size, streaming=config.streaming)
     if pruned:
         check_fits_data(pruned.input_shape, pruned.num_classes, dataset)
-    run, finished = prepare_run_dir(out, settings, overwrite, done_file=METRICS_FILE)
+    run, finished = prepare_run_dir(out, config.run_record(), overwrite, done_file=METRICS_FILE)
     if finished:
         logging.info("%s already holds this finished run; nothing to do", out)
         return read_json(os.path.join(out, METRICS_FILE))
 
-    keras.utils.set_random_seed(seed)
-    model = derive_network(pruned) if pruned else build_model(model_name, dataset.image_shape, dataset.num_classes,
-                                                       weights=weights)
-    dataset = conventions.feed(dataset, model, input_convention)
+    keras.utils.set_random_seed(config.seed)
+    model = derive_network(pruned) if pruned else build_model(config.model_name, dataset.image_shape,
+                                                              dataset.num_classes, weights=config.weights)
+    dataset = conventions.feed(dataset, model, config.input_convention)
     start = time.perf_counter()
-    metrics = fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed, checkpoint_steps,
-                             stage="base training")
-    metrics.update(evaluate_classifier(model, dataset, batch_size))
+    metrics = fit_classifier(model, dataset, out, config.epochs, config.batch_size, config.learning_rate,
+                             config.seed, config.checkpoint_steps, stage="base training")
+    metrics.update(evaluate_classifier(model, dataset, config.batch_size))
     cost = count_model(model)
-    metrics.update(model=pruned.name if pruned else model_name, dataset=dataset.name,
-                   input_convention=conventions.resolve(model, input_convention), weights=weights, train_examples=dataset.train_size,
-                   flops=cost.flops, params=cost.params, wall_time_s=round(time.perf_counter() - start, 2))
+    metrics.update(model=pruned.name if pruned else config.model_name, dataset=dataset.name,
+                   input_convention=conventions.resolve(model, config.input_convention), weights=config.weights,
+                   train_examples=dataset.train_size, flops=cost.flops, params=cost.params,
+                   wall_time_s=round(time.perf_counter() - start, 2))
     save_model(model, os.path.join(run, MODEL_FILE))
     write_json(os.path.join(run, METRICS_FILE), metrics)
     return metrics

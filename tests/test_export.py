@@ -12,7 +12,8 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
 from tas_keras.export import convert, verify
-from tas_keras.export.exporter import REPORT_FILE, TFLITE_FILE, export_and_verify, format_report
+from tas_keras.export.exporter import (REPORT_FILE, TFLITE_FILE, ExportConfig, export_and_verify,
+                                       format_report)
 from tas_keras import data
 from tas_keras.cost import count_model
 from tas_keras.models.cifar_resnet import CifarResNet
@@ -49,7 +50,7 @@ def exported(trained, tmp_path_factory):
         key = (quantize, int8_io, float_input)
         if key not in reports:
             out = str(tmp_path_factory.mktemp("_".join(map(str, key))))
-            reports[key] = export_and_verify(trained, out, quantize=quantize, int8_io=int8_io,
+            reports[key] = export_and_verify(out, model_path=trained, quantize=quantize, int8_io=int8_io,
                                              float_input=float_input, **QUICK)
         return reports[key]
 
@@ -137,7 +138,7 @@ def test_compare_with_reports_both_side_by_side(trained, tmp_path):
     half = half.replace(widths=[max(1, w // 2) for w in half.widths])
     pruned = str(tmp_path / "pruned.keras")
     save_model(CifarResNet(half), pruned)
-    report = export_and_verify(pruned, str(tmp_path / "out"), compare_with=trained, latency_runs=10)
+    report = export_and_verify(str(tmp_path / "out"), model_path=pruned, compare_with=trained, latency_runs=10)
     assert [m["role"] for m in report["models"]] == ["model", "compare_with"]
     assert report["latency"]["interleaved"]
     assert os.path.isfile(tmp_path / "out" / "compare" / TFLITE_FILE)
@@ -182,7 +183,7 @@ def test_bad_input_fails_fast_with_one_line(trained, tmp_path, args, message):
 
 def test_int8_io_needs_int8(trained, tmp_path):
     with pytest.raises(ValueError, match="--int8_io needs --quantize=int8"):
-        export_and_verify(trained, str(tmp_path), quantize="dynamic", int8_io=True)
+        export_and_verify(str(tmp_path), model_path=trained, quantize="dynamic", int8_io=True)
 
 
 def test_failed_conversion_leaves_no_tflite_or_report(trained, tmp_path, monkeypatch):
@@ -196,7 +197,7 @@ def test_failed_conversion_leaves_no_tflite_or_report(trained, tmp_path, monkeyp
 
     monkeypatch.setattr(tf.lite.TFLiteConverter, "from_saved_model", lambda *a, **k: KilledConverter())
     with pytest.raises(RuntimeError, match="converter killed"):
-        export_and_verify(trained, str(out), **QUICK)
+        export_and_verify(str(out), model_path=trained, **QUICK)
     assert sorted(os.listdir(out)) == ["saved_model"]  # complete, written before the conversion
 
 
@@ -330,3 +331,25 @@ def test_qat_without_tfmot_says_how_to_install_it(trained, tmp_path):
     assert "Traceback" not in result.stderr and not out.exists()
     not_int8 = _cli(f"--model={trained}", f"--out={out}", "--qat_epochs=1")
     assert not_int8.returncode == 2 and "--qat_epochs needs --quantize=int8" in not_int8.stderr
+
+
+# The run.json train.prune wrote of an export before ExportConfig (commit 671e460), with and without the
+# settings it recorded only away from their defaults (threads, qat_epochs, input_convention).
+PREVIOUS_RUN_FILE = {"model": "/r/distill/model.keras", "compare_with": "/r/base/model.keras", "quantize": "int8",
+                     "dataset_name": "cifar10_mini", "data_dir": None, "seed": 0}
+
+
+def test_an_export_config_records_what_train_prune_recorded_and_refuses_bad_settings():
+    config = ExportConfig(model_path="/r/distill/model.keras", compare_with="/r/base/model.keras", quantize="int8",
+                          latency_runs=100, output="logits")
+    assert config.run_record() == PREVIOUS_RUN_FILE
+    changed = config.replace(threads=1, qat_epochs=2, input_convention="raw")
+    assert changed.run_record() == {**PREVIOUS_RUN_FILE, "threads": 1, "qat_epochs": 2, "input_convention": "raw"}
+    assert ExportConfig.from_dict(changed.run_record()) == changed.replace(latency_runs=200, output="auto")
+    for overrides, message in ((dict(quantize="int4"), "--quantize must be one of .* got 'int4'"),
+                               (dict(quantize="dynamic", int8_io=True), "--int8_io needs --quantize=int8"),
+                               (dict(quantize="none", qat_epochs=1), "--qat_epochs needs --quantize=int8"),
+                               (dict(threads=0), "threads and latency_runs must be >= 1, got 300, 0, 100"),
+                               (dict(model="m.keras"), "ExportConfig has no setting 'model'")):
+        with pytest.raises(ValueError, match=message):
+            config.replace(**overrides)

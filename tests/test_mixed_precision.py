@@ -231,7 +231,7 @@ def test_train_base_under_bfloat16_saves_a_float32_model_that_exports(tmp_path):
     assert json.loads((out / "run.json").read_text())["mixed_precision"] == BF16
     model = keras.saving.load_model(out / "model.keras")
     assert computes_in_float32(model)
-    report = export_and_verify(str(out / "model.keras"), str(tmp_path / "export"), quantize="none",
+    report = export_and_verify(str(tmp_path / "export"), model_path=str(out / "model.keras"), quantize="none",
                                latency_runs=5, representative_size=16)
     assert report["passed"]
 

@@ -12,7 +12,7 @@ from tas_keras.cost import count_arch
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search_space import ArchConfig
 from tas_keras.runs import RunMismatchError
-from tas_keras.training import train_base
+from tas_keras.training import BaseConfig, train_base
 
 from .conftest import REPO, assert_refused_before_any_work
 
@@ -103,3 +103,29 @@ def test_metrics_count_the_image_files_skipped(tmp_path):
                          epochs=1, batch_size=2)
     assert metrics["files_skipped"] == {"unreadable_images": 1, "non_image_files": 1}
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["files_skipped"] == metrics["files_skipped"]
+
+
+# The run.json of `train_base(out)` and of `train_base(out, arch_path="arch.json", weights=..., input_convention=
+# "raw")` as the code before BaseConfig wrote them (commit 671e460): weights and input_convention, later
+# settings, only when given.
+PREVIOUS_RUN_FILE = {
+    "stage": "base", "model": "resnet20", "arch": None, "dataset": "cifar10_mini", "data_dir": None,
+    "image_size": None, "epochs": 10, "batch_size": 256, "learning_rate": 0.1, "seed": 0,
+    "max_train_examples": None, "mixed_precision": None}
+
+
+def test_a_base_config_records_what_the_previous_code_recorded_and_refuses_bad_settings():
+    config = BaseConfig(streaming="never", checkpoint_steps=5)
+    assert config.run_record() == PREVIOUS_RUN_FILE
+    fine_tuned = config.replace(model_name="efficientnet_lite0", weights="imagenet", input_convention="raw")
+    assert fine_tuned.run_record() == {**PREVIOUS_RUN_FILE, "model": "efficientnet_lite0", "weights": "imagenet",
+                                       "input_convention": "raw"}
+    assert BaseConfig.from_dict(fine_tuned.run_record()) == fine_tuned.replace(streaming="auto", checkpoint_steps=200)
+    assert BaseConfig.from_dict(config.to_dict()) == config
+    for overrides, message in ((dict(epochs=0), "epochs, batch_size and learning_rate must be positive, got 0"),
+                               (dict(arch_path="arch.json", weights="imagenet"),
+                                "pretrained weights \\('imagenet'\\) are for a registry network, not the shape"),
+                               (dict(model_name="model.keras"), "model.keras is a trained model already"),
+                               (dict(model="resnet20"), "BaseConfig has no setting 'model'")):
+        with pytest.raises(ValueError, match=message):
+            config.replace(**overrides)

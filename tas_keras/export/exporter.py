@@ -5,6 +5,7 @@ With `compare_with`, a second model (typically the unpruned base of a pruned `mo
 verified the same way and the two are reported side by side, their latency measured interleaved.
 """
 
+import dataclasses
 import importlib.metadata
 import os
 import platform
@@ -16,6 +17,7 @@ import tensorflow as tf
 from tas_keras.export import convert, tfmot_bridge, verify
 from tas_keras import data
 from tas_keras import input_convention as conventions
+from tas_keras.configs import StageConfig, configure, recorded_as, recorded_when_given, run_only
 from tas_keras.cost import count_model
 from tas_keras.distill import SHAPE_FILE
 from tas_keras.graph import load_model, logits_model, softmax_head
@@ -31,46 +33,87 @@ SAVED_MODEL_DIR = "saved_model"
 COMPARE_DIR = "compare"
 
 
-def export_and_verify(model_path, out, quantize="none", int8_io=False, float_input=False, qat_epochs=0,
-                      representative_size=300, dataset_name=data.BUNDLED_DATASET, data_dir=None, threads=2,
-                      latency_runs=200, compare_with=None, tolerances=None, seed=0, dataset=None,
-                      input_convention=None, output="auto"):
-    """Exports `model_path` (a .keras file) into `out` and writes `out`/report.json; returns the report.
+@dataclasses.dataclass(frozen=True)
+class ExportConfig(StageConfig):
+    """The settings of an export (`export_and_verify`).
 
-    The exported models take RGB pixels (uint8, or float32 0-255 with `float_input`) and normalise
-    them as the model was trained (`tas_keras.input_convention`: by default with the mean/std of
-    `dataset_name`, the data the model was trained on, read at the model's input size as training read
-    it: `data.load_dataset`'s `image_size`; raw pixels for a model holding its own preprocessing, a
-    named convention with `input_convention`); labels.txt beside
-    model.tflite names their outputs. `qat_epochs` > 0 (int8 only) fine-tunes with quantization-aware
-    training (the optional TFMOT bridge) instead of calibrating post-training. `dataset`, an
-    ImageDataset, replaces loading `dataset_name`. `output`: what the exported models output, "logits",
-    "probabilities" (a softmax after the logits) or "auto": as each model's file, which keeps the
-    final softmax it ends in (`tas_keras.graph.softmax_head`; the model is verified on its logits).
+    `model_path`: the trained model (.keras) exported, and `compare_with` another one exported and
+    verified beside it (typically the unpruned base of a pruned model). The exported models take RGB
+    pixels (uint8, or float32 0-255 with `float_input`) and normalise them as the model was trained
+    (`tas_keras.input_convention`: by default with the mean/std of `dataset_name`, the data the model
+    was trained on, read at the model's input size as training read it; raw pixels for a model holding
+    its own preprocessing, a named convention with `input_convention`). `quantize`: one of
+    `convert.QUANTIZATIONS`; `int8_io` (int8 only): int8 output (and, with `float_input`, input)
+    tensors; `representative_size` images calibrate int8 activations, unless `qat_epochs` > 0 (int8
+    only) fine-tunes with quantization-aware training (the optional TFMOT bridge). `threads` and
+    `latency_runs`: LiteRT's CPU threads and the timed batch-1 invokes. `tolerances` ({metric: limit})
+    replaces the default verify.TOLERANCES[quantize]. `output`: what the exported models output,
+    "logits", "probabilities" (a softmax after the logits) or "auto": as each model's file, which keeps
+    the final softmax it ends in (`tas_keras.graph.softmax_head`; the model is verified on its logits).
 
-    The report's "checks" list every tolerance tested (`tolerances`, {metric: limit}, replaces the
-    default verify.TOLERANCES[quantize]; the SavedModel check always runs) and "passed" is False if any
-    failed: the caller decides what a failure means (the CLI exits non-zero).
+    An export has no run directory of its own; train.prune records its exports' configs (their
+    `run_record`) to skip finished ones, as it recorded them before this config: without the stage's
+    name, settings added later only away from their defaults, and neither `latency_runs` (how long the
+    latency is timed) nor `output` (train.prune sets it from its models' files, which are recorded).
     """
-    if output not in OUTPUTS:
-        raise ValueError(f"--output must be one of {', '.join(OUTPUTS)}, got {output!r}")
-    if quantize not in convert.QUANTIZATIONS:
-        raise ValueError(f"--quantize must be one of {', '.join(convert.QUANTIZATIONS)}, got {quantize!r}")
-    if int8_io and quantize != "int8":
-        raise ValueError(f"--int8_io needs --quantize=int8, got --quantize={quantize}")
-    if qat_epochs < 0 or (qat_epochs and quantize != "int8"):
-        raise ValueError(f"--qat_epochs needs --quantize=int8 and a count >= 0, got --qat_epochs={qat_epochs} "
-                         f"--quantize={quantize}")
-    if qat_epochs:
+
+    stage = "export"
+
+    model_path: str = recorded_as("model")
+    compare_with: str = None
+    quantize: str = "none"
+    dataset_name: object = data.BUNDLED_DATASET
+    data_dir: str = None
+    seed: int = 0
+    input_convention: str = recorded_when_given(None)
+    threads: int = recorded_when_given(2)
+    qat_epochs: int = recorded_when_given(0)
+    int8_io: bool = recorded_when_given(False)
+    float_input: bool = recorded_when_given(False)
+    representative_size: int = recorded_when_given(300)
+    tolerances: dict = recorded_when_given(None)
+    latency_runs: int = run_only(200)
+    output: str = run_only("auto")
+
+    def validate(self):
+        conventions.check(self.input_convention)
+        if self.output not in OUTPUTS:
+            raise ValueError(f"--output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
+        if self.quantize not in convert.QUANTIZATIONS:
+            raise ValueError(f"--quantize must be one of {', '.join(convert.QUANTIZATIONS)}, got {self.quantize!r}")
+        if self.int8_io and self.quantize != "int8":
+            raise ValueError(f"--int8_io needs --quantize=int8, got --quantize={self.quantize}")
+        if self.qat_epochs < 0 or (self.qat_epochs and self.quantize != "int8"):
+            raise ValueError(f"--qat_epochs needs --quantize=int8 and a count >= 0, got "
+                             f"--qat_epochs={self.qat_epochs} --quantize={self.quantize}")
+        if min(self.representative_size, self.threads, self.latency_runs) < 1:
+            raise ValueError(f"representative_size, threads and latency_runs must be >= 1, got "
+                             f"{self.representative_size}, {self.threads}, {self.latency_runs}")
+
+    def run_record(self):
+        record = {**super().run_record(), "dataset_name": data.recorded_name(self.dataset_name)}
+        del record["stage"]
+        return record
+
+
+def export_and_verify(out, config=None, **overrides):
+    """Exports `config.model_path` (and `config.compare_with`) into `out` as `config` with `overrides`
+    says (`ExportConfig`; without `config`, its defaults) and writes `out`/report.json; returns the
+    report, labels.txt beside model.tflite naming its outputs.
+
+    The report's "checks" list every tolerance tested (the SavedModel check always runs) and "passed" is
+    False if any failed: the caller decides what a failure means (the CLI exits non-zero).
+    """
+    config = configure(ExportConfig, config, overrides)
+    model_path, compare_with, quantize = config.model_path, config.compare_with, config.quantize
+    if config.qat_epochs:
         tfmot_bridge.require_tfmot()
+    # The files a config names are checked when it runs: a config read back from a run.json stays valid.
     for path in filter(None, (model_path, compare_with)):
         if not os.path.isfile(path):
             raise ValueError(f"model file {path!r} does not exist")
-    if min(representative_size, threads, latency_runs) < 1:
-        raise ValueError(f"representative_size, threads and latency_runs must be >= 1, got "
-                         f"{representative_size}, {threads}, {latency_runs}")
     tolerances = {**verify.SAVED_MODEL_TOLERANCE,
-                  **(verify.TOLERANCES[quantize] if tolerances is None else tolerances)}
+                  **(verify.TOLERANCES[quantize] if config.tolerances is None else config.tolerances)}
 
     os.makedirs(out, exist_ok=True)
     report_path = os.path.join(out, REPORT_FILE)
@@ -81,16 +124,18 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
         jobs.append(("compare_with", compare_with, os.path.join(out, COMPARE_DIR)))
     as_saved = {path: load_model(path, logits=False) for _, path, _ in jobs}
     models = {path: logits_model(model) for path, model in as_saved.items()}
-    probabilities = {path: output == "probabilities" or (output == "auto" and softmax_head(model) is not None)
+    probabilities = {path: config.output == "probabilities" or (config.output == "auto" and
+                                                                softmax_head(model) is not None)
                      for path, model in as_saved.items()}
-    if dataset is None:
-        dataset = data.load_dataset(dataset_name, data_dir=data_dir, seed=seed,
-                                    image_size=image_side(models[model_path].input_shape[1:]))
-    dataset = conventions.feed(dataset, models[model_path], input_convention)
-    representative = (convert.representative_images(dataset, representative_size, seed, float_input)
+    dataset = data.load_dataset(config.dataset_name, data_dir=config.data_dir, seed=config.seed,
+                                image_size=image_side(models[model_path].input_shape[1:]))
+    dataset = conventions.feed(dataset, models[model_path], config.input_convention)
+    representative = (convert.representative_images(dataset, config.representative_size, config.seed,
+                                                    config.float_input)
                       if quantize == "int8" else None)
-    export = dict(quantize=quantize, int8_io=int8_io, float_input=float_input, qat_epochs=qat_epochs,
-                  representative=representative, threads=threads, seed=seed)
+    export = dict(quantize=quantize, int8_io=config.int8_io, float_input=config.float_input,
+                  qat_epochs=config.qat_epochs, representative=representative, threads=config.threads,
+                  seed=config.seed)
 
     test_images, test_labels = dataset.test_pixels()
     export["test"] = (test_images, test_labels)
@@ -103,8 +148,8 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
         metrics = {**entry["tflite"], "saved_model_max_rel_diff": entry["saved_model"]["max_rel_diff"]}
         checks += verify.checks(metrics, tolerances, prefix=f"{role}.")
 
-    pixels = test_images[0].astype(convert.pixel_dtype(float_input))
-    latencies = verify.interleaved_latency(runtimes, pixels, latency_runs)
+    pixels = test_images[0].astype(convert.pixel_dtype(config.float_input))
+    latencies = verify.interleaved_latency(runtimes, pixels, config.latency_runs)
     for entry, samples in zip(entries, latencies):
         entry["latency_ms"] = verify.latency_summary(samples)
         if "predicted_latency" in entry:
@@ -112,16 +157,16 @@ def export_and_verify(model_path, out, quantize="none", int8_io=False, float_inp
 
     report = {
         "quantize": quantize,
-        "int8_io": int8_io,
-        "qat_epochs": qat_epochs,
+        "int8_io": config.int8_io,
+        "qat_epochs": config.qat_epochs,
         "representative_size": len(representative) if representative is not None else None,
-        "input": {"pixels": f"RGB, {convert.pixel_dtype(float_input)} 0-255",
-                  "convention": conventions.resolve(models[model_path], input_convention),
+        "input": {"pixels": f"RGB, {convert.pixel_dtype(config.float_input)} 0-255",
+                  "convention": conventions.resolve(models[model_path], config.input_convention),
                   "normalisation_mean": list(dataset.mean), "normalisation_std": list(dataset.std),
                   "model_channel_order": "BGR" if dataset.bgr else "RGB"},
         "dataset": dataset.name,
         "test_images": len(test_labels),
-        "latency": {"batch": 1, "threads": threads, "runs": latency_runs, "interleaved": len(jobs) > 1,
+        "latency": {"batch": 1, "threads": config.threads, "runs": config.latency_runs, "interleaved": len(jobs) > 1,
                     "runtime": "LiteRT, XNNPACK"},
         "tolerances": tolerances,
         "models": entries,
