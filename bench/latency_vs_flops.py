@@ -1,16 +1,18 @@
 """At equal measured int8 latency, what does searching against latency buy over searching against FLOPs?
 
-  python -m bench.latency_vs_flops --model=mobilenet_v2 --image_size=96 \
-      --dataset=../shared/data/imagenette2-224.zip --max_train_examples=4000
+  python -m bench.latency_vs_flops --model=mobilenet_v2 --image_size=128 \
+      --dataset=../shared/data/imagenette2-224.zip --max_train_examples=2000
 
 Any model the graph reader takes (a registry name built at --image_size, or a .keras file). Two arms
 searched by TAS in the same space (candidate widths multiples of --width_multiple) for the same number of
-epochs, then trained with the same recipe (KD from the teacher, `tas_keras.distill.distill`, mode kd):
+epochs, each supernet starting from the teacher's weights (--search_from=teacher, as `train.prune` prunes
+a trained network) or from random ones, then trained with the same recipe (KD from the teacher,
+`tas_keras.distill.distill`, mode kd):
   latency  --cost=latency at --target_latency_ratio of the full network's table latency;
   flops    --cost=flops at the FLOP target (of --flop_targets) whose searched shape's measured int8
            latency is closest to the latency arm's: the two compare at equal measured latency.
 The int8 latency table of the space (1 thread) is made first, on this machine, unless --latency_table
-names one; the teacher is the full network trained by `tas_keras.training.train_base` for
+names one; then the teacher: the full network trained by `tas_keras.training.train_base` for
 --teacher_epochs, unless --teacher names one. Each trained shape is exported to int8
 (`export_and_verify`: accuracy of the .tflite on the test split) and all of them and the full teacher are
 timed interleaved with LiteRT at the table's threads (each timed invoke right after an untimed one, as the
@@ -58,6 +60,8 @@ _TABLE = flags.DEFINE_string("latency_table", None, "int8 latency table of the s
 _TEACHER = flags.DEFINE_string("teacher", None, "The trained full network (.keras) every arm distils from "
                                "(default: trained here).")
 _TEACHER_EPOCHS = flags.DEFINE_integer("teacher_epochs", 10, "Epochs of the teacher, when trained here.")
+_SEARCH_FROM = flags.DEFINE_enum("search_from", "teacher", ["teacher", "scratch"],
+                                 "Every search's supernet starts from the teacher's weights, or from random ones.")
 _TARGET = flags.DEFINE_float("target_latency_ratio", 0.6, "Latency arm's target (of the full table latency).")
 _FLOP_TARGETS = flags.DEFINE_list("flop_targets", ["0.4", "0.5"], "FLOP targets searched for the flops arm.")
 _SEARCH_EPOCHS = flags.DEFINE_integer("search_epochs", 8, "Epochs of every search.")
@@ -66,9 +70,9 @@ _BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size of the teacher and t
 _SEARCH_BATCH = flags.DEFINE_integer("search_batch_size", 64, "Search batch size (each half).")
 _RUNS = flags.DEFINE_integer("runs", 300, "Timed invokes per model, interleaved.")
 _BOUND_SAMPLES = flags.DEFINE_integer("bound_samples", 20000, "Random shapes of the bound.")
-_OUT = flags.DEFINE_string("out", None, "Directory of the stages (default: runs/latency_vs_flops_<model>_<side>).")
-_RESULTS = flags.DEFINE_string("results", None, "JSON path (default: bench/results/latency_vs_flops_<model>_"
-                               "<side>.json).")
+_OUT = flags.DEFINE_string("out", None, "Directory of the stages (default: runs/latency_vs_flops_<model>_<side>_"
+                           "from_<search_from>).")
+_RESULTS = flags.DEFINE_string("results", None, "JSON path (default: bench/results/, named as --out).")
 _NOTE = flags.DEFINE_string("note", "", "What else ran on the machine.")
 
 
@@ -104,8 +108,9 @@ def main(argv):
     layout = table_layout(_MODEL.value, model, _MULTIPLE.value)
     name = os.path.splitext(os.path.basename(_MODEL.value))[0]
     side = "x".join(map(str, layout.input_shape[:2]))
-    out = _OUT.value or os.path.join("runs", f"latency_vs_flops_{name}_{side}")
-    results_path = _RESULTS.value or str(RESULTS / f"latency_vs_flops_{name}_{side}.json")
+    run_name = f"latency_vs_flops_{name}_{side}_from_{_SEARCH_FROM.value}"
+    out = _OUT.value or os.path.join("runs", run_name)
+    results_path = _RESULTS.value or str(RESULTS / f"{run_name}.json")
     table_path = _latency_table(name, side)
     table = LatencyTable.load(table_path)
     if table.quantize != "int8":
@@ -117,7 +122,8 @@ def main(argv):
                 "same KD recipe",
         "command": "python -m bench.latency_vs_flops " + " ".join(sys.argv[1:]),
         "schedule": {"dataset": data.recorded_name(_DATASET.value), "max_train_examples": _MAX_TRAIN.value,
-                     "width_multiple": _MULTIPLE.value, "search_epochs": _SEARCH_EPOCHS.value,
+                     "width_multiple": _MULTIPLE.value, "search_from": _SEARCH_FROM.value,
+                     "search_epochs": _SEARCH_EPOCHS.value,
                      "search_batch_size": _SEARCH_BATCH.value, "distill_epochs": _DISTILL_EPOCHS.value,
                      "batch_size": _BATCH.value, "kd": "alpha 0.9, T 4"},
         "latency": {"quantize": "int8", "threads": table.threads, "runs": _RUNS.value, "rewarm": REWARM,
@@ -127,10 +133,20 @@ def main(argv):
     results.setdefault("code", []).append(provenance())  # every session's, as a run resumes across commits
     common = dict(dataset_name=_DATASET.value, image_size=_IMAGE_SIZE.value, max_train_examples=_MAX_TRAIN.value)
 
+    teacher = _TEACHER.value
+    if not teacher:
+        teacher_out = os.path.join(out, "teacher")
+        metrics = train_base(teacher_out, model_name=_MODEL.value, epochs=_TEACHER_EPOCHS.value,
+                             batch_size=_BATCH.value, **common)
+        teacher = os.path.join(teacher_out, MODEL_FILE)
+        results["teacher"] = {"epochs": _TEACHER_EPOCHS.value, "test_accuracy": metrics["test_accuracy"]}
+    results["schedule"]["teacher"] = os.path.relpath(teacher)
+    init_from = teacher if _SEARCH_FROM.value == "teacher" else None
+
     def search(arm, **settings):
         arm_out = os.path.join(out, f"search_{arm}")
         run_search(arm_out, model_name=_MODEL.value, epochs=_SEARCH_EPOCHS.value, batch_size=_SEARCH_BATCH.value,
-                   width_multiple=_MULTIPLE.value, **common, **settings)
+                   width_multiple=_MULTIPLE.value, init_from=init_from, **common, **settings)
         return os.path.join(arm_out, ARCH_FILE)
 
     shapes = {"latency": search("latency", cost_metric="latency", latency_table=table_path,
@@ -152,14 +168,6 @@ def main(argv):
     shapes["flops"] = flop_shapes[closest]
     results["selection"]["flops_target_chosen"] = closest
 
-    teacher = _TEACHER.value
-    if not teacher:
-        teacher_out = os.path.join(out, "teacher")
-        metrics = train_base(teacher_out, model_name=_MODEL.value, epochs=_TEACHER_EPOCHS.value,
-                             batch_size=_BATCH.value, **common)
-        teacher = os.path.join(teacher_out, MODEL_FILE)
-        results["teacher"] = {"epochs": _TEACHER_EPOCHS.value, "test_accuracy": metrics["test_accuracy"]}
-    results["schedule"]["teacher"] = os.path.relpath(teacher)
 
     trained = results.setdefault("arms", {})
     for arm, shape_path in shapes.items():
