@@ -8,6 +8,7 @@ import pytest
 
 from tas_keras.cost import count_arch, count_model
 from tas_keras.models.cifar_resnet import CifarResNet
+from tas_keras.models.registry import build_model
 from tas_keras.search_space import ArchConfig
 
 from .conftest import REPO
@@ -127,3 +128,11 @@ def test_flops_cli(released_shapes):
     assert table.returncode == 0 and "total: 59.8584 MFLOPs" in table.stdout
     missing = _flops_cli("no/such/arch.json")
     assert missing.returncode != 0 and "cannot read shape file 'no/such/arch.json'" in missing.stderr
+
+
+def test_registry_networks_name_their_layers_alike_in_every_build():
+    """keras.applications leaves MobileNetV2's pooling unnamed, which Keras numbers per session: a second
+    build would not match a saved first one's layers by name (a search starting from a trained network)."""
+    first, second = (build_model("mobilenet_v2", (32, 32, 3), 10) for _ in range(2))
+    assert [layer.name for layer in first.layers] == [layer.name for layer in second.layers]
+    assert "global_average_pooling2d" in [layer.name for layer in second.layers]

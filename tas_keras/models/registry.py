@@ -11,6 +11,7 @@ The ImageNet models default to 224x224 and 1000 classes and take any size from 3
 keras.applications' ResNet50, not the CIFAR basic-block network of that depth.
 """
 
+import collections
 import dataclasses
 import os
 import re
@@ -112,9 +113,23 @@ def build_model(name, input_shape=None, num_classes=None, weights=None):
                 # steps of a short run their moving statistics are still far off and evaluation is
                 # near chance (MobileNetV2 on Imagenette: 10% test accuracy at 42% training accuracy).
                 layer.momentum = BN_MOMENTUM
+        _name_numbered_layers(model)
         # keras.applications lists an input_tensor's model inputs ([image]); one tensor, as the others take.
         return keras.Model(image, model.outputs[0], name=model.name)
     return CifarResNet(ArchConfig.full(name, num_classes=num_classes, input_shape=input_shape))
+
+
+def _name_numbered_layers(model):
+    """Names the layers keras.applications leaves unnamed (MobileNetV2's pooling) after their class, in
+    order. Keras numbers an unnamed layer per session ("global_average_pooling2d_4"), so two builds of one
+    network would name it differently, and a search starting from a saved network's weights matches
+    them by name."""
+    seen = collections.Counter()
+    for layer in model.layers:
+        base = re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", type(layer).__name__).lower()
+        if re.fullmatch(rf"{re.escape(base)}(_\d+)?", layer.name):
+            layer.name = base if not seen[base] else f"{base}_{seen[base]}"
+            seen[base] += 1
 
 
 def image_side(input_shape):
