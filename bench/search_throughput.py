@@ -33,7 +33,8 @@ from tas_keras.precision import MIXED_PRECISION, dtype_policy_scope
 from tas_keras.search import TASSearchModel
 from tas_keras.supernet import build_supernet
 from tas_keras.runs import write_json
-from tas_keras.training import CHECKPOINT_STEPS, TrainingCheckpoint, sgd
+from tas_keras.configs import CHECKPOINT_STEPS
+from tas_keras.training import TrainingCheckpoint, sgd
 
 _MODEL = flags.DEFINE_string("model", "resnet20", "Network to compare: a registry name or a .keras file.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Input height and width (default: the registry's).")

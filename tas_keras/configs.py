@@ -19,8 +19,10 @@ Three kinds of field are not plain settings of the result:
 import dataclasses
 import functools
 
+from tas_keras import input_convention as conventions
+from tas_keras.data import BUNDLED_DATASET, recorded_name
 from tas_keras.distribute import strategy_scope
-from tas_keras.precision import dtype_policy_scope
+from tas_keras.precision import check_mixed_precision, dtype_policy_scope
 from tas_keras.runs import locking_stage
 
 _RUN_ONLY, _OMITTED_AT_DEFAULT, _RECORD_KEY = "run_only", "omitted_at_default", "record_key"
@@ -96,6 +98,65 @@ class StageConfig:
                 continue
             record[_record_key(field)] = value
         return {**record, "stage": self.stage}
+
+
+# How often a training stage backs its state up, in steps (and every epoch).
+CHECKPOINT_STEPS = 200
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataSettings(StageConfig):
+    """The settings of every stage that reads the dataset: `dataset_name` a dataset name or path as
+    `data.load_dataset` takes it, or a loaded dataset; `seed` (data order, augmentation, init, splits);
+    `input_convention`: how the images are fed (`tas_keras.input_convention`)."""
+
+    dataset_name: object = BUNDLED_DATASET
+    data_dir: str = None
+    seed: int = 0
+    input_convention: str = recorded_when_given(None)
+
+    def validate(self):
+        conventions.check(self.input_convention)
+
+    def run_record(self):
+        dataset_key = next(_record_key(f) for f in dataclasses.fields(self) if f.name == "dataset_name")
+        return {**super().run_record(), dataset_key: recorded_name(self.dataset_name)}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunSettings(DataSettings):
+    """The settings of every stage that trains, besides its schedule: `image_size` and
+    `max_train_examples` as `data.load_dataset` takes them; `mixed_precision` None (float32),
+    "mixed_bfloat16" or "mixed_float16" (`tas_keras.precision`). `strategy` (`tas_keras.distribute`) and
+    `streaming` (`data.load_dataset`) say how a stage runs, not what it computes: a resumed run may
+    change them."""
+
+    image_size: int = None
+    max_train_examples: int = None
+    mixed_precision: str = None
+    streaming: str = run_only("auto")
+    strategy: str = run_only("auto")
+
+    def validate(self):
+        super().validate()
+        check_mixed_precision(self.mixed_precision)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainingConfig(RunSettings):
+    """A training stage's config: the run settings and its schedule. `checkpoint_steps` (the backups) says
+    how it runs, not what it trains: a resumed run may change it."""
+
+    epochs: int = 10
+    batch_size: int = 256
+    learning_rate: float = 0.1
+    checkpoint_steps: int = run_only(CHECKPOINT_STEPS)
+
+    def validate(self):
+        super().validate()
+        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise ValueError(f"epochs, batch_size and learning_rate must be positive, got {self.epochs}, "
+                             f"{self.batch_size}, {self.learning_rate}")
 
 
 def configure(config_class, config, overrides):

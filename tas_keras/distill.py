@@ -10,14 +10,13 @@ import tensorflow as tf
 
 from tas_keras import data
 from tas_keras import input_convention as conventions
-from tas_keras.configs import StageConfig, configured_stage, recorded_when_given, run_only
+from tas_keras.configs import TrainingConfig, configured_stage
 from tas_keras.cost import count_model
 from tas_keras.graph import load_model
 from tas_keras.models.registry import image_side
-from tas_keras.precision import check_mixed_precision
 from tas_keras.runs import prepare_run_dir, read_json, write_json
 from tas_keras.shapes import derive_network, load_shape, shape_space
-from tas_keras.training import (CHECKPOINT_STEPS, MODEL_FILE, METRICS_FILE, check_fits_data,
+from tas_keras.training import (MODEL_FILE, METRICS_FILE, check_fits_data,
                                 evaluate_classifier, fit_classifier, save_model)
 
 MODES = ("scratch", "init", "kd", "init_kd")
@@ -82,19 +81,16 @@ def check_prunes_teacher(pruned, teacher, teacher_path, mode):
                          f"{shape} images: give a shape of the teacher's network")
 
 
-@dataclasses.dataclass(frozen=True)
-class DistillConfig(StageConfig):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillConfig(TrainingConfig):
     """The settings of training a pruned shape (`distill`).
 
     `arch_path`: the shape's file (`tas_keras.shapes.load_shape`); `teacher_path`: the unpruned network
     (.keras) that `mode` ("kd", "init", "init_kd"; "scratch" without one) trains it from. `alpha` and
-    `temperature`: `KnowledgeDistiller`'s. `image_size` as `data.load_dataset` takes it (default: the
-    shape's input side). `mixed_precision`: None (float32), "mixed_bfloat16" or "mixed_float16"
-    (`tas_keras.precision`); the teacher is loaded under it too, so it computes in it unless its file
-    fixes its layers' dtypes. `input_convention`: how the images are fed (`tas_keras.input_convention`;
-    the pruned network keeps the source model's layers, so a model holding its own preprocessing is fed
-    raw pixels). `strategy`, `streaming` and `checkpoint_steps` say how the training runs, not what it
-    trains: a resumed run may change them.
+    `temperature`: `KnowledgeDistiller`'s. The data, run and schedule settings are `TrainingConfig`'s:
+    `image_size` defaults to the shape's input side; the teacher is loaded under `mixed_precision` too,
+    so it computes in it unless its file fixes its layers' dtypes; the pruned network keeps the source
+    model's layers, so a model holding its own preprocessing is fed raw pixels (`input_convention`).
     """
 
     stage = "distill"
@@ -102,36 +98,17 @@ class DistillConfig(StageConfig):
     arch_path: str
     teacher_path: str = None
     mode: str = "kd"
-    dataset_name: object = data.BUNDLED_DATASET
-    data_dir: str = None
-    epochs: int = 10
-    batch_size: int = 256
-    learning_rate: float = 0.1
     alpha: float = 0.9
     temperature: float = 4.0
-    seed: int = 0
-    max_train_examples: int = None
-    image_size: int = None
-    mixed_precision: str = None
-    input_convention: str = recorded_when_given(None)
-    checkpoint_steps: int = run_only(CHECKPOINT_STEPS)
-    streaming: str = run_only("auto")
-    strategy: str = run_only("auto")
 
     def validate(self):
-        conventions.check(self.input_convention)
-        check_mixed_precision(self.mixed_precision)
+        super().validate()
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"KD alpha must be in [0, 1], got {self.alpha!r}")
         if self.temperature <= 0:
             raise ValueError(f"KD temperature must be > 0, got {self.temperature!r}")
-
-    def run_record(self):
-        return {**super().run_record(), "dataset_name": data.recorded_name(self.dataset_name)}
 
 
 @configured_stage(DistillConfig)

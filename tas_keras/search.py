@@ -12,15 +12,14 @@ import tensorflow as tf
 
 from tas_keras import data, plots
 from tas_keras import input_convention as conventions
-from tas_keras.configs import StageConfig, configured_stage, recorded_when_given, run_only
+from tas_keras.configs import TrainingConfig, configured_stage, recorded_when_given
 from tas_keras.cost import count_shape
 from tas_keras.graph_space import ADD_MODES
 from tas_keras.latency import LatencyLayout, LatencyTable, SupernetLatency, predict_latency
-from tas_keras.precision import check_mixed_precision
 from tas_keras.models.registry import build_model, check_model_name, image_size_for, is_model_file
 from tas_keras.runs import prepare_run_dir, read_json
 from tas_keras.supernet import COST_METRICS, build_supernet, search_space
-from tas_keras.training import CHECKPOINT_STEPS, EpochLog, fit_resumable, sgd
+from tas_keras.training import EpochLog, fit_resumable, sgd
 
 ARCH_FILE = "arch.json"
 HISTORY_FILE = "history.json"
@@ -437,13 +436,12 @@ def source_model(model_name, dataset):
     return model
 
 
-@dataclasses.dataclass(frozen=True)
-class SearchConfig(StageConfig):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SearchConfig(TrainingConfig):
     """The settings of a search (`run_search`).
 
     `model_name` is a registry name (`tas_keras.models.registry`: built at the dataset's image size and
-    classes) or a .keras file (the model as saved, which must fit the dataset); `dataset_name` a dataset
-    name or path as `data.load_dataset` takes it, or a loaded dataset. The supernet is
+    classes) or a .keras file (the model as saved, which must fit the dataset). The supernet is
     `build_supernet(model_name, model, add_mode, width_multiple)`: the CIFAR ResNets with the
     reference's independent Adds, other models with tied Adds, unless `add_mode` says otherwise.
     `init_from`: a trained full network (.keras) the supernet starts from.
@@ -459,21 +457,14 @@ class SearchConfig(StageConfig):
     `python -m export.latency_table`), and `target_latency_ms`, if given, sets the target ratio
     (ms / the full network's table latency).
 
-    `mixed_precision`: None (float32), "mixed_bfloat16" or "mixed_float16" (`tas_keras.precision`).
-    `input_convention`: how the images are fed (`tas_keras.input_convention`). `arch_start_full`: a logit
-    added to the full width and depth of every distribution at the start (`GraphSupernet.start_full`;
-    0, the reference's start: random logits near 0). `strategy` (`tas_keras.distribute`), `streaming`
-    (`data.load_dataset`) and `checkpoint_steps` (the backups) say how the search runs, not what it
-    finds: a resumed run may change them.
+    `arch_start_full`: a logit added to the full width and depth of every distribution at the start
+    (`GraphSupernet.start_full`; 0, the reference's start: random logits near 0). The data, run and
+    schedule settings are `TrainingConfig`'s.
     """
 
     stage = "search"
 
     model_name: str = "resnet20"
-    dataset_name: object = data.BUNDLED_DATASET
-    data_dir: str = None
-    epochs: int = 10
-    batch_size: int = 256
     target_ratio: float = 0.5
     cost_metric: str = "flops"
     cost_weight: float = 2.0
@@ -483,28 +474,18 @@ class SearchConfig(StageConfig):
     tau_max: float = 5.0
     tau_min: float = 0.1
     width_multiple: int = 1
-    learning_rate: float = 0.1
     arch_learning_rate: float = None
     arch_warmup: float = ARCH_WARMUP
     arch_decay: str = "cosine"
     entropy_weight: float = ENTROPY_WEIGHT
     init_from: str = None
-    seed: int = 0
-    max_train_examples: int = None
     latency_table: str = None
     target_latency_ms: float = None
-    image_size: int = None
-    mixed_precision: str = None
     add_mode: str = recorded_when_given(None)
-    input_convention: str = recorded_when_given(None)
     arch_start_full: float = recorded_when_given(0.0)
-    checkpoint_steps: int = run_only(CHECKPOINT_STEPS)
-    streaming: str = run_only("auto")
-    strategy: str = run_only("auto")
 
     def validate(self):
-        conventions.check(self.input_convention)
-        check_mixed_precision(self.mixed_precision)
+        super().validate()
         if self.add_mode is not None and self.add_mode not in ADD_MODES:
             raise ValueError(f"add mode must be one of {ADD_MODES}, got {self.add_mode!r}")
         check_model_name(self.model_name)
@@ -519,8 +500,6 @@ class SearchConfig(StageConfig):
         if self.cost_metric != LATENCY and (self.latency_table or self.target_latency_ms):
             raise ValueError(f"a latency table or target is for the latency cost, got cost {self.cost_metric!r}")
         cost_band(self.target_ratio, self.tolerance, self.band)
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
         tau_at(0, self.epochs, self.tau_schedule)
         if not 0 <= self.arch_warmup < 1:
             raise ValueError(f"architecture warm-up must be a fraction in [0, 1), got {self.arch_warmup!r}")
@@ -530,9 +509,6 @@ class SearchConfig(StageConfig):
             raise ValueError(f"entropy weight must be >= 0, got {self.entropy_weight!r}")
         if self.arch_learning_rate is not None and self.arch_learning_rate < 0:
             raise ValueError(f"architecture learning rate must be >= 0, got {self.arch_learning_rate!r}")
-
-    def run_record(self):
-        return {**super().run_record(), "dataset_name": data.recorded_name(self.dataset_name)}
 
 
 @configured_stage(SearchConfig)

@@ -13,11 +13,12 @@ import numpy as np
 import tensorflow as tf
 
 from tas_keras import data
-from tas_keras.configs import StageConfig, configured_stage, recorded_as, recorded_when_given, run_only
+from tas_keras.configs import CHECKPOINT_STEPS, TrainingConfig, configured_stage, recorded_as, recorded_when_given
+from tas_keras.data import BUNDLED_DATASET
 from tas_keras.cost import count_model
 from tas_keras import input_convention as conventions
 from tas_keras.models.registry import build_model, check_model_name, check_weights, image_side, is_model_file
-from tas_keras.precision import check_mixed_precision, float32_copy
+from tas_keras.precision import float32_copy
 from tas_keras.runs import prepare_run_dir, read_json, run_dir, write_json
 from tas_keras.shapes import derive_network, load_shape
 
@@ -27,7 +28,6 @@ EPOCHS_FILE = "epochs.json"
 BACKUP_DIR = "backup"
 CHECKPOINT_FILE = "latest.weights.h5"
 PREVIOUS_CHECKPOINT_FILE = "previous.weights.h5"
-CHECKPOINT_STEPS = 200
 
 
 def save_model(model, path):
@@ -351,59 +351,37 @@ def fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed,
     }
 
 
-@dataclasses.dataclass(frozen=True)
-class BaseConfig(StageConfig):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BaseConfig(TrainingConfig):
     """The settings of training a full network or a shape from scratch (`train_base`).
 
     `model_name`: a registry name (`tas_keras.models.registry`), built at the dataset's image size and
     classes; or `arch_path`, a shape's file (`tas_keras.shapes.load_shape`) whose network is trained
     instead. `weights` (e.g. "imagenet", `registry.PRETRAINED`): start the registry network from those
     pretrained weights and a fresh classifier for the dataset's classes (transfer learning: fine-tuning,
-    at a fine-tuning `learning_rate` such as 0.01). `input_convention`: how the images are fed
-    (`tas_keras.input_convention`; a model holding its own preprocessing takes raw pixels).
-    `image_size` as `data.load_dataset` takes it (default for a shape: its input side).
-    `mixed_precision`: None (float32), "mixed_bfloat16" or "mixed_float16" (`tas_keras.precision`).
-    `strategy`, `streaming` and `checkpoint_steps` say how the training runs, not what it trains: a
-    resumed run may change them.
+    at a fine-tuning `learning_rate` such as 0.01). The data, run and schedule settings are
+    `TrainingConfig`'s: a model holding its own preprocessing takes raw pixels (`input_convention`);
+    `image_size` defaults for a shape to its input side.
     """
 
     stage = "base"
 
     model_name: str = recorded_as("model", "resnet20")
     arch_path: str = recorded_as("arch", None)
-    dataset_name: object = recorded_as("dataset", data.BUNDLED_DATASET)
-    data_dir: str = None
-    image_size: int = None
-    epochs: int = 10
-    batch_size: int = 256
-    learning_rate: float = 0.1
-    seed: int = 0
-    max_train_examples: int = None
-    mixed_precision: str = None
+    dataset_name: object = recorded_as("dataset", BUNDLED_DATASET)
     weights: str = recorded_when_given(None)
-    input_convention: str = recorded_when_given(None)
-    checkpoint_steps: int = run_only(CHECKPOINT_STEPS)
-    streaming: str = run_only("auto")
-    strategy: str = run_only("auto")
 
     def validate(self):
-        conventions.check(self.input_convention)
-        check_mixed_precision(self.mixed_precision)
+        super().validate()
         if self.weights and self.arch_path:
             raise ValueError(f"pretrained weights ({self.weights!r}) are for a registry network, not the shape "
                              f"{self.arch_path}")
-        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
-            raise ValueError(f"epochs, batch_size and learning_rate must be positive, got {self.epochs}, "
-                             f"{self.batch_size}, {self.learning_rate}")
         if not self.arch_path:
             if is_model_file(self.model_name):
                 raise ValueError(f"{self.model_name} is a trained model already: give it to train.prune as "
                                  "--model, or train a registry network")
             check_model_name(self.model_name)
             check_weights(self.model_name, self.weights)
-
-    def run_record(self):
-        return {**super().run_record(), "dataset": data.recorded_name(self.dataset_name)}
 
 
 @configured_stage(BaseConfig)

@@ -358,13 +358,13 @@ def test_run_search_refuses_bad_input_before_any_work(tmp_path, options, message
 @pytest.mark.parametrize("overrides, message", [
     (dict(target_ratio=1.5), r"target ratio must be in \(0, 1\), got 1.5"),
     (dict(tolerance=0.6), r"tolerance must be in \[0, target ratio\), got 0.6"),
-    (dict(epochs=0), "epochs and batch_size must be >= 1, got 0 and 256"),
+    (dict(epochs=0), "epochs, batch_size and learning_rate must be positive, got 0, 256, 0.1"),
     (dict(tau_schedule="step"), "tau schedule must be one of .* got 'step'"),
     (dict(arch_warmup=1.0), r"warm-up must be a fraction in \[0, 1\), got 1.0"),
     (dict(cost_metric="latency"), "the latency cost needs a latency table"),
     (dict(mixed_precision="float8"), "got 'float8'"),
     (dict(model_name="vgg16"), "unknown model 'vgg16'"),
-    (dict(epoch=3), "SearchConfig has no setting 'epoch'; its settings: model_name, "),
+    (dict(epoch=3), "SearchConfig has no setting 'epoch'; its settings: dataset_name, .*epochs, "),
 ])
 def test_a_search_config_refuses_a_bad_setting_quoting_it(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -14,7 +14,8 @@ from tas_keras.distribute import STRATEGIES  # noqa: E402
 from tas_keras.graph_space import ADD_MODES  # noqa: E402
 from tas_keras.input_convention import CONVENTIONS  # noqa: E402
 from tas_keras.precision import MIXED_PRECISION  # noqa: E402
-from tas_keras.training import CHECKPOINT_STEPS, DivergenceError  # noqa: E402
+from tas_keras.configs import CHECKPOINT_STEPS  # noqa: E402
+from tas_keras.training import DivergenceError  # noqa: E402
 
 flags.DEFINE_bool("verbose", False, "Show TensorFlow's own log messages (read before flags are parsed).")
 flags.DEFINE_enum("strategy", "auto", list(STRATEGIES),

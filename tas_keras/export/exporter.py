@@ -17,7 +17,7 @@ import tensorflow as tf
 from tas_keras.export import convert, tfmot_bridge, verify
 from tas_keras import data
 from tas_keras import input_convention as conventions
-from tas_keras.configs import StageConfig, configure, recorded_as, recorded_when_given, run_only
+from tas_keras.configs import DataSettings, configure, recorded_as, recorded_when_given, run_only
 from tas_keras.cost import count_model
 from tas_keras.distill import SHAPE_FILE
 from tas_keras.graph import load_model, logits_model, softmax_head
@@ -33,11 +33,12 @@ SAVED_MODEL_DIR = "saved_model"
 COMPARE_DIR = "compare"
 
 
-@dataclasses.dataclass(frozen=True)
-class ExportConfig(StageConfig):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExportConfig(DataSettings):
     """The settings of an export (`export_and_verify`).
 
-    `model_path`: the trained model (.keras) exported, and `compare_with` another one exported and
+    `model_path`: the trained model (.keras) exported (given when the export runs: train.prune's export
+    config has none), and `compare_with` another one exported and
     verified beside it (typically the unpruned base of a pruned model). The exported models take RGB
     pixels (uint8, or float32 0-255 with `float_input`) and normalise them as the model was trained
     (`tas_keras.input_convention`: by default with the mean/std of `dataset_name`, the data the model
@@ -59,13 +60,9 @@ class ExportConfig(StageConfig):
 
     stage = "export"
 
-    model_path: str = recorded_as("model")
+    model_path: str = recorded_as("model", None)
     compare_with: str = None
     quantize: str = "none"
-    dataset_name: object = data.BUNDLED_DATASET
-    data_dir: str = None
-    seed: int = 0
-    input_convention: str = recorded_when_given(None)
     threads: int = recorded_when_given(2)
     qat_epochs: int = recorded_when_given(0)
     int8_io: bool = recorded_when_given(False)
@@ -76,7 +73,7 @@ class ExportConfig(StageConfig):
     output: str = run_only("auto")
 
     def validate(self):
-        conventions.check(self.input_convention)
+        super().validate()
         if self.output not in OUTPUTS:
             raise ValueError(f"--output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
         if self.quantize not in convert.QUANTIZATIONS:
@@ -91,7 +88,7 @@ class ExportConfig(StageConfig):
                              f"{self.representative_size}, {self.threads}, {self.latency_runs}")
 
     def run_record(self):
-        record = {**super().run_record(), "dataset_name": data.recorded_name(self.dataset_name)}
+        record = super().run_record()
         del record["stage"]
         return record
 
@@ -109,6 +106,8 @@ def export_and_verify(out, config=None, **overrides):
     if config.qat_epochs:
         tfmot_bridge.require_tfmot()
     # The files a config names are checked when it runs: a config read back from a run.json stays valid.
+    if model_path is None:
+        raise ValueError("an export needs the model to export (model_path)")
     for path in filter(None, (model_path, compare_with)):
         if not os.path.isfile(path):
             raise ValueError(f"model file {path!r} does not exist")
