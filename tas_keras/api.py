@@ -108,15 +108,17 @@ def export(model, data, out, config=None, compare_with=None, **overrides):
         compare_with=None if compare_with is None else _model_file(compare_with, out, COMPARED_FILE, overwrite=True)))
 
 
-def prune(model, data, target_ratio, out, overwrite=False, **prune_options):
-    """The main job (`run_prune`, its other settings as `prune_options`, e.g. preset, search_epochs):
-    a trained `model` (keras.Model or .keras file) is the base network and teacher, a registry name is
-    trained first; searched to `target_ratio` of its FLOPs (or of the preset's or `cost_metric`'s cost),
-    distilled, exported; returns the report (`out`/report.json; None on a cluster's other workers).
-    `data` None: the preset's dataset."""
-    dataset = None if data is None else _dataset(data)
-    return run_prune(out, model_name=_model_file(model, out, SOURCE_FILE, overwrite), target_ratio=target_ratio,
-                     dataset_name=dataset, overwrite=overwrite, **prune_options)
+def prune(model, data, target_ratio, out, config=None, overwrite=False, **overrides):
+    """The main job (`run_prune`): a trained `model` (keras.Model or .keras file) is the base network and
+    teacher, a registry name is trained first; searched to `target_ratio` of its FLOPs (or of the cost
+    `cost_metric` names), distilled, exported. Its settings are `config` (a PruneConfig, e.g. one of
+    `prune.PRESETS`; default the quick preset) with `overrides` (`PruneConfig.replace`: e.g.
+    search_epochs, batch_size, quantizations). `data` None: the config's dataset. Returns the report
+    (`out`/report.json; None on a cluster's other workers)."""
+    if data is not None:
+        overrides["dataset_name"] = _dataset(data)
+    return run_prune(out, config, overwrite, model_name=_model_file(model, out, SOURCE_FILE, overwrite),
+                     target_ratio=target_ratio, **overrides)
 
 
 def _trained_model(out, strategy):

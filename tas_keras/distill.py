@@ -85,7 +85,8 @@ def check_prunes_teacher(pruned, teacher, teacher_path, mode):
 class DistillConfig(TrainingConfig):
     """The settings of training a pruned shape (`distill`).
 
-    `arch_path`: the shape's file (`tas_keras.shapes.load_shape`); `teacher_path`: the unpruned network
+    `arch_path`: the shape's file (`tas_keras.shapes.load_shape`; given when the stage runs: train.prune's
+    distill config has none); `teacher_path`: the unpruned network
     (.keras) that `mode` ("kd", "init", "init_kd"; "scratch" without one) trains it from. `alpha` and
     `temperature`: `KnowledgeDistiller`'s. The data, run and schedule settings are `TrainingConfig`'s:
     `image_size` defaults to the shape's input side; the teacher is loaded under `mixed_precision` too,
@@ -95,7 +96,7 @@ class DistillConfig(TrainingConfig):
 
     stage = "distill"
 
-    arch_path: str
+    arch_path: str = None
     teacher_path: str = None
     mode: str = "kd"
     alpha: float = 0.9
@@ -117,6 +118,8 @@ def distill(out, config, overwrite):
     (`DistillConfig`); writes model.keras (a plain functional float32 model of stock Keras layers),
     shape.json (its GraphShape, with the search's provenance) and metrics.json (test accuracy, FLOPs,
     params, reduction against the teacher, wall time), which it returns."""
+    if config.arch_path is None:
+        raise ValueError("a distillation needs the shape to train (arch_path)")
     pruned = load_shape(config.arch_path)
     if config.mode != "scratch" and not config.teacher_path:
         raise ValueError(f"mode {config.mode!r} needs --teacher")

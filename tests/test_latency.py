@@ -18,7 +18,7 @@ from tas_keras.graph_space import GraphShape
 from tas_keras.latency import TABLE_FORMAT, LatencyLayout, LatencyTable, SupernetLatency, predict_latency
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.registry import build_model
-from tas_keras.prune import run_prune
+from tas_keras.prune import PRESETS, run_prune
 from tas_keras.search import TASSearchModel, run_search
 from tas_keras.shapes import shape_space
 from tas_keras.supernet import build_supernet
@@ -318,8 +318,8 @@ def test_cli_refuses_cost_flags_that_do_not_say_one_target_in_one_line(tmp_path,
      r"has no time for Add\+ReLU/16x16/\w+ with 8 -> 8 channels; it was made for resnet20 at 32x32x3"),
     ("search", dict(latency_table="{resnet20_fp32}", width_multiple=16, target_latency_ms=1000.0),
      r"target latency 1000.0 ms must be in \(0, "),
-    ("prune", dict(preset="mobile", latency_table="{resnet20_fp32}"),
-     "was measured with quantize=none, but the mobile preset exports int8"),
+    ("prune", dict(config=PRESETS["mobile"], latency_table="{resnet20_fp32}"),
+     "was measured with quantize=none, but the exports are int8"),
 ])
 def test_a_bad_latency_table_or_target_is_refused_before_any_work(tmp_path, table_files, stage, options, message):
     options = {**options, "latency_table": options["latency_table"].format(**table_files)}
@@ -400,7 +400,7 @@ def test_mobile_preset_on_a_users_model_reports_predicted_beside_measured(tmp_pa
     layout = layer_latency.table_layout(model_path, layer_latency.table_model(model_path), 16)
     table_path = _write(tmp_path / "int8_x16.json", synthetic_table(layout, quantize="int8", fixed_ms=0.001))
     out = str(tmp_path / "run")
-    report = run_prune(out, model_name=model_path, preset="mobile", latency_table=table_path, target_ratio=0.8,
+    report = run_prune(out, model_name=model_path, config=PRESETS["mobile"], latency_table=table_path, target_ratio=0.8,
                        search_epochs=1, distill_epochs=1, max_train_examples=256, check_base=False)
     shape = GraphShape.from_dict(report["searched_shape"])
     assert all(w % 16 == 0 for w in shape.widths.values())

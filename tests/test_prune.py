@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tas_keras.export import verify
+from tas_keras.export.exporter import ExportConfig
 from tas_keras.cost import count_model
 from tas_keras.graph import read_model
 from tas_keras.graph_space import INDEPENDENT
@@ -16,7 +17,8 @@ from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.models.registry import build_model
 from tas_keras.search_space import ArchConfig
 from tas_keras.shapes import load_shape
-from tas_keras.prune import run_prune, smallest_ratio
+from tas_keras.prune import PRESETS, PruneConfig, run_prune, smallest_ratio
+from tas_keras.search import SearchConfig
 
 from .conftest import REPO, assert_refused_before_any_work
 from .test_supernet import user_cnn
@@ -79,6 +81,83 @@ def test_changed_flag_names_the_stage_it_invalidates(finished_run):
         run_prune(out, target_ratio=0.5, **{**SHORT, "distill_epochs": 2})
 
 
+@pytest.mark.slow
+def test_the_stages_of_a_run_record_what_they_recorded_before_the_job_had_a_config(finished_run):
+    """Runs made before PruneConfig resume: its stages' run.json are the ones the job wrote before (these
+    literals are its settings for SHORT: the quick preset with 1/2/1 epochs on 512 images)."""
+    out, _ = finished_run
+    data = {"data_dir": None, "seed": 0, "image_size": None, "max_train_examples": 512, "mixed_precision": None,
+            "learning_rate": 0.1}
+    assert json.load(open(os.path.join(out, "base", "run.json"))) == {
+        **data, "dataset": "cifar10_mini", "epochs": 1, "batch_size": 128, "model": "resnet20", "arch": None,
+        "stage": "base"}
+    assert json.load(open(os.path.join(out, "search", "run.json"))) == {
+        **data, "dataset_name": "cifar10_mini", "epochs": 2, "batch_size": 64, "model_name": "resnet20",
+        "target_ratio": 0.5, "cost_metric": "flops", "cost_weight": 2.0, "tolerance": 0.05, "band": "code",
+        "tau_schedule": "cosine", "tau_max": 5.0, "tau_min": 0.1, "width_multiple": 1, "arch_learning_rate": None,
+        "arch_warmup": 0.3, "arch_decay": "cosine", "entropy_weight": 0.0, "init_from": None,
+        "latency_table": None, "target_latency_ms": None, "stage": "search"}
+    assert json.load(open(os.path.join(out, "distill", "run.json"))) == {
+        **data, "dataset_name": "cifar10_mini", "epochs": 1, "batch_size": 128,
+        "arch_path": os.path.join(out, "search", "arch.json"), "teacher_path": os.path.join(out, "base", "model.keras"),
+        "mode": "kd", "alpha": 0.9, "temperature": 4.0, "stage": "distill"}
+
+
+def test_presets_are_the_schedules_the_docs_give():
+    """docs/guide.md's preset table: quick 5/6/5 epochs at batch 128 (search 64); paper the reference's
+    300/600/300 at 256 with its architecture step on cifar10; mobile the quick schedule against int8
+    latency in multiples of 16, exported to int8, timed on one thread."""
+    schedule = lambda c: (c.dataset_name, c.base.epochs, c.search.epochs, c.distill.epochs,  # noqa: E731
+                          c.base.batch_size, c.search.batch_size, c.distill.batch_size, c.export.latency_runs)
+    quick, paper, mobile = PRESETS["quick"], PRESETS["paper"], PRESETS["mobile"]
+    assert quick == PruneConfig()
+    assert schedule(quick) == ("cifar10_mini", 5, 6, 5, 128, 64, 128, 100)
+    assert schedule(paper) == ("cifar10", 300, 600, 300, 256, 256, 256, 500)
+    assert (paper.search.arch_learning_rate, paper.search.arch_warmup, paper.search.arch_decay,
+            paper.search.entropy_weight) == (1e-3, 0.0, "constant", 0.0)
+    assert schedule(mobile) == schedule(quick)
+    assert (mobile.cost_metric, mobile.width_multiple, mobile.quantizations, mobile.export.threads) == (
+        "latency", 16, ("int8",), 1)
+
+
+def test_a_prune_config_takes_stage_settings_by_the_flags_names():
+    config = PRESETS["quick"].replace(search_epochs=2, export_threads=1, seed=3)
+    assert (config.search.epochs, config.export.threads, config.seed) == (2, 1, 3)
+    assert config.base == PRESETS["quick"].base and config.distill == PRESETS["quick"].distill
+    # batch_size: base and KD; each search half at most that (the preset's 64 otherwise)
+    small, large = PRESETS["quick"].replace(batch_size=8), PRESETS["quick"].replace(batch_size=512)
+    assert (small.base.batch_size, small.search.batch_size, small.distill.batch_size) == (8, 8, 8)
+    assert (large.base.batch_size, large.search.batch_size, large.distill.batch_size) == (512, 64, 512)
+    given = PRESETS["quick"].replace(search=SearchConfig(epochs=9), search_batch_size=16)
+    assert (given.search.epochs, given.search.batch_size) == (9, 16)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(search_epoch=3), "SearchConfig has no setting 'epoch'"),
+    (dict(stages=3), "PruneConfig has no setting 'stages'"),
+    (dict(search=SearchConfig(seed=1)), "the main job sets the search stage's seed itself, got 1; set seed of "
+                                        "the PruneConfig"),
+    (dict(search=SearchConfig(init_from="a.keras")), "the main job sets the search stage's init_from itself"),
+    (dict(search_epochs=0), r"epochs, batch_size and learning_rate must be positive, got 0"),
+    (dict(cost_metric="watts"), "cost must be one of"),
+    (dict(latency_table="t.json"), "a latency table or target is for the latency cost, got cost 'flops'"),
+    (dict(model_name="a.keras", teacher_path="b.keras"), "a.keras is the base network and the teacher"),
+    (dict(qat_epochs=-1), "qat epochs must be >= 0, got -1"),
+])
+def test_a_prune_config_refuses_a_bad_setting_quoting_it(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        PRESETS["quick"].replace(**overrides)
+
+
+def test_a_prune_config_comes_back_from_its_record():
+    config = PRESETS["mobile"].replace(model_name="resnet32", search_epochs=3, batch_size=32, seed=2,
+                                       quantizations=["none", "int8"], export_latency_runs=50)
+    record = json.loads(json.dumps(config.run_record()))
+    # less how long the exports are timed: how a run runs is not recorded
+    assert PruneConfig.from_dict(record) == config.replace(export_latency_runs=ExportConfig().latency_runs)
+    assert record["base"] == {"epochs": 5, "batch_size": 32, "learning_rate": 0.1}
+
+
 def test_smallest_expressible_network():
     # Widths 4/9/19, one block per stage: stem + s1_b1 + s2_b1 (with shortcut) + s3_b1 + classifier.
     flops = (27 * 4 * 1024 + 2 * 9 * 4 * 4 * 1024 + (9 * 4 * 9 + 9 * 9 * 9 + 4 * 9) * 256
@@ -90,6 +169,9 @@ def test_smallest_expressible_network():
 @pytest.mark.parametrize("args, message, status", [
     (["--model=resnet19"], "error: depth 19 is not valid for basic blocks", 2),
     (["--preset=huge"], "--preset", 1),
+    (["--quantize=int8,int9", "--search_epochs=1"], "exports must be distinct ones of none, float16, dynamic, "
+                                                   "int8, got ('int8', 'int9')", 2),
+    (["--preset=paper", "--search_epochs=0"], "--search_epochs", 1),
 ])
 def test_bad_input_fails_fast_with_one_line(tmp_path, args, message, status):
     """The CLI's own refusals: what run_prune refuses (below) in one line and exit status 2, and a flag

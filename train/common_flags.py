@@ -106,7 +106,7 @@ def cost_target(cost):
 
 # The stage settings (config fields, `tas_keras.configs`) of the flags whose names differ from them.
 SETTING_OF_FLAG = {"dataset": "dataset_name", "cost": "cost_metric", "kd_alpha": "alpha",
-                   "kd_temperature": "temperature"}
+                   "kd_temperature": "temperature", "quantize": "quantizations", "teacher": "teacher_path"}
 
 
 def given_settings(flag_names):

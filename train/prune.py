@@ -22,11 +22,11 @@ _MODEL = flags.DEFINE_string("model", "resnet20", "A registry name, trained from
                              "CIFAR resnet20 | resnet32 | resnet56 | resnet110 | resnet164, resnet18 | resnet34 | "
                              "resnet50 | mobilenet_v2 | efficientnet_lite0), or your trained .keras model, which is "
                              "then the base network and the teacher.")
-_WEIGHTS = flags.DEFINE_enum("weights", None, ["imagenet"], "Fine-tune the base network from these pretrained "
-                             "weights (efficientnet_lite0) instead of training it from scratch.")
-_CHECK_BASE = flags.DEFINE_bool("check_base", True, "Stop before the search when a given trained base network "
-                                "scores at chance on the data (--nocheck_base: prune it anyway, e.g. an untrained "
-                                "model in a trial of the pipeline).")
+flags.DEFINE_enum("weights", None, ["imagenet"], "Fine-tune the base network from these pretrained weights "
+                  "(efficientnet_lite0) instead of training it from scratch.")
+flags.DEFINE_bool("check_base", True, "Stop before the search when a given trained base network scores at chance "
+                  "on the data (--nocheck_base: prune it anyway, e.g. an untrained model in a trial of the "
+                  "pipeline).")
 common_flags.define_add_mode_flag()
 common_flags.define_input_convention_flag()
 common_flags.define_cost_flags("Keep this fraction of the network's FLOPs (or parameters).")
@@ -35,32 +35,33 @@ _PRESET = flags.DEFINE_enum("preset", "quick", sorted(PRESETS),
                             "epochs, 300 KD epochs, batch 256), for GPUs; mobile: the quick schedule searched "
                             "against int8 latency measured on this machine (--cost=latency), widths in multiples "
                             "of 16, int8 export.")
-_TEACHER = flags.DEFINE_string("teacher", None, "A trained full --model (train.base's model.keras): skips base "
-                               "training.")
-_BASE_EPOCHS = flags.DEFINE_integer("base_epochs", None, "Override the preset.", lower_bound=1)
-_SEARCH_EPOCHS = flags.DEFINE_integer("search_epochs", None, "Override the preset.", lower_bound=1)
-_DISTILL_EPOCHS = flags.DEFINE_integer("distill_epochs", None, "Override the preset.", lower_bound=1)
-_MULTIPLE = flags.DEFINE_integer("width_multiple", None, "Search widths in multiples of this (8 or 16; "
-                                 "default: the preset's, 1 or 16 for mobile).", lower_bound=1)
-_QUANTIZE = flags.DEFINE_list("quantize", None, "The exports, comma-separated: none (fp32), float16, dynamic, int8. "
-                              "Default: the preset's (none,int8; int8 for mobile).")
-_QAT_EPOCHS = flags.DEFINE_integer("qat_epochs", 0, "Make the int8 export quantization-aware: fine-tune this "
-                                   "many epochs (needs requirements-tfmot.txt).", lower_bound=0)
+flags.DEFINE_string("teacher", None, "A trained full --model (train.base's model.keras): skips base training.")
+flags.DEFINE_integer("base_epochs", None, "Override the preset.", lower_bound=1)
+flags.DEFINE_integer("search_epochs", None, "Override the preset.", lower_bound=1)
+flags.DEFINE_integer("distill_epochs", None, "Override the preset.", lower_bound=1)
+flags.DEFINE_integer("width_multiple", None, "Search widths in multiples of this (8 or 16; default: the preset's, "
+                     "1 or 16 for mobile).", lower_bound=1)
+flags.DEFINE_list("quantize", None, "The exports, comma-separated: none (fp32), float16, dynamic, int8. Default: "
+                  "the preset's (none,int8; int8 for mobile).")
+flags.DEFINE_integer("qat_epochs", 0, "Make the int8 export quantization-aware: fine-tune this many epochs (needs "
+                     "requirements-tfmot.txt).", lower_bound=0)
 FLAGS = flags.FLAGS
 
 
+# The flags that set a PruneConfig setting (`common_flags.given_settings`); --model, --preset and the cost
+# target's flags are read apart.
+SETTING_FLAGS = ("dataset", "data_dir", "image_size", "streaming", "batch_size", "seed", "max_train_examples",
+                 "strategy", "mixed_precision", "add_mode", "input_convention", "cost", "latency_table", "weights",
+                 "check_base", "teacher", "base_epochs", "search_epochs", "distill_epochs", "width_multiple",
+                 "quantize", "qat_epochs")
+
+
 def main():
-    cost = FLAGS.cost if FLAGS["cost"].present else PRESETS[_PRESET.value].cost
+    preset = PRESETS[_PRESET.value]
+    cost = FLAGS.cost if FLAGS["cost"].present else preset.cost_metric
     target_ratio, target_ms = common_flags.cost_target(cost)
-    api.prune(_MODEL.value, FLAGS.dataset, target_ratio, FLAGS.out, overwrite=FLAGS.overwrite, preset=_PRESET.value,
-              cost_metric=cost, latency_table=FLAGS.latency_table, target_latency_ms=target_ms,
-              data_dir=FLAGS.data_dir, image_size=FLAGS.image_size, streaming=FLAGS.streaming,
-              teacher_path=_TEACHER.value, base_epochs=_BASE_EPOCHS.value, search_epochs=_SEARCH_EPOCHS.value,
-              distill_epochs=_DISTILL_EPOCHS.value, batch_size=FLAGS.batch_size, width_multiple=_MULTIPLE.value,
-              seed=FLAGS.seed, qat_epochs=_QAT_EPOCHS.value, strategy=FLAGS.strategy,
-              mixed_precision=FLAGS.mixed_precision, add_mode=FLAGS.add_mode,
-              max_train_examples=FLAGS.max_train_examples, quantizations=_QUANTIZE.value, weights=_WEIGHTS.value,
-              input_convention=FLAGS.input_convention, check_base=_CHECK_BASE.value)
+    api.prune(_MODEL.value, None, target_ratio, FLAGS.out, preset, overwrite=FLAGS.overwrite,
+              target_latency_ms=target_ms, **common_flags.given_settings(SETTING_FLAGS))
 
 
 if __name__ == "__main__":
