@@ -51,12 +51,12 @@ def shape_paths(runs, seed, common):
     """arch.json of each shape for `seed`, making (or resuming) the searches that produce them."""
     target = _TARGET.value
     predefined = os.path.join(runs, "predefined")
-    make_baseline(predefined, "predefined", model_name=_MODEL.value, target_ratio=target, **common)
+    make_baseline(predefined, kind="predefined", model_name=_MODEL.value, target_ratio=target, **common)
     tas = os.path.join(runs, f"seed{seed}", "tas_search")
     run_search(tas, model_name=_MODEL.value, epochs=_SEARCH_EPOCHS.value, batch_size=_SEARCH_BATCH.value,
                target_ratio=target, seed=seed, **common)
     random = os.path.join(runs, f"seed{seed}", "random_search")
-    make_baseline(random, "random", model_name=_MODEL.value, target_ratio=target, count=_RANDOM_TRIALS.value,
+    make_baseline(random, kind="random", model_name=_MODEL.value, target_ratio=target, count=_RANDOM_TRIALS.value,
                   epochs=_RANDOM_EPOCHS.value, batch_size=_BATCH.value, seed=seed, **common)
     return {name: os.path.join(path, "arch.json") for name, path in
             (("predefined", predefined), ("random", random), ("tas", tas))}

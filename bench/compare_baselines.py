@@ -40,7 +40,7 @@ def main(argv):
                   seed=_SEED.value)
     shapes = {"tas": _TAS_ARCH.value}
     for kind in ("predefined", "random"):
-        make_baseline(os.path.join(out, kind), kind, model_name=_MODEL.value, target_ratio=_TARGET.value,
+        make_baseline(os.path.join(out, kind), kind=kind, model_name=_MODEL.value, target_ratio=_TARGET.value,
                       count=_RANDOM.value, epochs=_RANDOM_EPOCHS.value, **common)
         shapes[kind] = os.path.join(out, kind, "arch.json")
 

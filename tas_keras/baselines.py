@@ -18,7 +18,7 @@ import keras_tuner
 import numpy as np
 
 from tas_keras import data
-from tas_keras.distribute import in_strategy_scope
+from tas_keras.configs import TrainingConfig, configured_stage, recorded_when_given
 from tas_keras.cost import count_shape
 from tas_keras.derive import derive_model
 from tas_keras.graph import load_model
@@ -26,7 +26,7 @@ from tas_keras import input_convention as conventions
 from tas_keras.importance import (group_steps, importance_scores, magnitude_scores, order_channels, slot_groups,
                                   step_scores)
 from tas_keras.layer_rules import rule_for
-from tas_keras.runs import locking_stage, prepare_run_dir, read_json, run_dir, write_json
+from tas_keras.runs import prepare_run_dir, read_json, run_dir, write_json
 from tas_keras.search import cost_band, source_model
 from tas_keras.supernet import search_space
 from tas_keras.models.registry import image_size_for, is_model_file
@@ -273,66 +273,94 @@ def random_search(out, model, space, dataset, target_ratio, count, epochs, batch
                                           "candidates": len(results), "epochs_per_candidate": epochs}
 
 
-@in_strategy_scope
-@locking_stage
-def make_baseline(out, kind, model_name="resnet20", target_ratio=0.5, tolerance=0.05, band="code",
-                  dataset_name=data.BUNDLED_DATASET, data_dir=None, count=8, epochs=1, batch_size=256,
-                  seed=0, max_train_examples=None, overwrite=False, checkpoint_steps=CHECKPOINT_STEPS, image_size=None,
-                  streaming="auto", add_mode=None, width_multiple=1, trained=None, learning_rate=0.1,
-                  input_convention=None):
-    """Writes `out/arch.json`: the pre-defined shape of `model_name` (a registry name or a .keras file),
-    the best of a `count`-trial random search (`random_search`; a killed search resumes), or the shape
-    of one-shot global pruning by the L1 magnitude ("magnitude") or the Taylor scores ("taylor",
-    measured on the data) of a trained network (`ranked_shape`), which also writes that network with
-    its channels ordered by the same scores to `out/ordered.keras`: train the shape from it (Init + KD)
-    so that each slot keeps its most important channels. The space is `supernet.search_space(
-    model_name, ..., add_mode, width_multiple)`, as a search reads it.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BaselineConfig(TrainingConfig):
+    """The settings of a baseline shape (`make_baseline`).
 
-    `trained`: a trained full network (.keras; default: `model_name` when it is a .keras file) whose
-    weights the rankings score (they need one) and whose leading channels the random search's trials
-    start from (else from scratch), at `learning_rate`. The images are fed as `input_convention` says
-    (`tas_keras.input_convention`). Returns the shape file's dict."""
-    settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "checkpoint_steps", "streaming")}
-    settings["stage"] = "baseline"
-    for key, default in (("add_mode", None), ("width_multiple", 1), ("trained", None), ("learning_rate", 0.1),
-                         ("input_convention", None)):
-        if settings[key] == default:  # only when given, so the runs made before they were settings match
-            del settings[key]
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if not 0 < target_ratio < 1:
-        raise ValueError(f"target ratio must be in (0, 1), got {target_ratio!r}")
-    if count < 1:  # keras-tuner reads max_trials=0 as "no limit"
-        raise ValueError(f"count must be >= 1, got {count!r}")
-    cost_band(target_ratio, tolerance, band)
-    trained = trained or (model_name if is_model_file(model_name) else None)
-    if kind in RANKED_KINDS and not trained:
-        raise ValueError(f"{kind} pruning scores a trained network: give a .keras model or a trained "
-                         f"{model_name} (--trained)")
-    for path in filter(None, (trained, model_name if is_model_file(model_name) else None)):
+    `kind`: one of `KINDS`. `model_name`: a registry name or a .keras file; the shape is one of its space
+    `supernet.search_space(model_name, ..., add_mode, width_multiple)`, as a search reads it, keeping
+    `target_ratio` of the full FLOPs within the band of `tolerance` and `band` (`search.cost_band`).
+    `count`: the random search's trials, each trained `epochs` at `learning_rate`. `trained`: a trained
+    full network (.keras; default: `model_name` when it is a .keras file: `trained_model`) whose weights
+    the rankings score (they need one) and whose leading channels the random search's trials start from
+    (else from scratch). The data, run and schedule settings are `TrainingConfig`'s.
+    """
+
+    stage = "baseline"
+
+    kind: str = "predefined"
+    model_name: str = "resnet20"
+    target_ratio: float = 0.5
+    tolerance: float = 0.05
+    band: str = "code"
+    count: int = 8
+    epochs: int = 1  # of every random trial
+    # Settings the baselines took after runs were made (input_convention too): recorded only away from their
+    # defaults, so that those runs resume. The shared ones are redefined here to be so.
+    add_mode: str = recorded_when_given(None)
+    width_multiple: int = recorded_when_given(1)
+    trained: str = recorded_when_given(None)
+    learning_rate: float = recorded_when_given(0.1)
+    mixed_precision: str = recorded_when_given(None)
+
+    def validate(self):
+        super().validate()
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if not 0 < self.target_ratio < 1:
+            raise ValueError(f"target ratio must be in (0, 1), got {self.target_ratio!r}")
+        if self.count < 1:  # keras-tuner reads max_trials=0 as "no limit"
+            raise ValueError(f"count must be >= 1, got {self.count!r}")
+        cost_band(self.target_ratio, self.tolerance, self.band)
+        if self.kind in RANKED_KINDS and not self.trained_model():
+            raise ValueError(f"{self.kind} pruning scores a trained network: give a .keras model or a trained "
+                             f"{self.model_name} (--trained)")
+
+    def trained_model(self):
+        """The trained full network (.keras) of the baseline: `trained`, else `model_name` when it is a
+        .keras file, else None."""
+        return self.trained or (self.model_name if is_model_file(self.model_name) else None)
+
+
+@configured_stage(BaselineConfig)
+def make_baseline(out, config, overwrite):
+    """Writes `out/arch.json`: the pre-defined shape of `config.model_name` (`BaselineConfig`), the best of
+    a `count`-trial random search (`random_search`; a killed search resumes), or the shape of one-shot
+    global pruning by the L1 magnitude ("magnitude") or the Taylor scores ("taylor", measured on the data)
+    of the trained network (`ranked_shape`), which also writes that network with its channels ordered by
+    the same scores to `out/ordered.keras`: train the shape from it (Init + KD) so that each slot keeps
+    its most important channels. Returns the shape file's dict."""
+    trained = config.trained_model()
+    # The files a config names are checked when it runs: a config read back from a run.json stays valid.
+    for path in filter(None, (trained, config.model_name if is_model_file(config.model_name) else None)):
         if not os.path.isfile(path):
             raise ValueError(f"model file {path!r} does not exist")
-    dataset = data.load_dataset(dataset_name, data_dir=data_dir, max_train_examples=max_train_examples,
-                                seed=seed, image_size=image_size_for(model_name, image_size), streaming=streaming)
-    model = source_model(model_name, dataset)
-    dataset = conventions.feed(dataset, model, input_convention)
-    space = search_space(model_name, model, add_mode, width_multiple)
-    run, finished = prepare_run_dir(out, settings, overwrite, done_file=ARCH_FILE)
+    dataset = data.load_dataset(config.dataset_name, data_dir=config.data_dir,
+                                max_train_examples=config.max_train_examples, seed=config.seed,
+                                image_size=image_size_for(config.model_name, config.image_size),
+                                streaming=config.streaming)
+    model = source_model(config.model_name, dataset)
+    dataset = conventions.feed(dataset, model, config.input_convention)
+    space = search_space(config.model_name, model, config.add_mode, config.width_multiple)
+    run, finished = prepare_run_dir(out, config.run_record(), overwrite, done_file=ARCH_FILE)
     if finished:
         return read_json(os.path.join(out, ARCH_FILE))
     if trained:
         model = load_model(trained)
-    if kind == "predefined":
-        shape, provenance = predefined_shape(space, target_ratio, tolerance, band)
-    elif kind in RANKED_KINDS:
-        scores = (magnitude_scores(model, space) if kind == "magnitude" else
-                  importance_scores(model, space, dataset, batch_size, seed=seed))
+    if config.kind == "predefined":
+        shape, provenance = predefined_shape(space, config.target_ratio, config.tolerance, config.band)
+    elif config.kind in RANKED_KINDS:
+        scores = (magnitude_scores(model, space) if config.kind == "magnitude" else
+                  importance_scores(model, space, dataset, config.batch_size, seed=config.seed))
         save_model(order_channels(model, space, scores), os.path.join(run, ORDERED_FILE))
-        shape, provenance = ranked_shape(space, scores, target_ratio, tolerance, band, source=kind)
+        shape, provenance = ranked_shape(space, scores, config.target_ratio, config.tolerance, config.band,
+                                         source=config.kind)
     else:
-        shape, provenance = random_search(out, model, space, dataset, target_ratio, count, epochs, batch_size,
-                                          seed=seed, tolerance=tolerance, band=band, learning_rate=learning_rate,
-                                          init=bool(trained), checkpoint_steps=checkpoint_steps)
+        shape, provenance = random_search(out, model, space, dataset, config.target_ratio, config.count,
+                                          config.epochs, config.batch_size, seed=config.seed,
+                                          tolerance=config.tolerance, band=config.band,
+                                          learning_rate=config.learning_rate, init=bool(trained),
+                                          checkpoint_steps=config.checkpoint_steps)
     shape = dataclasses.replace(shape, provenance=provenance)
     shape.save(os.path.join(run, ARCH_FILE))
     return shape.to_dict()

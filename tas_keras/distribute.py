@@ -40,18 +40,6 @@ def make_strategy(name="auto"):
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
-def in_strategy_scope(stage):
-    """Runs a stage function (models, optimizers, fit) inside the scope of its `strategy=` argument;
-    called from inside another stage's scope with the default "auto", it stays in that scope."""
-
-    @functools.wraps(stage)
-    def run(*args, strategy="auto", **kwargs):
-        with strategy_scope(strategy):
-            return stage(*args, **kwargs)
-
-    return run
-
-
 def strategy_scope(strategy):
     """The scope of the strategy named `strategy`; "auto" inside another strategy's scope stays in it."""
     if strategy == "auto" and tf.distribute.has_strategy():

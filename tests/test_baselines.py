@@ -8,14 +8,15 @@ import time
 import keras_tuner
 import pytest
 
-from tas_keras.baselines import OBJECTIVE, FlopBandOracle, make_baseline, shape_from_values
+from tas_keras.baselines import OBJECTIVE, BaselineConfig, FlopBandOracle, make_baseline, shape_from_values
 from tas_keras.cost import count_shape
 from tas_keras.graph import read_model
 from tas_keras.graph_space import INDEPENDENT
 from tas_keras.models.cifar_resnet import CifarResNet
+from tas_keras.runs import RunMismatchError
 from tas_keras.search_space import ArchConfig, candidate_widths
 
-from .conftest import REPO
+from .conftest import REPO, assert_refused_before_any_work
 from .test_prune import _tiny_folder
 from .test_supernet import user_cnn
 
@@ -72,11 +73,103 @@ def test_an_unreachable_band_stops_the_search_with_the_band(tmp_path):
 
 
 def test_a_random_baseline_needs_a_trial_and_magnitude_a_trained_network(tmp_path):
-    with pytest.raises(ValueError, match="count must be >= 1, got 0"):
-        make_baseline(str(tmp_path / "random"), "random", count=0)
-    with pytest.raises(ValueError, match="magnitude pruning scores a trained network: give a .keras model"):
-        make_baseline(str(tmp_path / "magnitude"), "magnitude", model_name="mobilenet_v2")
-    assert not (tmp_path / "magnitude").exists()
+    assert_refused_before_any_work(make_baseline, tmp_path / "random", "count must be >= 1, got 0", kind="random",
+                                   count=0)
+    assert_refused_before_any_work(make_baseline, tmp_path / "magnitude", "magnitude pruning scores a trained "
+                                   "network: give a .keras model", kind="magnitude", model_name="mobilenet_v2")
+    # The files a config names are checked when it runs, not when it is made (a run.json's config stays valid).
+    assert BaselineConfig(model_name="missing.keras").trained_model() == "missing.keras"
+    assert_refused_before_any_work(make_baseline, tmp_path / "missing", "model file 'missing.keras' does not exist",
+                                   kind="magnitude", model_name="missing.keras")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(kind="best"), r"kind must be one of \('predefined', 'random', 'magnitude', 'taylor'\), got 'best'"),
+    (dict(target_ratio=1.5), r"target ratio must be in \(0, 1\), got 1.5"),
+    (dict(count=0), "count must be >= 1, got 0"),
+    (dict(band="wide"), "band must be one of .* got 'wide'"),
+    (dict(kind="taylor"), "taylor pruning scores a trained network: give a .keras model or a trained resnet20"),
+    (dict(epochs=0), "epochs, batch_size and learning_rate must be positive, got 0, 256, 0.1"),
+    (dict(mixed_precision="float8"), "got 'float8'"),
+    (dict(epoch=1), "BaselineConfig has no setting 'epoch'; its settings: dataset_name, .*epochs, "),
+])
+def test_a_baseline_config_refuses_a_bad_setting_quoting_it(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        BaselineConfig().replace(**overrides)
+    with pytest.raises(ValueError, match=message):
+        BaselineConfig.from_dict(overrides)
+
+
+# The run.json of `make_baseline(out, "predefined")` and of `make_baseline(out, "predefined",
+# **GIVEN_SETTINGS)` as the code before BaselineConfig wrote them (commit 1c2c93e): the settings added
+# later (add_mode, width_multiple, trained, learning_rate, input_convention) only when given; how the run
+# ran (checkpoint_steps, streaming, strategy) never.
+PREVIOUS_RUN_FILE = {
+    "kind": "predefined", "model_name": "resnet20", "target_ratio": 0.5, "tolerance": 0.05, "band": "code",
+    "dataset_name": "cifar10_mini", "data_dir": None, "count": 8, "epochs": 1, "batch_size": 256, "seed": 0,
+    "max_train_examples": None, "image_size": None, "stage": "baseline"}
+GIVEN_SETTINGS = dict(model_name="resnet8", target_ratio=0.6, tolerance=0.1, band="paper", count=3, epochs=2,
+                      batch_size=32, seed=1, max_train_examples=64, add_mode="tied", width_multiple=2,
+                      trained="teacher.keras", learning_rate=0.01, input_convention="unit", checkpoint_steps=5,
+                      streaming="never", strategy="default")
+PREVIOUS_GIVEN_RUN_FILE = {
+    "kind": "predefined", "model_name": "resnet8", "target_ratio": 0.6, "tolerance": 0.1, "band": "paper",
+    "dataset_name": "cifar10_mini", "data_dir": None, "count": 3, "epochs": 2, "batch_size": 32, "seed": 1,
+    "max_train_examples": 64, "image_size": None, "add_mode": "tied", "width_multiple": 2,
+    "trained": "teacher.keras", "learning_rate": 0.01, "input_convention": "unit", "stage": "baseline"}
+
+
+@pytest.fixture
+def in_a_directory_with_a_teacher(tmp_path, monkeypatch):
+    """`tmp_path` as the working directory, holding the trained network of GIVEN_SETTINGS."""
+    monkeypatch.chdir(tmp_path)
+    CifarResNet(ArchConfig.full("resnet8")).save("teacher.keras")
+    return tmp_path
+
+
+def test_a_baseline_records_what_the_previous_code_recorded(in_a_directory_with_a_teacher):
+    assert BaselineConfig().run_record() == PREVIOUS_RUN_FILE
+    given = BaselineConfig(**GIVEN_SETTINGS)
+    assert given.run_record() == PREVIOUS_GIVEN_RUN_FILE
+    assert BaselineConfig.from_dict(given.run_record()) == given.replace(checkpoint_steps=200, streaming="auto",
+                                                                         strategy="auto")
+    make_baseline("default", kind="predefined")
+    make_baseline("given", kind="predefined", **GIVEN_SETTINGS)
+    for name, previous in (("default", PREVIOUS_RUN_FILE), ("given", PREVIOUS_GIVEN_RUN_FILE)):
+        assert json.loads((in_a_directory_with_a_teacher / name / "run.json").read_text()) == previous, name
+
+
+@pytest.mark.parametrize("settings, previous", [
+    ({}, PREVIOUS_RUN_FILE), (GIVEN_SETTINGS, PREVIOUS_GIVEN_RUN_FILE)], ids=["default", "given"])
+def test_a_finished_baseline_of_the_previous_code_resumes(in_a_directory_with_a_teacher, settings, previous):
+    """Its arch.json is returned as it is, nothing recomputed; other settings are refused."""
+    out = in_a_directory_with_a_teacher / "baseline"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps(previous))
+    (out / "arch.json").write_text(json.dumps({"written by": "the previous code"}))
+    assert make_baseline(str(out), kind="predefined", **settings) == {"written by": "the previous code"}
+    with pytest.raises(RunMismatchError, match="count: .* -> 4"):
+        make_baseline(str(out), kind="predefined", **{**settings, "count": 4})
+
+
+def _baseline_cli(out, *args):
+    return subprocess.Popen([sys.executable, "-m", "train.baseline", f"--out={out}", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_the_cli_overrides_only_the_settings_of_the_flags_given(tmp_path):
+    """Flags left at their defaults leave the config's; the flags named otherwise than their settings
+    (--model, --target_flops_ratio, --num_candidates) set them."""
+    runs = {"default": _baseline_cli(tmp_path / "default", "--kind=predefined"),
+            "given": _baseline_cli(tmp_path / "given", "--kind=predefined", "--model=resnet8",
+                                   "--target_flops_ratio=0.6", "--num_candidates=3", "--learning_rate=0.01",
+                                   "--streaming=never")}
+    for name, run in runs.items():
+        _, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr[-3000:]
+    assert json.loads((tmp_path / "default" / "run.json").read_text()) == PREVIOUS_RUN_FILE
+    assert json.loads((tmp_path / "given" / "run.json").read_text()) == {
+        **PREVIOUS_RUN_FILE, "model_name": "resnet8", "target_ratio": 0.6, "count": 3, "learning_rate": 0.01}
 
 
 def test_a_users_model_states_its_image_size(tmp_path):
@@ -86,11 +179,11 @@ def test_a_users_model_states_its_image_size(tmp_path):
     user_cnn().save(keras_model)  # 8 px images, 4 classes
     common = dict(model_name=str(keras_model), target_ratio=0.6, tolerance=0.1,
                   dataset_name=_tiny_folder(tmp_path / "data", 12, 4))
-    shape = make_baseline(str(tmp_path / "read_at_8"), "predefined", **common)
+    shape = make_baseline(str(tmp_path / "read_at_8"), kind="predefined", **common)
     assert shape["input_shape"] == [8, 8, 3]
     with pytest.raises(ValueError, match=r"^\S*mine.keras takes 8x8x3 images and gives 4 classes; the dataset .* has "
                                          r"16x16x3 images and 4 classes$"):
-        make_baseline(str(tmp_path / "read_at_16"), "predefined", image_size=16, **common)
+        make_baseline(str(tmp_path / "read_at_16"), kind="predefined", image_size=16, **common)
 
 
 @pytest.mark.slow
@@ -105,7 +198,7 @@ def test_baselines_of_a_users_model_are_shapes_of_its_space(tmp_path):
     space = read_model(keras_model)
     full = count_shape(space, space.full_shape()).flops
     for kind in ("predefined", "magnitude", "taylor", "random"):
-        shape = make_baseline(str(tmp_path / kind), kind, count=2, learning_rate=0.01, **common)
+        shape = make_baseline(str(tmp_path / kind), kind=kind, count=2, learning_rate=0.01, **common)
         assert shape["format"] == "tas_keras.PrunedShape" and shape["provenance"]["source"] == kind
         assert 0.5 <= shape["provenance"]["flops_ratio"] <= 0.6
         assert shape["provenance"]["flops"] / full == pytest.approx(shape["provenance"]["flops_ratio"])

@@ -118,7 +118,7 @@ def test_one_epoch_distill_writes_all_artifacts(tmp_path):
     teacher_path = str(tmp_path / "teacher.keras")
     CifarResNet(ArchConfig.full("resnet8")).save(teacher_path)
     teacher_bytes = open(teacher_path, "rb").read()
-    shape = GraphShape.from_dict(make_baseline(str(tmp_path / "predefined"), "predefined", model_name="resnet8",
+    shape = GraphShape.from_dict(make_baseline(str(tmp_path / "predefined"), kind="predefined", model_name="resnet8",
                                                target_ratio=0.5))
     arch = arch_from_shape(shape_space(shape), shape)  # the shape as the CIFAR builder takes it
     out = str(tmp_path / "kd")

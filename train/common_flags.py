@@ -105,8 +105,9 @@ def cost_target(cost):
 
 
 # The stage settings (config fields, `tas_keras.configs`) of the flags whose names differ from them.
-SETTING_OF_FLAG = {"dataset": "dataset_name", "cost": "cost_metric", "kd_alpha": "alpha",
-                   "kd_temperature": "temperature", "quantize": "quantizations", "teacher": "teacher_path"}
+SETTING_OF_FLAG = {"dataset": "dataset_name", "model": "model_name", "cost": "cost_metric",
+                   "target_flops_ratio": "target_ratio", "kd_alpha": "alpha", "kd_temperature": "temperature",
+                   "num_candidates": "count", "quantize": "quantizations", "teacher": "teacher_path"}
 
 
 def given_settings(flag_names):
