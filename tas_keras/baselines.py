@@ -17,7 +17,6 @@ import keras
 import keras_tuner
 import numpy as np
 
-from tas_keras import data
 from tas_keras.configs import TrainingConfig, configured_stage, recorded_when_given
 from tas_keras.cost import count_shape
 from tas_keras.derive import derive_model
@@ -335,10 +334,7 @@ def make_baseline(out, config, overwrite):
     for path in filter(None, (trained, config.model_name if is_model_file(config.model_name) else None)):
         if not os.path.isfile(path):
             raise ValueError(f"model file {path!r} does not exist")
-    dataset = data.load_dataset(config.dataset_name, data_dir=config.data_dir,
-                                max_train_examples=config.max_train_examples, seed=config.seed,
-                                image_size=image_size_for(config.model_name, config.image_size),
-                                streaming=config.streaming)
+    dataset = config.load_dataset(image_size_for(config.model_name, config.image_size))
     model = source_model(config.model_name, dataset)
     dataset = conventions.feed(dataset, model, config.input_convention)
     space = search_space(config.model_name, model, config.add_mode, config.width_multiple)

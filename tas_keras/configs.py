@@ -20,7 +20,7 @@ import dataclasses
 import functools
 
 from tas_keras import input_convention as conventions
-from tas_keras.data import BUNDLED_DATASET, recorded_name
+from tas_keras.data import BUNDLED_DATASET, load_dataset, recorded_name
 from tas_keras.distribute import strategy_scope
 from tas_keras.precision import check_mixed_precision, dtype_policy_scope
 from tas_keras.runs import locking_stage
@@ -140,6 +140,12 @@ class RunSettings(DataSettings):
     def validate(self):
         super().validate()
         check_mixed_precision(self.mixed_precision)
+
+    def load_dataset(self, image_size):
+        """The dataset of these settings (`data.load_dataset`) at `image_size`: the config's, or the side
+        the stage resolved from its model when the config leaves it to the model."""
+        return load_dataset(self.dataset_name, data_dir=self.data_dir, max_train_examples=self.max_train_examples,
+                            seed=self.seed, image_size=image_size, streaming=self.streaming)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

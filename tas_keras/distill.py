@@ -8,7 +8,6 @@ import time
 import keras
 import tensorflow as tf
 
-from tas_keras import data
 from tas_keras import input_convention as conventions
 from tas_keras.configs import TrainingConfig, configured_stage
 from tas_keras.cost import count_model
@@ -127,9 +126,7 @@ def distill(out, config, overwrite):
     if teacher is not None:
         check_prunes_teacher(pruned, teacher, config.teacher_path, config.mode)
     image_size = image_side(pruned.input_shape) if config.image_size is None else config.image_size
-    dataset = data.load_dataset(config.dataset_name, data_dir=config.data_dir,
-                                max_train_examples=config.max_train_examples, seed=config.seed,
-                                image_size=image_size, streaming=config.streaming)
+    dataset = config.load_dataset(image_size)
     check_fits_data(pruned.input_shape, pruned.num_classes, dataset)
     run, finished = prepare_run_dir(out, config.run_record(), overwrite, done_file=METRICS_FILE)
     if finished:

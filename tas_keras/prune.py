@@ -269,8 +269,7 @@ def run_prune(out, config=None, overwrite=False, **overrides):
         tfmot_bridge.require_tfmot()  # now, not after hours of training
     distribution = make_strategy(config.strategy)  # a multi-worker strategy must precede other TensorFlow work
     image_size = image_size_for(model_name, config.image_size)
-    dataset = data.load_dataset(config.dataset_name, data_dir=config.data_dir, seed=config.seed, image_size=image_size,
-                                streaming=config.streaming, max_train_examples=config.max_train_examples)
+    dataset = config.load_dataset(image_size)
     source = source_model(model_name, dataset)
     space = search_space(model_name, source, config.add_mode, config.width_multiple)
     layout = table and LatencyLayout(space, source)

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tas_keras import data, plots
+from tas_keras import plots
 from tas_keras import input_convention as conventions
 from tas_keras.configs import TrainingConfig, configured_stage, recorded_when_given
 from tas_keras.cost import count_shape
@@ -524,10 +524,7 @@ def run_search(out, config, overwrite):
     if config.init_from and not os.path.exists(config.init_from):
         raise ValueError(f"--init_from: no such file {config.init_from!r}")
     table = config.latency_table and LatencyTable.load(config.latency_table)
-    dataset = data.load_dataset(config.dataset_name, data_dir=config.data_dir,
-                                max_train_examples=config.max_train_examples, seed=config.seed,
-                                image_size=image_size_for(config.model_name, config.image_size),
-                                streaming=config.streaming)
+    dataset = config.load_dataset(image_size_for(config.model_name, config.image_size))
     model = source_model(config.model_name, dataset)
     dataset = conventions.feed(dataset, model, config.input_convention)
     layout = table and LatencyLayout(

@@ -12,7 +12,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tas_keras import data
 from tas_keras.configs import CHECKPOINT_STEPS, TrainingConfig, configured_stage, recorded_as, recorded_when_given
 from tas_keras.data import BUNDLED_DATASET
 from tas_keras.cost import count_model
@@ -391,9 +390,7 @@ def train_base(out, config, overwrite):
     which it returns, backing the training state up every `checkpoint_steps` steps and every epoch."""
     pruned = load_shape(config.arch_path) if config.arch_path else None
     image_size = image_side(pruned.input_shape) if pruned and config.image_size is None else config.image_size
-    dataset = data.load_dataset(config.dataset_name, data_dir=config.data_dir,
-                                max_train_examples=config.max_train_examples, seed=config.seed,
-                                image_size=image_size, streaming=config.streaming)
+    dataset = config.load_dataset(image_size)
     if pruned:
         check_fits_data(pruned.input_shape, pruned.num_classes, dataset)
     run, finished = prepare_run_dir(out, config.run_record(), overwrite, done_file=METRICS_FILE)
