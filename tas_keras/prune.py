@@ -37,7 +37,7 @@ STAGES = ("base", "latency table", "search", "distill", "export", "report")
 LATENCY_TABLE_FILE = os.path.join("latency_table", "table.json")
 
 
-def _config(config_class, **settings):
+def _stage_config_field(config_class, **settings):
     return dataclasses.field(default_factory=lambda: config_class(**settings))
 
 
@@ -97,10 +97,10 @@ class PruneConfig(RunSettings):
     qat_epochs: int = 0
     check_base: bool = True
     from_trained_learning_rate: float = 0.01
-    base: BaseConfig = _config(BaseConfig, epochs=5, batch_size=128)
-    search: SearchConfig = _config(SearchConfig, epochs=6, batch_size=64)
-    distill: DistillConfig = _config(DistillConfig, epochs=5, batch_size=128)
-    export: ExportConfig = _config(ExportConfig, latency_runs=100)
+    base: BaseConfig = _stage_config_field(BaseConfig, epochs=5, batch_size=128)
+    search: SearchConfig = _stage_config_field(SearchConfig, epochs=6, batch_size=64)
+    distill: DistillConfig = _stage_config_field(DistillConfig, epochs=5, batch_size=128)
+    export: ExportConfig = _stage_config_field(ExportConfig, latency_runs=100)
 
     def __post_init__(self):
         object.__setattr__(self, "quantizations", tuple(self.quantizations))  # a list from JSON or a flag
@@ -139,11 +139,12 @@ class PruneConfig(RunSettings):
                              f"{self.from_trained_learning_rate!r}")
 
     def replace(self, **overrides):
+        """A copy with `overrides` (validated): settings of the job, `<stage>_<setting>` ones, `batch_size`."""
         stages = {stage: {} for stage in _STAGE_CONFIGS}
         if "batch_size" in overrides:
             batch_size = overrides.pop("batch_size")
             stages["base"]["batch_size"] = stages["distill"]["batch_size"] = batch_size
-            stages["search"]["batch_size"] = min(batch_size, self.search.batch_size)
+            stages["search"]["batch_size"] = min(batch_size, overrides.get("search", self.search).batch_size)
         for key in [key for key in overrides if key not in self.setting_names()]:
             stage, _, name = key.partition("_")
             if stage not in stages:
