@@ -129,6 +129,18 @@ def test_from_tf_data_gives_the_arrays_of_from_arrays():
     assert api.from_arrays(train_images, train_labels, test_images, test_labels + 1).name != expected.name
 
 
+def test_from_tf_data_takes_masks_as_from_arrays_does():
+    train_images, _, test_images, _ = _arrays(train=5, test=3)
+    train_masks, test_masks = train_images[..., 0] % 3, test_images[..., 1] % 3
+    expected = api.from_arrays(train_images, train_masks, test_images, test_masks)
+    got = api.from_tf_data(tf.data.Dataset.from_tensor_slices((train_images, train_masks)).batch(2),
+                           tf.data.Dataset.from_tensor_slices((test_images, test_masks)))  # unbatched
+    assert got.per_pixel_labels and got.name == expected.name and got.class_names == ("0", "1", "2")
+    for field in ("train_images", "train_labels", "test_images", "test_labels"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(expected, field))
+    np.testing.assert_array_equal(got.test_labels, test_masks)
+
+
 def test_a_loaded_dataset_passes_through_load_dataset():
     dataset = api.from_arrays(*_arrays())
     assert data.load_dataset(dataset) is dataset and data.load_dataset(dataset, image_size=8) is dataset
@@ -160,6 +172,16 @@ def _bad(**changes):
     (_bad(train_labels=np.full(6, 0.5)), r"train_labels must be 6 integers .* got float64"),
     (_bad(test_labels=np.array([0, -1, 2])), r"labels must be non-negative, got -1"),
     (_bad(class_names=["a", "b"]), r"labels must be in \[0, 2\) \(one class per name\), got [23]"),
+    (_bad(train_labels=np.zeros((6, 8, 7), int)),
+     r"train_labels must be 6 integers .* or masks \[6, 8, 8\] \(one per pixel\), got int64 \[6, 8, 7\]"),
+    (_bad(train_labels=np.zeros((6, 8, 8), np.uint8), test_labels=np.full((3, 8, 8), 3, np.uint8), class_names="abc"),
+     r"labels must be in \[0, 3\) \(one class per name\), got 3"),
+    (_bad(train_labels=np.zeros((6, 8, 8), np.uint8)),
+     r"must both be per image or both per pixel, got train_labels \[6, 8, 8\] and test_labels \[3\]"),
+    (lambda: api.from_tf_data(tf.data.Dataset.from_tensor_slices((np.zeros((2, 8, 8, 3), np.uint8),
+                                                                  np.zeros((2, 8, 7), np.uint8))),
+                              _generated([(8, 8, 3)])),
+     r"train labels must be one integer per image \(not one-hot\) or a mask \[8, 8\] per image, got \[8, 7\]"),
     (lambda: api.from_tf_data(_generated([(8, 8, 3)]).repeat(), _generated([(8, 8, 3)])), r"train is infinite"),
     (lambda: api.from_tf_data(_generated([(8, 8, 3)]), _generated([(8, 8, 3), (9, 8, 3)])),
      r"test images must all be \[H, W, 3\] of one size, got \[9, 8, 3\] after \[8, 8, 3\]"),
@@ -177,3 +199,4 @@ def test_data_of_another_kind_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match=r"data must be a dataset name or path, .* got tuple"):
         api.search(user_cnn(), _arrays(), 0.6, str(tmp_path / "search"))
     assert not (tmp_path / "search").exists()
+
