@@ -12,7 +12,7 @@ from tas_keras import api, data
 from tas_keras.cost import count_model
 from tas_keras.shapes import load_shape
 
-from .test_supernet import user_cnn
+from .test_supernet import unet_cnn, user_cnn
 
 CLASSES = 4
 
@@ -200,3 +200,37 @@ def test_data_of_another_kind_is_refused_before_anything_is_written(tmp_path):
         api.search(user_cnn(), _arrays(), 0.6, str(tmp_path / "search"))
     assert not (tmp_path / "search").exists()
 
+
+def _blobs(count, seed, size=32):
+    """Images of a dark background with a red and a green disc, and their masks: class 1 where red covers a
+    pixel, 2 where green does (drawn last), 0 elsewhere."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60, (count, size, size, 3), dtype=np.uint8)
+    rows, cols = np.mgrid[:size, :size]
+    for image in images:
+        for channel in (0, 1):
+            y, x, radius = *rng.integers(0, size, 2), rng.integers(4, 9)
+            image[(rows - y) ** 2 + (cols - x) ** 2 <= radius ** 2] = (200, 0, 0) if channel == 0 else (0, 200, 0)
+    masks = np.select([images[..., 1] > 128, images[..., 0] > 128], [2, 1], 0).astype(np.uint8)
+    return images, masks
+
+
+@pytest.mark.slow
+def test_prune_runs_the_main_job_on_a_u_net_and_masks(tmp_path):
+    dataset = api.from_arrays(*_blobs(64, seed=0), *_blobs(16, seed=1), class_names=["background", "red", "green"])
+    keras.utils.set_random_seed(0)
+    source = unet_cnn()
+    report = api.prune(source, dataset, 0.6, str(tmp_path), batch_size=8, search_epochs=1, distill_epochs=1,
+                       quantizations=("none",), check_base=False)  # an untrained model
+    assert report == json.loads((tmp_path / "report.json").read_text())
+    assert report["base"]["flops"] == count_model(source).flops > report["pruned"]["flops"]
+    distilled = json.loads((tmp_path / "distill" / "metrics.json").read_text())
+    assert 0 <= distilled["test_mean_iou"] <= 1 and 0 <= distilled["teacher_test_mean_iou"] <= 1
+    assert report["keras_mean_iou"] == {"base": distilled["teacher_test_mean_iou"],
+                                        "pruned": distilled["test_mean_iou"]}
+    export = json.loads((tmp_path / "export" / "none" / "report.json").read_text())
+    assert export["passed"] and export["test_images"] == 16
+    for model in export["models"]:  # fp32: the .tflite decides every pixel as Keras does
+        assert model["tflite"]["top1_agreement"] == 1 and model["tflite"]["mean_iou"] == model["tflite"]["keras_mean_iou"]
+    assert report["exports"]["none"]["model"]["mean_iou"] == export["models"][0]["tflite"]["mean_iou"]
+    assert "mean IoU, Keras" in (tmp_path / "report.md").read_text()
