@@ -470,9 +470,9 @@ def from_arrays(train_images, train_labels, test_images, test_labels, class_name
 def from_tf_data(train, test, class_names=None, name=None):
     """`from_arrays` of two finite tf.data datasets of (image, integer label) pairs, batched or not:
     images uint8, or float 0-255 (rounded; [0, 1] floats are refused), all of one size; a label is
-    one class per image or a mask [H, W] of one per pixel. Both are read
-    once into memory, so this suits sets that fit in it (a CIFAR-sized set does); larger image sets
-    are better given as a folder or zip path, which the ImageNet path streams."""
+    one class per image or a mask [H, W] of one per pixel. Both are read once into memory, so this
+    suits sets that fit in it (a CIFAR-sized set does); larger image sets are better given as a folder
+    or zip path, which the ImageNet path streams."""
     return from_arrays(*_materialised(train, "train"), *_materialised(test, "test"), class_names=class_names,
                        name=name)
 

@@ -115,9 +115,9 @@ def check_above_chance(model, dataset, batch_size, source, convention):
     accuracy = evaluate_classifier(model, dataset, batch_size)["test_accuracy"]
     _, labels = dataset.test_pixels()
     if accuracy <= chance_threshold(labels):
+        scored = "of the pixels of" if dataset.per_pixel_labels else "on"
         raise ValueError(
-            f"{source} scores {accuracy:.1%}{' of pixels' if dataset.per_pixel_labels else ''} on the {len(labels)} "
-            f"test images of {dataset.name}, no better than "
+            f"{source} scores {accuracy:.1%} {scored} the {len(labels)} test images of {dataset.name}, no better than "
             f"chance: check how its images are fed (--input_convention; it was fed {convention!r}), the class "
             f"order (the data's classes in sorted order: {', '.join(dataset.class_names[:3])}, ...) and the image "
             f"size (--image_size); --nocheck_base prunes it anyway")

@@ -231,6 +231,7 @@ def test_prune_runs_the_main_job_on_a_u_net_and_masks(tmp_path):
     export = json.loads((tmp_path / "export" / "none" / "report.json").read_text())
     assert export["passed"] and export["test_images"] == 16
     for model in export["models"]:  # fp32: the .tflite decides every pixel as Keras does
-        assert model["tflite"]["top1_agreement"] == 1 and model["tflite"]["mean_iou"] == model["tflite"]["keras_mean_iou"]
+        scores = model["tflite"]
+        assert scores["top1_agreement"] == 1 and scores["mean_iou"] == scores["keras_mean_iou"]
     assert report["exports"]["none"]["model"]["mean_iou"] == export["models"][0]["tflite"]["mean_iou"]
     assert "mean IoU, Keras" in (tmp_path / "report.md").read_text()

@@ -13,7 +13,8 @@ from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search_space import ArchConfig
 from tas_keras.runs import RunMismatchError
 from tas_keras.data import from_arrays
-from tas_keras.training import BaseConfig, chance_threshold, evaluate_classifier, train_base
+from tas_keras.training import (BaseConfig, chance_threshold, check_above_chance, evaluate_classifier,
+                                train_base)
 
 from .conftest import REPO, assert_refused_before_any_work
 
@@ -149,6 +150,9 @@ def test_segmentation_is_scored_by_pixel_accuracy_and_mean_iou():
     metrics = evaluate_classifier(model, dataset, batch_size=2, prefix="base_")
     assert metrics["base_test_mean_iou"] == pytest.approx(MEAN_IOU, abs=1e-6)
     assert metrics["base_test_accuracy"] == pytest.approx(PIXEL_ACCURACY, abs=1e-6)
+    # Two images are too few to tell 5 of 8 pixels from always answering the majority class (3 of 8).
+    with pytest.raises(ValueError, match=r"scores 62.5% of the pixels of the 2 test images of arrays-"):
+        check_above_chance(model, dataset, 2, "the base", "dataset")
     classification = from_arrays(images, TRUE[:, 0, 0], images, TRUE[:, 0, 0])
     assert "test_mean_iou" not in evaluate_classifier(keras.Sequential([inputs, keras.layers.GlobalAveragePooling2D()]),
                                                       classification, batch_size=2)
