@@ -14,7 +14,8 @@ Two kinds of dataset share one interface (`train_size`, `test_size`, `train_batc
   squares held in memory when they fit `memory_budget()`, else decoded from their files (a zip is
   extracted once into the cache) or tfds records at every epoch.
 
-Data a caller already holds becomes an ImageDataset through `from_arrays` (numpy) or `from_tf_data`.
+Data a caller already holds becomes an ImageDataset through `from_arrays` (numpy) or `from_tf_data`,
+with one label per image or per pixel (segmentation masks, which the augmentation moves with their images).
 """
 
 import contextlib
@@ -74,7 +75,8 @@ _STREAMED_TFDS = {  # name -> the split used as the test split
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq would compare arrays elementwise and fail
 class ImageDataset:
-    """A labelled image set in memory: images uint8 [N, H, W, 3] (channels last), labels int32 [N]."""
+    """A labelled image set in memory: images uint8 [N, H, W, 3] (channels last), labels int32 [N], or
+    int32 [N, H, W] per-pixel class masks of a segmentation set."""
 
     name: str
     class_names: tuple
@@ -93,6 +95,10 @@ class ImageDataset:
     @property
     def num_classes(self):
         return len(self.class_names)
+
+    @property
+    def per_pixel_labels(self):
+        return self.train_labels.ndim == 3
 
     @property
     def image_shape(self):
@@ -117,7 +123,8 @@ class ImageDataset:
         return eval_pipeline(self.test_images, self.test_labels, batch_size, self.mean, self.std, bgr=self.bgr)
 
     def test_pixels(self):
-        """(uint8 images [N, H, W, 3], int32 labels [N]): the test split as a deployed model sees it."""
+        """(uint8 images [N, H, W, 3], int32 labels [N] or masks [N, H, W]): the test split as a deployed
+        model sees it."""
         return self.test_images, self.test_labels
 
     def sample_train_pixels(self, size, seed=0):
@@ -126,8 +133,8 @@ class ImageDataset:
         return self.train_images[pick]
 
     def search_halves(self, seed=0):
-        """The training split halved per class (`search_split`): two datasets, each holding one half
-        as its training split and the other as its test split."""
+        """The training split halved per class (`search_split`; masks at random): two datasets, each
+        holding one half as its training split and the other as its test split."""
         first, second = search_split(self.train_labels, seed=seed)
 
         def half(train, test):
@@ -222,6 +229,7 @@ class CroppedImageDataset:
     files_skipped: dict = dataclasses.field(default_factory=lambda: {"unreadable_images": 0,
                                                                      "non_image_files": 0})
     bgr: bool = False
+    per_pixel_labels = False  # folders, zips and tfds sets are labelled per image
 
     @property
     def num_classes(self):
@@ -386,7 +394,8 @@ def load_dataset(name, data_dir=None, max_train_examples=None, seed=0, image_siz
 
 
 def _with_max_train_examples(dataset, max_train_examples, seed):
-    """An ImageDataset keeping a class-stratified random subset of `max_train_examples` training images."""
+    """An ImageDataset keeping a random subset of `max_train_examples` training images, class-stratified
+    unless labelled per pixel (`_stratified_subset`)."""
     if max_train_examples is None or max_train_examples >= len(dataset.train_labels):
         return dataset
     keep = _stratified_subset(dataset.train_labels, max_train_examples, seed)
@@ -415,8 +424,9 @@ def recorded_name(dataset):
 
 def from_arrays(train_images, train_labels, test_images, test_labels, class_names=None, name=None):
     """An ImageDataset (the CIFAR path: used at its own size, pad-4 crop and flip augmentation) of
-    uint8 RGB images [N, H, W, 3] and integer labels [N] in [0, classes), held in memory. Normalised
-    with the training images' per-channel mean/std, as image folders are.
+    uint8 RGB images [N, H, W, 3] and integer labels in [0, classes): one per image [N], or one per
+    pixel (segmentation masks [N, H, W], of the images' size), held in memory. Normalised with the
+    training images' per-channel mean/std, as image folders are.
 
     `class_names` default to "0", "1", ... up to the largest label. `name` is what the runs record in
     their settings (run.json), so that a run directory given other data refuses to resume; by default
@@ -428,15 +438,19 @@ def from_arrays(train_images, train_labels, test_images, test_labels, class_name
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or not len(images):
             raise DatasetError(f"{split}_images must be uint8 RGB images [N, H, W, 3] with N > 0, got "
                                f"{images.dtype} {list(images.shape)}")
-        if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (len(images),):
+        if not np.issubdtype(labels.dtype, np.integer) or labels.shape not in ((len(images),), images.shape[:3]):
             raise DatasetError(f"{split}_labels must be {len(images)} integers (one per image, shape "
-                               f"[{len(images)}]), got {labels.dtype} {list(labels.shape)}")
+                               f"[{len(images)}]) or masks {list(images.shape[:3])} (one per pixel), got "
+                               f"{labels.dtype} {list(labels.shape)}")
         arrays[split] = (images, labels.astype(np.int32))
     (train_images, train_labels), (test_images, test_labels) = arrays["train"], arrays["test"]
     if train_images.shape[1:] != test_images.shape[1:]:
         raise DatasetError(f"train and test images differ in size: {list(train_images.shape[1:])} and "
                            f"{list(test_images.shape[1:])}")
-    labels = np.concatenate([train_labels, test_labels])
+    if train_labels.ndim != test_labels.ndim:
+        raise DatasetError(f"train and test labels must both be per image or both per pixel, got train_labels "
+                           f"{list(train_labels.shape)} and test_labels {list(test_labels.shape)}")
+    labels = np.concatenate([train_labels.ravel(), test_labels.ravel()])
     classes = len(class_names) if class_names is not None else int(labels.max()) + 1
     if labels.min() < 0 or labels.max() >= classes:
         bad = labels[(labels < 0) | (labels >= classes)][0]
@@ -455,15 +469,17 @@ def from_arrays(train_images, train_labels, test_images, test_labels, class_name
 
 def from_tf_data(train, test, class_names=None, name=None):
     """`from_arrays` of two finite tf.data datasets of (image, integer label) pairs, batched or not:
-    images uint8, or float 0-255 (rounded; [0, 1] floats are refused), all of one size. Both are read
-    once into memory, so this suits sets that fit in it (a CIFAR-sized set does); larger image sets
-    are better given as a folder or zip path, which the ImageNet path streams."""
+    images uint8, or float 0-255 (rounded; [0, 1] floats are refused), all of one size; a label is
+    one class per image or a mask [H, W] of one per pixel. Both are read once into memory, so this
+    suits sets that fit in it (a CIFAR-sized set does); larger image sets are better given as a folder
+    or zip path, which the ImageNet path streams."""
     return from_arrays(*_materialised(train, "train"), *_materialised(test, "test"), class_names=class_names,
                        name=name)
 
 
 def _materialised(dataset, split):
-    """(uint8 images [N, H, W, 3], int labels [N]) of a finite tf.data dataset of (image, label) pairs."""
+    """(uint8 images [N, H, W, 3], int labels [N] or masks [N, H, W]) of a finite tf.data dataset of
+    (image, label) pairs."""
     if not isinstance(dataset, tf.data.Dataset):
         raise DatasetError(f"{split} must be a tf.data.Dataset, got {type(dataset).__name__}")
     spec = dataset.element_spec
@@ -476,18 +492,20 @@ def _materialised(dataset, split):
         dataset, batched = dataset.batch(1024), True  # many images per step: much faster than one by one
     images, labels = [], []
     for image, label in dataset.as_numpy_iterator():
-        image, label = (image, label) if batched else (image[None], np.reshape(label, (1, -1)))
+        image, label = (image, np.asarray(label)) if batched else (image[None], np.asarray(label)[None])
         if image.ndim != 4 or (images and image.shape[1:] != images[0].shape[1:]):
             raise DatasetError(f"{split} images must all be [H, W, 3] of one size, got {list(image.shape[1:])} "
                                f"after {list(images[0].shape[1:]) if images else 'none'}")
+        if label.shape[1:] == (1,):  # a label wrapped in a list of one
+            label = label[:, 0]
+        if label.shape[1:] not in ((), image.shape[1:3]):
+            raise DatasetError(f"{split} labels must be one integer per image (not one-hot) or a mask "
+                               f"{list(image.shape[1:3])} per image, got {list(label.shape[1:])} per image")
         images.append(image)
-        labels.append(np.reshape(label, (len(image), -1)))
+        labels.append(label)
     if not images:
         raise DatasetError(f"{split} is empty")
     images, labels = np.concatenate(images), np.concatenate(labels)
-    if labels.shape[1] != 1:
-        raise DatasetError(f"{split} labels must be one integer per image (not one-hot), got {labels.shape[1]} "
-                           "values per image")
     if images.dtype != np.uint8:
         if not np.issubdtype(images.dtype, np.floating) or images.min() < 0 or images.max() > 255:
             raise DatasetError(f"{split} images must be uint8 or float 0-255, got {images.dtype} in "
@@ -496,13 +514,18 @@ def _materialised(dataset, split):
             raise DatasetError(f"{split} images are floats in [0, {images.max()}]: give pixels 0-255 "
                                "(multiply by 255)")
         images = np.rint(images).astype(np.uint8)
-    return images, labels[:, 0]
+    return images, labels
 
 
 def search_split(labels, seed=0):
-    """Splits every class 50/50 (the odd one out goes to train): sorted (train, valid) indices."""
+    """Splits every class 50/50 (the odd one out goes to train): sorted (train, valid) indices.
+    Images labelled per pixel (masks [N, H, W]) have no class to stratify by: they are halved at random."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
+    if labels.ndim > 1:
+        order = rng.permutation(len(labels))
+        middle = (len(labels) + 1) // 2
+        return np.sort(order[:middle]), np.sort(order[middle:])
     in_train = np.zeros(len(labels), bool)
     for c in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == c))
@@ -518,7 +541,8 @@ def train_pipeline(images, labels, batch_size, mean, std, seed=0, augment=True, 
     Batch `i` of epoch `e` is a function of (seed, e, i) alone: every epoch has its own order and
     augmentation, and a run resumed at any step sees exactly the batches an uninterrupted run would.
     An epoch is `steps_per_epoch` batches (default: all full batches). Augmentation (pad 4 + random
-    crop back to size + random horizontal flip) runs on whole batches with per-image offsets and flips.
+    crop back to size + random horizontal flip) runs on whole batches with per-image offsets and flips;
+    per-pixel labels (masks [N, H, W]) are cropped and flipped with their images (`_augment`).
     """
     images, labels = _check_arrays(images, labels)
     steps_per_epoch = _check_steps(len(images), batch_size, epochs, start_step, steps_per_epoch)
@@ -589,29 +613,42 @@ def normalised_pixels(pixels, mean, std, bgr=False):
 
 def _batch_fn(images, labels, mean, std, bgr=False):
     """Maps a batch of indices (and a seed: augment) to a normalised batch."""
+    per_pixel = np.ndim(labels) == 3
     # Gathering whole batches by index is much faster than slicing and batching single images.
     images, labels = tf.constant(images), tf.constant(labels, tf.int32)
 
     def batch(indices, seed=None):
-        x = tf.gather(images, indices)
-        if seed is not None:
+        x, y = tf.gather(images, indices), tf.gather(labels, indices)
+        if seed is not None and per_pixel:
+            x, y = _augment(x, seed, masks=y)
+        elif seed is not None:
             x = _augment(x, seed)
-        return normalised_pixels(x, mean, std, bgr), tf.gather(labels, indices)
+        return normalised_pixels(x, mean, std, bgr), y
 
     return batch
 
 
-def _augment(images, seed):
+def _augment(images, seed, masks=None):
+    """Pad 4, random crop back to size and random horizontal flip of a batch, per image; with `masks`
+    (per-pixel labels [n, H, W]), (images, masks) moved alike."""
     height, width = images.shape[1:3]
     n = tf.shape(images)[0]
     offset_seed, flip_seed = tf.unstack(tf.random.split(seed, 2))
     offsets = tf.random.stateless_uniform([2, n], offset_seed, maxval=2 * _PAD + 1, dtype=tf.int32)
     flip = tf.random.stateless_uniform([n], flip_seed) < 0.5
-    padded = tf.pad(images, [[0, 0], [_PAD, _PAD], [_PAD, _PAD], [0, 0]])
     rows = offsets[0][:, None] + tf.range(height)
     # A flip is the crop's columns read backwards: one gather does both.
     cols = offsets[1][:, None] + tf.where(flip[:, None], tf.range(width - 1, -1, -1), tf.range(width))
-    return tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
+
+    def moved(x, mode):
+        padding = [[0, 0], [_PAD, _PAD], [_PAD, _PAD]] + [[0, 0]] * (x.shape.rank - 3)
+        padded = tf.pad(x, padding, mode=mode)
+        return tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
+
+    if masks is None:
+        return moved(images, "CONSTANT")
+    # A black border has no class of its own; mirrored pixels bring theirs along.
+    return moved(images, "SYMMETRIC"), moved(masks, "SYMMETRIC")
 
 
 def _existing_path(name):
@@ -1048,9 +1085,12 @@ def _holdout(labels, seed):
 
 
 def _stratified_subset(labels, size, seed):
-    """Sorted indices of `size` examples drawn at the same rate from every class."""
+    """Sorted indices of `size` examples drawn at the same rate from every class; of images labelled
+    per pixel (masks [N, H, W]), which have no class, drawn at random."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(labels))
+    if labels.ndim > 1:
+        return np.sort(order[:size])
     # Rank within the (shuffled) class as a fraction of the class: taking the smallest fractions
     # first takes every class in proportion; the shuffled order breaks ties between classes.
     fraction = np.empty(len(labels))

@@ -10,8 +10,9 @@ from tas_keras.shapes import load_shape
 
 def write_report(out, model_name, target_ratio, distilled, exports, search_dir, chance):
     """report.json and report.md: base vs pruned, the searched shape and the search curves; for a
-    latency search also the latency its table predicted beside the measured one. A base network whose
-    accuracy is at or below `chance` (`training.chance_threshold`) is said to be at chance."""
+    latency search also the latency its table predicted beside the measured one; for per-pixel labels
+    the mean IoU beside the (pixel) accuracy. A base network whose accuracy is at or below `chance`
+    (`training.chance_threshold`) is said to be at chance."""
     models = {q: {m["role"]: m for m in exports[q]["models"]} for q in exports}
     pruned, base = next(iter(models.values()))["model"], next(iter(models.values()))["compare_with"]
     shape = read_json(os.path.join(search_dir, ARCH_FILE))
@@ -23,12 +24,16 @@ def write_report(out, model_name, target_ratio, distilled, exports, search_dir, 
         "pruned": {"flops": pruned["flops"], "params": pruned["params"]},
         "keras_accuracy": {"base": distilled["teacher_test_accuracy"], "pruned": distilled["test_accuracy"]},
         "exports": {q: {role: {"size_bytes": m["tflite"]["size_bytes"], "accuracy": m["tflite"]["accuracy"],
+                               **({"mean_iou": m["tflite"]["mean_iou"]} if "mean_iou" in m["tflite"] else {}),
                                "latency_ms": m["latency_ms"]["median"], "output": m["output"]}
                         for role, m in models[q].items()}
                     for q in models},
         "checks_passed": all(exports[q]["passed"] for q in exports),
         "base_at_chance": bool(distilled["teacher_test_accuracy"] <= chance),
     }
+    segmentation = "test_mean_iou" in distilled
+    if segmentation:
+        report["keras_mean_iou"] = {"base": distilled["teacher_test_mean_iou"], "pruned": distilled["test_mean_iou"]}
     table = provenance.get("latency_table")
     if table:
         measured = report["exports"][table["quantize"]]
@@ -60,12 +65,17 @@ def write_report(out, model_name, target_ratio, distilled, exports, search_dir, 
         "|---|---|---|---|",
         row("MFLOPs", base["flops"] / 1e6, pruned["flops"] / 1e6, lambda v: f"{v:.2f}"),
         row("parameters", base["params"], pruned["params"], lambda v: f"{v:,}"),
-        row("accuracy, Keras", report["keras_accuracy"]["base"], report["keras_accuracy"]["pruned"], pct),
+        row(f"{'pixel ' if segmentation else ''}accuracy, Keras", report["keras_accuracy"]["base"],
+            report["keras_accuracy"]["pruned"], pct),
     ]
+    if segmentation:
+        lines.append(row("mean IoU, Keras", report["keras_mean_iou"]["base"], report["keras_mean_iou"]["pruned"], pct))
     for q in e:
         label = {"none": "fp32"}.get(q, q)
         lines += [row(f".tflite {label} size", e[q]["compare_with"]["size_bytes"], e[q]["model"]["size_bytes"], size),
                   row(f".tflite {label} accuracy", e[q]["compare_with"]["accuracy"], e[q]["model"]["accuracy"], pct),
+                  *([row(f".tflite {label} mean IoU", e[q]["compare_with"]["mean_iou"], e[q]["model"]["mean_iou"], pct)]
+                    if segmentation else []),
                   row(f".tflite {label} latency (batch 1, median)", e[q]["compare_with"]["latency_ms"],
                       e[q]["model"]["latency_ms"], ms)]
         if table and table["quantize"] == q:

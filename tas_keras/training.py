@@ -80,24 +80,33 @@ def _cross_entropy():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def _accuracy():
-    return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+def _metrics(dataset):
+    """(Pixel) accuracy, and for per-pixel labels the mean IoU over the classes (of the logits' argmax)."""
+    accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+    if not dataset.per_pixel_labels:
+        return [accuracy]
+    return [accuracy, keras.metrics.MeanIoU(dataset.num_classes, name="mean_iou", sparse_y_pred=False)]
 
 
 def evaluate_classifier(model, dataset, batch_size, prefix=""):
-    """Test-split accuracy and loss (CE + the model's weight decay) of a trained model."""
-    model.compile(loss=_cross_entropy(), metrics=[_accuracy()])
+    """Test-split accuracy (of pixels, for per-pixel labels, and then their mean IoU too) and loss (CE +
+    the model's weight decay) of a trained model."""
+    metrics = _metrics(dataset)
+    model.compile(loss=_cross_entropy(), metrics=metrics)
     result = model.evaluate(dataset.test_batches(batch_size), return_dict=True, verbose=0)
-    return {f"{prefix}test_accuracy": float(result["accuracy"]), f"{prefix}test_loss": float(result["loss"])}
+    scores = {f"{prefix}test_{metric.name}": float(result[metric.name]) for metric in metrics}
+    return {**scores, f"{prefix}test_loss": float(result["loss"])}
 
 
 def chance_threshold(labels):
     """The accuracy a classifier that ignores its images reaches on `labels` (always the most frequent
-    class), plus three standard errors of that rate over len(labels) images: a model at or below it is
-    at chance."""
-    counts = np.bincount(np.asarray(labels))
+    class; of masks [N, H, W], the most frequent pixel class), plus three standard errors of that rate
+    over len(labels) images: a model at or below it is at chance."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels.ravel())
     rate = counts.max() / counts.sum()
-    return float(rate + 3 * math.sqrt(rate * (1 - rate) / counts.sum()))
+    # Over images, not pixels: neighbouring pixels share their class, so an image is one observation.
+    return float(rate + 3 * math.sqrt(rate * (1 - rate) / len(labels)))
 
 
 def check_above_chance(model, dataset, batch_size, source, convention):
@@ -105,8 +114,9 @@ def check_above_chance(model, dataset, batch_size, source, convention):
     accuracy = evaluate_classifier(model, dataset, batch_size)["test_accuracy"]
     _, labels = dataset.test_pixels()
     if accuracy <= chance_threshold(labels):
+        scored = "of the pixels of" if dataset.per_pixel_labels else "on"
         raise ValueError(
-            f"{source} scores {accuracy:.1%} on the {len(labels)} test images of {dataset.name}, no better than "
+            f"{source} scores {accuracy:.1%} {scored} the {len(labels)} test images of {dataset.name}, no better than "
             f"chance: check how its images are fed (--input_convention; it was fed {convention!r}), the class "
             f"order (the data's classes in sorted order: {', '.join(dataset.class_names[:3])}, ...) and the image "
             f"size (--image_size); --nocheck_base prunes it anyway")
@@ -334,7 +344,7 @@ def fit_classifier(model, dataset, out, epochs, batch_size, learning_rate, seed,
         return dataset.train_batches(batch_size, seed=seed, epochs=epochs, start_step=start_step)
 
     test = dataset.test_batches(batch_size)
-    model.compile(optimizer=sgd(learning_rate, steps * epochs), loss=_cross_entropy(), metrics=[_accuracy()])
+    model.compile(optimizer=sgd(learning_rate, steps * epochs), loss=_cross_entropy(), metrics=_metrics(dataset))
     timer, log = EpochTimer(), EpochLog(os.path.join(run_dir(out), EPOCHS_FILE))
     callbacks = [keras.callbacks.TensorBoard(os.path.join(run_dir(out), "tensorboard")), timer, log]
     start = time.perf_counter()

@@ -12,7 +12,7 @@ from tas_keras import api, data
 from tas_keras.cost import count_model
 from tas_keras.shapes import load_shape
 
-from .test_supernet import user_cnn
+from .test_supernet import unet_cnn, user_cnn
 
 CLASSES = 4
 
@@ -129,6 +129,18 @@ def test_from_tf_data_gives_the_arrays_of_from_arrays():
     assert api.from_arrays(train_images, train_labels, test_images, test_labels + 1).name != expected.name
 
 
+def test_from_tf_data_takes_masks_as_from_arrays_does():
+    train_images, _, test_images, _ = _arrays(train=5, test=3)
+    train_masks, test_masks = train_images[..., 0] % 3, test_images[..., 1] % 3
+    expected = api.from_arrays(train_images, train_masks, test_images, test_masks)
+    got = api.from_tf_data(tf.data.Dataset.from_tensor_slices((train_images, train_masks)).batch(2),
+                           tf.data.Dataset.from_tensor_slices((test_images, test_masks)))  # unbatched
+    assert got.per_pixel_labels and got.name == expected.name and got.class_names == ("0", "1", "2")
+    for field in ("train_images", "train_labels", "test_images", "test_labels"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(expected, field))
+    np.testing.assert_array_equal(got.test_labels, test_masks)
+
+
 def test_a_loaded_dataset_passes_through_load_dataset():
     dataset = api.from_arrays(*_arrays())
     assert data.load_dataset(dataset) is dataset and data.load_dataset(dataset, image_size=8) is dataset
@@ -160,6 +172,16 @@ def _bad(**changes):
     (_bad(train_labels=np.full(6, 0.5)), r"train_labels must be 6 integers .* got float64"),
     (_bad(test_labels=np.array([0, -1, 2])), r"labels must be non-negative, got -1"),
     (_bad(class_names=["a", "b"]), r"labels must be in \[0, 2\) \(one class per name\), got [23]"),
+    (_bad(train_labels=np.zeros((6, 8, 7), int)),
+     r"train_labels must be 6 integers .* or masks \[6, 8, 8\] \(one per pixel\), got int64 \[6, 8, 7\]"),
+    (_bad(train_labels=np.zeros((6, 8, 8), np.uint8), test_labels=np.full((3, 8, 8), 3, np.uint8), class_names="abc"),
+     r"labels must be in \[0, 3\) \(one class per name\), got 3"),
+    (_bad(train_labels=np.zeros((6, 8, 8), np.uint8)),
+     r"must both be per image or both per pixel, got train_labels \[6, 8, 8\] and test_labels \[3\]"),
+    (lambda: api.from_tf_data(tf.data.Dataset.from_tensor_slices((np.zeros((2, 8, 8, 3), np.uint8),
+                                                                  np.zeros((2, 8, 7), np.uint8))),
+                              _generated([(8, 8, 3)])),
+     r"train labels must be one integer per image \(not one-hot\) or a mask \[8, 8\] per image, got \[8, 7\]"),
     (lambda: api.from_tf_data(_generated([(8, 8, 3)]).repeat(), _generated([(8, 8, 3)])), r"train is infinite"),
     (lambda: api.from_tf_data(_generated([(8, 8, 3)]), _generated([(8, 8, 3), (9, 8, 3)])),
      r"test images must all be \[H, W, 3\] of one size, got \[9, 8, 3\] after \[8, 8, 3\]"),
@@ -177,3 +199,39 @@ def test_data_of_another_kind_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match=r"data must be a dataset name or path, .* got tuple"):
         api.search(user_cnn(), _arrays(), 0.6, str(tmp_path / "search"))
     assert not (tmp_path / "search").exists()
+
+
+def _blobs(count, seed, size=32):
+    """Images of a dark background with a red and a green disc, and their masks: class 1 where red covers a
+    pixel, 2 where green does (drawn last), 0 elsewhere."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60, (count, size, size, 3), dtype=np.uint8)
+    rows, cols = np.mgrid[:size, :size]
+    for image in images:
+        for channel in (0, 1):
+            y, x, radius = *rng.integers(0, size, 2), rng.integers(4, 9)
+            image[(rows - y) ** 2 + (cols - x) ** 2 <= radius ** 2] = (200, 0, 0) if channel == 0 else (0, 200, 0)
+    masks = np.select([images[..., 1] > 128, images[..., 0] > 128], [2, 1], 0).astype(np.uint8)
+    return images, masks
+
+
+@pytest.mark.slow
+def test_prune_runs_the_main_job_on_a_u_net_and_masks(tmp_path):
+    dataset = api.from_arrays(*_blobs(64, seed=0), *_blobs(16, seed=1), class_names=["background", "red", "green"])
+    keras.utils.set_random_seed(0)
+    source = unet_cnn()
+    report = api.prune(source, dataset, 0.6, str(tmp_path), batch_size=8, search_epochs=1, distill_epochs=1,
+                       quantizations=("none",), check_base=False)  # an untrained model
+    assert report == json.loads((tmp_path / "report.json").read_text())
+    assert report["base"]["flops"] == count_model(source).flops > report["pruned"]["flops"]
+    distilled = json.loads((tmp_path / "distill" / "metrics.json").read_text())
+    assert 0 <= distilled["test_mean_iou"] <= 1 and 0 <= distilled["teacher_test_mean_iou"] <= 1
+    assert report["keras_mean_iou"] == {"base": distilled["teacher_test_mean_iou"],
+                                        "pruned": distilled["test_mean_iou"]}
+    export = json.loads((tmp_path / "export" / "none" / "report.json").read_text())
+    assert export["passed"] and export["test_images"] == 16
+    for model in export["models"]:  # fp32: the .tflite decides every pixel as Keras does
+        scores = model["tflite"]
+        assert scores["top1_agreement"] == 1 and scores["mean_iou"] == scores["keras_mean_iou"]
+    assert report["exports"]["none"]["model"]["mean_iou"] == export["models"][0]["tflite"]["mean_iou"]
+    assert "mean IoU, Keras" in (tmp_path / "report.md").read_text()

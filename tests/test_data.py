@@ -1,3 +1,4 @@
+import dataclasses
 import socket
 import time
 import zipfile
@@ -107,6 +108,37 @@ def test_search_split_is_per_class_half_disjoint_and_seeded():
     again = data.search_split(labels, seed=1)
     np.testing.assert_array_equal(again[0], train)
     assert not np.array_equal(data.search_split(labels, seed=2)[0], train)
+
+
+def test_images_labelled_per_pixel_are_halved_and_subset_at_random_and_seeded():
+    masks = np.zeros((9, 4, 4), np.int32)  # one class everywhere: a stratified split could not be taken
+    train, valid = data.search_split(masks, seed=1)
+    assert (len(train), len(valid)) == (5, 4)
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, valid])), np.arange(9))
+    np.testing.assert_array_equal(data.search_split(masks, seed=1)[0], train)
+    assert any(not np.array_equal(data.search_split(masks, seed=s)[0], train) for s in (2, 3))
+
+    images = np.arange(12, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
+    dataset = data.from_arrays(images, masks[[*range(9), 0, 1, 2]], images[:2], masks[:2])
+    first, second = dataset.search_halves(seed=1)
+    np.testing.assert_array_equal(np.sort(np.concatenate([first.train_images, second.train_images])[:, 0, 0, 0]),
+                                  np.arange(12))
+    subsets = [data.load_dataset(dataset, max_train_examples=5, seed=s).train_images[:, 0, 0, 0] for s in (0, 0, 1)]
+    assert len(subsets[0]) == 5 and len(set(subsets[0])) == 5
+    np.testing.assert_array_equal(subsets[0], subsets[1])
+    assert not np.array_equal(subsets[0], subsets[2])
+
+
+def test_masks_are_cropped_and_flipped_with_their_images():
+    images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+    masks = (images[..., 0] < 128).astype(np.uint8)  # a black padding would be class 1 in the image alone
+    dataset = data.from_arrays(images, masks, images[:2], masks[:2])
+    identity = dataclasses.replace(dataset, mean=(0.0,) * 3, std=(1.0,) * 3)  # the pipeline gives p / 255
+    moved = 0
+    for x, y in identity.train_batches(8, seed=3, epochs=2).as_numpy_iterator():
+        np.testing.assert_array_equal(y, x[..., 0] < 127.5 / 255)
+        moved += sum(not any(np.array_equal(image, original) for original in images / 255) for image in x)
+    assert moved > 16  # most of the 32 images were cropped or flipped
 
 
 def _denormalised(x, mean, std):

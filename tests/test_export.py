@@ -353,3 +353,14 @@ def test_an_export_config_records_what_train_prune_recorded_and_refuses_bad_sett
                                (dict(model="m.keras"), "ExportConfig has no setting 'model'")):
         with pytest.raises(ValueError, match=message):
             config.replace(**overrides)
+
+
+def test_parity_of_per_pixel_outputs_counts_pixels_and_their_mean_iou():
+    from .test_train_base import MEAN_IOU, PIXEL_ACCURACY, PREDICTED, TRUE
+    keras_logits = np.eye(3)[TRUE]  # the Keras model is right everywhere
+    exported_logits = np.eye(3)[PREDICTED]
+    metrics = verify.parity(keras_logits, exported_logits, TRUE)
+    assert metrics["mean_iou"] == pytest.approx(MEAN_IOU) and metrics["keras_mean_iou"] == pytest.approx(1)
+    assert metrics["accuracy"] == metrics["top1_agreement"] == pytest.approx(PIXEL_ACCURACY)
+    assert metrics["accuracy_drop"] == pytest.approx(1 - PIXEL_ACCURACY)
+    assert "mean_iou" not in verify.parity(keras_logits[:, 0, 0], exported_logits[:, 0, 0], TRUE[:, 0, 0])

@@ -12,7 +12,9 @@ from tas_keras.cost import count_arch
 from tas_keras.models.cifar_resnet import CifarResNet
 from tas_keras.search_space import ArchConfig
 from tas_keras.runs import RunMismatchError
-from tas_keras.training import BaseConfig, train_base
+from tas_keras.data import from_arrays
+from tas_keras.training import (BaseConfig, chance_threshold, check_above_chance, evaluate_classifier,
+                                train_base)
 
 from .conftest import REPO, assert_refused_before_any_work
 
@@ -129,3 +131,35 @@ def test_a_base_config_records_what_the_previous_code_recorded_and_refuses_bad_s
                                (dict(model="resnet20"), "BaseConfig has no setting 'model'")):
         with pytest.raises(ValueError, match=message):
             config.replace(**overrides)
+
+
+# Two 2x2 images labelled per pixel, and what a model predicts for them, pixel by pixel.
+PREDICTED = np.array([0, 0, 1, 1, 2, 2, 0, 1]).reshape(2, 2, 2)
+TRUE = np.array([0, 1, 1, 1, 2, 0, 0, 2]).reshape(2, 2, 2)
+# By hand: class 0 is predicted at 3 pixels, true at 3, both at 2: IoU 2 / (3 + 3 - 2); class 1 likewise
+# 2 / (3 + 3 - 2); class 2 1 / (2 + 2 - 1). 5 of the 8 pixels are right.
+MEAN_IOU, PIXEL_ACCURACY = (1 / 2 + 1 / 2 + 1 / 3) / 3, 5 / 8
+
+
+def test_segmentation_is_scored_by_pixel_accuracy_and_mean_iou():
+    images = (255 * np.eye(3, dtype=np.uint8))[PREDICTED]  # the predicted class's channel lit
+    dataset = from_arrays(images, TRUE, images, TRUE)
+    # Logits = the normalised channels: the lit one is the only one above its mean.
+    inputs = keras.Input((2, 2, 3))
+    model = keras.Model(inputs, keras.layers.Identity()(inputs))
+    metrics = evaluate_classifier(model, dataset, batch_size=2, prefix="base_")
+    assert metrics["base_test_mean_iou"] == pytest.approx(MEAN_IOU, abs=1e-6)
+    assert metrics["base_test_accuracy"] == pytest.approx(PIXEL_ACCURACY, abs=1e-6)
+    # Two images are too few to tell 5 of 8 pixels from always answering the majority class (3 of 8).
+    with pytest.raises(ValueError, match=r"scores 62.5% of the pixels of the 2 test images of arrays-"):
+        check_above_chance(model, dataset, 2, "the base", "dataset")
+    classification = from_arrays(images, TRUE[:, 0, 0], images, TRUE[:, 0, 0])
+    assert "test_mean_iou" not in evaluate_classifier(keras.Sequential([inputs, keras.layers.GlobalAveragePooling2D()]),
+                                                      classification, batch_size=2)
+
+
+def test_chance_counts_the_pixels_of_a_mask_and_the_images_of_a_split():
+    masks = np.tile(TRUE, (8, 1, 1))  # 16 images: 24 pixels of class 0, 24 of 1, 16 of 2 in 64
+    rate = 24 / 64
+    assert chance_threshold(masks) == pytest.approx(rate + 3 * np.sqrt(rate * (1 - rate) / 16))
+    assert chance_threshold([0, 0, 1, 2]) == pytest.approx(0.5 + 3 * np.sqrt(0.25 / 4))  # one label per image

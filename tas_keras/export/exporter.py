@@ -273,6 +273,7 @@ def _environment():
 
 def format_report(report):
     """The report as a table (one column per model), its checks and the comparison, for a terminal."""
+    per_pixel = "mean_iou" in report["models"][0]["tflite"]  # a segmentation network's, tested on masks
     rows = [
         ("model file", lambda m: os.path.basename(m["model_path"])),
         ("network", lambda m: m["name"]),
@@ -282,6 +283,9 @@ def format_report(report):
         ("input / output", lambda m: f"{m['tflite']['input_dtype']} / {m['tflite']['output_dtype']}"),
         ("accuracy Keras", lambda m: f"{100 * m['tflite']['keras_accuracy']:.2f}%"),
         ("accuracy .tflite", lambda m: f"{100 * m['tflite']['accuracy']:.2f}%"),
+        *([("mean IoU Keras", lambda m: f"{100 * m['tflite']['keras_mean_iou']:.2f}%"),
+           ("mean IoU .tflite", lambda m: f"{100 * m['tflite']['mean_iou']:.2f}%")]
+          if per_pixel else []),
         ("top-1 agreement", lambda m: f"{100 * m['tflite']['top1_agreement']:.2f}%"),
         ("max |diff| .tflite", lambda m: f"{m['tflite']['max_abs_diff']:.3g}"),
         ("  relative to max |logit|", lambda m: f"{m['tflite']['max_rel_diff']:.3g}"),
@@ -298,8 +302,9 @@ def format_report(report):
     lines.append(f"{report['dataset']} test split ({report['test_images']} images); latency: batch 1, "
                  f"{latency['threads']} threads, {latency['runs']} runs"
                  + (", interleaved" if latency["interleaved"] else ""))
-    lines.append(f"input: {report['input']['pixels']} pixels, normalised inside the model; output: logits of the "
-                 f"classes in {convert.LABELS_FILE}"
+    lines.append(f"input: {report['input']['pixels']} pixels, normalised inside the model; output: logits"
+                 f"{' per pixel' if per_pixel else ''} "
+                 f"of the classes in {convert.LABELS_FILE}"
                  + (f"; int8 by {report['qat_epochs']} epoch(s) of quantization-aware training"
                     if report["qat_epochs"] else ""))
     lines += [f"predicted: {m['role']}'s latency table, {m['predicted_latency']['table']['quantize']}, "

@@ -7,6 +7,7 @@ applies the XNNPACK delegate by default, so the latency measured here is the XNN
 import os
 import time
 
+import keras
 import numpy as np
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
@@ -121,11 +122,12 @@ def classify_files(model_path, image_paths, top=5, threads=1):
 
 
 def parity(reference, outputs, labels):
-    """How `outputs` (of an export) compare with the Keras model's `reference` logits on labelled images."""
+    """How `outputs` (of an export) compare with the Keras model's `reference` logits on labelled images;
+    per pixel for per-pixel labels (masks [N, H, W]), which also get the mean IoU of either."""
     reference_top1, top1 = reference.argmax(-1), outputs.argmax(-1)
     keras_accuracy, accuracy = float(np.mean(reference_top1 == labels)), float(np.mean(top1 == labels))
     max_abs_diff = float(np.max(np.abs(outputs - reference)))
-    return {
+    metrics = {
         "max_abs_diff": max_abs_diff,
         "max_rel_diff": max_abs_diff / float(np.max(np.abs(reference))),
         "top1_agreement": float(np.mean(top1 == reference_top1)),
@@ -133,6 +135,18 @@ def parity(reference, outputs, labels):
         "keras_accuracy": keras_accuracy,
         "accuracy_drop": keras_accuracy - accuracy,
     }
+    if np.ndim(labels) == 3:
+        classes = reference.shape[-1]
+        metrics.update(mean_iou=mean_iou(labels, top1, classes),
+                       keras_mean_iou=mean_iou(labels, reference_top1, classes))
+    return metrics
+
+
+def mean_iou(labels, predicted, num_classes):
+    """The mean over the classes present in `labels` or `predicted` of their intersection over union."""
+    metric = keras.metrics.MeanIoU(num_classes)
+    metric.update_state(labels, predicted)
+    return float(metric.result())
 
 
 def interleaved_latency(models, image, runs, warmup=20, rewarm=0):
