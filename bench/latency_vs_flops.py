@@ -5,9 +5,11 @@
 
 Any model the graph reader takes (a registry name built at --image_size, or a .keras file). Two arms
 searched by TAS in the same space (candidate widths multiples of --width_multiple) for the same number of
-epochs, each supernet starting from the teacher's weights (--search_from=teacher, as `train.prune` prunes
-a trained network) or from random ones, then trained with the same recipe (KD from the teacher,
-`tas_keras.distill.distill`, mode kd):
+epochs and trained with the same recipe. With --search_from=teacher, as `train.prune` prunes a trained
+network: the teacher's channels ordered by importance (`prune.ordered_base`), each supernet starting from
+those weights, and each searched shape initialised from them and trained with KD (mode init_kd), search
+and KD at the job's learning rate from a trained network; with --search_from=scratch, from random
+weights and KD alone (mode kd) at the reference's learning rate:
   latency  --cost=latency at --target_latency_ratio of the full network's table latency;
   flops    --cost=flops at the FLOP target (of --flop_targets) whose searched shape's measured int8
            latency is closest to the latency arm's: the two compare at equal measured latency.
@@ -42,6 +44,7 @@ from tas_keras.export.exporter import TFLITE_FILE, export_and_verify
 from tas_keras.export.layer_latency import (REWARM, environment, make_table, measure_networks, spread, table_layout,
                                             table_model, time_interleaved)
 from tas_keras.latency import LatencyTable, predict_latency
+from tas_keras.prune import PruneConfig, ordered_base
 from tas_keras.search import ARCH_FILE, run_search
 from tas_keras.shapes import load_shape
 from tas_keras.training import MODEL_FILE, read_json, train_base, write_json
@@ -141,12 +144,20 @@ def main(argv):
         teacher = os.path.join(teacher_out, MODEL_FILE)
         results["teacher"] = {"epochs": _TEACHER_EPOCHS.value, "test_accuracy": metrics["test_accuracy"]}
     results["schedule"]["teacher"] = os.path.relpath(teacher)
-    init_from = teacher if _SEARCH_FROM.value == "teacher" else None
+    from_trained, init_from, kd_teacher, distill_mode = {}, None, teacher, "kd"
+    if _SEARCH_FROM.value == "teacher":
+        dataset = data.load_dataset(_DATASET.value, image_size=_IMAGE_SIZE.value, max_train_examples=_MAX_TRAIN.value)
+        kd_teacher = init_from = ordered_base(out, teacher, layout.space, dataset, _BATCH.value, None,
+                                              check_base=True)
+        from_trained, distill_mode = {"learning_rate": PruneConfig.from_trained_learning_rate}, "init_kd"
+        results["schedule"].update(ordered_teacher=os.path.relpath(kd_teacher), **from_trained)
+    results["schedule"]["distill_mode"] = distill_mode
 
     def search(arm, **settings):
         arm_out = os.path.join(out, f"search_{arm}")
         run_search(arm_out, model_name=_MODEL.value, epochs=_SEARCH_EPOCHS.value, batch_size=_SEARCH_BATCH.value,
-                   width_multiple=_MULTIPLE.value, init_from=init_from, **common, **settings)
+                   width_multiple=_MULTIPLE.value, init_from=init_from, **from_trained, **common,
+                   **settings)
         return os.path.join(arm_out, ARCH_FILE)
 
     shapes = {"latency": search("latency", cost_metric="latency", latency_table=table_path,
@@ -174,8 +185,8 @@ def main(argv):
         if arm in trained:
             continue
         arm_out = os.path.join(out, f"distill_{arm}")
-        metrics = distill(arm_out, arch_path=shape_path, teacher_path=teacher, mode="kd", epochs=_DISTILL_EPOCHS.value,
-                          batch_size=_BATCH.value, **common)
+        metrics = distill(arm_out, arch_path=shape_path, teacher_path=kd_teacher, mode=distill_mode,
+                          epochs=_DISTILL_EPOCHS.value, batch_size=_BATCH.value, **from_trained, **common)
         export = export_and_verify(os.path.join(out, f"export_{arm}"), model_path=os.path.join(arm_out, MODEL_FILE),
                                    quantize="int8", threads=table.threads, latency_runs=20,
                                    dataset_name=_DATASET.value)
