@@ -343,14 +343,15 @@ def make_baseline(out, config, overwrite):
         return read_json(os.path.join(out, ARCH_FILE))
     if trained:
         model = load_model(trained)
-    if config.kind == "predefined":
+    kind = config.kind  # a baseline's kind (the registry's layer kinds are compared as `.kind` only there)
+    if kind == "predefined":
         shape, provenance = predefined_shape(space, config.target_ratio, config.tolerance, config.band)
-    elif config.kind in RANKED_KINDS:
-        scores = (magnitude_scores(model, space) if config.kind == "magnitude" else
+    elif kind in RANKED_KINDS:
+        scores = (magnitude_scores(model, space) if kind == "magnitude" else
                   importance_scores(model, space, dataset, config.batch_size, seed=config.seed))
         save_model(order_channels(model, space, scores), os.path.join(run, ORDERED_FILE))
         shape, provenance = ranked_shape(space, scores, config.target_ratio, config.tolerance, config.band,
-                                         source=config.kind)
+                                         source=kind)
     else:
         shape, provenance = random_search(out, model, space, dataset, config.target_ratio, config.count,
                                           config.epochs, config.batch_size, seed=config.seed,
