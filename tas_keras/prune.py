@@ -114,7 +114,7 @@ class PruneConfig(RunSettings):
                 raise ValueError(f"{stage} must be a {config_class.__name__}, got {type(config).__name__}")
             shared = RunSettings if isinstance(config, RunSettings) else DataSettings
             for name in _SET_BY_THE_JOB[stage] + shared.setting_names():
-                value, default = getattr(config, name), _default(config_class, name)
+                value, default = getattr(config, name), getattr(config_class, name)  # a dataclass's default
                 if value != default:
                     where = f"; set {name} of the PruneConfig" if name in self.setting_names() else ""
                     raise ValueError(f"the main job sets the {stage} stage's {name} itself, got {value!r}{where}")
@@ -171,11 +171,6 @@ class PruneConfig(RunSettings):
                              if name in recorded and name not in _SET_BY_THE_JOB[stage] + RunSettings.setting_names()}
         record["quantizations"] = list(self.quantizations)
         return record
-
-
-def _default(config_class, name):
-    field = next(f for f in dataclasses.fields(config_class) if f.name == name)
-    return field.default
 
 
 PRESETS = {
